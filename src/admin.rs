@@ -1,0 +1,224 @@
+//! The HTTP side: `/metrics`, `/healthz` and the branch API under `/api/v1`.
+//!
+//! It has no authentication of its own: bind it to loopback or a private network.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::branch::{DeleteError, Registry, RemoveReason};
+use crate::error::ProvisionError;
+use crate::metrics::Metrics;
+use crate::names::{BranchId, BranchName, NameError, SourceName};
+use crate::proxy::Proxy;
+
+#[derive(Clone)]
+struct AppState {
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    proxy: Arc<Proxy>,
+    provision_timeout: Duration,
+}
+
+/// An API error: status and a JSON body `{"error": "..."}`.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<NameError> for ApiError {
+    fn from(e: NameError) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, e.to_string())
+    }
+}
+
+impl From<ProvisionError> for ApiError {
+    fn from(e: ProvisionError) -> Self {
+        let status = match &e {
+            ProvisionError::Quota { .. } => StatusCode::CONFLICT,
+            ProvisionError::Timeout(_) => StatusCode::ACCEPTED,
+            ProvisionError::Deleting(_) => StatusCode::CONFLICT,
+            ProvisionError::Engine { .. } => StatusCode::BAD_GATEWAY,
+            ProvisionError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<DeleteError> for ApiError {
+    fn from(e: DeleteError) -> Self {
+        let status = match &e {
+            DeleteError::NotFound(_) => StatusCode::NOT_FOUND,
+            DeleteError::InUse { .. } | DeleteError::Busy(_) => StatusCode::CONFLICT,
+            DeleteError::Engine { .. } => StatusCode::BAD_GATEWAY,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+fn branch_id(state: &AppState, source: &str, branch: &str) -> Result<BranchId, ApiError> {
+    let source = SourceName::new(source)?;
+    if state.registry.source(source.as_str()).is_none() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "source {source:?} does not exist; configured sources: {}",
+                state.registry.source_names().join(", ")
+            ),
+        ));
+    }
+    Ok(BranchId {
+        source,
+        branch: BranchName::new(branch)?,
+    })
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        s.metrics.render(),
+    )
+}
+
+async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
+    Json(json!({
+        "status": "ok",
+        "branches": s.registry.list().len(),
+        "client_connections": s.proxy.open_connections(),
+    }))
+}
+
+async fn list(State(s): State<AppState>) -> impl IntoResponse {
+    Json(s.registry.list())
+}
+
+async fn show(
+    State(s): State<AppState>,
+    Path((source, branch)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = branch_id(&s, &source, &branch)?;
+    s.registry
+        .view(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("branch {id} does not exist")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    source: String,
+    branch: String,
+    #[serde(default)]
+    persistent: bool,
+}
+
+async fn create(
+    State(s): State<AppState>,
+    body: Result<Json<CreateBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let id = branch_id(&s, &body.source, &body.branch)?;
+    let (view, created) = s
+        .registry
+        .ensure(&id, body.persistent, s.provision_timeout)
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(view)))
+}
+
+#[derive(Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete(
+    State(s): State<AppState>,
+    Path((source, branch)): Path<(String, String)>,
+    Query(q): Query<DeleteQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = branch_id(&s, &source, &branch)?;
+    s.registry.delete(&id, q.force, RemoveReason::Api).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn orphans(State(s): State<AppState>) -> impl IntoResponse {
+    Json(s.registry.orphans())
+}
+
+async fn sources(State(s): State<AppState>) -> impl IntoResponse {
+    let list: Vec<_> = s
+        .registry
+        .sources()
+        .map(|src| {
+            json!({
+                "name": src.name.as_str(),
+                "engine": src.config.engine,
+                "database": src.config.database_name(src.name.as_str()),
+                "default_branch": src.config.default_branch,
+                "idle_expire": src.config.idle_expire.map(|d| humantime::format_duration(d).to_string()),
+                "max_branches": src.config.max_branches,
+                "persistent": src.config.persistent,
+            })
+        })
+        .collect();
+    Json(list)
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/api/v1/sources", get(sources))
+        .route("/api/v1/branches", get(list).post(create))
+        .route(
+            "/api/v1/branches/{source}/{branch}",
+            get(show).delete(delete),
+        )
+        .route("/api/v1/orphans", get(orphans))
+        .with_state(state)
+}
+
+/// Binds the admin address (so a taken port fails the start, not later).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("admin.listen: cannot bind {addr}: {e}"))
+}
+
+/// Serves until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    proxy: Arc<Proxy>,
+    provision_timeout: Duration,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let state = AppState {
+        registry,
+        metrics,
+        proxy,
+        provision_timeout,
+    };
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

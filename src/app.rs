@@ -1,0 +1,159 @@
+//! Builds everything from a [`Config`], supervises the tasks, and drains on shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::branch::engine::database::DatabaseEngine;
+use crate::branch::engine::Engine;
+use crate::branch::reaper;
+use crate::branch::store::Store;
+use crate::branch::{Registry, Source};
+use crate::config::{Config, EngineKind, RouteBy};
+use crate::embedded::Embedded;
+use crate::metrics::Metrics;
+use crate::names::SourceName;
+use crate::proxy::{listener, tls, Proxy};
+
+/// Runs the proxy until `shutdown` is cancelled, then drains and stops.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
+    std::fs::create_dir_all(&cfg.state.dir)
+        .with_context(|| format!("state.dir: cannot create {}", cfg.state.dir.display()))?;
+    let state_dir: PathBuf = cfg.state.dir.canonicalize()?;
+    let metrics = Arc::new(Metrics::new());
+
+    let embedded = if cfg.needs_embedded() {
+        let ecfg = cfg.embedded.clone();
+        let dir = state_dir.clone();
+        Some(
+            tokio::task::spawn_blocking(move || Embedded::start(&ecfg, &dir))
+                .await?
+                .context("embedded PostgreSQL")?,
+        )
+    } else {
+        None
+    };
+    let result = serve(&cfg, &state_dir, metrics, embedded.as_ref(), shutdown).await;
+    if let Some(e) = embedded {
+        if let Err(err) = tokio::task::spawn_blocking(move || e.stop()).await? {
+            error!(error = %err, "could not stop embedded PostgreSQL");
+        }
+    }
+    result
+}
+
+async fn serve(
+    cfg: &Config,
+    state_dir: &std::path::Path,
+    metrics: Arc<Metrics>,
+    embedded: Option<&Embedded>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let mut sources = Vec::new();
+    for (name, scfg) in &cfg.sources {
+        let db = scfg.database_name(name).to_owned();
+        let server = match (&scfg.server, embedded) {
+            (Some(s), _) => s.clone(),
+            (None, Some(e)) => {
+                e.ensure_database(&db, scfg.seed_demo)
+                    .await
+                    .with_context(|| format!("sources.{name}: preparing database {db:?}"))?;
+                e.server_string()
+            }
+            (None, None) => unreachable!("the embedded server runs when a source needs it"),
+        };
+        let engine: Arc<dyn Engine> = match scfg.engine {
+            EngineKind::Database => {
+                let engine = DatabaseEngine::new(&server, &db)
+                    .map_err(|e| anyhow!("sources.{name}.server: {e}"))?;
+                if let Err(e) = engine.check_template().await {
+                    warn!(source = %name, error = %e, "source is not usable yet; clients will get this error");
+                }
+                Arc::new(engine)
+            }
+        };
+        let name = SourceName::new(name).map_err(|e| anyhow!("sources.{name}: {e}"))?;
+        sources.push(Source::new(name, scfg.clone(), engine));
+    }
+
+    let store = Store::open(state_dir).context("state.dir: branch records")?;
+    let registry = Arc::new(Registry::new(sources, store, metrics.clone()));
+    registry.adopt().await.context("reading branch records")?;
+
+    let tls = match (&cfg.tls.cert, &cfg.tls.key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let listener = TcpListener::bind(cfg.proxy.listen)
+        .await
+        .map_err(|e| anyhow!("proxy.listen: cannot bind {}: {e}", cfg.proxy.listen))?;
+    let proxy = Arc::new(Proxy::new(
+        cfg.proxy.clone(),
+        registry.clone(),
+        metrics.clone(),
+        tls,
+    )?);
+
+    let tasks = CancellationToken::new();
+    let mut handles = Vec::new();
+    if cfg.admin.enabled {
+        let admin = crate::admin::bind(cfg.admin.listen).await?;
+        info!(addr = %cfg.admin.listen, "admin HTTP listening");
+        handles.push(tokio::spawn(crate::admin::serve(
+            admin,
+            registry.clone(),
+            metrics.clone(),
+            proxy.clone(),
+            cfg.proxy.provision_timeout,
+            tasks.clone(),
+        )).abort_handle());
+    }
+    let reaper = tokio::spawn(reaper::run(
+        registry.clone(),
+        cfg.reaper.interval,
+        tasks.clone(),
+    ));
+    let accept = tokio::spawn(listener::run(proxy.clone(), listener, tasks.clone()));
+    announce(cfg, embedded);
+
+    shutdown.cancelled().await;
+    info!("shutting down: no new connections");
+    registry.begin_shutdown();
+    tasks.cancel();
+    let _ = accept.await;
+    let deadline = tokio::time::Instant::now() + cfg.proxy.shutdown_grace;
+    while proxy.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = proxy.open_connections();
+    if left > 0 {
+        warn!(connections = left, "grace period over; closing remaining connections");
+    }
+    let _ = reaper.await;
+    for h in handles {
+        h.abort();
+    }
+    Ok(())
+}
+
+/// Tells a new user how to connect.
+fn announce(cfg: &Config, embedded: Option<&Embedded>) {
+    let Some((name, _)) = cfg.sources.iter().next() else {
+        warn!("no sources configured: every connection will be refused");
+        return;
+    };
+    let user = embedded.map_or("postgres", |e| e.user.as_str());
+    let sep = &cfg.proxy.separator;
+    let addr = cfg.proxy.listen;
+    let url = match cfg.proxy.route_by {
+        RouteBy::Database => format!("postgres://{user}@{addr}/{name}{sep}pr-42"),
+        RouteBy::User => format!("postgres://{user}{sep}pr-42@{addr}/{name}"),
+    };
+    info!("offshoot ready; try: psql \"{url}\"");
+    eprintln!("offshoot is ready. Try:\n  psql \"{url}\"");
+}

@@ -1,0 +1,85 @@
+//! Idle expiry: one step ([`reap_once`]) and a loop around it ([`run`]).
+//!
+//! The step takes the time as an argument, so tests can ask "what expires at T?"
+//! without sleeping. The registry re-checks every condition under its lock when the
+//! deletion starts, so a connection arriving between the scan and the deletion wins.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::registry::{DeleteError, Registry, RemoveReason};
+use crate::names::BranchId;
+
+/// Why a branch expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpireReason {
+    /// No connection for at least the source's `idle_expire`.
+    Idle,
+}
+
+/// What one step did to one branch.
+#[derive(Debug)]
+pub enum Outcome {
+    Expired {
+        id: BranchId,
+        reason: ExpireReason,
+        idle: Duration,
+    },
+    /// A connection arrived, or the clone could not be dropped; it stays for now.
+    Kept { id: BranchId, why: String },
+}
+
+/// Expires every branch idle past its policy at `now`, and saves activity stamps.
+pub async fn reap_once(registry: &Registry, now: SystemTime) -> Vec<Outcome> {
+    registry.flush_activity();
+    let mut out = Vec::new();
+    for (id, idle) in registry.idle_candidates(now) {
+        match registry.delete(&id, false, RemoveReason::Idle).await {
+            Ok(()) => {
+                info!(branch = %id, idle = %humantime::format_duration(trunc(idle)), reason = "idle", "branch expired");
+                out.push(Outcome::Expired {
+                    id,
+                    reason: ExpireReason::Idle,
+                    idle,
+                });
+            }
+            Err(e @ (DeleteError::InUse { .. } | DeleteError::Busy(_))) => {
+                out.push(Outcome::Kept {
+                    id,
+                    why: e.to_string(),
+                });
+            }
+            Err(e) => {
+                warn!(branch = %id, error = %e, "idle branch could not be expired");
+                out.push(Outcome::Kept {
+                    id,
+                    why: e.to_string(),
+                });
+            }
+        }
+    }
+    out
+}
+
+fn trunc(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
+}
+
+/// Calls [`reap_once`] every `interval` until `shutdown`; saves activity once more
+/// on the way out.
+pub async fn run(registry: Arc<Registry>, interval: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                reap_once(&registry, SystemTime::now()).await;
+            }
+        }
+    }
+    registry.flush_activity();
+}

@@ -1,0 +1,717 @@
+//! The one owner of branch state.
+//!
+//! Invariants:
+//! - Only this module changes a branch's phase (Provisioning → Ready → Deleting → gone)
+//!   and its record on disk.
+//! - A branch has at most one creation in flight: the first connection starts it, every
+//!   later one waits on the same result (single flight).
+//! - A branch is deleted only in phase Ready with no open connection (unless forced);
+//!   connections are counted under the same lock that starts a deletion, so a
+//!   connection can never be granted a branch that is being removed.
+//! - The record is written before the clone is created and removed after it is gone,
+//!   so a crash at any point leaves something [`Registry::adopt`] can settle.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use prometheus::IntGauge;
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use super::engine::{Endpoint, Engine, Recovered};
+use super::store::{unix_ms, BranchRecord, RecordState, Store};
+use crate::config::SourceConfig;
+use crate::error::{EngineError, ProvisionError};
+use crate::metrics::Metrics;
+use crate::names::{BranchId, BranchName, SourceName};
+
+/// A configured source and its engine.
+pub struct Source {
+    pub name: SourceName,
+    pub config: SourceConfig,
+    pub engine: Arc<dyn Engine>,
+    persistent: HashSet<BranchName>,
+}
+
+impl Source {
+    pub fn new(name: SourceName, config: SourceConfig, engine: Arc<dyn Engine>) -> Self {
+        let persistent = config
+            .persistent
+            .iter()
+            .filter_map(|b| BranchName::new(b).ok())
+            .collect();
+        Self {
+            name,
+            config,
+            engine,
+            persistent,
+        }
+    }
+}
+
+/// The phase a branch is in, as the API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Provisioning,
+    Ready,
+    Deleting,
+}
+
+impl Phase {
+    const ALL: [Phase; 3] = [Phase::Provisioning, Phase::Ready, Phase::Deleting];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::Provisioning => "provisioning",
+            Phase::Ready => "ready",
+            Phase::Deleting => "deleting",
+        }
+    }
+}
+
+type Outcome = Option<Result<(), ProvisionError>>;
+
+enum Waiter {
+    Provisioning(watch::Receiver<Outcome>),
+    Deleting(watch::Receiver<bool>),
+}
+
+/// Connection count and last activity, shared with the connections' guards.
+#[derive(Debug)]
+pub struct Activity {
+    conns: AtomicUsize,
+    last_active_ms: AtomicU64,
+    dirty: AtomicBool,
+}
+
+impl Activity {
+    fn new(last_active_ms: u64) -> Self {
+        Self {
+            conns: AtomicUsize::new(0),
+            last_active_ms: AtomicU64::new(last_active_ms),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_active_ms
+            .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns.load(Ordering::Acquire)
+    }
+}
+
+struct Entry {
+    phase: Phase,
+    waiter: Option<Waiter>,
+    record: BranchRecord,
+    activity: Arc<Activity>,
+}
+
+/// Held by a connection for its whole life: the branch counts it as open.
+pub struct ConnGuard {
+    activity: Arc<Activity>,
+    gauge: IntGauge,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.activity.touch();
+        self.activity.conns.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.dec();
+    }
+}
+
+/// What a connection gets: where to go, and its place in the branch's count.
+pub struct Lease {
+    pub endpoint: Endpoint,
+    pub guard: ConnGuard,
+}
+
+/// A branch as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BranchView {
+    pub source: String,
+    pub branch: String,
+    pub state: Phase,
+    pub engine: crate::config::EngineKind,
+    pub clone_name: String,
+    pub created_at: String,
+    pub last_active: String,
+    pub connections: usize,
+    pub persistent: bool,
+}
+
+/// Something found on disk or on a server that no live record explains. Reported,
+/// never deleted: the proxy cannot prove it made it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Orphan {
+    pub source: Option<String>,
+    pub location: String,
+    pub reason: String,
+}
+
+/// Why a deletion was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    #[error("branch {0} does not exist")]
+    NotFound(BranchId),
+    #[error("branch {id} has {conns} open connection(s); use force to terminate them")]
+    InUse { id: BranchId, conns: usize },
+    #[error("branch {0} is being created or deleted; try again")]
+    Busy(BranchId),
+    #[error("could not delete branch {id}: {err}")]
+    Engine { id: BranchId, err: EngineError },
+}
+
+/// Why a branch was removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoveReason {
+    /// Nobody used it for the source's `idle_expire`.
+    Idle,
+    /// Deleted through the admin API.
+    Api,
+}
+
+impl RemoveReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RemoveReason::Idle => "idle",
+            RemoveReason::Api => "api",
+        }
+    }
+}
+
+pub struct Registry {
+    sources: BTreeMap<SourceName, Source>,
+    entries: Mutex<BTreeMap<BranchId, Entry>>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    orphans: Mutex<Vec<Orphan>>,
+    shutting_down: AtomicBool,
+}
+
+fn rfc3339(ms: u64) -> String {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl Registry {
+    pub fn new(sources: Vec<Source>, store: Store, metrics: Arc<Metrics>) -> Self {
+        let sources = sources.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let reg = Self {
+            sources,
+            entries: Mutex::new(BTreeMap::new()),
+            store,
+            metrics,
+            orphans: Mutex::new(Vec::new()),
+            shutting_down: AtomicBool::new(false),
+        };
+        reg.refresh_gauges(&reg.lock());
+        reg
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<BranchId, Entry>> {
+        // A panic while holding the lock leaves the map consistent (every mutation is
+        // a single insert/remove/field store), so poisoning is not fatal.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn source(&self, name: &str) -> Option<&Source> {
+        SourceName::new(name).ok().and_then(|n| self.sources.get(&n))
+    }
+
+    pub fn source_names(&self) -> Vec<&str> {
+        self.sources.keys().map(|s| s.as_str()).collect()
+    }
+
+    pub fn sources(&self) -> impl Iterator<Item = &Source> {
+        self.sources.values()
+    }
+
+    /// New connections and creations are refused from now on.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    fn refresh_gauges(&self, map: &BTreeMap<BranchId, Entry>) {
+        for src in self.sources.keys() {
+            for phase in Phase::ALL {
+                let n = map
+                    .iter()
+                    .filter(|(id, e)| &id.source == src && e.phase == phase)
+                    .count();
+                self.metrics
+                    .branches
+                    .with_label_values(&[src.as_str(), phase.as_str()])
+                    .set(n as i64);
+            }
+        }
+    }
+
+    fn is_persistent(&self, rec: &BranchRecord) -> bool {
+        rec.persistent
+            || self
+                .sources
+                .get(&rec.source)
+                .is_some_and(|s| s.persistent.contains(&rec.branch))
+    }
+
+    /// Gets `id` ready for a connection, creating it if needed, and counts the
+    /// connection in. Waits at most `timeout` for a creation in flight.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        id: &BranchId,
+        timeout: Duration,
+    ) -> Result<Lease, ProvisionError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let waiter = match self.try_enter(id, false)? {
+                Ok(lease) => return Ok(lease),
+                Err(w) => w,
+            };
+            let waited = match waiter {
+                Waiter::Provisioning(mut rx) => {
+                    match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
+                        Err(_) => return Err(ProvisionError::Timeout(id.clone())),
+                        // The sender is gone only if the creating task died; retry.
+                        Ok(Err(_)) => continue,
+                        Ok(Ok(v)) => v.clone(),
+                    }
+                }
+                Waiter::Deleting(mut rx) => {
+                    match tokio::time::timeout_at(deadline, rx.wait_for(|done| *done)).await {
+                        Err(_) => return Err(ProvisionError::Deleting(id.clone())),
+                        Ok(_) => continue,
+                    }
+                }
+            };
+            if let Some(Err(e)) = waited {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Creates `id` ahead of time (admin API). Returns whether it was created now.
+    pub async fn ensure(
+        self: &Arc<Self>,
+        id: &BranchId,
+        persistent: bool,
+        timeout: Duration,
+    ) -> Result<(BranchView, bool), ProvisionError> {
+        let created = self.lock().get(id).is_none();
+        let lease = loop {
+            match self.try_enter(id, persistent)? {
+                Ok(lease) => break lease,
+                Err(Waiter::Provisioning(mut rx)) => {
+                    let r = tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
+                        .await
+                        .map_err(|_| ProvisionError::Timeout(id.clone()))?;
+                    if let Ok(v) = r {
+                        if let Some(Err(e)) = v.clone() {
+                            return Err(e);
+                        }
+                    }
+                }
+                Err(Waiter::Deleting(mut rx)) => {
+                    let _ = tokio::time::timeout(timeout, rx.wait_for(|d| *d))
+                        .await
+                        .map_err(|_| ProvisionError::Deleting(id.clone()))?;
+                }
+            }
+        };
+        drop(lease);
+        let view = self
+            .view(id)
+            .ok_or_else(|| ProvisionError::Deleting(id.clone()))?;
+        Ok((view, created))
+    }
+
+    /// One look under the lock: a lease if Ready, else something to wait on (starting
+    /// the creation if nobody has).
+    fn try_enter(
+        self: &Arc<Self>,
+        id: &BranchId,
+        persistent: bool,
+    ) -> Result<Result<Lease, Waiter>, ProvisionError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ProvisionError::ShuttingDown);
+        }
+        let source = self.sources.get(&id.source).ok_or_else(|| ProvisionError::Engine {
+            id: id.clone(),
+            err: EngineError::new("source is not configured"),
+        })?;
+        let mut map = self.lock();
+        if let Some(entry) = map.get(id) {
+            return Ok(match (&entry.phase, &entry.waiter) {
+                (Phase::Ready, _) => {
+                    entry.activity.conns.fetch_add(1, Ordering::AcqRel);
+                    entry.activity.touch();
+                    let gauge = self
+                        .metrics
+                        .client_connections
+                        .with_label_values(&[id.source.as_str()]);
+                    gauge.inc();
+                    Ok(Lease {
+                        endpoint: source.engine.endpoint(&entry.record),
+                        guard: ConnGuard {
+                            activity: entry.activity.clone(),
+                            gauge,
+                        },
+                    })
+                }
+                (_, Some(Waiter::Provisioning(rx))) => Err(Waiter::Provisioning(rx.clone())),
+                (_, Some(Waiter::Deleting(rx))) => Err(Waiter::Deleting(rx.clone())),
+                (_, None) => unreachable!("non-ready entries always carry a waiter"),
+            });
+        }
+        let count = map.keys().filter(|k| k.source == id.source).count();
+        if count >= source.config.max_branches {
+            return Err(ProvisionError::Quota {
+                source_name: id.source.to_string(),
+                limit: source.config.max_branches,
+            });
+        }
+        let now = unix_ms(SystemTime::now());
+        let record = BranchRecord {
+            source: id.source.clone(),
+            branch: id.branch.clone(),
+            engine: source.config.engine,
+            clone_name: source.engine.clone_name(id),
+            state: RecordState::Provisioning,
+            created_at: now,
+            last_active: now,
+            persistent,
+        };
+        let (tx, rx) = watch::channel(None);
+        map.insert(
+            id.clone(),
+            Entry {
+                phase: Phase::Provisioning,
+                waiter: Some(Waiter::Provisioning(rx.clone())),
+                record: record.clone(),
+                activity: Arc::new(Activity::new(now)),
+            },
+        );
+        self.refresh_gauges(&map);
+        drop(map);
+        let this = self.clone();
+        tokio::spawn(async move { this.provision(record, tx).await });
+        Ok(Err(Waiter::Provisioning(rx)))
+    }
+
+    /// Runs one creation to its end and publishes the outcome.
+    async fn provision(self: Arc<Self>, mut record: BranchRecord, tx: watch::Sender<Outcome>) {
+        let id = record.id();
+        let source = &self.sources[&id.source];
+        let started = Instant::now();
+        info!(branch = %id, clone = %record.clone_name, "creating branch");
+        let result = match self.store.save(&record) {
+            Err(e) => Err(EngineError::new(format!("cannot write branch record: {e}"))),
+            Ok(()) => source.engine.create(&record).await,
+        };
+        let result = result.and_then(|()| {
+            record.state = RecordState::Ready;
+            self.store
+                .save(&record)
+                .map_err(|e| EngineError::new(format!("cannot write branch record: {e}")))
+        });
+        let outcome = match result {
+            Ok(()) => {
+                let secs = started.elapsed().as_secs_f64();
+                self.metrics
+                    .provision_seconds
+                    .with_label_values(&[id.source.as_str()])
+                    .observe(secs);
+                self.metrics
+                    .branches_created_total
+                    .with_label_values(&[id.source.as_str()])
+                    .inc();
+                info!(branch = %id, ms = (secs * 1000.0) as u64, "branch ready");
+                let mut map = self.lock();
+                if let Some(e) = map.get_mut(&id) {
+                    e.phase = Phase::Ready;
+                    e.waiter = None;
+                    e.record = record;
+                }
+                self.refresh_gauges(&map);
+                Ok(())
+            }
+            Err(err) => {
+                error!(branch = %id, error = %err, "branch creation failed");
+                // If the clone was made but the record could not be marked ready,
+                // take the clone down again: nothing half-made stays behind.
+                if record.state == RecordState::Ready {
+                    if let Err(e) = source.engine.destroy(&record, true).await {
+                        error!(branch = %id, error = %e, "could not remove clone after failure");
+                    }
+                }
+                if let Err(e) = self.store.remove(&id) {
+                    error!(branch = %id, error = %e, "could not remove branch record");
+                }
+                let mut map = self.lock();
+                map.remove(&id);
+                self.refresh_gauges(&map);
+                Err(ProvisionError::Engine { id: id.clone(), err })
+            }
+        };
+        let _ = tx.send(Some(outcome));
+    }
+
+    /// Removes a Ready branch. Connections are refused meanwhile and wait for the
+    /// outcome; afterwards a new connection makes a fresh clone.
+    pub async fn delete(
+        &self,
+        id: &BranchId,
+        force: bool,
+        reason: RemoveReason,
+    ) -> Result<(), DeleteError> {
+        let (record, tx) = {
+            let mut map = self.lock();
+            let entry = map
+                .get_mut(id)
+                .ok_or_else(|| DeleteError::NotFound(id.clone()))?;
+            if entry.phase != Phase::Ready {
+                return Err(DeleteError::Busy(id.clone()));
+            }
+            let conns = entry.activity.connections();
+            if conns > 0 && !force {
+                return Err(DeleteError::InUse {
+                    id: id.clone(),
+                    conns,
+                });
+            }
+            let (tx, rx) = watch::channel(false);
+            entry.phase = Phase::Deleting;
+            entry.waiter = Some(Waiter::Deleting(rx));
+            let record = entry.record.clone();
+            self.refresh_gauges(&map);
+            (record, tx)
+        };
+        let source = &self.sources[&id.source];
+        let result = source.engine.destroy(&record, force).await;
+        let mut map = self.lock();
+        let out = match result {
+            Ok(()) => {
+                if let Err(e) = self.store.remove(id) {
+                    error!(branch = %id, error = %e, "could not remove branch record");
+                }
+                map.remove(id);
+                self.metrics
+                    .branches_expired_total
+                    .with_label_values(&[id.source.as_str(), reason.as_str()])
+                    .inc();
+                info!(branch = %id, reason = reason.as_str(), "branch removed");
+                Ok(())
+            }
+            Err(err) => {
+                warn!(branch = %id, error = %err, "branch removal failed; it stays");
+                if let Some(e) = map.get_mut(id) {
+                    e.phase = Phase::Ready;
+                    e.waiter = None;
+                }
+                Err(DeleteError::Engine {
+                    id: id.clone(),
+                    err,
+                })
+            }
+        };
+        self.refresh_gauges(&map);
+        drop(map);
+        let _ = tx.send(true);
+        out
+    }
+
+    /// Ready, idle, unused, non-persistent branches past their source's `idle_expire`
+    /// at `now`, with how long each has been idle.
+    pub fn idle_candidates(&self, now: SystemTime) -> Vec<(BranchId, Duration)> {
+        let now_ms = unix_ms(now);
+        let map = self.lock();
+        map.iter()
+            .filter_map(|(id, e)| {
+                let limit = self.sources.get(&id.source)?.config.idle_expire?;
+                if e.phase != Phase::Ready
+                    || e.activity.connections() > 0
+                    || self.is_persistent(&e.record)
+                {
+                    return None;
+                }
+                let last = e.activity.last_active_ms.load(Ordering::Relaxed);
+                let idle = Duration::from_millis(now_ms.saturating_sub(last));
+                (idle >= limit).then(|| (id.clone(), idle))
+            })
+            .collect()
+    }
+
+    /// Writes changed activity stamps to the records, so a restart keeps them.
+    pub fn flush_activity(&self) {
+        let dirty: Vec<BranchRecord> = {
+            let mut map = self.lock();
+            map.values_mut()
+                .filter(|e| e.phase == Phase::Ready)
+                .filter(|e| e.activity.dirty.swap(false, Ordering::Relaxed))
+                .map(|e| {
+                    e.record.last_active = e.activity.last_active_ms.load(Ordering::Relaxed);
+                    e.record.clone()
+                })
+                .collect()
+        };
+        for rec in dirty {
+            if let Err(e) = self.store.save(&rec) {
+                warn!(branch = %rec.id(), error = %e, "could not save activity");
+            }
+        }
+    }
+
+    pub fn view(&self, id: &BranchId) -> Option<BranchView> {
+        let map = self.lock();
+        map.get(id).map(|e| self.view_of(e))
+    }
+
+    fn view_of(&self, e: &Entry) -> BranchView {
+        BranchView {
+            source: e.record.source.to_string(),
+            branch: e.record.branch.to_string(),
+            state: e.phase,
+            engine: e.record.engine,
+            clone_name: e.record.clone_name.clone(),
+            created_at: rfc3339(e.record.created_at),
+            last_active: rfc3339(e.activity.last_active_ms.load(Ordering::Relaxed)),
+            connections: e.activity.connections(),
+            persistent: self.is_persistent(&e.record),
+        }
+    }
+
+    pub fn list(&self) -> Vec<BranchView> {
+        let map = self.lock();
+        map.values().map(|e| self.view_of(e)).collect()
+    }
+
+    pub fn orphans(&self) -> Vec<Orphan> {
+        self.orphans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-adopts every recorded branch after a start, settles interrupted creations,
+    /// and reports what no record explains. Errors reaching a server are logged; the
+    /// records stay and are trusted.
+    pub async fn adopt(&self) -> std::io::Result<()> {
+        let (records, unreadable) = self.store.load_all()?;
+        let mut orphans: Vec<Orphan> = unreadable
+            .into_iter()
+            .map(|(path, why)| {
+                warn!(path = %path.display(), reason = %why, "unreadable branch record left in place");
+                Orphan {
+                    source: None,
+                    location: path.display().to_string(),
+                    reason: format!("unreadable record: {why}"),
+                }
+            })
+            .collect();
+        let mut adopted = Vec::new();
+        for mut rec in records {
+            let id = rec.id();
+            let Some(source) = self.sources.get(&rec.source) else {
+                warn!(branch = %id, "record of a source no longer configured; left in place");
+                orphans.push(Orphan {
+                    source: Some(rec.source.to_string()),
+                    location: rec.clone_name.clone(),
+                    reason: "source is no longer configured".into(),
+                });
+                continue;
+            };
+            let keep = match rec.state {
+                RecordState::Provisioning => match source.engine.recover(&rec).await {
+                    Ok(Recovered::Complete) => {
+                        info!(branch = %id, "finished a creation interrupted by a restart");
+                        rec.state = RecordState::Ready;
+                        self.store.save(&rec)?;
+                        true
+                    }
+                    Ok(Recovered::Absent) => {
+                        info!(branch = %id, "dropping the record of a creation that never finished");
+                        self.store.remove(&id)?;
+                        false
+                    }
+                    Err(e) => {
+                        warn!(branch = %id, error = %e, "cannot settle an interrupted creation; record left in place");
+                        orphans.push(Orphan {
+                            source: Some(rec.source.to_string()),
+                            location: rec.clone_name.clone(),
+                            reason: format!("interrupted creation not settled: {e}"),
+                        });
+                        false
+                    }
+                },
+                RecordState::Ready => match source.engine.exists(&rec).await {
+                    Ok(true) => true,
+                    Ok(false) => {
+                        warn!(branch = %id, clone = %rec.clone_name, "clone vanished outside the proxy; forgetting it");
+                        self.store.remove(&id)?;
+                        false
+                    }
+                    Err(e) => {
+                        warn!(branch = %id, error = %e, "cannot check clone; keeping its record");
+                        true
+                    }
+                },
+            };
+            if keep {
+                adopted.push(rec);
+            }
+        }
+        // Marked clones no record explains (e.g. records deleted by hand).
+        let known: HashSet<(String, String)> = adopted
+            .iter()
+            .map(|r| (r.source.to_string(), r.clone_name.clone()))
+            .collect();
+        for src in self.sources.values() {
+            match src.engine.list_marked().await {
+                Ok(marked) => {
+                    for (clone, owner) in marked {
+                        let owner_source = owner.split('/').next().unwrap_or_default();
+                        if owner_source == src.name.as_str()
+                            && !known.contains(&(src.name.to_string(), clone.clone()))
+                        {
+                            warn!(source = %src.name, clone = %clone, "marked clone without a record; left in place");
+                            orphans.push(Orphan {
+                                source: Some(src.name.to_string()),
+                                location: clone,
+                                reason: format!("marked as {owner} but has no record"),
+                            });
+                        }
+                    }
+                }
+                Err(e) => warn!(source = %src.name, error = %e, "cannot list clones on the server"),
+            }
+        }
+        let n = adopted.len();
+        let mut map = self.lock();
+        for rec in adopted {
+            let activity = Arc::new(Activity::new(rec.last_active));
+            map.insert(
+                rec.id(),
+                Entry {
+                    phase: Phase::Ready,
+                    waiter: None,
+                    record: rec,
+                    activity,
+                },
+            );
+        }
+        self.refresh_gauges(&map);
+        drop(map);
+        info!(branches = n, orphans = orphans.len(), "branches adopted");
+        *self.orphans.lock().unwrap_or_else(|p| p.into_inner()) = orphans;
+        Ok(())
+    }
+}

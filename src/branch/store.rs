@@ -1,0 +1,172 @@
+//! Durable branch records: one JSON file per branch under `<state.dir>/branches`.
+//!
+//! A record is written before a clone is created (state `provisioning`), rewritten when
+//! the clone is ready, and removed only after the clone is gone. Files are replaced
+//! atomically (write, fsync, rename), so a crash leaves either the old or the new record,
+//! and a restart can tell a finished clone from an interrupted one.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::EngineKind;
+use crate::names::{BranchId, BranchName, SourceName};
+
+/// Where a record says its clone is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordState {
+    /// Creation started; the clone may or may not exist.
+    Provisioning,
+    /// The clone exists and is complete.
+    Ready,
+}
+
+/// What survives a restart about one branch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchRecord {
+    pub source: SourceName,
+    pub branch: BranchName,
+    pub engine: EngineKind,
+    /// The engine's name for the clone (the database name for the `database` engine).
+    pub clone_name: String,
+    pub state: RecordState,
+    /// Unix milliseconds.
+    pub created_at: u64,
+    /// Unix milliseconds of the last connect or disconnect.
+    pub last_active: u64,
+    /// Never expires, whatever the source's `persistent` list says.
+    #[serde(default)]
+    pub persistent: bool,
+}
+
+impl BranchRecord {
+    pub fn id(&self) -> BranchId {
+        BranchId {
+            source: self.source.clone(),
+            branch: self.branch.clone(),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64
+}
+
+/// The directory of records.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the record directory below `state_dir`.
+    pub fn open(state_dir: &Path) -> std::io::Result<Self> {
+        let root = state_dir.join("branches");
+        fs::create_dir_all(&root)?;
+        Ok(Self { root })
+    }
+
+    fn path(&self, id: &BranchId) -> PathBuf {
+        self.root
+            .join(id.source.as_str())
+            .join(format!("{}.json", id.branch))
+    }
+
+    /// Writes `rec` atomically.
+    pub fn save(&self, rec: &BranchRecord) -> std::io::Result<()> {
+        let path = self.path(&rec.id());
+        let dir = path.parent().expect("record path has a parent");
+        fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(".{}.json.tmp", rec.branch));
+        let body = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
+        {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, &path)?;
+        fs::File::open(dir)?.sync_all()
+    }
+
+    /// Removes the record of `id`; a missing record is not an error.
+    pub fn remove(&self, id: &BranchId) -> std::io::Result<()> {
+        match fs::remove_file(self.path(id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every readable record, plus the files that could not be read (reported, never
+    /// deleted).
+    pub fn load_all(&self) -> std::io::Result<(Vec<BranchRecord>, Vec<(PathBuf, String)>)> {
+        let mut records = Vec::new();
+        let mut unreadable = Vec::new();
+        for source_dir in fs::read_dir(&self.root)? {
+            let source_dir = source_dir?.path();
+            if !source_dir.is_dir() {
+                continue;
+            }
+            for file in fs::read_dir(&source_dir)? {
+                let path = file?.path();
+                if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                    continue;
+                }
+                let parsed = fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| {
+                        serde_json::from_slice::<BranchRecord>(&b).map_err(|e| e.to_string())
+                    });
+                match parsed {
+                    Ok(rec) if self.path(&rec.id()) == path => records.push(rec),
+                    Ok(_) => unreadable.push((path, "record does not match its file name".into())),
+                    Err(e) => unreadable.push((path, e)),
+                }
+            }
+        }
+        records.sort_by(|a, b| (&a.source, &a.branch).cmp(&(&b.source, &b.branch)));
+        Ok((records, unreadable))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(branch: &str) -> BranchRecord {
+        BranchRecord {
+            source: SourceName::new("shop").unwrap(),
+            branch: BranchName::new(branch).unwrap(),
+            engine: EngineKind::Database,
+            clone_name: format!("shop__{branch}"),
+            state: RecordState::Ready,
+            created_at: 1,
+            last_active: 2,
+            persistent: false,
+        }
+    }
+
+    #[test]
+    fn save_load_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.save(&rec("a")).unwrap();
+        let mut b = rec("b");
+        b.state = RecordState::Provisioning;
+        store.save(&b).unwrap();
+        store.save(&b).unwrap();
+        fs::write(dir.path().join("branches/shop/junk.json"), b"{").unwrap();
+        let (all, bad) = store.load_all().unwrap();
+        assert_eq!(all, vec![rec("a"), b.clone()]);
+        assert_eq!(bad.len(), 1);
+        store.remove(&b.id()).unwrap();
+        store.remove(&b.id()).unwrap();
+        assert_eq!(store.load_all().unwrap().0, vec![rec("a")]);
+    }
+}

@@ -1,0 +1,405 @@
+//! Typed configuration: a TOML file plus `OFFSHOOT__SECTION__KEY` environment overrides.
+//!
+//! This is the only module that reads configuration files or the environment. Every
+//! field has a default, so an empty file is a valid configuration (with no sources).
+//! [`Config::validate`] runs at load time and names the offending key, so a bad value
+//! is reported before anything starts.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::names::{BranchName, SourceName};
+
+/// Prefix of environment overrides: `OFFSHOOT__PROXY__LISTEN=0.0.0.0:6432`.
+pub const ENV_PREFIX: &str = "OFFSHOOT";
+
+/// The whole configuration tree.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The client-facing listener and the startup phase.
+    pub proxy: ProxyConfig,
+    /// TLS towards clients; off unless both `cert` and `key` are set.
+    pub tls: TlsConfig,
+    /// The HTTP endpoint for metrics, health and the branch API.
+    pub admin: AdminConfig,
+    /// Where the proxy keeps branch records (and the embedded server's data).
+    pub state: StateConfig,
+    /// The managed local PostgreSQL used by sources that name no `server`.
+    pub embedded: EmbeddedConfig,
+    /// The idle reaper.
+    pub reaper: ReaperConfig,
+    /// The databases branches are cloned from, by name.
+    pub sources: BTreeMap<String, SourceConfig>,
+}
+
+/// How the branch is found in the startup packet.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteBy {
+    /// `database = "<source><sep><branch>"`.
+    #[default]
+    Database,
+    /// `user = "<user><sep><branch>"`, `database = "<source>"`.
+    User,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Address clients connect to.
+    pub listen: SocketAddr,
+    /// Which startup parameter carries the branch.
+    pub route_by: RouteBy,
+    /// Separates source (or user) from branch; the name is split at its last occurrence.
+    /// `.` needs no escaping in any connection URL.
+    pub separator: String,
+    /// A client that has not finished its startup packet (and TLS handshake) by then
+    /// is dropped, so silent sockets cannot pile up.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// How long a client waits for its branch to be created before it gets 57P03.
+    /// Creation goes on in the background past this point.
+    #[serde(with = "humantime_serde")]
+    pub provision_timeout: Duration,
+    /// Client connections accepted at once; further ones get 53300.
+    pub max_connections: usize,
+    /// Threads that pump bytes between clients and servers once startup is done.
+    /// 0 means one per CPU core.
+    pub relay_threads: usize,
+    /// On SIGTERM/Ctrl-C, how long open connections may take to finish before the
+    /// proxy exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:6432".parse().expect("valid default address"),
+            route_by: RouteBy::Database,
+            separator: ".".into(),
+            startup_timeout: Duration::from_secs(10),
+            provision_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            relay_threads: 0,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain presented to clients.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() && self.key.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the HTTP endpoint; it has no authentication, so keep it private.
+    pub listen: SocketAddr,
+    /// Set to false to run without the HTTP endpoint.
+    pub enabled: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9187".parse().expect("valid default address"),
+            enabled: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// Directory for branch records and the embedded server; created if missing.
+    /// Relative paths are resolved against the working directory.
+    pub dir: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from(".offshoot"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// Directory holding the PostgreSQL binaries (initdb, postgres, pg_ctl).
+    /// Unset: `pg_config --bindir`, then PATH, then `/usr/lib/postgresql/*/bin`.
+    pub bin_dir: Option<PathBuf>,
+    /// Port of the embedded server. It listens only on a Unix socket in
+    /// `<state.dir>/run`, so the port only names the socket file.
+    pub port: u16,
+    /// Superuser created by initdb; local connections use `trust`.
+    pub user: String,
+    /// Extra `postgres -c` settings for the embedded server.
+    pub settings: BTreeMap<String, String>,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        Self {
+            bin_dir: None,
+            port: 5432,
+            user: "postgres".into(),
+            settings: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReaperConfig {
+    /// How often idle branches are looked for and activity is saved.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for ReaperConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(15),
+        }
+    }
+}
+
+/// How a source's branches are made.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// `CREATE DATABASE <clone> TEMPLATE <source>` on the source's server.
+    #[default]
+    Database,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceConfig {
+    pub engine: EngineKind,
+    /// Connection string (URL or key=value) of a role that may create databases on the
+    /// source's server. Its database is only used for administration; unset means
+    /// the embedded server.
+    pub server: Option<String>,
+    /// The database branches are cloned from; defaults to the source's name.
+    pub database: Option<String>,
+    /// Branch used when a client names the source without a branch; unset means
+    /// such a client gets an error.
+    pub default_branch: Option<String>,
+    /// A branch nobody has used for this long is dropped. Unset: never.
+    #[serde(with = "humantime_serde")]
+    pub idle_expire: Option<Duration>,
+    /// Most branches this source may have at once (made on connect or by the API).
+    pub max_branches: usize,
+    /// Branches that never expire (long-lived QA environments).
+    pub persistent: Vec<String>,
+    /// Seed the demo shop schema into the source database when it does not exist yet
+    /// (embedded server only).
+    pub seed_demo: bool,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            engine: EngineKind::Database,
+            server: None,
+            database: None,
+            default_branch: None,
+            idle_expire: Some(Duration::from_secs(2 * 3600)),
+            max_branches: 50,
+            persistent: Vec::new(),
+            seed_demo: false,
+        }
+    }
+}
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// Loads `path` (which must exist) and applies environment overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        if !path.exists() {
+            return Err(invalid(
+                "--config",
+                format!("file {} does not exist", path.display()),
+            ));
+        }
+        let raw = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("sources.*.persistent"),
+            )
+            .build()?;
+        let cfg: Config = raw.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses a TOML document (no environment); used by tests and `offshoot check`.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let raw = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()?;
+        let cfg: Config = raw.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what types alone cannot; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let sep = &self.proxy.separator;
+        if sep.chars().count() != 1 {
+            return Err(invalid("proxy.separator", "must be exactly one character"));
+        }
+        let c = sep.chars().next().expect("one char");
+        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+            return Err(invalid(
+                "proxy.separator",
+                format!("{sep:?} can appear in branch names; use '.' or another punctuation mark"),
+            ));
+        }
+        if self.proxy.startup_timeout.is_zero() {
+            return Err(invalid("proxy.startup_timeout", "must be greater than zero"));
+        }
+        if self.proxy.provision_timeout.is_zero() {
+            return Err(invalid("proxy.provision_timeout", "must be greater than zero"));
+        }
+        if self.proxy.max_connections == 0 {
+            return Err(invalid("proxy.max_connections", "must be at least 1"));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(invalid(
+                if self.tls.cert.is_some() { "tls.key" } else { "tls.cert" },
+                "TLS needs both `tls.cert` and `tls.key`",
+            ));
+        }
+        if self.reaper.interval.is_zero() {
+            return Err(invalid("reaper.interval", "must be greater than zero"));
+        }
+        for (name, src) in &self.sources {
+            let key = |field: &str| format!("sources.{name}.{field}");
+            SourceName::new(name).map_err(|e| invalid(format!("sources.{name}"), e.to_string()))?;
+            if let Some(db) = &src.database {
+                if db.is_empty() || db.len() > crate::names::MAX_IDENT_LEN {
+                    return Err(invalid(key("database"), "must be 1 to 63 bytes"));
+                }
+            }
+            if let Some(server) = &src.server {
+                server
+                    .parse::<tokio_postgres::Config>()
+                    .map_err(|e| invalid(key("server"), format!("not a connection string: {e}")))?;
+            }
+            if let Some(b) = &src.default_branch {
+                BranchName::new(b).map_err(|e| invalid(key("default_branch"), e.to_string()))?;
+            }
+            for b in &src.persistent {
+                BranchName::new(b).map_err(|e| invalid(key("persistent"), e.to_string()))?;
+            }
+            if src.max_branches == 0 {
+                return Err(invalid(key("max_branches"), "must be at least 1"));
+            }
+            if matches!(src.idle_expire, Some(d) if d.is_zero()) {
+                return Err(invalid(key("idle_expire"), "must be greater than zero"));
+            }
+            if src.seed_demo && src.server.is_some() {
+                return Err(invalid(
+                    key("seed_demo"),
+                    "only the embedded server is seeded; remove `server` or `seed_demo`",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// True when at least one source lives on the embedded server.
+    pub fn needs_embedded(&self) -> bool {
+        self.sources.values().any(|s| s.server.is_none())
+    }
+}
+
+impl SourceConfig {
+    /// The template database name.
+    pub fn database_name<'a>(&'a self, source: &'a str) -> &'a str {
+        self.database.as_deref().unwrap_or(source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_valid() {
+        let cfg = Config::from_toml("").unwrap();
+        assert_eq!(cfg.proxy.listen.port(), 6432);
+        assert_eq!(cfg.proxy.separator, ".");
+        assert!(cfg.sources.is_empty());
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let cfg = Config::from_toml(
+            "[proxy]\nstartup_timeout = \"250ms\"\n[sources.shop]\nidle_expire = \"2h\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.proxy.startup_timeout, Duration::from_millis(250));
+        assert_eq!(
+            cfg.sources["shop"].idle_expire,
+            Some(Duration::from_secs(7200))
+        );
+    }
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err("[proxy]\nseparator = \"-\"\n").contains("proxy.separator"));
+        assert!(err("[sources.shop]\npersistent = [\"Bad Name\"]\n").contains("sources.shop.persistent"));
+        assert!(err("[sources.shop]\nmax_branches = 0\n").contains("sources.shop.max_branches"));
+        assert!(err("[tls]\ncert = \"a.pem\"\n").contains("tls.key"));
+        assert!(err("[proxy]\nlisten = \"nowhere\"\n").contains("listen"));
+        assert!(err("[proxy]\nstartup_timeout = \"soon\"\n").contains("startup_timeout"));
+        assert!(err("[proxy]\nlisten_typo = 1\n").contains("listen_typo"));
+        assert!(err("[sources.\"a.b\"]\n").contains("sources.a.b"));
+    }
+}

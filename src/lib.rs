@@ -1,0 +1,28 @@
+//! Offshoot: a PostgreSQL wire-protocol routing proxy that gives every test cycle its
+//! own database branch, cloned from a known source on first connect and removed when
+//! it has been idle long enough.
+//!
+//! # Layout
+//!
+//! - [`config`]: the typed configuration tree; the only reader of files and env.
+//! - [`app`]: builds everything from a config, supervises tasks, drains on shutdown.
+//! - [`proxy`]: the connection path (listener, startup, route, backend, relay, cancel).
+//! - [`branch`]: the life of a branch (registry, engines, records, reaper).
+//! - [`admin`]: HTTP: metrics, health, the branch API.
+//! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
+//! - [`error`]: error kinds and the one mapping to SQLSTATE.
+//! - [`names`]: validated source and branch names, identifier quoting.
+//! - [`metrics`]: the Prometheus registry.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod branch;
+pub mod config;
+pub mod embedded;
+pub mod error;
+pub mod metrics;
+pub mod names;
+pub mod pg;
+pub mod proxy;

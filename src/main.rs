@@ -1,0 +1,95 @@
+//! The `offshoot` binary: argument parsing and logging set-up; the rest is the library.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use offshoot::config::Config;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// A PostgreSQL proxy that gives every test cycle its own database branch.
+///
+/// Clients connect to `<source>.<branch>` (for example
+/// `postgres://app@127.0.0.1:6432/shop.pr-42`); the branch is cloned from the
+/// source on first connect and dropped after it has been idle for the source's
+/// `idle_expire`.
+#[derive(Parser)]
+#[command(name = "offshoot", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (and the embedded PostgreSQL, if a source needs it).
+    Serve {
+        /// Configuration file (TOML). Environment variables
+        /// `OFFSHOOT__SECTION__KEY` override its values.
+        #[arg(long, short, default_value = "conf/offshoot.toml", env = "OFFSHOOT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check a configuration file and exit.
+    Check {
+        #[arg(long, short, default_value = "conf/offshoot.toml", env = "OFFSHOOT_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let (Command::Serve { config } | Command::Check { config }) = &cli.command;
+    let cfg = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("offshoot: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if let Command::Check { .. } = cli.command {
+        println!("{}: configuration is valid ({} sources)", config.display(), cfg.sources.len());
+        return std::process::ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("offshoot")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("offshoot: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            trigger.cancel();
+        });
+        offshoot::app::run(cfg, shutdown).await
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("offshoot: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,136 @@
+//! Prometheus metrics. Labels stay bounded: source names come from the configuration,
+//! kinds and states from enums; no metric is labelled by branch.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Open client connections relayed to a branch, by source.
+    pub client_connections: IntGaugeVec,
+    /// Client connections accepted.
+    pub connections_total: IntCounter,
+    /// Time to create a branch, by source.
+    pub provision_seconds: HistogramVec,
+    /// Branches by source and state.
+    pub branches: IntGaugeVec,
+    /// Branches created, by source.
+    pub branches_created_total: IntCounterVec,
+    /// Branches removed by the reaper or the API, by source and reason.
+    pub branches_expired_total: IntCounterVec,
+    /// Errors sent to clients (or that ended a connection), by kind.
+    pub errors_total: IntCounterVec,
+    /// Bytes relayed, by direction.
+    pub bytes_total: IntCounterVec,
+    /// Cancel requests, by outcome.
+    pub cancel_requests_total: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let client_connections = IntGaugeVec::new(
+            Opts::new(
+                "offshoot_client_connections",
+                "Open client connections relayed to a branch",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        let connections_total = IntCounter::new(
+            "offshoot_connections_total",
+            "Client connections accepted by the proxy",
+        )
+        .expect("valid metric");
+        let provision_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "offshoot_provision_seconds",
+                "Time taken to create a branch",
+            )
+            .buckets(vec![
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+            ]),
+            &["source"],
+        )
+        .expect("valid metric");
+        let branches = IntGaugeVec::new(
+            Opts::new("offshoot_branches", "Branches known to the proxy, by state"),
+            &["source", "state"],
+        )
+        .expect("valid metric");
+        let branches_created_total = IntCounterVec::new(
+            Opts::new("offshoot_branches_created_total", "Branches created"),
+            &["source"],
+        )
+        .expect("valid metric");
+        let branches_expired_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_branches_expired_total",
+                "Branches removed, by reason (idle, api)",
+            ),
+            &["source", "reason"],
+        )
+        .expect("valid metric");
+        let errors_total = IntCounterVec::new(
+            Opts::new("offshoot_errors_total", "Errors reported to clients, by kind"),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let bytes_total = IntCounterVec::new(
+            Opts::new("offshoot_bytes_total", "Bytes relayed, by direction"),
+            &["direction"],
+        )
+        .expect("valid metric");
+        let cancel_requests_total = IntCounterVec::new(
+            Opts::new("offshoot_cancel_requests_total", "Cancel requests, by outcome"),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(client_connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections_total.clone()),
+            Box::new(provision_seconds.clone()),
+            Box::new(branches.clone()),
+            Box::new(branches_created_total.clone()),
+            Box::new(branches_expired_total.clone()),
+            Box::new(errors_total.clone()),
+            Box::new(bytes_total.clone()),
+            Box::new(cancel_requests_total.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        // Make the series visible from the first scrape.
+        for d in ["client_to_server", "server_to_client"] {
+            bytes_total.with_label_values(&[d]);
+        }
+        Self {
+            registry,
+            client_connections,
+            connections_total,
+            provision_seconds,
+            branches,
+            branches_created_total,
+            branches_expired_total,
+            errors_total,
+            bytes_total,
+            cancel_requests_total,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,51 @@
+//! The accept loop: connection limit, one task (and tracing span) per connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{startup, Proxy};
+use crate::error::ClientError;
+
+/// Accepts clients until `shutdown`; connections already accepted carry on.
+pub async fn run(proxy: Arc<Proxy>, listener: TcpListener, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                proxy.metrics.connections_total.inc();
+                match proxy.conn_limit.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tokio::spawn(startup::serve(proxy.clone(), tcp, peer, permit));
+                    }
+                    Err(_) => {
+                        let err = ClientError::TooManyConnections;
+                        proxy
+                            .metrics
+                            .errors_total
+                            .with_label_values(&[err.kind().as_str()])
+                            .inc();
+                        warn!(%peer, "connection limit reached; refusing client");
+                        tokio::spawn(async move {
+                            let mut tcp = tcp;
+                            let _ = tcp.write_all(&err.response()).await;
+                        });
+                    }
+                }
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    info!("listener closed");
+}

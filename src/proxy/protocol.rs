@@ -1,0 +1,326 @@
+//! The few pieces of the PostgreSQL protocol the proxy reads or writes itself.
+//!
+//! Everything here is pure: bytes in, values out. Parsers take untrusted input and
+//! must never panic; `fuzz/` drives them with arbitrary bytes.
+
+use bytes::{BufMut, BytesMut};
+
+use crate::error::ClientError;
+
+/// PostgreSQL refuses startup packets longer than this (MAX_STARTUP_PACKET_LENGTH).
+pub const MAX_STARTUP_LEN: usize = 10_000;
+/// Largest message the proxy accepts from either side during startup and
+/// authentication (SASL messages are small; this is generous).
+pub const MAX_STARTUP_MESSAGE: usize = 64 * 1024;
+
+pub const SSL_REQUEST: u32 = 80_877_103;
+pub const GSSENC_REQUEST: u32 = 80_877_104;
+pub const CANCEL_REQUEST: u32 = 80_877_102;
+pub const PROTOCOL_3_0: u32 = 3 << 16;
+
+/// The first packet a client sends (and the one after an SSL/GSS refusal).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Initial {
+    SslRequest,
+    GssEncRequest,
+    Cancel { pid: u32, secret: u32 },
+    Startup(Startup),
+}
+
+/// A StartupMessage: protocol version and parameters, in the client's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Startup {
+    pub major: u16,
+    pub minor: u16,
+    pub params: Vec<(String, String)>,
+}
+
+impl Startup {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Protocol extension options (`_pq_.*`), which this proxy recognises none of.
+    pub fn protocol_options(&self) -> Vec<&str> {
+        self.params
+            .iter()
+            .filter(|(k, _)| k.starts_with("_pq_."))
+            .map(|(k, _)| k.as_str())
+            .collect()
+    }
+}
+
+fn protocol_violation(msg: &str) -> ClientError {
+    ClientError::Protocol(msg.to_owned())
+}
+
+/// Checks the length word of an initial packet (it counts itself) and returns the
+/// body length.
+pub fn initial_body_len(len: u32) -> Result<usize, ClientError> {
+    let len = len as usize;
+    if !(8..=MAX_STARTUP_LEN).contains(&len) {
+        return Err(protocol_violation("invalid length of startup packet"));
+    }
+    Ok(len - 4)
+}
+
+/// Parses the body of an initial packet (everything after the length word).
+pub fn parse_initial(body: &[u8]) -> Result<Initial, ClientError> {
+    if body.len() < 4 {
+        return Err(protocol_violation("invalid length of startup packet"));
+    }
+    let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    let rest = &body[4..];
+    match code {
+        SSL_REQUEST | GSSENC_REQUEST if !rest.is_empty() => {
+            Err(protocol_violation("invalid length of SSL/GSS request"))
+        }
+        SSL_REQUEST => Ok(Initial::SslRequest),
+        GSSENC_REQUEST => Ok(Initial::GssEncRequest),
+        CANCEL_REQUEST => {
+            if rest.len() != 8 {
+                return Err(protocol_violation("invalid length of cancel request"));
+            }
+            Ok(Initial::Cancel {
+                pid: u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]),
+                secret: u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]),
+            })
+        }
+        _ => {
+            let major = (code >> 16) as u16;
+            let minor = (code & 0xffff) as u16;
+            if major != 3 {
+                return Err(ClientError::UnsupportedProtocol { major, minor });
+            }
+            let params = parse_params(rest)?;
+            Ok(Initial::Startup(Startup {
+                major,
+                minor,
+                params,
+            }))
+        }
+    }
+}
+
+/// `key\0value\0 ... \0`, as PostgreSQL's ProcessStartupPacket reads it.
+fn parse_params(mut rest: &[u8]) -> Result<Vec<(String, String)>, ClientError> {
+    let mut params = Vec::new();
+    if rest.last() != Some(&0) {
+        return Err(protocol_violation(
+            "invalid startup packet layout: expected terminator as last byte",
+        ));
+    }
+    loop {
+        let Some(kend) = rest.iter().position(|&b| b == 0) else {
+            return Err(protocol_violation("invalid startup packet layout"));
+        };
+        if kend == 0 {
+            if rest.len() != 1 {
+                return Err(protocol_violation(
+                    "invalid startup packet layout: expected terminator as last byte",
+                ));
+            }
+            break;
+        }
+        let key = &rest[..kend];
+        rest = &rest[kend + 1..];
+        let Some(vend) = rest.iter().position(|&b| b == 0) else {
+            return Err(protocol_violation(
+                "invalid startup packet layout: parameter without value",
+            ));
+        };
+        let value = &rest[..vend];
+        rest = &rest[vend + 1..];
+        let key = std::str::from_utf8(key)
+            .map_err(|_| protocol_violation("startup parameter name is not valid UTF-8"))?;
+        let value = String::from_utf8_lossy(value).into_owned();
+        params.push((key.to_owned(), value));
+        if rest.is_empty() {
+            return Err(protocol_violation(
+                "invalid startup packet layout: expected terminator as last byte",
+            ));
+        }
+    }
+    Ok(params)
+}
+
+/// Encodes a protocol 3.0 StartupMessage with `params`.
+pub fn encode_startup(params: &[(String, String)]) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(256);
+    buf.put_u32(0);
+    buf.put_u32(PROTOCOL_3_0);
+    for (k, v) in params {
+        buf.put_slice(k.as_bytes());
+        buf.put_u8(0);
+        buf.put_slice(v.as_bytes());
+        buf.put_u8(0);
+    }
+    buf.put_u8(0);
+    let len = buf.len() as u32;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    buf
+}
+
+/// Encodes a CancelRequest.
+pub fn encode_cancel(pid: u32, secret: u32) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..4].copy_from_slice(&16u32.to_be_bytes());
+    out[4..8].copy_from_slice(&CANCEL_REQUEST.to_be_bytes());
+    out[8..12].copy_from_slice(&pid.to_be_bytes());
+    out[12..].copy_from_slice(&secret.to_be_bytes());
+    out
+}
+
+/// NegotiateProtocolVersion: the newest minor version served (0) and the options
+/// not recognised.
+pub fn encode_negotiate_protocol(options: &[&str]) -> BytesMut {
+    let mut buf = BytesMut::new();
+    buf.put_u8(b'v');
+    buf.put_u32(0);
+    buf.put_u32(PROTOCOL_3_0);
+    buf.put_u32(options.len() as u32);
+    for o in options {
+        buf.put_slice(o.as_bytes());
+        buf.put_u8(0);
+    }
+    let len = (buf.len() - 1) as u32;
+    buf[1..5].copy_from_slice(&len.to_be_bytes());
+    buf
+}
+
+/// BackendKeyData with the proxy's own key.
+pub fn encode_backend_key(pid: u32, secret: u32) -> [u8; 13] {
+    let mut out = [0u8; 13];
+    out[0] = b'K';
+    out[1..5].copy_from_slice(&12u32.to_be_bytes());
+    out[5..9].copy_from_slice(&pid.to_be_bytes());
+    out[9..].copy_from_slice(&secret.to_be_bytes());
+    out
+}
+
+/// A typed message header: tag and body length, checked against `max`.
+pub fn message_header(header: [u8; 5], max: usize) -> Result<(u8, usize), String> {
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len < 4 || len - 4 > max {
+        return Err(format!(
+            "invalid message length {len} for message type {:?}",
+            header[0] as char
+        ));
+    }
+    Ok((header[0], len - 4))
+}
+
+/// The authentication request code of an 'R' message body.
+pub fn auth_code(body: &[u8]) -> Option<u32> {
+    body.get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Whether the client must answer an authentication request with this code
+/// (cleartext, MD5, GSS, GSS continue, SASL, SASL continue).
+pub fn auth_needs_reply(code: u32) -> bool {
+    matches!(code, 3 | 5 | 7 | 8 | 10 | 11)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup_body(params: &[(&str, &str)]) -> Vec<u8> {
+        let p: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        encode_startup(&p)[4..].to_vec()
+    }
+
+    #[test]
+    fn parses_startup() {
+        let body = startup_body(&[("user", "app"), ("database", "shop.pr-1")]);
+        let Initial::Startup(s) = parse_initial(&body).unwrap() else {
+            panic!()
+        };
+        assert_eq!((s.major, s.minor), (3, 0));
+        assert_eq!(s.get("user"), Some("app"));
+        assert_eq!(s.get("database"), Some("shop.pr-1"));
+    }
+
+    #[test]
+    fn parses_special_requests() {
+        assert_eq!(
+            parse_initial(&SSL_REQUEST.to_be_bytes()).unwrap(),
+            Initial::SslRequest
+        );
+        assert_eq!(
+            parse_initial(&GSSENC_REQUEST.to_be_bytes()).unwrap(),
+            Initial::GssEncRequest
+        );
+        let c = encode_cancel(7, 9);
+        assert_eq!(
+            parse_initial(&c[4..]).unwrap(),
+            Initial::Cancel { pid: 7, secret: 9 }
+        );
+    }
+
+    #[test]
+    fn refuses_bad_packets() {
+        for len in [0u32, 4, 7, 10_001, u32::MAX] {
+            assert!(initial_body_len(len).is_err(), "{len}");
+        }
+        assert_eq!(initial_body_len(8).unwrap(), 4);
+        // Missing final terminator, value without terminator, key without value.
+        let mut body = PROTOCOL_3_0.to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0app");
+        assert!(parse_initial(&body).is_err());
+        let mut body = PROTOCOL_3_0.to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0");
+        assert!(parse_initial(&body).is_err());
+        let mut body = PROTOCOL_3_0.to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0app\0\0junk\0");
+        assert!(parse_initial(&body).is_err());
+        // Protocol 2 and 4 are refused with 0A000.
+        let body = (2u32 << 16).to_be_bytes();
+        assert!(matches!(
+            parse_initial(&body),
+            Err(ClientError::UnsupportedProtocol { major: 2, .. })
+        ));
+        let mut cancel = CANCEL_REQUEST.to_be_bytes().to_vec();
+        cancel.extend_from_slice(&[1, 2, 3]);
+        assert!(parse_initial(&cancel).is_err());
+    }
+
+    #[test]
+    fn minor_versions_are_negotiated_not_refused() {
+        let mut body = ((3u32 << 16) | 2).to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0u\0_pq_.x\01\0\0");
+        let Initial::Startup(s) = parse_initial(&body).unwrap() else {
+            panic!()
+        };
+        assert_eq!(s.minor, 2);
+        assert_eq!(s.protocol_options(), vec!["_pq_.x"]);
+        let v = encode_negotiate_protocol(&["_pq_.x"]);
+        assert_eq!(v[0], b'v');
+        assert_eq!(
+            u32::from_be_bytes([v[1], v[2], v[3], v[4]]) as usize,
+            v.len() - 1
+        );
+    }
+
+    #[test]
+    fn parser_never_panics_on_prefixes() {
+        let body = startup_body(&[("user", "app"), ("database", "d")]);
+        for i in 0..body.len() {
+            let _ = parse_initial(&body[..i]);
+        }
+    }
+
+    #[test]
+    fn message_headers_are_bounded() {
+        assert_eq!(message_header([b'R', 0, 0, 0, 8], 100).unwrap(), (b'R', 4));
+        assert!(message_header([b'R', 0, 0, 0, 3], 100).is_err());
+        assert!(message_header([b'R', 0xff, 0xff, 0xff, 0xff], 100).is_err());
+    }
+}

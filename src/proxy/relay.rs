@@ -1,0 +1,297 @@
+//! The byte pump after startup: no message parsing, as few syscalls as possible.
+//!
+//! A request/response round trip costs four syscalls here (read and write in each
+//! direction) plus the amortised `epoll_wait`. Two things make that so:
+//! - after a short read the socket is known to be drained, so readiness is cleared
+//!   right away instead of paying for a read that returns `EAGAIN`;
+//! - data is read into a per-thread scratch buffer and written straight on; only
+//!   bytes a full socket would not take are copied into a per-connection buffer,
+//!   which is freed once drained. Idle connections therefore hold no buffers.
+//!
+//! Plain-TCP clients are pumped on a pool of single-threaded runtimes ("relay
+//! threads"), so a busy connection never wakes a second thread. TLS clients are
+//! relayed with tokio's generic copy on the main runtime.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{ready, Context, Poll};
+
+use prometheus::IntCounter;
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::mpsc;
+use tracing::{debug, Instrument, Span};
+
+/// Size of the per-thread read buffer.
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// A tokio socket the pump can drive directly.
+pub trait RawSocket: AsFd {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+}
+
+macro_rules! raw_socket {
+    ($t:ty) => {
+        impl RawSocket for $t {
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_read_ready(self, cx)
+            }
+            fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_write_ready(self, cx)
+            }
+            fn try_io<R>(
+                &self,
+                interest: Interest,
+                f: impl FnOnce() -> io::Result<R>,
+            ) -> io::Result<R> {
+                <$t>::try_io(self, interest, f)
+            }
+        }
+    };
+}
+raw_socket!(TcpStream);
+raw_socket!(UnixStream);
+
+/// One direction of a connection.
+struct Half {
+    /// Bytes read but not yet accepted by the destination.
+    pending: Vec<u8>,
+    pos: usize,
+    eof: bool,
+    bytes: IntCounter,
+}
+
+impl Half {
+    fn new(bytes: IntCounter) -> Self {
+        Self {
+            pending: Vec::new(),
+            pos: 0,
+            eof: false,
+            bytes,
+        }
+    }
+
+    /// Moves bytes from `from` to `to` until `from` has nothing more right now.
+    /// Ready(Ok) once `from` has ended and everything was delivered.
+    fn poll<A: RawSocket, B: RawSocket>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &A,
+        to: &B,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.pos < self.pending.len() {
+                let data = &self.pending[self.pos..];
+                match to.try_io(Interest::WRITABLE, || (&*SockRef::from(to)).write(data)) {
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => {
+                        self.pos += n;
+                        if self.pos == self.pending.len() {
+                            self.pending = Vec::new();
+                            self.pos = 0;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        ready!(to.poll_write_ready(cx))?;
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                continue;
+            }
+            if self.eof {
+                let _ = SockRef::from(to).shutdown(Shutdown::Write);
+                return Poll::Ready(Ok(()));
+            }
+            ready!(from.poll_read_ready(cx))?;
+            let step = SCRATCH_BUF.with(|cell| {
+                let mut scratch = cell.borrow_mut();
+                let cap = scratch.len();
+                let mut got = 0;
+                let read = from.try_io(Interest::READABLE, || {
+                    let n = (&*SockRef::from(from)).read(&mut scratch[..])?;
+                    got = n;
+                    if n > 0 && n < cap {
+                        // Drained: clear readiness now rather than after an EAGAIN read.
+                        Err(io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(n)
+                    }
+                });
+                match read {
+                    Ok(0) => {
+                        self.eof = true;
+                        return Ok(());
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => {}
+                    Err(e) => return Err(e),
+                }
+                self.bytes.inc_by(got as u64);
+                let data = &scratch[..got];
+                let written = match to.try_io(Interest::WRITABLE, || {
+                    (&*SockRef::from(to)).write(data)
+                }) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => return Err(e),
+                };
+                if written < got {
+                    self.pending.extend_from_slice(&data[written..]);
+                }
+                Ok(())
+            });
+            match step {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+/// Byte counters of the two directions.
+#[derive(Clone)]
+pub struct Counters {
+    pub to_server: IntCounter,
+    pub to_client: IntCounter,
+}
+
+/// Pumps bytes both ways until both sides have closed, or either fails.
+pub async fn pump<C: RawSocket, S: RawSocket>(
+    client: &C,
+    server: &S,
+    counters: Counters,
+) -> io::Result<()> {
+    let mut up = Half::new(counters.to_server);
+    let mut down = Half::new(counters.to_client);
+    let (mut up_done, mut down_done) = (false, false);
+    poll_fn(|cx| {
+        if !up_done {
+            if let Poll::Ready(r) = up.poll(cx, client, server) {
+                r?;
+                up_done = true;
+            }
+        }
+        if !down_done {
+            if let Poll::Ready(r) = down.poll(cx, server, client) {
+                r?;
+                down_done = true;
+                // The server has gone: nothing the client sends can be answered.
+                up_done = true;
+            }
+        }
+        if up_done && down_done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Generic relay for streams the pump cannot drive directly (TLS).
+pub async fn copy<C, S>(client: &mut C, server: &mut S, counters: &Counters) -> io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (up, down) = tokio::io::copy_bidirectional(client, server).await?;
+    counters.to_server.inc_by(up);
+    counters.to_client.inc_by(down);
+    Ok(())
+}
+
+/// The server side of a relayed connection, detached from any runtime.
+pub enum StdServer {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+/// A connection whose startup is done, ready to be pumped. `hold` is dropped when
+/// the relay ends (connection count, cancel key).
+pub struct Job {
+    pub client: std::net::TcpStream,
+    pub server: StdServer,
+    pub counters: Counters,
+    pub hold: Box<dyn Send>,
+    pub span: Span,
+}
+
+/// Single-threaded runtimes that run [`Job`]s, assigned round-robin.
+pub struct RelayPool {
+    workers: Vec<mpsc::UnboundedSender<Job>>,
+    next: AtomicUsize,
+}
+
+impl RelayPool {
+    /// Starts `threads` relay threads (at least one).
+    pub fn start(threads: usize) -> io::Result<Self> {
+        let mut workers = Vec::new();
+        for i in 0..threads.max(1) {
+            let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            std::thread::Builder::new()
+                .name(format!("offshoot-relay-{i}"))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        while let Some(job) = rx.recv().await {
+                            tokio::spawn(run_job(job));
+                        }
+                    })
+                })?;
+            workers.push(tx);
+        }
+        Ok(Self {
+            workers,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Hands `job` to the next relay thread.
+    pub fn submit(&self, job: Job) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        if self.workers[i].send(job).is_err() {
+            debug!("relay thread gone; dropping connection");
+        }
+    }
+}
+
+async fn run_job(job: Job) {
+    let Job {
+        client,
+        server,
+        counters,
+        hold,
+        span,
+    } = job;
+    async move {
+        let result = async {
+            let client = TcpStream::from_std(client)?;
+            match server {
+                StdServer::Tcp(s) => pump(&client, &TcpStream::from_std(s)?, counters).await,
+                StdServer::Unix(s) => pump(&client, &UnixStream::from_std(s)?, counters).await,
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => debug!("connection closed"),
+            Err(e) => debug!(error = %e, "connection ended"),
+        }
+        drop(hold);
+    }
+    .instrument(span)
+    .await
+}

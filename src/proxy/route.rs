@@ -1,0 +1,130 @@
+//! (database, user) → (source, branch), and the parameters the branch's server sees.
+//!
+//! Routing fails closed: a name that does not resolve to a branch is an error, never
+//! the source database itself and never another database.
+
+use super::protocol::Startup;
+use crate::branch::Registry;
+use crate::config::{ProxyConfig, RouteBy};
+use crate::error::RouteError;
+use crate::names::{BranchId, BranchName, SourceName};
+
+/// Where a client goes and who it is there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub id: BranchId,
+    /// The user name the server sees (the branch suffix removed in user routing).
+    pub user: String,
+}
+
+fn split_last<'a>(name: &'a str, sep: &str) -> (&'a str, Option<&'a str>) {
+    match name.rfind(sep) {
+        Some(i) => (&name[..i], Some(&name[i + sep.len()..])),
+        None => (name, None),
+    }
+}
+
+/// Resolves a startup packet to a branch.
+pub fn route(startup: &Startup, cfg: &ProxyConfig, registry: &Registry) -> Result<Route, RouteError> {
+    let user = startup
+        .get("user")
+        .filter(|u| !u.is_empty())
+        .ok_or(RouteError::NoUser)?;
+    // PostgreSQL's default: the database is named like the user.
+    let database = startup
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(user);
+    let sep = cfg.separator.as_str();
+    let (source_name, branch, server_user) = match cfg.route_by {
+        RouteBy::Database => {
+            let (s, b) = split_last(database, sep);
+            (s, b, user)
+        }
+        RouteBy::User => {
+            let (u, b) = split_last(user, sep);
+            (database, b, u)
+        }
+    };
+    let source = registry
+        .source(source_name)
+        .ok_or_else(|| RouteError::UnknownSource {
+            name: source_name.to_owned(),
+            known: registry.source_names().join(", "),
+        })?;
+    let branch = match branch {
+        Some(b) => BranchName::new(b)?,
+        None => match &source.config.default_branch {
+            Some(b) => BranchName::new(b)?,
+            None => {
+                return Err(RouteError::NoBranch {
+                    name: match cfg.route_by {
+                        RouteBy::Database => database.to_owned(),
+                        RouteBy::User => user.to_owned(),
+                    },
+                    sep: sep.to_owned(),
+                })
+            }
+        },
+    };
+    Ok(Route {
+        id: BranchId {
+            source: SourceName::new(source_name)?,
+            branch,
+        },
+        user: server_user.to_owned(),
+    })
+}
+
+/// The startup parameters sent to the branch's server: the client's own, with user
+/// and database replaced and protocol options (`_pq_.*`) removed.
+pub fn server_params(startup: &Startup, user: &str, database: &str) -> Vec<(String, String)> {
+    let mut out = vec![
+        ("user".to_owned(), user.to_owned()),
+        ("database".to_owned(), database.to_owned()),
+    ];
+    out.extend(
+        startup
+            .params
+            .iter()
+            .filter(|(k, _)| k != "user" && k != "database" && !k.starts_with("_pq_."))
+            .cloned(),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_at_last_separator() {
+        assert_eq!(split_last("shop.pr-1", "."), ("shop", Some("pr-1")));
+        assert_eq!(split_last("a.b.c", "."), ("a.b", Some("c")));
+        assert_eq!(split_last("shop", "."), ("shop", None));
+        assert_eq!(split_last("shop.", "."), ("shop", Some("")));
+    }
+
+    #[test]
+    fn server_params_replace_routing_keys() {
+        let s = Startup {
+            major: 3,
+            minor: 0,
+            params: vec![
+                ("user".into(), "app.pr-1".into()),
+                ("database".into(), "shop".into()),
+                ("options".into(), "-c search_path=x".into()),
+                ("_pq_.thing".into(), "1".into()),
+            ],
+        };
+        let p = server_params(&s, "app", "shop__pr-1");
+        assert_eq!(
+            p,
+            vec![
+                ("user".to_owned(), "app".to_owned()),
+                ("database".to_owned(), "shop__pr-1".to_owned()),
+                ("options".to_owned(), "-c search_path=x".to_owned()),
+            ]
+        );
+    }
+}

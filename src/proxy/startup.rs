@@ -1,0 +1,306 @@
+//! The startup phase of one client connection, in the order PostgreSQL defines it:
+//! SSLRequest / GSSENCRequest / CancelRequest / StartupMessage, then routing, the
+//! branch, the server's own authentication, and the hand-off to the relay.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, info, warn, Instrument};
+
+use super::backend::{self, ServerStream};
+use super::protocol::{self, encode_negotiate_protocol, Initial, Startup};
+use super::relay::{self, Job, StdServer};
+use super::route::{route, server_params};
+use super::Proxy;
+use crate::error::{ClientError, ErrorKind};
+
+/// A client connection before the relay: plain or TLS.
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            ClientStream::Plain($s) => $e,
+            ClientStream::Tls($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+/// What the first packets asked for.
+enum Negotiated {
+    Cancel { pid: u32, secret: u32 },
+    Startup(ClientStream, Startup),
+}
+
+/// Reads one initial packet. `Ok(None)` when the client closed without a word.
+async fn read_initial(stream: &mut ClientStream) -> Result<Option<Initial>, ClientError> {
+    let mut len = [0u8; 4];
+    match stream.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(_) => return Ok(None),
+    }
+    let body_len = protocol::initial_body_len(u32::from_be_bytes(len))?;
+    let mut body = vec![0u8; body_len];
+    if stream.read_exact(&mut body).await.is_err() {
+        // Truncated packet: the client is gone, there is nobody to tell.
+        return Ok(None);
+    }
+    protocol::parse_initial(&body).map(Some)
+}
+
+/// SSL and GSS negotiation up to the StartupMessage or CancelRequest.
+async fn negotiate(
+    proxy: &Proxy,
+    tcp: TcpStream,
+) -> Result<Option<Negotiated>, (Option<ClientStream>, ClientError)> {
+    let mut stream = ClientStream::Plain(tcp);
+    loop {
+        let initial = match read_initial(&mut stream).await {
+            Ok(Some(i)) => i,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err((Some(stream), e)),
+        };
+        let is_tls = matches!(stream, ClientStream::Tls(_));
+        match initial {
+            Initial::SslRequest | Initial::GssEncRequest if is_tls => {
+                return Err((
+                    Some(stream),
+                    ClientError::Protocol("SSL or GSS negotiation repeated inside TLS".into()),
+                ));
+            }
+            Initial::SslRequest => {
+                let acceptor = proxy.tls.read().expect("tls lock").clone();
+                let ClientStream::Plain(mut tcp) = stream else {
+                    unreachable!("checked above")
+                };
+                match acceptor {
+                    Some(acceptor) => {
+                        if tcp.write_all(b"S").await.is_err() {
+                            return Ok(None);
+                        }
+                        match acceptor.accept(tcp).await {
+                            Ok(tls) => stream = ClientStream::Tls(Box::new(tls)),
+                            Err(e) => {
+                                debug!(error = %e, "TLS handshake failed");
+                                return Ok(None);
+                            }
+                        }
+                    }
+                    None => {
+                        if tcp.write_all(b"N").await.is_err() {
+                            return Ok(None);
+                        }
+                        stream = ClientStream::Plain(tcp);
+                    }
+                }
+            }
+            Initial::GssEncRequest => {
+                if stream.write_all(b"N").await.is_err() {
+                    return Ok(None);
+                }
+            }
+            Initial::Cancel { pid, secret } => return Ok(Some(Negotiated::Cancel { pid, secret })),
+            Initial::Startup(s) => return Ok(Some(Negotiated::Startup(stream, s))),
+        }
+    }
+}
+
+/// Sends `err` to the client (best effort) and counts it.
+async fn refuse(proxy: &Proxy, stream: &mut ClientStream, err: &ClientError) {
+    proxy
+        .metrics
+        .errors_total
+        .with_label_values(&[err.kind().as_str()])
+        .inc();
+    match err.kind() {
+        ErrorKind::Protocol => debug!(error = %err, "refused"),
+        _ => info!(sqlstate = err.sqlstate(), error = %err, "refused"),
+    }
+    let _ = stream.write_all(&err.response()).await;
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+}
+
+/// Serves one accepted client connection from its first byte to its last.
+pub async fn serve(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+    let span = tracing::info_span!(
+        "conn",
+        %peer,
+        source = tracing::field::Empty,
+        branch = tracing::field::Empty
+    );
+    serve_inner(proxy, tcp, span.clone(), permit)
+        .instrument(span)
+        .await
+}
+
+async fn serve_inner(
+    proxy: Arc<Proxy>,
+    tcp: TcpStream,
+    span: tracing::Span,
+    permit: OwnedSemaphorePermit,
+) {
+    let _ = tcp.set_nodelay(true);
+    let negotiated = tokio::time::timeout(proxy.config.startup_timeout, negotiate(&proxy, tcp)).await;
+    let (mut client, startup) = match negotiated {
+        Err(_) => {
+            debug!("startup timeout; dropping silent client");
+            proxy
+                .metrics
+                .errors_total
+                .with_label_values(&["startup_timeout"])
+                .inc();
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err((stream, err))) => {
+            match stream {
+                Some(mut s) => refuse(&proxy, &mut s, &err).await,
+                None => debug!(error = %err, "refused"),
+            }
+            return;
+        }
+        Ok(Ok(Some(Negotiated::Cancel { pid, secret }))) => {
+            let outcome = if proxy.cancels.forward(pid, secret).await {
+                "forwarded"
+            } else {
+                "ignored"
+            };
+            proxy
+                .metrics
+                .cancel_requests_total
+                .with_label_values(&[outcome])
+                .inc();
+            return;
+        }
+        Ok(Ok(Some(Negotiated::Startup(client, startup)))) => (client, startup),
+    };
+
+    let route = match route(&startup, &proxy.config, &proxy.registry) {
+        Ok(r) => r,
+        Err(e) => return refuse(&proxy, &mut client, &e.into()).await,
+    };
+    span.record("source", route.id.source.as_str());
+    span.record("branch", route.id.branch.as_str());
+
+    // A client asking for a newer minor version or protocol options is told what is
+    // served, once, before anything else (as PostgreSQL does); the server sees 3.0.
+    let options = startup.protocol_options();
+    if startup.minor > 0 || !options.is_empty() {
+        if client
+            .write_all(&encode_negotiate_protocol(&options))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+
+    let lease = match proxy
+        .registry
+        .acquire(&route.id, proxy.config.provision_timeout)
+        .await
+    {
+        Ok(l) => l,
+        Err(e) => return refuse(&proxy, &mut client, &e.into()).await,
+    };
+    let mut server = match ServerStream::connect(&lease.endpoint.addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(server = %lease.endpoint.addr, error = %e, "cannot reach branch server");
+            let err = ClientError::Backend {
+                id: route.id.clone(),
+                reason: e.kind().to_string(),
+            };
+            return refuse(&proxy, &mut client, &err).await;
+        }
+    };
+
+    let params = server_params(&startup, &route.user, &lease.endpoint.database);
+    let startup_msg = protocol::encode_startup(&params);
+    let mut key_guard = None;
+    let addr = lease.endpoint.addr.clone();
+    let cancels = proxy.cancels.clone();
+    let outcome = backend::authenticate(&mut client, &mut server, &startup_msg, |pid, secret| {
+        let (ppid, psecret, guard) = cancels.issue(addr.clone(), pid, secret);
+        key_guard = Some(guard);
+        protocol::encode_backend_key(ppid, psecret)
+    })
+    .await;
+    match outcome {
+        Ok(backend::Outcome::Ready { .. }) => {}
+        Ok(backend::Outcome::Refused) => {
+            proxy
+                .metrics
+                .errors_total
+                .with_label_values(&["server_refused"])
+                .inc();
+            debug!("server refused the session");
+            return;
+        }
+        Ok(backend::Outcome::ClientGone) | Err(_) => {
+            debug!("startup ended before the session opened");
+            return;
+        }
+    }
+    debug!("session open");
+
+    let hold = Box::new((lease.guard, key_guard, permit));
+    let counters = proxy.counters.clone();
+    match (client, server) {
+        (ClientStream::Plain(c), server) => {
+            let server = match server {
+                ServerStream::Tcp(s) => s.into_std().map(StdServer::Tcp),
+                ServerStream::Unix(s) => s.into_std().map(StdServer::Unix),
+            };
+            match (c.into_std(), server) {
+                (Ok(client), Ok(server)) => proxy.relays.submit(Job {
+                    client,
+                    server,
+                    counters,
+                    hold,
+                    span,
+                }),
+                _ => debug!("could not detach sockets for the relay"),
+            }
+        }
+        (ClientStream::Tls(mut c), mut server) => {
+            if let Err(e) = relay::copy(&mut c, &mut server, &counters).await {
+                debug!(error = %e, "connection ended");
+            }
+            drop(hold);
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! TLS towards clients: a rustls server config from PEM files.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use tokio_rustls::TlsAcceptor;
+
+/// Builds the acceptor from a PEM certificate chain and private key.
+pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
+    let certs = rustls_pemfile::certs(&mut BufReader::new(
+        File::open(cert).with_context(|| format!("tls.cert: cannot open {}", cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("tls.cert: {} is not PEM", cert.display()))?;
+    if certs.is_empty() {
+        return Err(anyhow!("tls.cert: no certificate in {}", cert.display()));
+    }
+    let key = rustls_pemfile::private_key(&mut BufReader::new(
+        File::open(key).with_context(|| format!("tls.key: cannot open {}", key.display()))?,
+    ))
+    .with_context(|| format!("tls.key: {} is not PEM", key.display()))?
+    .ok_or_else(|| anyhow!("tls.key: no private key in {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("tls.cert and tls.key do not form a usable pair")?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
