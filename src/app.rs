@@ -104,14 +104,17 @@ async fn serve(
     if cfg.admin.enabled {
         let admin = crate::admin::bind(cfg.admin.listen).await?;
         info!(addr = %cfg.admin.listen, "admin HTTP listening");
-        handles.push(tokio::spawn(crate::admin::serve(
-            admin,
-            registry.clone(),
-            metrics.clone(),
-            proxy.clone(),
-            cfg.proxy.provision_timeout,
-            tasks.clone(),
-        )).abort_handle());
+        handles.push(
+            tokio::spawn(crate::admin::serve(
+                admin,
+                registry.clone(),
+                metrics.clone(),
+                proxy.clone(),
+                cfg.proxy.provision_timeout,
+                tasks.clone(),
+            ))
+            .abort_handle(),
+        );
     }
     let reaper = tokio::spawn(reaper::run(
         registry.clone(),
@@ -132,7 +135,10 @@ async fn serve(
     }
     let left = proxy.open_connections();
     if left > 0 {
-        warn!(connections = left, "grace period over; closing remaining connections");
+        warn!(
+            connections = left,
+            "grace period over; closing remaining connections"
+        );
     }
     let _ = reaper.await;
     for h in handles {

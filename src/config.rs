@@ -297,17 +297,27 @@ impl Config {
             ));
         }
         if self.proxy.startup_timeout.is_zero() {
-            return Err(invalid("proxy.startup_timeout", "must be greater than zero"));
+            return Err(invalid(
+                "proxy.startup_timeout",
+                "must be greater than zero",
+            ));
         }
         if self.proxy.provision_timeout.is_zero() {
-            return Err(invalid("proxy.provision_timeout", "must be greater than zero"));
+            return Err(invalid(
+                "proxy.provision_timeout",
+                "must be greater than zero",
+            ));
         }
         if self.proxy.max_connections == 0 {
             return Err(invalid("proxy.max_connections", "must be at least 1"));
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(invalid(
-                if self.tls.cert.is_some() { "tls.key" } else { "tls.cert" },
+                if self.tls.cert.is_some() {
+                    "tls.key"
+                } else {
+                    "tls.cert"
+                },
                 "TLS needs both `tls.cert` and `tls.key`",
             ));
         }
@@ -394,7 +404,8 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         assert!(err("[proxy]\nseparator = \"-\"\n").contains("proxy.separator"));
-        assert!(err("[sources.shop]\npersistent = [\"Bad Name\"]\n").contains("sources.shop.persistent"));
+        assert!(err("[sources.shop]\npersistent = [\"Bad Name\"]\n")
+            .contains("sources.shop.persistent"));
         assert!(err("[sources.shop]\nmax_branches = 0\n").contains("sources.shop.max_branches"));
         assert!(err("[tls]\ncert = \"a.pem\"\n").contains("tls.key"));
         assert!(err("[proxy]\nlisten = \"nowhere\"\n").contains("listen"));

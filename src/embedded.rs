@@ -21,7 +21,8 @@ pub const DEMO_SQL: &str = include_str!("../conf/demo-shop.sql");
 pub struct Embedded {
     pub cluster: Cluster,
     pub user: String,
-    /// Whether this process started the server (and so stops it on exit).
+    /// Whether this process started the server (false: one left running by an
+    /// earlier proxy was reused).
     pub started_here: bool,
 }
 
@@ -78,11 +79,9 @@ impl Embedded {
                 .batch_execute(&format!("CREATE DATABASE {}", quote_ident(db)))
                 .await?;
             if seed {
-                let (seeder, conn) = tokio_postgres::connect(
-                    &self.cluster.conn_string(&self.user, db),
-                    NoTls,
-                )
-                .await?;
+                let (seeder, conn) =
+                    tokio_postgres::connect(&self.cluster.conn_string(&self.user, db), NoTls)
+                        .await?;
                 let t = tokio::spawn(conn);
                 let seeded = seeder.batch_execute(DEMO_SQL).await;
                 drop(seeder);
@@ -111,12 +110,11 @@ impl Embedded {
         Ok(())
     }
 
-    /// Stops the server if this process started it. Blocking.
+    /// Stops the server, including one reused from an earlier run: the data
+    /// directory is the proxy's own. Blocking.
     pub fn stop(&self) -> Result<()> {
-        if self.started_here {
-            self.cluster.stop()?;
-            info!("embedded PostgreSQL stopped");
-        }
+        self.cluster.stop()?;
+        info!("embedded PostgreSQL stopped");
         Ok(())
     }
 }

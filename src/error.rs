@@ -213,7 +213,10 @@ mod tests {
             limit: 3,
         });
         assert_eq!(quota.sqlstate(), "53400");
-        assert_eq!(ClientError::from(ProvisionError::Timeout(id())).sqlstate(), "57P03");
+        assert_eq!(
+            ClientError::from(ProvisionError::Timeout(id())).sqlstate(),
+            "57P03"
+        );
         let busy = ClientError::from(ProvisionError::Engine {
             id: id(),
             err: EngineError {

@@ -26,12 +26,22 @@ enum Command {
     Serve {
         /// Configuration file (TOML). Environment variables
         /// `OFFSHOOT__SECTION__KEY` override its values.
-        #[arg(long, short, default_value = "conf/offshoot.toml", env = "OFFSHOOT_CONFIG")]
+        #[arg(
+            long,
+            short,
+            default_value = "conf/offshoot.toml",
+            env = "OFFSHOOT_CONFIG"
+        )]
         config: PathBuf,
     },
     /// Check a configuration file and exit.
     Check {
-        #[arg(long, short, default_value = "conf/offshoot.toml", env = "OFFSHOOT_CONFIG")]
+        #[arg(
+            long,
+            short,
+            default_value = "conf/offshoot.toml",
+            env = "OFFSHOOT_CONFIG"
+        )]
         config: PathBuf,
     },
 }
@@ -43,6 +53,7 @@ fn main() -> std::process::ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let (Command::Serve { config } | Command::Check { config }) = &cli.command;
     let cfg = match Config::load(config) {
@@ -53,7 +64,11 @@ fn main() -> std::process::ExitCode {
         }
     };
     if let Command::Check { .. } = cli.command {
-        println!("{}: configuration is valid ({} sources)", config.display(), cfg.sources.len());
+        println!(
+            "{}: configuration is valid ({} sources)",
+            config.display(),
+            cfg.sources.len()
+        );
         return std::process::ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -74,7 +74,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let errors_total = IntCounterVec::new(
-            Opts::new("offshoot_errors_total", "Errors reported to clients, by kind"),
+            Opts::new(
+                "offshoot_errors_total",
+                "Errors reported to clients, by kind",
+            ),
             &["kind"],
         )
         .expect("valid metric");
@@ -84,7 +87,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let cancel_requests_total = IntCounterVec::new(
-            Opts::new("offshoot_cancel_requests_total", "Cancel requests, by outcome"),
+            Opts::new(
+                "offshoot_cancel_requests_total",
+                "Cancel requests, by outcome",
+            ),
             &["outcome"],
         )
         .expect("valid metric");

@@ -25,7 +25,9 @@ pub const BRANCH_RULE: &str = "branch names use lowercase letters, digits, '-' a
 pub enum NameError {
     #[error("invalid branch name {0:?}: {BRANCH_RULE}")]
     Branch(String),
-    #[error("invalid source name {0:?}: source names are 1 to 63 bytes of letters, digits, '-' and '_'")]
+    #[error(
+        "invalid source name {0:?}: source names are 1 to 63 bytes of letters, digits, '-' and '_'"
+    )]
     Source(String),
 }
 
@@ -155,7 +157,17 @@ mod tests {
         for ok in ["pr-42", "a", "0", "qa_long-lived", &"x".repeat(40)] {
             assert!(BranchName::new(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-x", "_x", "PR-1", "a.b", "a b", "é", &"x".repeat(41), "a\"b"] {
+        for bad in [
+            "",
+            "-x",
+            "_x",
+            "PR-1",
+            "a.b",
+            "a b",
+            "é",
+            &"x".repeat(41),
+            "a\"b",
+        ] {
             assert!(BranchName::new(bad).is_err(), "{bad:?}");
         }
     }

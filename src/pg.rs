@@ -164,9 +164,14 @@ impl Cluster {
         fs::set_permissions(&self.data, fs::Permissions::from_mode(0o700))?;
         self.bin.hand_over(&self.data)?;
         let mut cmd = self.bin.command("initdb");
-        cmd.arg("-D")
-            .arg(&self.data)
-            .args(["-U", superuser, "--auth=trust", "-E", "UTF8", "--locale=C"]);
+        cmd.arg("-D").arg(&self.data).args([
+            "-U",
+            superuser,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
         if !fsync {
             cmd.arg("--no-sync");
         }

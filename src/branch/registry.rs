@@ -214,6 +214,18 @@ impl Registry {
             orphans: Mutex::new(Vec::new()),
             shutting_down: AtomicBool::new(false),
         };
+        // Every series exists from the first scrape, so rates and alerts work.
+        for src in reg.sources.keys() {
+            let s = src.as_str();
+            reg.metrics.client_connections.with_label_values(&[s]);
+            reg.metrics.provision_seconds.with_label_values(&[s]);
+            reg.metrics.branches_created_total.with_label_values(&[s]);
+            for reason in [RemoveReason::Idle, RemoveReason::Api] {
+                reg.metrics
+                    .branches_expired_total
+                    .with_label_values(&[s, reason.as_str()]);
+            }
+        }
         reg.refresh_gauges(&reg.lock());
         reg
     }
@@ -225,7 +237,9 @@ impl Registry {
     }
 
     pub fn source(&self, name: &str) -> Option<&Source> {
-        SourceName::new(name).ok().and_then(|n| self.sources.get(&n))
+        SourceName::new(name)
+            .ok()
+            .and_then(|n| self.sources.get(&n))
     }
 
     pub fn source_names(&self) -> Vec<&str> {
@@ -344,10 +358,13 @@ impl Registry {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ProvisionError::ShuttingDown);
         }
-        let source = self.sources.get(&id.source).ok_or_else(|| ProvisionError::Engine {
-            id: id.clone(),
-            err: EngineError::new("source is not configured"),
-        })?;
+        let source = self
+            .sources
+            .get(&id.source)
+            .ok_or_else(|| ProvisionError::Engine {
+                id: id.clone(),
+                err: EngineError::new("source is not configured"),
+            })?;
         let mut map = self.lock();
         if let Some(entry) = map.get(id) {
             return Ok(match (&entry.phase, &entry.waiter) {
@@ -459,7 +476,10 @@ impl Registry {
                 let mut map = self.lock();
                 map.remove(&id);
                 self.refresh_gauges(&map);
-                Err(ProvisionError::Engine { id: id.clone(), err })
+                Err(ProvisionError::Engine {
+                    id: id.clone(),
+                    err,
+                })
             }
         };
         let _ = tx.send(Some(outcome));

@@ -59,6 +59,9 @@ pub fn unix_ms(t: SystemTime) -> u64 {
         .as_millis() as u64
 }
 
+/// A record file that could not be used, and why.
+pub type Unreadable = (PathBuf, String);
+
 /// The directory of records.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -105,7 +108,7 @@ impl Store {
 
     /// Every readable record, plus the files that could not be read (reported, never
     /// deleted).
-    pub fn load_all(&self) -> std::io::Result<(Vec<BranchRecord>, Vec<(PathBuf, String)>)> {
+    pub fn load_all(&self) -> std::io::Result<(Vec<BranchRecord>, Vec<Unreadable>)> {
         let mut records = Vec::new();
         let mut unreadable = Vec::new();
         for source_dir in fs::read_dir(&self.root)? {
@@ -118,11 +121,9 @@ impl Store {
                 if path.extension().and_then(|e| e.to_str()) != Some("json") {
                     continue;
                 }
-                let parsed = fs::read(&path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|b| {
-                        serde_json::from_slice::<BranchRecord>(&b).map_err(|e| e.to_string())
-                    });
+                let parsed = fs::read(&path).map_err(|e| e.to_string()).and_then(|b| {
+                    serde_json::from_slice::<BranchRecord>(&b).map_err(|e| e.to_string())
+                });
                 match parsed {
                     Ok(rec) if self.path(&rec.id()) == path => records.push(rec),
                     Ok(_) => unreadable.push((path, "record does not match its file name".into())),

@@ -89,11 +89,12 @@ impl CancelMap {
         }
         let msg = encode_cancel(target.backend_pid, target.backend_secret);
         let sent = match &target.addr {
-            ServerAddr::Tcp { host, port } => match TcpStream::connect((host.as_str(), *port)).await
-            {
-                Ok(mut s) => s.write_all(&msg).await.is_ok(),
-                Err(_) => false,
-            },
+            ServerAddr::Tcp { host, port } => {
+                match TcpStream::connect((host.as_str(), *port)).await {
+                    Ok(mut s) => s.write_all(&msg).await.is_ok(),
+                    Err(_) => false,
+                }
+            }
             ServerAddr::Unix(path) => match UnixStream::connect(path).await {
                 Ok(mut s) => s.write_all(&msg).await.is_ok(),
                 Err(_) => false,

@@ -295,7 +295,7 @@ mod tests {
     #[test]
     fn minor_versions_are_negotiated_not_refused() {
         let mut body = ((3u32 << 16) | 2).to_be_bytes().to_vec();
-        body.extend_from_slice(b"user\0u\0_pq_.x\01\0\0");
+        body.extend_from_slice(b"user\0u\0_pq_.x\0\x31\0\0");
         let Initial::Startup(s) = parse_initial(&body).unwrap() else {
             panic!()
         };

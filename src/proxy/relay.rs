@@ -139,13 +139,12 @@ impl Half {
                 }
                 self.bytes.inc_by(got as u64);
                 let data = &scratch[..got];
-                let written = match to.try_io(Interest::WRITABLE, || {
-                    (&*SockRef::from(to)).write(data)
-                }) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                    Err(e) => return Err(e),
-                };
+                let written =
+                    match to.try_io(Interest::WRITABLE, || (&*SockRef::from(to)).write(data)) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                        Err(e) => return Err(e),
+                    };
                 if written < got {
                     self.pending.extend_from_slice(&data[written..]);
                 }

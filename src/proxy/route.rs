@@ -25,7 +25,11 @@ fn split_last<'a>(name: &'a str, sep: &str) -> (&'a str, Option<&'a str>) {
 }
 
 /// Resolves a startup packet to a branch.
-pub fn route(startup: &Startup, cfg: &ProxyConfig, registry: &Registry) -> Result<Route, RouteError> {
+pub fn route(
+    startup: &Startup,
+    cfg: &ProxyConfig,
+    registry: &Registry,
+) -> Result<Route, RouteError> {
     let user = startup
         .get("user")
         .filter(|u| !u.is_empty())

@@ -47,7 +47,11 @@ impl AsyncRead for ClientStream {
 }
 
 impl AsyncWrite for ClientStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         delegate!(self, s => Pin::new(s).poll_write(cx, buf))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -154,7 +158,12 @@ async fn refuse(proxy: &Proxy, stream: &mut ClientStream, err: &ClientError) {
 }
 
 /// Serves one accepted client connection from its first byte to its last.
-pub async fn serve(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
     let span = tracing::info_span!(
         "conn",
         %peer,
@@ -173,7 +182,8 @@ async fn serve_inner(
     permit: OwnedSemaphorePermit,
 ) {
     let _ = tcp.set_nodelay(true);
-    let negotiated = tokio::time::timeout(proxy.config.startup_timeout, negotiate(&proxy, tcp)).await;
+    let negotiated =
+        tokio::time::timeout(proxy.config.startup_timeout, negotiate(&proxy, tcp)).await;
     let (mut client, startup) = match negotiated {
         Err(_) => {
             debug!("startup timeout; dropping silent client");
@@ -218,14 +228,13 @@ async fn serve_inner(
     // A client asking for a newer minor version or protocol options is told what is
     // served, once, before anything else (as PostgreSQL does); the server sees 3.0.
     let options = startup.protocol_options();
-    if startup.minor > 0 || !options.is_empty() {
-        if client
+    if (startup.minor > 0 || !options.is_empty())
+        && client
             .write_all(&encode_negotiate_protocol(&options))
             .await
             .is_err()
-        {
-            return;
-        }
+    {
+        return;
     }
 
     let lease = match proxy

@@ -16,7 +16,10 @@ pub mod database;
 /// Where the proxy connects for a branch's sessions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerAddr {
-    Tcp { host: String, port: u16 },
+    Tcp {
+        host: String,
+        port: u16,
+    },
     /// Path of the socket file itself (`<dir>/.s.PGSQL.<port>`).
     Unix(PathBuf),
 }

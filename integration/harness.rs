@@ -1,0 +1,385 @@
+//! Throw-away PostgreSQL clusters and proxy processes for the integration tests.
+//!
+//! Every test gets its own cluster (initdb into a temp dir, a free port) and its own
+//! `offshoot` process, and talks to both with real clients.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use offshoot::pg::{Cluster, PgBin};
+use tempfile::TempDir;
+use tokio_postgres::{Client, NoTls};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An initdb'd data directory made once per test run and copied for each cluster.
+fn template_data() -> &'static Path {
+    static TEMPLATE: OnceLock<(TempDir, PathBuf)> = OnceLock::new();
+    &TEMPLATE
+        .get_or_init(|| {
+            let dir = world_readable_tempdir();
+            let cluster = Cluster {
+                bin: PgBin::find(None).expect("PostgreSQL binaries"),
+                data: dir.path().join("data"),
+                socket_dir: dir.path().join("run"),
+                port: 5432,
+                listen: String::new(),
+                settings: vec![],
+            };
+            cluster.init("postgres", false).expect("initdb");
+            let data = cluster.data.clone();
+            (dir, data)
+        })
+        .1
+}
+
+fn world_readable_tempdir() -> TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("offshoot-it")
+        .tempdir()
+        .unwrap();
+    // The server runs as `postgres` when the tests run as root.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    dir
+}
+
+/// A running throw-away PostgreSQL server on 127.0.0.1.
+pub struct PgServer {
+    pub cluster: Cluster,
+    pub port: u16,
+    _dir: TempDir,
+}
+
+impl PgServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// `hba` lines replace the default trust-everything pg_hba.conf.
+    pub fn start_with(hba: &[&str]) -> Self {
+        let dir = world_readable_tempdir();
+        let data = dir.path().join("data");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(template_data())
+            .arg(&data)
+            .status()
+            .unwrap();
+        assert!(status.success(), "copying the template cluster");
+        if !hba.is_empty() {
+            std::fs::write(data.join("pg_hba.conf"), hba.join("\n") + "\n").unwrap();
+        }
+        let port = free_port();
+        let cluster = Cluster {
+            bin: PgBin::find(None).unwrap(),
+            data,
+            socket_dir: dir.path().join("run"),
+            port,
+            listen: "127.0.0.1".into(),
+            settings: vec![
+                ("fsync".into(), "off".into()),
+                ("max_connections".into(), "100".into()),
+                ("shared_buffers".into(), "16MB".into()),
+            ],
+        };
+        cluster.start().expect("start PostgreSQL");
+        Self {
+            cluster,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "host={} port={} user=postgres dbname={db}",
+            self.cluster.socket_dir.display(),
+            self.port
+        )
+    }
+
+    /// A superuser session straight to the server (not through the proxy).
+    pub async fn direct(&self, db: &str) -> Client {
+        connect(&self.url(db)).await.expect("direct connection")
+    }
+
+    pub async fn databases(&self) -> Vec<String> {
+        let c = self.direct("postgres").await;
+        c.query(
+            "SELECT datname::text FROM pg_database WHERE NOT datistemplate ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    }
+
+    /// Creates database `name` with table `items(id int, note text)` holding 3 rows.
+    pub async fn make_source(&self, name: &str) {
+        let c = self.direct("postgres").await;
+        c.batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .unwrap();
+        drop(c);
+        let c = self.direct(name).await;
+        c.batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, note text); \
+             INSERT INTO items VALUES (1, 'one'), (2, 'two'), (3, 'three');",
+        )
+        .await
+        .unwrap();
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self
+            .cluster
+            .bin
+            .command("pg_ctl")
+            .args(["stop", "-m", "immediate", "-D"])
+            .arg(&self.cluster.data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+pub async fn connect(conn: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conn, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// A running `offshoot serve` process with its own config and state directory.
+pub struct ProxyProc {
+    pub port: u16,
+    pub admin: u16,
+    pub dir: TempDir,
+    child: Option<Child>,
+}
+
+impl ProxyProc {
+    /// Starts the proxy with `body` appended to a config that sets the listeners and
+    /// state dir. `body` holds `[sources.*]` and any other sections.
+    pub fn start(body: &str) -> Self {
+        let dir = world_readable_tempdir();
+        let port = free_port();
+        let admin = free_port();
+        let config = format!(
+            "[proxy]\nlisten = \"127.0.0.1:{port}\"\nrelay_threads = 2\n{}\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [state]\ndir = \"{}\"\n{}",
+            proxy_extra(body),
+            dir.path().join("state").display(),
+            strip_proxy(body),
+        );
+        std::fs::write(dir.path().join("offshoot.toml"), config).unwrap();
+        let mut p = Self {
+            port,
+            admin,
+            dir,
+            child: None,
+        };
+        p.spawn();
+        p
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("offshoot.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_offshoot"))
+            .arg("serve")
+            .arg("--config")
+            .arg(self.dir.path().join("offshoot.toml"))
+            .env("RUST_LOG", "offshoot=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("offshoot exited early ({status}):\n{}", self.log());
+            }
+            if http(self.admin, "GET", "/healthz", None).0 == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "offshoot did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, then start again on the same config and state.
+    pub fn kill9_and_restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status success.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        c.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        self.url_as("postgres", db)
+    }
+
+    pub fn url_as(&self, user: &str, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user={user} dbname={db}", self.port)
+    }
+
+    pub async fn connect(&self, db: &str) -> Result<Client, tokio_postgres::Error> {
+        connect(&self.url(db)).await
+    }
+
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        http(self.admin, method, path, body)
+    }
+
+    pub fn metric(&self, line_prefix: &str) -> f64 {
+        let (_, text) = self.api("GET", "/metrics", None);
+        text.lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub fn branches(&self) -> serde_json::Value {
+        let (status, body) = self.api("GET", "/api/v1/branches", None);
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+/// Lines of `body` that belong in the `[proxy]` section (before any other header).
+fn proxy_extra(body: &str) -> String {
+    body.lines()
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn strip_proxy(body: &str) -> String {
+    body.lines()
+        .skip_while(|l| !l.trim_start().starts_with('['))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Drop for ProxyProc {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- offshoot log ----\n{}", self.log());
+        }
+    }
+}
+
+/// A bare HTTP/1.1 request; returns (status, body). Status 0 if unreachable.
+pub fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut resp = String::new();
+    if s.read_to_string(&mut resp).is_err() {
+        return (0, String::new());
+    }
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The SQLSTATE of a failed connection or query.
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.code().code().to_owned())
+        .unwrap_or_else(|| format!("not a server error: {e}"))
+}
+
+/// Polls `f` every 100 ms until it is true or `secs` pass.
+pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f()
+}
+
+/// A `[sources.<name>]` section for a source on `pg`.
+pub fn source(name: &str, pg: &PgServer, extra: &str) -> String {
+    format!(
+        "[sources.{name}]\nserver = \"host=127.0.0.1 port={} user=postgres dbname=postgres\"\n\
+         database = \"{name}\"\n{extra}\n",
+        pg.port
+    )
+}

@@ -1,0 +1,247 @@
+//! Creation, expiry and restart: the life of a branch through real servers.
+
+use std::time::Duration;
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_connections_make_one_clone() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let url = proxy.url("shop.race");
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let c = connect(&url).await?;
+                c.query_one("SELECT count(*) FROM items", &[])
+                    .await
+                    .map(|r| r.get::<_, i64>(0))
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), 3);
+    }
+    let clones: Vec<String> = pg
+        .databases()
+        .await
+        .into_iter()
+        .filter(|d| d.starts_with("shop__"))
+        .collect();
+    assert_eq!(clones, vec!["shop__race".to_string()]);
+    assert_eq!(
+        proxy.metric("offshoot_branches_created_total{source=\"shop\"}"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_creation_reports_the_reason_and_leaves_nothing() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    // Someone is connected to the source: PostgreSQL cannot copy it (55006).
+    let holder = pg.direct("shop").await;
+    let url = proxy.url("shop.busy");
+    let tasks: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(connect_owned(url.clone())))
+        .collect();
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        assert_eq!(sqlstate(&err), "55006");
+        let msg = err.as_db_error().unwrap().message().to_owned();
+        assert!(
+            msg.contains("busy") && msg.contains("being accessed by other users"),
+            "{msg}"
+        );
+    }
+    assert!(!pg.databases().await.contains(&"shop__busy".to_string()));
+    assert!(!proxy
+        .dir
+        .path()
+        .join("state/branches/shop/busy.json")
+        .exists());
+    assert_eq!(proxy.branches().as_array().unwrap().len(), 0);
+    // Once the source is free, the same branch is made.
+    drop(holder);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = proxy.connect("shop.busy").await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+}
+
+async fn connect_owned(url: String) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    connect(&url).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_branches_expire_but_not_while_connected_or_persistent() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let proxy = ProxyProc::start(&format!(
+        "[reaper]\ninterval = \"100ms\"\n{}",
+        source("shop", &pg, "idle_expire = \"1s\"\npersistent = [\"qa\"]")
+    ));
+    let held = proxy.connect("shop.held").await.unwrap();
+    let brief = proxy.connect("shop.brief").await.unwrap();
+    let qa = proxy.connect("shop.qa").await.unwrap();
+    drop(brief);
+    drop(qa);
+
+    // `brief` goes once idle for 1 s; `held` has an open connection; `qa` is persistent.
+    let gone = eventually(15, || {
+        !proxy
+            .branches()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["branch"] == "brief")
+    })
+    .await;
+    assert!(gone, "idle branch did not expire");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let dbs = pg.databases().await;
+    assert!(!dbs.contains(&"shop__brief".to_string()), "{dbs:?}");
+    assert!(dbs.contains(&"shop__held".to_string()), "{dbs:?}");
+    assert!(dbs.contains(&"shop__qa".to_string()), "{dbs:?}");
+    held.simple_query("SELECT 1")
+        .await
+        .expect("held session still works");
+    assert_eq!(
+        proxy.metric("offshoot_branches_expired_total{reason=\"idle\",source=\"shop\"}"),
+        1.0
+    );
+    assert!(proxy.log().contains("branch expired"));
+
+    // Once the last connection closes, `held` expires too.
+    drop(held);
+    assert!(
+        eventually(15, || proxy.branches().as_array().unwrap().len() == 1).await,
+        "only the persistent branch should remain"
+    );
+    // A new connection to an expired name makes a fresh clone from the source.
+    let again = proxy.connect("shop.brief").await.unwrap();
+    let n: i64 = again
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_keeps_every_branch() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let mut proxy = ProxyProc::start(&source("shop", &pg, ""));
+    for b in ["k1", "k2"] {
+        let c = proxy.connect(&format!("shop.{b}")).await.unwrap();
+        c.execute(&format!("INSERT INTO items VALUES (10, '{b}')"), &[])
+            .await
+            .unwrap();
+    }
+    proxy.kill9_and_restart();
+    let list = proxy.branches();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["branch"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["k1", "k2"]);
+    for b in ["k1", "k2"] {
+        let c = proxy.connect(&format!("shop.{b}")).await.unwrap();
+        let note: String = c
+            .query_one("SELECT note FROM items WHERE id = 10", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(note, b, "data survives the restart");
+    }
+    let clones = pg
+        .databases()
+        .await
+        .into_iter()
+        .filter(|d| d.starts_with("shop__"))
+        .count();
+    assert_eq!(clones, 2, "no duplicate clone after restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_creation_is_settled_on_restart() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let mut proxy = ProxyProc::start(&source("shop", &pg, ""));
+    proxy.kill9();
+    // A crash right after CREATE DATABASE: the clone exists, unmarked, and its record
+    // still says `provisioning`. Another crash came before anything was made.
+    let c = pg.direct("postgres").await;
+    c.batch_execute("CREATE DATABASE \"shop__half\" TEMPLATE shop")
+        .await
+        .unwrap();
+    let dir = proxy.dir.path().join("state/branches/shop");
+    std::fs::create_dir_all(&dir).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let rec = |b: &str| {
+        format!(
+            "{{\"source\":\"shop\",\"branch\":\"{b}\",\"engine\":\"database\",\
+             \"clone_name\":\"shop__{b}\",\"state\":\"provisioning\",\
+             \"created_at\":{now},\"last_active\":{now}}}"
+        )
+    };
+    std::fs::write(dir.join("half.json"), rec("half")).unwrap();
+    std::fs::write(dir.join("never.json"), rec("never")).unwrap();
+    // A database that merely looks like a clone, with no record: never touched.
+    c.batch_execute("CREATE DATABASE \"shop__foreign\"")
+        .await
+        .unwrap();
+
+    proxy.kill9_and_restart();
+    let list = proxy.branches();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["branch"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["half"]);
+    assert!(!dir.join("never.json").exists());
+    let s = proxy.connect("shop.half").await.unwrap();
+    s.simple_query("SELECT 1").await.unwrap();
+    drop(s);
+
+    // A record pointing at a database the proxy did not make: deletion is refused.
+    std::fs::write(
+        dir.join("foreign.json"),
+        rec("foreign").replace("provisioning", "ready"),
+    )
+    .unwrap();
+    proxy.kill9_and_restart();
+    let (status, body) = proxy.api("DELETE", "/api/v1/branches/shop/foreign?force=true", None);
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("marker"), "{body}");
+    assert!(pg.databases().await.contains(&"shop__foreign".to_string()));
+    let (status, _) = proxy.api("DELETE", "/api/v1/branches/shop/half", None);
+    assert_eq!(status, 204);
+    assert!(!pg.databases().await.contains(&"shop__half".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_cleanly() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let mut proxy = ProxyProc::start(&format!(
+        "shutdown_grace = \"2s\"\n{}",
+        source("shop", &pg, "")
+    ));
+    let c = proxy.connect("shop.t").await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    let started = std::time::Instant::now();
+    assert!(proxy.terminate(), "clean exit on SIGTERM");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(proxy.log().contains("shutting down"));
+}

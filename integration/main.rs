@@ -1,0 +1,9 @@
+//! End-to-end tests: real PostgreSQL servers, the real `offshoot` binary, real clients.
+//! One test binary keeps build time down; modules group the tests by subject.
+
+mod harness;
+
+mod admin;
+mod lifecycle;
+mod protocol;
+mod routing;

@@ -1,0 +1,257 @@
+//! The startup phase under bad and unusual input, cancellation, and TLS.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+/// Sends `bytes`, then reads until the proxy closes; returns what it sent back.
+fn exchange(port: u16, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+/// The SQLSTATE of an ErrorResponse at the start of `reply`.
+fn error_code(reply: &[u8]) -> Option<String> {
+    if reply.first() != Some(&b'E') {
+        return None;
+    }
+    let body = &reply[5..];
+    let mut i = 0;
+    while i < body.len() && body[i] != 0 {
+        let end = body[i + 1..].iter().position(|&b| b == 0)? + i + 1;
+        if body[i] == b'C' {
+            return Some(String::from_utf8_lossy(&body[i + 1..end]).into_owned());
+        }
+        i = end + 1;
+    }
+    None
+}
+
+fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut pkt = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    pkt.extend(body);
+    pkt
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_startup_packets_are_refused_and_others_still_served() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let proxy = ProxyProc::start(&format!(
+        "startup_timeout = \"500ms\"\n{}",
+        source("shop", &pg, "")
+    ));
+    // Someone connected throughout: bad clients must not disturb them.
+    let steady = proxy.connect("shop.steady").await.unwrap();
+
+    let mut oversized = 10_001u32.to_be_bytes().to_vec();
+    oversized.extend(vec![b'a'; 10_000]);
+    let mut no_terminator = startup_packet(3 << 16, &[("user", "u")]);
+    no_terminator.pop();
+    let len = no_terminator.len() as u32;
+    no_terminator[..4].copy_from_slice(&len.to_be_bytes());
+    let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        ("zero length", vec![0, 0, 0, 0], Some("08P01")),
+        (
+            "0xFFFFFFFF length",
+            vec![0xff, 0xff, 0xff, 0xff],
+            Some("08P01"),
+        ),
+        ("oversized", oversized, Some("08P01")),
+        ("truncated", vec![0, 0, 0, 40, 0, 3, 0, 0, b'u'], None),
+        (
+            "garbage",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            Some("08P01"),
+        ),
+        (
+            "protocol 2",
+            startup_packet(2 << 16, &[("user", "u")]),
+            Some("0A000"),
+        ),
+        ("no terminator", no_terminator, Some("08P01")),
+        (
+            "no user",
+            startup_packet(3 << 16, &[("database", "shop.x")]),
+            Some("28000"),
+        ),
+    ];
+    for (what, bytes, want) in cases {
+        let reply = exchange(proxy.port, &bytes);
+        assert_eq!(error_code(&reply).as_deref(), want, "{what}: {reply:?}");
+    }
+
+    // A client that says nothing is dropped after startup_timeout.
+    let mut silent = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 1];
+    let n = silent.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "connection closed");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "dropped after the timeout"
+    );
+
+    // SSLRequest without TLS configured: 'N', then a normal startup works.
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"N");
+    // GSSENCRequest: 'N' too.
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30]).unwrap();
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"N");
+    s.write_all(&startup_packet(
+        3 << 16,
+        &[("user", "postgres"), ("database", "shop.steady")],
+    ))
+    .unwrap();
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"R", "authentication request follows");
+
+    // Protocol 3.2 with an extension option: NegotiateProtocolVersion first.
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    s.write_all(&startup_packet(
+        (3 << 16) | 2,
+        &[
+            ("user", "postgres"),
+            ("database", "shop.steady"),
+            ("_pq_.x", "1"),
+        ],
+    ))
+    .unwrap();
+    let mut head = [0u8; 17];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], b'v');
+    assert_eq!(&head[5..9], &(3u32 << 16).to_be_bytes(), "offers 3.0");
+    assert_eq!(&head[9..13], &1u32.to_be_bytes(), "one unrecognised option");
+
+    steady
+        .simple_query("SELECT 1")
+        .await
+        .expect("steady client unaffected");
+    proxy
+        .connect("shop.steady")
+        .await
+        .expect("new clients served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_requests_reach_the_right_backend() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let sleeper = proxy.connect("shop.c").await.unwrap();
+    let other = proxy.connect("shop.c").await.unwrap();
+    let token = sleeper.cancel_token();
+    let started = Instant::now();
+    let query = tokio::spawn(async move {
+        let r = sleeper.simple_query("SELECT pg_sleep(30)").await;
+        (r, sleeper)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The key the client holds is the proxy's: the cancel goes through the proxy.
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel sent");
+    let (result, sleeper) = query.await.unwrap();
+    let err = result.unwrap_err();
+    assert_eq!(sqlstate(&err), "57014", "query_canceled");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Only that session was cancelled, and it is still usable.
+    other.simple_query("SELECT 1").await.unwrap();
+    sleeper.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(
+        proxy.metric("offshoot_cancel_requests_total{outcome=\"forwarded\"}"),
+        1.0
+    );
+    // A made-up key is ignored.
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    s.write_all(&[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 1, 0, 0, 0, 2])
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(out.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_handshake_with_a_test_certificate() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let certs = tempfile::tempdir().unwrap();
+    let cert = certs.path().join("cert.pem");
+    let key = certs.path().join("key.pem");
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl")
+        .status
+        .success();
+    assert!(ok, "made a test certificate");
+    let proxy = ProxyProc::start(&format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n{}",
+        cert.display(),
+        key.display(),
+        source("shop", &pg, "")
+    ));
+    let out = Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=shop.tls sslmode=require",
+            proxy.port
+        ))
+        .args([
+            "-X",
+            "-c",
+            "\\conninfo",
+            "-c",
+            "SELECT 'over-tls-' || count(*) FROM items",
+        ])
+        .output()
+        .expect("psql");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("SSL connection"), "{stdout}");
+    assert!(stdout.contains("over-tls-3"), "{stdout}");
+    // Plain clients are still welcome when TLS is optional.
+    let c = proxy.connect("shop.tls").await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+}
