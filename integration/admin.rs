@@ -182,3 +182,41 @@ fn bad_configuration_names_the_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("proxy.separator"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_drives_the_api() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let admin = format!("127.0.0.1:{}", proxy.admin);
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_offshoot"))
+            .arg("branch")
+            .args(args)
+            .args(["--admin", &admin])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = cli(&["create", "shop.from-cli", "--persistent"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("shop__from-cli"), "{out}");
+    let (ok, out) = cli(&["list"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("from-cli") && out.contains("ready (keep)"),
+        "{out}"
+    );
+    let (ok, out) = cli(&["create", "shop.Nope"]);
+    assert!(!ok);
+    assert!(out.contains("invalid branch name"), "{out}");
+    let (ok, out) = cli(&["delete", "shop.from-cli"]);
+    assert!(ok, "{out}");
+    assert!(!pg.databases().await.contains(&"shop__from-cli".to_string()));
+    let (ok, out) = cli(&["delete", "shop.from-cli"]);
+    assert!(!ok && out.contains("does not exist"), "{out}");
+}

@@ -245,3 +245,39 @@ async fn sigterm_drains_and_exits_cleanly() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(proxy.log().contains("shutting down"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_the_provision_timeout_gets_57p03_and_creation_goes_on() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    // No clone can be made in a millisecond: the client gives up, the creation does not.
+    let proxy = ProxyProc::start(&format!(
+        "provision_timeout = \"1ms\"\n{}",
+        source("shop", &pg, "")
+    ));
+    let err = proxy.connect("shop.slow").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "57P03");
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("still being created"),
+        "{err}"
+    );
+    assert!(
+        eventually(15, || proxy
+            .branches()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["state"] == "ready"))
+        .await,
+        "the creation finished in the background"
+    );
+    let c = proxy.connect("shop.slow").await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(
+        proxy.metric("offshoot_branches_created_total{source=\"shop\"}"),
+        1.0
+    );
+}

@@ -8,7 +8,7 @@
 //! - [`app`]: builds everything from a config, supervises tasks, drains on shutdown.
 //! - [`proxy`]: the connection path (listener, startup, route, backend, relay, cancel).
 //! - [`branch`]: the life of a branch (registry, engines, records, reaper).
-//! - [`admin`]: HTTP: metrics, health, the branch API.
+//! - [`admin`]: HTTP: metrics, health, the branch API; [`cli`] is its client.
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
 //! - [`error`]: error kinds and the one mapping to SQLSTATE.
 //! - [`names`]: validated source and branch names, identifier quoting.
@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod app;
 pub mod branch;
+pub mod cli;
 pub mod config;
 pub mod embedded;
 pub mod error;

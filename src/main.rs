@@ -44,6 +44,65 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// List, create or delete branches through a running proxy's admin API.
+    Branch {
+        /// The admin API address (`admin.listen` of the running proxy).
+        #[arg(
+            long,
+            default_value = "127.0.0.1:9187",
+            env = "OFFSHOOT_ADMIN",
+            global = true
+        )]
+        admin: String,
+        #[command(subcommand)]
+        action: BranchAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum BranchAction {
+    /// Show every branch with its state, connections and last activity.
+    List,
+    /// Create a branch ahead of time (first connections then find it ready).
+    Create {
+        /// `<source>.<branch>`, e.g. `shop.pr-42`.
+        name: String,
+        /// Never expire this branch.
+        #[arg(long)]
+        persistent: bool,
+    },
+    /// Delete a branch. Refused while clients are connected, unless --force.
+    Delete {
+        /// `<source>.<branch>`, e.g. `shop.pr-42`.
+        name: String,
+        /// Terminate open sessions first.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn split_name(name: &str) -> anyhow::Result<(&str, &str)> {
+    name.rsplit_once('.')
+        .ok_or_else(|| anyhow::anyhow!("{name:?}: expected <source>.<branch>, e.g. shop.pr-42"))
+}
+
+fn branch_command(admin: &str, action: &BranchAction) -> std::process::ExitCode {
+    let result = match action {
+        BranchAction::List => offshoot::cli::list(admin),
+        BranchAction::Create { name, persistent } => {
+            split_name(name).and_then(|(s, b)| offshoot::cli::create(admin, s, b, *persistent))
+        }
+        BranchAction::Delete { name, force } => {
+            split_name(name).and_then(|(s, b)| offshoot::cli::delete(admin, s, b, *force))
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("offshoot: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,7 +114,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let (Command::Serve { config } | Command::Check { config }) = &cli.command;
+    let config = match &cli.command {
+        Command::Serve { config } | Command::Check { config } => config,
+        Command::Branch { admin, action } => return branch_command(admin, action),
+    };
     let cfg = match Config::load(config) {
         Ok(c) => c,
         Err(e) => {

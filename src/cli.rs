@@ -1,0 +1,141 @@
+//! `offshoot branch ...`: a small client of the admin API for scripts and people.
+//!
+//! It speaks plain HTTP/1.1 over a TCP socket (the admin API is meant for loopback
+//! or a private network), so the binary needs no HTTP client library.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+/// Sends one request; returns the status and the body.
+pub fn request(admin: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(admin).with_context(|| {
+        format!("cannot reach the admin API at {admin} (is `offshoot serve` running?)")
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed HTTP response from {admin}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("malformed HTTP status line from {admin}"))?;
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(rest)?
+    } else {
+        rest.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut rest: &str) -> Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").context("truncated chunk")?;
+        let size = usize::from_str_radix(size.trim(), 16).context("bad chunk size")?;
+        if size == 0 {
+            return Ok(out);
+        }
+        out.push_str(after.get(..size).context("truncated chunk")?);
+        rest = after.get(size + 2..).context("truncated chunk")?;
+    }
+}
+
+fn api(admin: &str, method: &str, path: &str, body: Option<&str>) -> Result<Value> {
+    let (status, text) = request(admin, method, path, body)?;
+    let value: Value = if text.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).with_context(|| format!("unexpected answer: {text}"))?
+    };
+    if !(200..300).contains(&status) {
+        let msg = value["error"].as_str().unwrap_or(text.as_str());
+        bail!("{msg} (HTTP {status})");
+    }
+    Ok(value)
+}
+
+/// Prints the branches as a table.
+pub fn list(admin: &str) -> Result<()> {
+    let v = api(admin, "GET", "/api/v1/branches", None)?;
+    let rows = v.as_array().cloned().unwrap_or_default();
+    println!(
+        "{:<16} {:<40} {:<13} {:>5}  {:<24} CLONE",
+        "SOURCE", "BRANCH", "STATE", "CONNS", "LAST ACTIVE"
+    );
+    for b in rows {
+        let s = |k: &str| b[k].as_str().unwrap_or("").to_owned();
+        let state = if b["persistent"].as_bool() == Some(true) {
+            format!("{} (keep)", s("state"))
+        } else {
+            s("state")
+        };
+        println!(
+            "{:<16} {:<40} {:<13} {:>5}  {:<24} {}",
+            s("source"),
+            s("branch"),
+            state,
+            b["connections"].as_u64().unwrap_or(0),
+            s("last_active"),
+            s("clone_name")
+        );
+    }
+    Ok(())
+}
+
+/// Creates a branch ahead of time.
+pub fn create(admin: &str, source: &str, branch: &str, persistent: bool) -> Result<()> {
+    let body = serde_json::json!({ "source": source, "branch": branch, "persistent": persistent });
+    let v = api(admin, "POST", "/api/v1/branches", Some(&body.to_string()))?;
+    println!(
+        "{}.{} is {} (database {})",
+        source,
+        branch,
+        v["state"].as_str().unwrap_or("?"),
+        v["clone_name"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+/// Deletes a branch; `force` terminates its sessions first.
+pub fn delete(admin: &str, source: &str, branch: &str, force: bool) -> Result<()> {
+    let path = format!(
+        "/api/v1/branches/{source}/{branch}{}",
+        if force { "?force=true" } else { "" }
+    );
+    api(admin, "DELETE", &path, None)?;
+    println!("{source}.{branch} deleted");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(
+            dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(),
+            "abcde"
+        );
+        assert!(dechunk("5\r\nab").is_err());
+    }
+}
