@@ -279,9 +279,19 @@ async fn serve_inner(
             debug!("server refused the session");
             return;
         }
-        Ok(backend::Outcome::ClientGone) | Err(_) => {
-            debug!("startup ended before the session opened");
+        Ok(backend::Outcome::ClientGone) => {
+            debug!("client left before the session opened");
             return;
+        }
+        Err(e) => {
+            // The server closed or broke protocol mid-startup; tell the client why
+            // its connection ends (it may already be gone, which is fine).
+            warn!(server = %lease.endpoint.addr, error = %e, "server failed during startup");
+            let err = ClientError::Backend {
+                id: route.id.clone(),
+                reason: format!("server ended the startup: {e}"),
+            };
+            return refuse(&proxy, &mut client, &err).await;
         }
     }
     debug!("session open");
