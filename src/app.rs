@@ -155,7 +155,16 @@ fn announce(cfg: &Config, embedded: Option<&Embedded>) {
     };
     let user = embedded.map_or("postgres", |e| e.user.as_str());
     let sep = &cfg.proxy.separator;
-    let addr = cfg.proxy.listen;
+    // A wildcard listener is reached through some concrete address; loopback works
+    // on the machine itself.
+    let mut addr = cfg.proxy.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
     let url = match cfg.proxy.route_by {
         RouteBy::Database => format!("postgres://{user}@{addr}/{name}{sep}pr-42"),
         RouteBy::User => format!("postgres://{user}{sep}pr-42@{addr}/{name}"),

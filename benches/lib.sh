@@ -1,0 +1,106 @@
+# shellcheck shell=bash
+# Helpers shared by the end-to-end benchmark scripts in benches/.
+# Source it; it defines functions only and changes no shell options.
+
+# Messages go to stderr so that stdout carries only the result table.
+log() { printf '%s\n' "$*" >&2; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+die() {
+    printf 'error: %s\n' "$*" >&2
+    exit 1
+}
+
+# True when $1 is a non-negative integer.
+is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
+
+# Runs a command as the `postgres` system user when we are root (PostgreSQL and
+# PgBouncer refuse to run as root), otherwise as ourselves. It runs in $BENCH_TMP
+# so that the user can always read its working directory.
+as_pg() {
+    if [[ $EUID -eq 0 ]]; then
+        (cd "${BENCH_TMP:-/}" && runuser -u postgres -- "$@")
+    else
+        "$@"
+    fi
+}
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+port_open() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# Prints a TCP port nobody listens on, below the kernel's ephemeral range so that
+# outgoing connections (pgbench -C opens thousands) never hold it. Ports handed out
+# before by this function are not handed out again.
+_FREE_PORTS_GIVEN=" "
+free_port() {
+    local low=32768 port i
+    if [[ -r /proc/sys/net/ipv4/ip_local_port_range ]]; then
+        read -r low _ </proc/sys/net/ipv4/ip_local_port_range
+    fi
+    ((low > 11000)) || low=32768
+    local listening=""
+    if command -v ss >/dev/null 2>&1; then
+        listening=" $(ss -Htln 2>/dev/null | awk '{n = split($4, a, ":"); printf "%s ", a[n]}') "
+    fi
+    for ((i = 0; i < 200; i++)); do
+        port=$((10000 + RANDOM % (low - 10000)))
+        [[ $_FREE_PORTS_GIVEN == *" $port "* || $listening == *" $port "* ]] && continue
+        port_open "$port" && continue
+        _FREE_PORTS_GIVEN+="$port "
+        echo "$port"
+        return 0
+    done
+    die "no free TCP port found on 127.0.0.1"
+}
+
+# Waits until 127.0.0.1:$1 accepts connections. $2: timeout in seconds; $3: pid
+# that must stay alive meanwhile (optional); $4: what is being waited for.
+wait_for_port() {
+    local port=$1 secs=$2 pid=${3:-} what=${4:-"port $1"} i
+    for ((i = 0; i < secs * 10; i++)); do
+        port_open "$port" && return 0
+        if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+            return 1
+        fi
+        sleep 0.1
+    done
+    warn "$what did not accept connections on 127.0.0.1:$port within ${secs}s"
+    return 1
+}
+
+# Prints the user+system CPU time of process $1 (all of its threads), in clock
+# ticks: fields 14 and 15 of /proc/<pid>/stat. The command name (field 2) may hold
+# spaces and parentheses, so fields are counted from the last ')'.
+proc_cpu_ticks() {
+    local stat rest
+    { stat=$(<"/proc/$1/stat"); } 2>/dev/null || return 1
+    rest=${stat##*) }
+    local -a f
+    read -ra f <<<"$rest"
+    # f[0] is field 3 (state), so field 14 is f[11] and field 15 is f[12].
+    echo $((f[11] + f[12]))
+}
+
+# Prints the median of the numeric arguments; prints nothing when there are none.
+median() {
+    (($# > 0)) || return 0
+    printf '%s\n' "$@" | sort -g | awk '
+        { v[NR] = $1 }
+        END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# Stops process $1 with signal $2, waiting up to $3 seconds before SIGKILL.
+# $4 names it in messages. Returns 1 when SIGKILL was needed.
+stop_process() {
+    local pid=$1 sig=$2 secs=$3 what=$4 i
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill "-$sig" "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < secs * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    warn "$what (pid $pid) still running ${secs}s after SIG$sig; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    return 1
+}

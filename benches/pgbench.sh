@@ -1,0 +1,588 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: pgbench against a throw-away PostgreSQL cluster directly,
+# through Offshoot, and through PgBouncer (session mode), all on loopback, and a
+# Markdown table of the medians. `bash benches/pgbench.sh --help` explains it.
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(dirname "$BENCH_DIR")
+# shellcheck source=benches/lib.sh
+source "$BENCH_DIR/lib.sh"
+
+usage() {
+    cat <<'EOF'
+Usage: bash benches/pgbench.sh [--help]
+
+Measures what Offshoot costs compared with connecting to PostgreSQL directly and
+with PgBouncer. It builds the proxy (cargo build --release), creates a throw-away
+cluster in a temp dir, loads `pgbench -i -s SCALE` into database `bench`, starts
+Offshoot with source `bench` and connects once to `bench.b1`, which clones `bench`
+into the branch database (bench__b1). The direct and PgBouncer runs target that same
+clone, so all three read the same data. Then, for ROUNDS rounds, it runs every
+workload against direct, offshoot and pgbouncer in turn, each for DURATION seconds:
+
+  select    pgbench -S (simple protocol), CLIENTS clients
+  prepared  pgbench -S -M prepared, CLIENTS clients
+  latency   pgbench -S, 1 client: average latency and the latency added vs direct
+  connect   pgbench -C -S, CONNECT_CLIENTS clients (and as many threads): a new
+            connection per transaction. PgBouncer keeps its server connections
+            across client connections, so only the client side is new there.
+  tpcb      pgbench's default TPC-B-like mix, CLIENTS clients
+
+Every run uses -n (no vacuum) and -T DURATION. For each Offshoot and PgBouncer run
+the proxy process's user+system CPU time (/proc/<pid>/stat) is divided by the
+transactions pgbench processed. The table shows medians over the rounds; it is
+printed on stdout and written, with the machine and the settings, to RESULTS_FILE.
+Progress and diagnostics go to stderr. Everything started is stopped on exit.
+
+PostgreSQL runs with fsync=off: durability is off because the benchmark measures
+the proxies, not the disk. PostgreSQL and PgBouncer refuse to run as root; when
+the script runs as root it runs them as the `postgres` system user, and installs
+pgbouncer with apt-get when it is missing.
+
+Environment:
+  ROUNDS=3            rounds; each round runs every workload on every target
+  DURATION=10         seconds per pgbench run
+  WARMUP=2            seconds of pgbench -S per target before round 1 (0: none)
+  SCALE=10            pgbench -i scale factor
+  CLIENTS=16          clients of the select, prepared and tpcb workloads
+  CONNECT_CLIENTS=8   clients of the connect workload
+  THREADS=2           pgbench worker threads (-j), at most the number of clients
+                      (the connect workload uses one thread per client)
+  WORKLOADS="select prepared latency connect tpcb"
+                      which workloads to run, in this order
+  OFFSHOOT_BIN        use this offshoot binary instead of building one
+  PG_BIN              directory with initdb, pg_ctl, postgres, pgbench, psql
+                      (default: pg_config --bindir, else /usr/lib/postgresql/<newest>/bin)
+  PG_SHARED_BUFFERS=256MB
+                      shared_buffers; the default holds scale 10 in memory
+  PGBOUNCER           pgbouncer binary (default: pgbouncer on PATH or /usr/sbin)
+  SKIP_PGBOUNCER=1    leave PgBouncer out
+  RESULTS_FILE        where the report goes (default: benches/results/latest.md)
+  KEEP_TMP=1          keep the temp dir (logs, configs, cluster) after the run
+  RUST_LOG            Offshoot's log filter (default: info)
+  OFFSHOOT__*         passed to Offshoot as configuration overrides and recorded
+                      in the report (e.g. OFFSHOOT__PROXY__RELAY_THREADS=1)
+
+Example: ROUNDS=1 DURATION=3 bash benches/pgbench.sh
+EOF
+}
+
+case "${1:-}" in
+-h | --help)
+    usage
+    exit 0
+    ;;
+"") ;;
+*)
+    usage >&2
+    die "unknown argument: $1"
+    ;;
+esac
+
+# --- Settings ---------------------------------------------------------------
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+SCALE=${SCALE:-10}
+CLIENTS=${CLIENTS:-16}
+CONNECT_CLIENTS=${CONNECT_CLIENTS:-8}
+THREADS=${THREADS:-2}
+WORKLOADS=${WORKLOADS:-"select prepared latency connect tpcb"}
+PG_SHARED_BUFFERS=${PG_SHARED_BUFFERS:-256MB}
+SKIP_PGBOUNCER=${SKIP_PGBOUNCER:-0}
+KEEP_TMP=${KEEP_TMP:-0}
+RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/results/latest.md}
+export RUST_LOG=${RUST_LOG:-info}
+
+for var in ROUNDS DURATION SCALE CLIENTS CONNECT_CLIENTS THREADS; do
+    if ! is_uint "${!var}" || ((${!var} == 0)); then
+        die "$var must be a positive integer, got '${!var}'"
+    fi
+done
+is_uint "$WARMUP" || die "WARMUP must be a non-negative integer, got '$WARMUP'"
+
+min() { (($1 < $2)) && echo "$1" || echo "$2"; }
+
+# pgbench arguments and titles of each workload.
+declare -A WL_ARGS WL_TITLE
+WL_ARGS[select]="-S -c $CLIENTS -j $(min "$THREADS" "$CLIENTS")"
+WL_TITLE[select]="select-only, simple protocol, $CLIENTS clients"
+WL_ARGS[prepared]="-S -M prepared -c $CLIENTS -j $(min "$THREADS" "$CLIENTS")"
+WL_TITLE[prepared]="select-only, prepared, $CLIENTS clients"
+WL_ARGS[latency]="-S -c 1 -j 1"
+WL_TITLE[latency]="select-only, 1 client"
+# pgbench opens connections synchronously within a thread, so with fewer threads
+# than clients it would measure its own queueing; one thread per client here.
+WL_ARGS[connect]="-C -S -c $CONNECT_CLIENTS -j $CONNECT_CLIENTS"
+WL_TITLE[connect]="select-only, new connection per txn (-C), $CONNECT_CLIENTS clients"
+WL_ARGS[tpcb]="-c $CLIENTS -j $(min "$THREADS" "$CLIENTS")"
+WL_TITLE[tpcb]="TPC-B-like mix, $CLIENTS clients"
+
+read -ra WL_LIST <<<"${WORKLOADS//,/ }"
+((${#WL_LIST[@]} > 0)) || die "WORKLOADS is empty"
+for wl in "${WL_LIST[@]}"; do
+    [[ -n ${WL_ARGS[$wl]+set} ]] || die "unknown workload '$wl' in WORKLOADS (known: select prepared latency connect tpcb)"
+done
+
+# Connection settings come from the command line only; TLS and GSS negotiation are
+# off for all three targets alike (none of them offers encryption here).
+while read -r var; do unset "$var"; done < <(compgen -e | grep -E '^PG[A-Z]+$' || true)
+export PGSSLMODE=disable PGGSSENCMODE=disable
+
+# --- Tools ------------------------------------------------------------------
+
+if [[ -z ${PG_BIN:-} ]]; then
+    if command -v pg_config >/dev/null 2>&1 && [[ -x "$(pg_config --bindir)/initdb" ]]; then
+        PG_BIN=$(pg_config --bindir)
+    else
+        PG_BIN=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+    fi
+fi
+for tool in initdb pg_ctl postgres pgbench psql; do
+    [[ -x "$PG_BIN/$tool" ]] || die "$tool not found in PG_BIN='$PG_BIN'; set PG_BIN to PostgreSQL's bin directory"
+done
+PGBENCH="$PG_BIN/pgbench"
+PSQL="$PG_BIN/psql"
+
+if [[ $EUID -eq 0 ]]; then
+    id postgres >/dev/null 2>&1 || die "running as root, but there is no 'postgres' user to run PostgreSQL as"
+    command -v runuser >/dev/null 2>&1 || die "running as root, but runuser (util-linux) is missing"
+fi
+
+find_pgbouncer() {
+    if [[ -n ${PGBOUNCER:-} ]]; then
+        [[ -x $PGBOUNCER ]] || die "PGBOUNCER=$PGBOUNCER is not an executable"
+        echo "$PGBOUNCER"
+    elif command -v pgbouncer >/dev/null 2>&1; then
+        command -v pgbouncer
+    elif [[ -x /usr/sbin/pgbouncer ]]; then
+        echo /usr/sbin/pgbouncer
+    fi
+}
+
+PGBOUNCER_BIN=""
+if [[ $SKIP_PGBOUNCER == 1 ]]; then
+    log "PgBouncer: skipped (SKIP_PGBOUNCER=1)"
+else
+    PGBOUNCER_BIN=$(find_pgbouncer)
+    if [[ -z $PGBOUNCER_BIN ]]; then
+        if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+            log "PgBouncer: not installed; installing it with apt-get"
+            if DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 &&
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >&2; then
+                PGBOUNCER_BIN=$(find_pgbouncer)
+            fi
+            [[ -n $PGBOUNCER_BIN ]] || die "could not install pgbouncer; set SKIP_PGBOUNCER=1 to run without it"
+        else
+            log "PgBouncer: not installed and not root, so not installing it; the PgBouncer columns are skipped"
+            log "           (install pgbouncer or set PGBOUNCER=/path/to/pgbouncer to include it)"
+        fi
+    fi
+fi
+
+TARGETS=(direct offshoot)
+[[ -n $PGBOUNCER_BIN ]] && TARGETS+=(pgbouncer)
+
+if [[ -n ${OFFSHOOT_BIN:-} ]]; then
+    [[ -x $OFFSHOOT_BIN ]] || die "OFFSHOOT_BIN=$OFFSHOOT_BIN is not an executable"
+    log "Offshoot: using $OFFSHOOT_BIN (not building)"
+else
+    command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust or set OFFSHOOT_BIN"
+    log "Offshoot: cargo build --release"
+    (cd "$REPO_DIR" && cargo build --release >&2) || die "cargo build --release failed"
+    OFFSHOOT_BIN="$REPO_DIR/target/release/offshoot"
+    [[ -x $OFFSHOOT_BIN ]] || die "the build did not produce $OFFSHOOT_BIN"
+fi
+
+# --- Clean-up ---------------------------------------------------------------
+
+BENCH_TMP=""
+PGDATA_DIR=""
+PG_STARTED=0
+OFFSHOOT_PID=""
+BOUNCER_PID=""
+
+show_log() {
+    [[ -s $1 ]] || return 0
+    log "---- last lines of $1 ----"
+    tail -n 25 "$1" >&2
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    set +e
+    if [[ -n $OFFSHOOT_PID ]]; then
+        if kill -0 "$OFFSHOOT_PID" 2>/dev/null; then
+            stop_process "$OFFSHOOT_PID" TERM 20 offshoot
+            wait "$OFFSHOOT_PID"
+            local status=$?
+            ((status == 0)) || warn "offshoot exited with status $status after SIGTERM"
+        else
+            wait "$OFFSHOOT_PID"
+            warn "offshoot had already exited (status $?)"
+        fi
+    fi
+    [[ -n $BOUNCER_PID ]] && stop_process "$BOUNCER_PID" TERM 10 pgbouncer
+    if ((PG_STARTED)); then
+        as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -m fast -w -t 30 stop >/dev/null 2>&1 ||
+            as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -m immediate -w stop >/dev/null 2>&1
+    fi
+    if [[ -n $BENCH_TMP ]]; then
+        if ((rc != 0)); then
+            show_log "$BENCH_TMP/offshoot.log"
+            show_log "$BENCH_TMP/pgbouncer.log"
+            show_log "$BENCH_TMP/postgres.log"
+        fi
+        if [[ $KEEP_TMP == 1 ]]; then
+            log "Kept $BENCH_TMP (KEEP_TMP=1)"
+        else
+            rm -rf "$BENCH_TMP"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+BENCH_TMP=$(mktemp -d -t offshoot-bench.XXXXXX)
+# A Unix socket path must fit in 107 bytes.
+((${#BENCH_TMP} < 80)) || die "temp dir path $BENCH_TMP is too long for a Unix socket; set TMPDIR=/tmp"
+mkdir -p "$BENCH_TMP/sock" "$BENCH_TMP/runs"
+[[ $EUID -eq 0 ]] && chown -R postgres: "$BENCH_TMP"
+log "Temp dir: $BENCH_TMP"
+
+# --- PostgreSQL -------------------------------------------------------------
+
+PG_PORT=$(free_port)
+PGDATA_DIR="$BENCH_TMP/data"
+log "PostgreSQL: initdb, listening on 127.0.0.1:$PG_PORT"
+as_pg "$PG_BIN/initdb" -D "$PGDATA_DIR" --auth=trust -U postgres -E UTF8 --no-locale --no-sync \
+    >"$BENCH_TMP/initdb.log" 2>&1 || {
+    show_log "$BENCH_TMP/initdb.log"
+    die "initdb failed"
+}
+cat >>"$PGDATA_DIR/postgresql.conf" <<EOF
+
+# offshoot benches/pgbench.sh
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$BENCH_TMP/sock'
+max_connections = 200
+shared_buffers = '$PG_SHARED_BUFFERS'
+fsync = off
+EOF
+PG_STARTED=1
+as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -l "$BENCH_TMP/postgres.log" -w -t 60 start >/dev/null ||
+    die "PostgreSQL did not start (see $BENCH_TMP/postgres.log)"
+
+"$PSQL" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres \
+    -c 'CREATE DATABASE bench' || die "cannot create database bench"
+log "PostgreSQL: pgbench -i -s $SCALE bench"
+"$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U postgres bench \
+    >"$BENCH_TMP/pgbench-init.log" 2>&1 || {
+    show_log "$BENCH_TMP/pgbench-init.log"
+    die "pgbench -i failed"
+}
+
+# --- Offshoot ---------------------------------------------------------------
+
+PROXY_PORT=$(free_port)
+ADMIN_PORT=$(free_port)
+OFFSHOOT_CONF="$BENCH_TMP/offshoot.toml"
+cat >"$OFFSHOOT_CONF" <<EOF
+[proxy]
+listen = "127.0.0.1:$PROXY_PORT"
+
+[admin]
+listen = "127.0.0.1:$ADMIN_PORT"
+
+[state]
+dir = "$BENCH_TMP/state"
+
+[sources.bench]
+server = "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres"
+database = "bench"
+idle_expire = "1h"
+EOF
+"$OFFSHOOT_BIN" check --config "$OFFSHOOT_CONF" >/dev/null || die "offshoot rejected the generated configuration $OFFSHOOT_CONF"
+log "Offshoot: listening on 127.0.0.1:$PROXY_PORT (admin 127.0.0.1:$ADMIN_PORT)"
+"$OFFSHOOT_BIN" serve --config "$OFFSHOOT_CONF" >"$BENCH_TMP/offshoot.log" 2>&1 &
+OFFSHOOT_PID=$!
+wait_for_port "$PROXY_PORT" 30 "$OFFSHOOT_PID" offshoot || die "offshoot did not start (see its log below)"
+
+# The first connection to bench.b1 clones bench; the direct and PgBouncer runs then
+# use the same clone so that all three targets read the same data.
+CLONE_DB=$(timeout 120 "$PSQL" -X -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PROXY_PORT" -U postgres \
+    -d bench.b1 -c 'SELECT current_database()') ||
+    die "cannot connect to bench.b1 through offshoot (status $?)"
+[[ -n $CLONE_DB ]] || die "offshoot returned no database name for bench.b1"
+log "Offshoot: bench.b1 is database $CLONE_DB"
+
+# --- PgBouncer --------------------------------------------------------------
+
+if [[ -n $PGBOUNCER_BIN ]]; then
+    BOUNCER_PORT=$(free_port)
+    printf '"postgres" ""\n' >"$BENCH_TMP/pgbouncer.users"
+    cat >"$BENCH_TMP/pgbouncer.ini" <<EOF
+[databases]
+$CLONE_DB = host=127.0.0.1 port=$PG_PORT dbname=$CLONE_DB user=postgres
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $BENCH_TMP/pgbouncer.users
+pool_mode = session
+max_client_conn = 1000
+default_pool_size = 32
+; Offshoot logs connections only at debug level; keep PgBouncer just as quiet.
+log_connections = 0
+log_disconnections = 0
+logfile = $BENCH_TMP/pgbouncer.log
+pidfile = $BENCH_TMP/pgbouncer.pid
+EOF
+    log "PgBouncer: listening on 127.0.0.1:$BOUNCER_PORT, session mode, pool size 32"
+    as_pg "$PGBOUNCER_BIN" -d "$BENCH_TMP/pgbouncer.ini" || die "pgbouncer did not start"
+    for ((i = 0; i < 50; i++)); do
+        [[ -s $BENCH_TMP/pgbouncer.pid ]] && break
+        sleep 0.1
+    done
+    [[ -s $BENCH_TMP/pgbouncer.pid ]] || die "pgbouncer wrote no pid file"
+    BOUNCER_PID=$(<"$BENCH_TMP/pgbouncer.pid")
+    wait_for_port "$BOUNCER_PORT" 10 "$BOUNCER_PID" pgbouncer || die "pgbouncer did not start (see its log below)"
+    got=$(timeout 30 "$PSQL" -X -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$BOUNCER_PORT" -U postgres \
+        -d "$CLONE_DB" -c 'SELECT current_database()') || die "cannot connect to $CLONE_DB through pgbouncer"
+    [[ $got == "$CLONE_DB" ]] || die "pgbouncer reached database '$got', expected $CLONE_DB"
+fi
+
+# --- Runs -------------------------------------------------------------------
+
+CLK_TCK=$(getconf CLK_TCK)
+RUN_TIMEOUT=$((DURATION + 60))
+
+target_port() {
+    case $1 in
+    direct) echo "$PG_PORT" ;;
+    offshoot) echo "$PROXY_PORT" ;;
+    pgbouncer) echo "$BOUNCER_PORT" ;;
+    esac
+}
+target_db() { [[ $1 == offshoot ]] && echo bench.b1 || echo "$CLONE_DB"; }
+target_pid() {
+    case $1 in
+    offshoot) echo "$OFFSHOOT_PID" ;;
+    pgbouncer) echo "$BOUNCER_PID" ;;
+    esac
+}
+
+# Dies when a proxy process has gone away; every later run would fail anyway.
+check_alive() {
+    local pid
+    pid=$(target_pid "$1")
+    [[ -z $pid ]] || kill -0 "$pid" 2>/dev/null || die "$1 (pid $pid) is no longer running"
+}
+
+# Results, keyed "workload|target|round".
+declare -A TPS LAT TXN CPU
+FAILURES=()
+
+# Runs pgbench once. $1 target, $2 workload, $3 round (or "warmup"); $4 seconds.
+run_pgbench() {
+    local target=$1 wl=$2 round=$3 secs=$4
+    local key="$wl|$target|$round" out="$BENCH_TMP/runs/$wl.$target.$round.log"
+    local pid before="" after="" rc=0
+    local -a args
+    read -ra args <<<"${WL_ARGS[$wl]}"
+    check_alive "$target"
+    pid=$(target_pid "$target")
+    [[ -n $pid ]] && before=$(proc_cpu_ticks "$pid")
+    timeout -k 10 "$RUN_TIMEOUT" "$PGBENCH" -h 127.0.0.1 -p "$(target_port "$target")" -U postgres \
+        -n -T "$secs" "${args[@]}" "$(target_db "$target")" >"$out" 2>&1 || rc=$?
+    [[ -n $pid ]] && after=$(proc_cpu_ticks "$pid" || true)
+
+    local tps lat txn failed
+    tps=$(awk '/^tps = / { print $3; exit }' "$out")
+    lat=$(awk '/^latency average = / { print $4; exit }' "$out")
+    txn=$(awk -F': *' '/^number of transactions actually processed:/ { split($2, a, "/"); print a[1]; exit }' "$out")
+    failed=$(awk -F': *' '/^number of failed transactions:/ { split($2, a, " "); print a[1]; exit }' "$out")
+    if ((rc != 0)) || [[ -z $tps || -z $txn || ${failed:-0} != 0 ]] || ((txn == 0)); then
+        local why="exit status $rc"
+        ((rc == 124)) && why="no result after ${RUN_TIMEOUT}s (killed by timeout)"
+        [[ ${failed:-0} != 0 ]] && why+=", $failed failed transactions"
+        FAILURES+=("round $round, $wl via $target: $why")
+        warn "pgbench $wl via $target (round $round) failed: $why; its output:"
+        tail -n 15 "$out" >&2
+        check_alive "$target"
+        return 0
+    fi
+    TPS[$key]=$tps
+    LAT[$key]=$lat
+    TXN[$key]=$txn
+    local cpu_note=""
+    if [[ -n $before && -n $after ]]; then
+        CPU[$key]=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$txn" \
+            'BEGIN { printf "%.2f", t * 1e6 / hz / n }')
+        cpu_note="  ${CPU[$key]} µs CPU/txn"
+    fi
+    log "$(printf '  %-8s %-9s %10.0f tps  %8.3f ms%s' "$wl" "$target" "$tps" "$lat" "$cpu_note")"
+}
+
+if ((WARMUP > 0)); then
+    log "Warm-up: ${WARMUP}s of select per target (not counted)"
+    for target in "${TARGETS[@]}"; do
+        run_pgbench "$target" select warmup "$WARMUP"
+    done
+fi
+
+for ((round = 1; round <= ROUNDS; round++)); do
+    log "Round $round/$ROUNDS (${DURATION}s per run)"
+    for wl in "${WL_LIST[@]}"; do
+        for target in "${TARGETS[@]}"; do
+            run_pgbench "$target" "$wl" "$round" "$DURATION"
+        done
+    done
+done
+
+# --- Report -----------------------------------------------------------------
+
+# Prints the median of map $1 over the rounds of workload $2 and target $3.
+median_of() {
+    local -n map=$1
+    local -a vals=()
+    local r
+    for ((r = 1; r <= ROUNDS; r++)); do
+        [[ -n ${map["$2|$3|$r"]+set} ]] && vals+=("${map["$2|$3|$r"]}")
+    done
+    median "${vals[@]}"
+}
+
+fmt_tps() { [[ -n $1 ]] && printf '%.0f' "$1" || printf 'failed'; }
+fmt_ratio() {
+    [[ -n $1 && -n $2 ]] || return 0
+    awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf " (%.2f×)", a / b }'
+}
+fmt_cpu() { [[ -n $1 ]] && printf '%.1f' "$1" || printf 'n/a'; }
+
+tables() {
+    local have_bouncer=0 wl d o b
+    [[ -n $PGBOUNCER_BIN ]] && have_bouncer=1
+    echo "| workload | direct TPS | offshoot TPS (× direct) | pgbouncer TPS (× direct) | offshoot CPU µs/txn | pgbouncer CPU µs/txn |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for wl in "${WL_LIST[@]}"; do
+        d=$(median_of TPS "$wl" direct)
+        o=$(median_of TPS "$wl" offshoot)
+        printf '| %s | %s | %s%s ' "${WL_TITLE[$wl]}" "$(fmt_tps "$d")" "$(fmt_tps "$o")" "$(fmt_ratio "$o" "$d")"
+        if ((have_bouncer)); then
+            b=$(median_of TPS "$wl" pgbouncer)
+            printf '| %s%s ' "$(fmt_tps "$b")" "$(fmt_ratio "$b" "$d")"
+        else
+            printf '| skipped '
+        fi
+        printf '| %s ' "$(fmt_cpu "$(median_of CPU "$wl" offshoot)")"
+        if ((have_bouncer)); then
+            printf '| %s |\n' "$(fmt_cpu "$(median_of CPU "$wl" pgbouncer)")"
+        else
+            printf '| skipped |\n'
+        fi
+    done
+    if [[ " ${WL_LIST[*]} " == *" latency "* ]]; then
+        echo
+        echo "| ${WL_TITLE[latency]} | direct | offshoot | pgbouncer |"
+        echo "|---|---:|---:|---:|"
+        local t lat row1="| latency µs/txn" row2="| added vs direct, µs" dlat
+        dlat=$(median_of LAT latency direct)
+        for t in direct offshoot pgbouncer; do
+            if [[ $t == pgbouncer ]] && ((!have_bouncer)); then
+                row1+=" | skipped"
+                row2+=" | skipped"
+                continue
+            fi
+            lat=$(median_of LAT latency "$t")
+            if [[ -z $lat ]]; then
+                row1+=" | failed"
+                row2+=" | failed"
+                continue
+            fi
+            row1+=$(awk -v l="$lat" 'BEGIN { printf " | %.0f", l * 1000 }')
+            if [[ $t == direct ]]; then
+                row2+=" | —"
+            elif [[ -n $dlat ]]; then
+                row2+=$(awk -v l="$lat" -v d="$dlat" 'BEGIN { printf " | %+.0f", (l - d) * 1000 }')
+            else
+                row2+=" | n/a"
+            fi
+        done
+        echo "$row1 |"
+        echo "$row2 |"
+    fi
+}
+
+TABLES=$(tables)
+
+cpu_model=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)
+[[ -n $cpu_model ]] || cpu_model=$(uname -m)
+mem_total=$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo 2>/dev/null || true)
+pg_version=$("$PG_BIN/postgres" --version)
+bouncer_version="not run"
+[[ -n $PGBOUNCER_BIN ]] && bouncer_version=$("$PGBOUNCER_BIN" --version 2>&1 | head -n 1)
+offshoot_version=$("$OFFSHOOT_BIN" --version 2>/dev/null || echo offshoot)
+git_rev=$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || true)
+if [[ -n $git_rev ]] && [[ -n $(git -C "$REPO_DIR" status --porcelain --untracked-files=no 2>/dev/null) ]]; then
+    git_rev+=" (with uncommitted changes)"
+fi
+overrides=$(compgen -e | grep '^OFFSHOOT__' | while read -r v; do printf '%s=%s ' "$v" "${!v}"; done || true)
+
+REPORT=$(
+    cat <<EOF
+# Offshoot pgbench benchmark
+
+- Date: $(date -u '+%Y-%m-%d %H:%M UTC')
+- Machine: $(nproc) CPUs, $cpu_model, ${mem_total:-? GiB} RAM, Linux $(uname -r)
+- PostgreSQL: $pg_version; PgBouncer: $bouncer_version; $offshoot_version${git_rev:+ at $git_rev}
+- Settings: ROUNDS=$ROUNDS DURATION=${DURATION}s WARMUP=${WARMUP}s SCALE=$SCALE CLIENTS=$CLIENTS CONNECT_CLIENTS=$CONNECT_CLIENTS THREADS=$THREADS${overrides:+; Offshoot overrides: $overrides}
+- PostgreSQL: max_connections=200, shared_buffers=$PG_SHARED_BUFFERS, **fsync=off** (durability off: the benchmark measures the proxies, not the disk)
+- PgBouncer: pool_mode=session, default_pool_size=32, max_client_conn=1000, auth_type=trust, connection logging off
+- Offshoot: source \`bench\`, clients use \`bench.b1\` (database $CLONE_DB); direct and PgBouncer runs use $CLONE_DB too
+- All traffic is TCP over 127.0.0.1 with sslmode=disable; pgbench, PostgreSQL and the proxies share the same CPUs.
+- Every pgbench run uses \`-n -T $DURATION\`; targets are interleaved within each round. Values are medians over the rounds.
+- The -C row: pgbench uses one thread per client (it connects synchronously). Direct and Offshoot start a new PostgreSQL backend per transaction; PgBouncer (session mode) reuses its server connections, so only the client connection is new.
+- Latency is pgbench's "latency average" (printed to 1 µs).
+- CPU µs/txn: the proxy process's user+system CPU time during the run (/proc/<pid>/stat, ${CLK_TCK} ticks/s) divided by the transactions pgbench processed.
+
+$TABLES
+EOF
+)
+if ((${#FAILURES[@]} > 0)); then
+    REPORT+=$'\n\nFailed runs (left out of the medians):\n'
+    for f in "${FAILURES[@]}"; do REPORT+="- $f"$'\n'; done
+fi
+
+RAW=$'\n<details><summary>All runs</summary>\n\n| round | workload | target | TPS | latency ms | transactions | CPU µs/txn |\n|---:|---|---|---:|---:|---:|---:|\n'
+for ((round = 1; round <= ROUNDS; round++)); do
+    for wl in "${WL_LIST[@]}"; do
+        for target in "${TARGETS[@]}"; do
+            key="$wl|$target|$round"
+            if [[ -n ${TPS[$key]+set} ]]; then
+                RAW+="| $round | $wl | $target | $(fmt_tps "${TPS[$key]}") | ${LAT[$key]} | ${TXN[$key]} | ${CPU[$key]:-} |"$'\n'
+            else
+                RAW+="| $round | $wl | $target | failed | | | |"$'\n'
+            fi
+        done
+    done
+done
+RAW+=$'\n</details>\n'
+
+mkdir -p "$(dirname "$RESULTS_FILE")"
+printf '%s\n%s' "$REPORT" "$RAW" >"$RESULTS_FILE.tmp"
+mv "$RESULTS_FILE.tmp" "$RESULTS_FILE"
+
+echo
+echo "$REPORT"
+echo
+log "Report written to $RESULTS_FILE"
+((${#FAILURES[@]} == 0)) || die "${#FAILURES[@]} pgbench run(s) failed; see above"
