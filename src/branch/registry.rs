@@ -295,8 +295,9 @@ impl Registry {
                 Waiter::Provisioning(mut rx) => {
                     match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
                         Err(_) => return Err(ProvisionError::Timeout(id.clone())),
-                        // The sender is gone only if the creating task died; retry.
-                        Ok(Err(_)) => continue,
+                        // The sender is gone only if the creating task died (panic or
+                        // runtime shutdown): report it rather than wait on it again.
+                        Ok(Err(_)) => return Err(self.interrupted(id)),
                         Ok(Ok(v)) => v.clone(),
                     }
                 }
@@ -328,10 +329,13 @@ impl Registry {
                     let r = tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
                         .await
                         .map_err(|_| ProvisionError::Timeout(id.clone()))?;
-                    if let Ok(v) = r {
-                        if let Some(Err(e)) = v.clone() {
-                            return Err(e);
+                    match r {
+                        Ok(v) => {
+                            if let Some(Err(e)) = v.clone() {
+                                return Err(e);
+                            }
                         }
+                        Err(_) => return Err(self.interrupted(id)),
                     }
                 }
                 Err(Waiter::Deleting(mut rx)) => {
@@ -346,6 +350,24 @@ impl Registry {
             .view(id)
             .ok_or_else(|| ProvisionError::Deleting(id.clone()))?;
         Ok((view, created))
+    }
+
+    /// A creation whose task died without an outcome: forget the entry so the next
+    /// connection starts afresh (its record, if any, is settled at the next start).
+    fn interrupted(&self, id: &BranchId) -> ProvisionError {
+        let mut map = self.lock();
+        let dead = matches!(
+            map.get(id).and_then(|e| e.waiter.as_ref()),
+            Some(Waiter::Provisioning(rx)) if rx.has_changed().is_err()
+        );
+        if dead {
+            map.remove(id);
+            self.refresh_gauges(&map);
+        }
+        ProvisionError::Engine {
+            id: id.clone(),
+            err: EngineError::new("the creation was interrupted; try again"),
+        }
     }
 
     /// One look under the lock: a lease if Ready, else something to wait on (starting
