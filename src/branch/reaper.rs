@@ -83,3 +83,51 @@ pub async fn run(registry: Arc<Registry>, interval: Duration, shutdown: Cancella
     }
     registry.flush_activity();
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::branch::registry::tests::{id, registry, FakeEngine};
+    use crate::config::SourceConfig;
+
+    #[tokio::test]
+    async fn expires_only_idle_unused_non_persistent_branches() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(FakeEngine::default());
+        let config = SourceConfig {
+            idle_expire: Some(Duration::from_secs(60)),
+            persistent: vec!["qa".into()],
+            ..Default::default()
+        };
+        let reg = registry(engine.clone(), config, dir.path());
+        let wait = Duration::from_secs(5);
+        for b in ["idle", "busy", "qa"] {
+            drop(reg.acquire(&id(b), wait).await.unwrap());
+        }
+        let _open = reg.acquire(&id("busy"), wait).await.unwrap();
+
+        // Nothing is idle long enough yet.
+        assert!(reap_once(&reg, SystemTime::now()).await.is_empty());
+
+        let later = SystemTime::now() + Duration::from_secs(61);
+        let out = reap_once(&reg, later).await;
+        assert_eq!(out.len(), 1, "{out:?}");
+        match &out[0] {
+            Outcome::Expired {
+                id: gone,
+                reason,
+                idle,
+            } => {
+                assert_eq!(gone, &id("idle"));
+                assert_eq!(*reason, ExpireReason::Idle);
+                assert!(*idle >= Duration::from_secs(60));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let left: Vec<String> = reg.list().into_iter().map(|b| b.branch).collect();
+        assert_eq!(left, vec!["busy".to_string(), "qa".to_string()]);
+        assert_eq!(engine.clones.lock().unwrap().len(), 2);
+    }
+}

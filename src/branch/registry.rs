@@ -757,3 +757,201 @@ impl Registry {
         Ok(())
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::atomic::AtomicUsize;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::branch::engine::ServerAddr;
+    use crate::config::SourceConfig;
+
+    /// An engine that keeps its "clones" in a set: for the registry's own logic only.
+    #[derive(Default)]
+    pub struct FakeEngine {
+        pub clones: Mutex<BTreeSet<String>>,
+        pub creates: AtomicUsize,
+        pub fail_with: Mutex<Option<String>>,
+        pub delay: Duration,
+    }
+
+    #[async_trait]
+    impl Engine for FakeEngine {
+        fn clone_name(&self, id: &BranchId) -> String {
+            format!("{}__{}", id.source, id.branch)
+        }
+        async fn create(&self, rec: &BranchRecord) -> Result<(), EngineError> {
+            self.creates.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            if let Some(msg) = self.fail_with.lock().unwrap().clone() {
+                return Err(EngineError::new(msg));
+            }
+            self.clones.lock().unwrap().insert(rec.clone_name.clone());
+            Ok(())
+        }
+        async fn recover(&self, rec: &BranchRecord) -> Result<Recovered, EngineError> {
+            Ok(if self.clones.lock().unwrap().contains(&rec.clone_name) {
+                Recovered::Complete
+            } else {
+                Recovered::Absent
+            })
+        }
+        async fn exists(&self, rec: &BranchRecord) -> Result<bool, EngineError> {
+            Ok(self.clones.lock().unwrap().contains(&rec.clone_name))
+        }
+        async fn destroy(&self, rec: &BranchRecord, _force: bool) -> Result<(), EngineError> {
+            self.clones.lock().unwrap().remove(&rec.clone_name);
+            Ok(())
+        }
+        fn endpoint(&self, rec: &BranchRecord) -> Endpoint {
+            Endpoint {
+                addr: ServerAddr::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: 1,
+                },
+                database: rec.clone_name.clone(),
+            }
+        }
+        async fn list_marked(&self) -> Result<Vec<(String, String)>, EngineError> {
+            Ok(vec![])
+        }
+    }
+
+    pub fn id(b: &str) -> BranchId {
+        BranchId {
+            source: SourceName::new("shop").unwrap(),
+            branch: BranchName::new(b).unwrap(),
+        }
+    }
+
+    pub fn registry(
+        engine: Arc<FakeEngine>,
+        config: SourceConfig,
+        dir: &std::path::Path,
+    ) -> Arc<Registry> {
+        let source = Source::new(SourceName::new("shop").unwrap(), config, engine);
+        Arc::new(Registry::new(
+            vec![source],
+            Store::open(dir).unwrap(),
+            Arc::new(Metrics::new()),
+        ))
+    }
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn concurrent_acquires_share_one_creation() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(FakeEngine {
+            delay: Duration::from_millis(50),
+            ..Default::default()
+        });
+        let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
+        let leases: Vec<_> = (0..20)
+            .map(|_| {
+                let reg = reg.clone();
+                tokio::spawn(async move { reg.acquire(&id("a"), WAIT).await.map(|_| ()) })
+            })
+            .collect();
+        for l in leases {
+            l.await.unwrap().unwrap();
+        }
+        assert_eq!(engine.creates.load(Ordering::SeqCst), 1);
+        assert_eq!(reg.list().len(), 1);
+        assert_eq!(reg.list()[0].state, Phase::Ready);
+    }
+
+    #[tokio::test]
+    async fn failures_reach_every_waiter_and_leave_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(FakeEngine {
+            delay: Duration::from_millis(20),
+            ..Default::default()
+        });
+        *engine.fail_with.lock().unwrap() = Some("disk full".into());
+        let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
+        let x = id("x");
+        let (a, b) = tokio::join!(reg.acquire(&x, WAIT), reg.acquire(&x, WAIT));
+        for r in [a, b] {
+            let Err(e) = r else { panic!("should fail") };
+            assert!(e.to_string().contains("disk full"), "{e}");
+        }
+        assert_eq!(engine.creates.load(Ordering::SeqCst), 1);
+        assert!(reg.list().is_empty());
+        assert!(Store::open(dir.path())
+            .unwrap()
+            .load_all()
+            .unwrap()
+            .0
+            .is_empty());
+        // The next attempt tries again.
+        *engine.fail_with.lock().unwrap() = None;
+        reg.acquire(&id("x"), WAIT).await.map(|_| ()).unwrap();
+        assert_eq!(engine.creates.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn quota_counts_every_branch_of_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(FakeEngine::default());
+        let config = SourceConfig {
+            max_branches: 2,
+            ..Default::default()
+        };
+        let reg = registry(engine, config, dir.path());
+        reg.acquire(&id("a"), WAIT).await.map(|_| ()).unwrap();
+        reg.acquire(&id("b"), WAIT).await.map(|_| ()).unwrap();
+        let Err(e) = reg.acquire(&id("c"), WAIT).await else {
+            panic!("over quota")
+        };
+        assert!(matches!(e, ProvisionError::Quota { limit: 2, .. }), "{e}");
+        // Existing branches are still served.
+        reg.acquire(&id("a"), WAIT).await.map(|_| ()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn deletion_waits_for_connections_unless_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(FakeEngine::default());
+        let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
+        let lease = reg.acquire(&id("d"), WAIT).await.unwrap();
+        let err = reg
+            .delete(&id("d"), false, RemoveReason::Api)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DeleteError::InUse { conns: 1, .. }), "{err}");
+        drop(lease);
+        reg.delete(&id("d"), false, RemoveReason::Api)
+            .await
+            .unwrap();
+        assert!(engine.clones.lock().unwrap().is_empty());
+        let _lease = reg.acquire(&id("d"), WAIT).await.unwrap();
+        reg.delete(&id("d"), true, RemoveReason::Api).await.unwrap();
+        assert!(reg.list().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_restart_adopts_ready_and_settles_provisioning_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(FakeEngine::default());
+        {
+            let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
+            reg.acquire(&id("kept"), WAIT).await.map(|_| ()).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let mut rec = store.load_all().unwrap().0.remove(0);
+        rec.branch = BranchName::new("lost").unwrap();
+        rec.clone_name = "shop__lost".into();
+        rec.state = RecordState::Provisioning;
+        store.save(&rec).unwrap();
+
+        let reg = registry(engine, SourceConfig::default(), dir.path());
+        reg.adopt().await.unwrap();
+        let names: Vec<String> = reg.list().into_iter().map(|b| b.branch).collect();
+        assert_eq!(names, vec!["kept".to_string()]);
+        assert_eq!(store.load_all().unwrap().0.len(), 1);
+    }
+}
