@@ -396,3 +396,30 @@ pub fn source(name: &str, pg: &PgServer, extra: &str) -> String {
         pg.port
     )
 }
+
+// Additions for the fault tests (`faults.rs`): a proxy process driven signal by signal.
+impl ProxyProc {
+    /// Sends SIGTERM and returns at once; [`ProxyProc::try_exit`] tells when it ends.
+    pub fn sigterm(&self) {
+        let child = self.child.as_ref().expect("offshoot is running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    }
+
+    /// The exit status once the process has ended (reaping it); `None` while it runs.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        let child = self
+            .child
+            .as_mut()
+            .expect("offshoot was started and not yet reaped");
+        let status = child.try_wait().unwrap()?;
+        self.child = None;
+        Some(status)
+    }
+
+    /// Starts the proxy again (after [`ProxyProc::kill9`]) on the same config and state.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "offshoot is still running");
+        self.spawn();
+    }
+}

@@ -139,6 +139,12 @@ async fn serve(
             connections = left,
             "grace period over; closing remaining connections"
         );
+        // Closing a socket does not stop a statement the server is busy with.
+        let cancelled = proxy.cancels.cancel_all().await;
+        info!(
+            cancelled,
+            "cancelled running statements of the remaining sessions"
+        );
     }
     let _ = reaper.await;
     for h in handles {

@@ -42,6 +42,25 @@ impl Drop for KeyGuard {
     }
 }
 
+/// Delivers the server's own cancel key to the server.
+async fn send(target: &Target) -> bool {
+    let msg = encode_cancel(target.backend_pid, target.backend_secret);
+    let sent = match &target.addr {
+        ServerAddr::Tcp { host, port } => match TcpStream::connect((host.as_str(), *port)).await {
+            Ok(mut s) => s.write_all(&msg).await.is_ok(),
+            Err(_) => false,
+        },
+        ServerAddr::Unix(path) => match UnixStream::connect(path).await {
+            Ok(mut s) => s.write_all(&msg).await.is_ok(),
+            Err(_) => false,
+        },
+    };
+    if !sent {
+        tracing::warn!(server = %target.addr, "could not deliver a cancel request");
+    }
+    sent
+}
+
 fn ct_eq(a: u32, b: u32) -> bool {
     // Compare every bit regardless of where the first difference is.
     let diff = a ^ b;
@@ -87,21 +106,18 @@ impl CancelMap {
         if !ct_eq(target.secret, secret) {
             return false;
         }
-        let msg = encode_cancel(target.backend_pid, target.backend_secret);
-        let sent = match &target.addr {
-            ServerAddr::Tcp { host, port } => {
-                match TcpStream::connect((host.as_str(), *port)).await {
-                    Ok(mut s) => s.write_all(&msg).await.is_ok(),
-                    Err(_) => false,
-                }
+        send(&target).await
+    }
+
+    /// Sends a cancel for every live session: used when the shutdown grace runs out,
+    /// so statements of the sessions about to be cut do not run on unattended.
+    pub async fn cancel_all(&self) -> usize {
+        let targets: Vec<Target> = self.keys.iter().map(|t| t.value().clone()).collect();
+        let mut sent = 0;
+        for t in &targets {
+            if send(t).await {
+                sent += 1;
             }
-            ServerAddr::Unix(path) => match UnixStream::connect(path).await {
-                Ok(mut s) => s.write_all(&msg).await.is_ok(),
-                Err(_) => false,
-            },
-        };
-        if !sent {
-            tracing::warn!(server = %target.addr, "could not deliver a cancel request");
         }
         sent
     }

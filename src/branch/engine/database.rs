@@ -97,6 +97,36 @@ impl DatabaseEngine {
         Ok(row.map(|r| r.get::<_, String>(0)))
     }
 
+    /// Terminates server sessions still running `CREATE DATABASE "<clone>"`, and
+    /// waits until they are gone (the statement rolls back with its session).
+    async fn stop_orphaned_create(&self, clone: &str) -> Result<(), EngineError> {
+        let client = self.client().await?;
+        let prefix = format!("CREATE DATABASE {} ", quote_ident(clone));
+        let rows = client
+            .query(
+                "SELECT pid, query FROM pg_stat_activity \
+                 WHERE pid <> pg_backend_pid() AND state = 'active' \
+                 AND query LIKE 'CREATE DATABASE %'",
+                &[],
+            )
+            .await?;
+        for row in rows {
+            let (pid, query): (i32, String) = (row.get(0), row.get(1));
+            if !query.starts_with(&prefix) {
+                continue;
+            }
+            warn!(
+                clone,
+                pid, "stopping a creation left running by an earlier proxy"
+            );
+            // Waits up to 10 s for the session to end.
+            client
+                .query_one("SELECT pg_terminate_backend($1, 10000)", &[&pid])
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Ensures the template exists, so a missing source gives a clear error.
     pub async fn check_template(&self) -> Result<(), EngineError> {
         if self.lookup(&self.template).await?.is_none() {
@@ -165,6 +195,10 @@ impl Engine for DatabaseEngine {
     }
 
     async fn recover(&self, rec: &BranchRecord) -> Result<Recovered, EngineError> {
+        // A CREATE DATABASE sent before the crash may still be running on the server
+        // (a backend notices its vanished client only when the statement ends). Left
+        // alone it would commit after this check and block the branch; stop it first.
+        self.stop_orphaned_create(&rec.clone_name).await?;
         match self.lookup(&rec.clone_name).await? {
             None => Ok(Recovered::Absent),
             Some(comment) if comment == Self::marker(&rec.id()) => Ok(Recovered::Complete),
