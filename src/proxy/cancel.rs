@@ -1,9 +1,11 @@
 //! Proxy-issued cancel keys.
 //!
-//! Each client gets its own BackendKeyData from the proxy, never the server's. A
-//! CancelRequest carrying a known key is forwarded to the one backend session it maps
-//! to; an unknown key or a wrong secret is dropped without a word, as PostgreSQL does.
-//! Keys are never logged.
+//! Each client gets BackendKeyData with its server session's real pid (so
+//! `pg_stat_activity`, `pg_terminate_backend` and NOTIFY's sender pid mean what the
+//! client expects) and a secret issued by the proxy, unique among live sessions. The
+//! server's own secret never leaves the proxy. A CancelRequest with a live secret and
+//! the matching pid is forwarded to the one session it maps to; anything else is
+//! dropped without a word, as PostgreSQL does. Keys are never logged.
 
 use std::sync::Arc;
 
@@ -18,13 +20,12 @@ use crate::branch::engine::ServerAddr;
 /// Where a proxy key leads.
 #[derive(Clone)]
 struct Target {
-    secret: u32,
     addr: ServerAddr,
     backend_pid: u32,
     backend_secret: u32,
 }
 
-/// The live keys, shared by every connection.
+/// The live keys by proxy-issued secret, shared by every connection.
 #[derive(Default)]
 pub struct CancelMap {
     keys: DashMap<u32, Target>,
@@ -33,12 +34,12 @@ pub struct CancelMap {
 /// Removes its key when the connection ends.
 pub struct KeyGuard {
     map: Arc<CancelMap>,
-    pid: u32,
+    secret: u32,
 }
 
 impl Drop for KeyGuard {
     fn drop(&mut self) {
-        self.map.keys.remove(&self.pid);
+        self.map.keys.remove(&self.secret);
     }
 }
 
@@ -61,14 +62,9 @@ async fn send(target: &Target) -> bool {
     sent
 }
 
-fn ct_eq(a: u32, b: u32) -> bool {
-    // Compare every bit regardless of where the first difference is.
-    let diff = a ^ b;
-    std::hint::black_box(diff) == 0
-}
-
 impl CancelMap {
-    /// Issues a fresh (pid, secret) for a backend session.
+    /// Issues the key a client sees for a server session: the server's pid and a
+    /// fresh secret.
     pub fn issue(
         self: &Arc<Self>,
         addr: ServerAddr,
@@ -76,34 +72,28 @@ impl CancelMap {
         backend_secret: u32,
     ) -> (u32, u32, KeyGuard) {
         loop {
-            // Positive 31-bit pids, as clients expect from PostgreSQL.
-            let pid = rand::random::<u32>() & 0x7fff_ffff;
-            if pid == 0 {
-                continue;
-            }
             let secret = rand::random::<u32>();
-            if let Entry::Vacant(v) = self.keys.entry(pid) {
+            if let Entry::Vacant(v) = self.keys.entry(secret) {
                 v.insert(Target {
-                    secret,
                     addr,
                     backend_pid,
                     backend_secret,
                 });
                 let guard = KeyGuard {
                     map: self.clone(),
-                    pid,
+                    secret,
                 };
-                return (pid, secret, guard);
+                return (backend_pid, secret, guard);
             }
         }
     }
 
     /// Forwards a cancel for (pid, secret) if the key is live; returns whether it was.
     pub async fn forward(&self, pid: u32, secret: u32) -> bool {
-        let Some(target) = self.keys.get(&pid).map(|t| t.clone()) else {
+        let Some(target) = self.keys.get(&secret).map(|t| t.clone()) else {
             return false;
         };
-        if !ct_eq(target.secret, secret) {
+        if target.backend_pid != pid {
             return false;
         }
         send(&target).await
@@ -143,12 +133,14 @@ mod tests {
             port: 1,
         };
         let (p1, s1, g1) = map.issue(addr.clone(), 10, 20);
-        let (p2, _, g2) = map.issue(addr, 11, 21);
-        assert_ne!(p1, p2);
+        let (p2, s2, g2) = map.issue(addr, 10, 21);
+        assert_eq!((p1, p2), (10, 10), "clients see the server's pid");
+        assert_ne!(s1, s2);
+        assert_ne!(s1, 20, "the server's secret stays inside");
         assert_eq!(map.len(), 2);
-        // Wrong secret: refused before any connection is tried.
+        // Wrong secret or wrong pid: refused before any connection is tried.
         assert!(!map.forward(p1, s1.wrapping_add(1)).await);
-        assert!(!map.forward(0, 0).await);
+        assert!(!map.forward(p1 + 1, s1).await);
         drop(g1);
         drop(g2);
         assert!(map.is_empty());

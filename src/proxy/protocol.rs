@@ -191,7 +191,7 @@ pub fn encode_negotiate_protocol(options: &[&str]) -> BytesMut {
     buf
 }
 
-/// BackendKeyData with the proxy's own key.
+/// BackendKeyData as the client sees it (server pid, proxy-issued secret).
 pub fn encode_backend_key(pid: u32, secret: u32) -> [u8; 13] {
     let mut out = [0u8; 13];
     out[0] = b'K';
