@@ -68,8 +68,8 @@ pub struct ProxyConfig {
     pub provision_timeout: Duration,
     /// Client connections accepted at once; further ones get 53300.
     pub max_connections: usize,
-    /// Threads that pump bytes between clients and servers once startup is done.
-    /// 0 means one per CPU core.
+    /// Threads that run client connections, each from accept to close (startup,
+    /// authentication relay, byte pump). 0 means one per CPU core.
     pub relay_threads: usize,
     /// On SIGTERM/Ctrl-C, how long open connections may take to finish before the
     /// proxy exits anyway.

@@ -196,6 +196,9 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     orphans: Mutex<Vec<Orphan>>,
     shutting_down: AtomicBool,
+    /// The control-plane runtime: creations run there, not on the relay thread of
+    /// the connection that asked (their file and SQL work would stall its relays).
+    runtime: tokio::runtime::Handle,
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -204,6 +207,7 @@ fn rfc3339(ms: u64) -> String {
 }
 
 impl Registry {
+    /// Must be called inside the control-plane runtime.
     pub fn new(sources: Vec<Source>, store: Store, metrics: Arc<Metrics>) -> Self {
         let sources = sources.into_iter().map(|s| (s.name.clone(), s)).collect();
         let reg = Self {
@@ -213,6 +217,7 @@ impl Registry {
             metrics,
             orphans: Mutex::new(Vec::new()),
             shutting_down: AtomicBool::new(false),
+            runtime: tokio::runtime::Handle::current(),
         };
         // Every series exists from the first scrape, so rates and alerts work.
         for src in reg.sources.keys() {
@@ -442,7 +447,8 @@ impl Registry {
         self.refresh_gauges(&map);
         drop(map);
         let this = self.clone();
-        tokio::spawn(async move { this.provision(record, tx).await });
+        self.runtime
+            .spawn(async move { this.provision(record, tx).await });
         Ok(Err(Waiter::Provisioning(rx)))
     }
 

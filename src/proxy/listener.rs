@@ -22,9 +22,16 @@ pub async fn run(proxy: Arc<Proxy>, listener: TcpListener, shutdown: Cancellatio
             Ok((tcp, peer)) => {
                 proxy.metrics.connections_total.inc();
                 match proxy.conn_limit.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        tokio::spawn(startup::serve(proxy.clone(), tcp, peer, permit));
-                    }
+                    Ok(permit) => match tcp.into_std() {
+                        // The connection moves to a relay thread for the rest of its life.
+                        Ok(tcp) => proxy.relays.spawn(Box::pin(startup::serve(
+                            proxy.clone(),
+                            tcp,
+                            peer,
+                            permit,
+                        ))),
+                        Err(e) => warn!(%peer, error = %e, "cannot detach accepted socket"),
+                    },
                     Err(_) => {
                         let err = ClientError::TooManyConnections;
                         proxy

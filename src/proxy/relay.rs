@@ -8,9 +8,9 @@
 //!   bytes a full socket would not take are copied into a per-connection buffer,
 //!   which is freed once drained. Idle connections therefore hold no buffers.
 //!
-//! Plain-TCP clients are pumped on a pool of single-threaded runtimes ("relay
-//! threads"), so a busy connection never wakes a second thread. TLS clients are
-//! relayed with tokio's generic copy on the main runtime.
+//! Connections live on a pool of single-threaded runtimes ("relay threads") from
+//! accept to close, so a busy connection never wakes a second thread. TLS clients
+//! are relayed with tokio's generic copy instead of the pump.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -25,7 +25,7 @@ use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
-use tracing::{debug, Instrument, Span};
+use tracing::debug;
 
 /// Size of the per-thread read buffer.
 const SCRATCH: usize = 64 * 1024;
@@ -211,25 +211,14 @@ where
     Ok(())
 }
 
-/// The server side of a relayed connection, detached from any runtime.
-pub enum StdServer {
-    Tcp(std::net::TcpStream),
-    Unix(std::os::unix::net::UnixStream),
-}
+/// A connection's whole life, from its first byte to its last.
+pub type ConnFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// A connection whose startup is done, ready to be pumped. `hold` is dropped when
-/// the relay ends (connection count, cancel key).
-pub struct Job {
-    pub client: std::net::TcpStream,
-    pub server: StdServer,
-    pub counters: Counters,
-    pub hold: Box<dyn Send>,
-    pub span: Span,
-}
-
-/// Single-threaded runtimes that run [`Job`]s, assigned round-robin.
+/// Single-threaded runtimes ("relay threads") that each run connections from
+/// accept to close, assigned round-robin. A connection never changes thread, so a
+/// busy one wakes no other thread.
 pub struct RelayPool {
-    workers: Vec<mpsc::UnboundedSender<Job>>,
+    workers: Vec<mpsc::UnboundedSender<ConnFuture>>,
     next: AtomicUsize,
 }
 
@@ -238,7 +227,7 @@ impl RelayPool {
     pub fn start(threads: usize) -> io::Result<Self> {
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
-            let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+            let (tx, mut rx) = mpsc::unbounded_channel::<ConnFuture>();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -246,8 +235,8 @@ impl RelayPool {
                 .name(format!("offshoot-relay-{i}"))
                 .spawn(move || {
                     rt.block_on(async move {
-                        while let Some(job) = rx.recv().await {
-                            tokio::spawn(run_job(job));
+                        while let Some(conn) = rx.recv().await {
+                            tokio::spawn(conn);
                         }
                     })
                 })?;
@@ -259,38 +248,11 @@ impl RelayPool {
         })
     }
 
-    /// Hands `job` to the next relay thread.
-    pub fn submit(&self, job: Job) {
+    /// Runs `conn` on the next relay thread.
+    pub fn spawn(&self, conn: ConnFuture) {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
-        if self.workers[i].send(job).is_err() {
+        if self.workers[i].send(conn).is_err() {
             debug!("relay thread gone; dropping connection");
         }
     }
-}
-
-async fn run_job(job: Job) {
-    let Job {
-        client,
-        server,
-        counters,
-        hold,
-        span,
-    } = job;
-    async move {
-        let result = async {
-            let client = TcpStream::from_std(client)?;
-            match server {
-                StdServer::Tcp(s) => pump(&client, &TcpStream::from_std(s)?, counters).await,
-                StdServer::Unix(s) => pump(&client, &UnixStream::from_std(s)?, counters).await,
-            }
-        }
-        .await;
-        match result {
-            Ok(()) => debug!("connection closed"),
-            Err(e) => debug!(error = %e, "connection ended"),
-        }
-        drop(hold);
-    }
-    .instrument(span)
-    .await
 }

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::backend::{self, ServerStream};
 use super::protocol::{self, encode_negotiate_protocol, Initial, Startup};
-use super::relay::{self, Job, StdServer};
+use super::relay;
 use super::route::{route, server_params};
 use super::Proxy;
 use crate::error::{ClientError, ErrorKind};
@@ -160,10 +160,14 @@ async fn refuse(proxy: &Proxy, stream: &mut ClientStream, err: &ClientError) {
 /// Serves one accepted client connection from its first byte to its last.
 pub async fn serve(
     proxy: Arc<Proxy>,
-    tcp: TcpStream,
+    tcp: std::net::TcpStream,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
+    let tcp = match TcpStream::from_std(tcp) {
+        Ok(t) => t,
+        Err(e) => return debug!(%peer, error = %e, "cannot register socket"),
+    };
     let span = tracing::info_span!(
         "conn",
         %peer,
@@ -296,30 +300,21 @@ async fn serve_inner(
     }
     debug!("session open");
 
-    let hold = Box::new((lease.guard, key_guard, permit));
-    let counters = proxy.counters.clone();
-    match (client, server) {
-        (ClientStream::Plain(c), server) => {
-            let server = match server {
-                ServerStream::Tcp(s) => s.into_std().map(StdServer::Tcp),
-                ServerStream::Unix(s) => s.into_std().map(StdServer::Unix),
-            };
-            match (c.into_std(), server) {
-                (Ok(client), Ok(server)) => proxy.relays.submit(Job {
-                    client,
-                    server,
-                    counters,
-                    hold,
-                    span,
-                }),
-                _ => debug!("could not detach sockets for the relay"),
-            }
+    // Held until the session ends: the branch's connection count, the cancel key,
+    // and the connection-limit permit.
+    let _hold = (lease.guard, key_guard, permit);
+    let counters = &proxy.counters;
+    let result = match (client, server) {
+        (ClientStream::Plain(c), ServerStream::Tcp(s)) => {
+            relay::pump(&c, &s, counters.clone()).await
         }
-        (ClientStream::Tls(mut c), mut server) => {
-            if let Err(e) = relay::copy(&mut c, &mut server, &counters).await {
-                debug!(error = %e, "connection ended");
-            }
-            drop(hold);
+        (ClientStream::Plain(c), ServerStream::Unix(s)) => {
+            relay::pump(&c, &s, counters.clone()).await
         }
+        (ClientStream::Tls(mut c), mut server) => relay::copy(&mut c, &mut server, counters).await,
+    };
+    match result {
+        Ok(()) => debug!("connection closed"),
+        Err(e) => debug!(error = %e, "connection ended"),
     }
 }
