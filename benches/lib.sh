@@ -104,3 +104,63 @@ stop_process() {
     kill -KILL "$pid" 2>/dev/null || true
     return 1
 }
+
+# Prints VmRSS of process $1 in KiB (from /proc/<pid>/status); fails when it is gone.
+proc_rss_kib() {
+    awk '/^VmRSS:/ { print $2; found = 1 } END { exit !found }' "/proc/$1/status" 2>/dev/null
+}
+
+# Prints PostgreSQL's bin directory: $PG_BIN when set, else `pg_config --bindir`,
+# else the newest /usr/lib/postgresql/<version>/bin.
+find_pg_bin() {
+    if [[ -n ${PG_BIN:-} ]]; then
+        echo "$PG_BIN"
+    elif command -v pg_config >/dev/null 2>&1 && [[ -x "$(pg_config --bindir)/initdb" ]]; then
+        pg_config --bindir
+    else
+        printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1
+    fi
+}
+
+# Installs Debian packages $2... unless command $1 is already there. Only as root
+# with apt-get; the package's services are not started (policy-rc.d says no while
+# it runs, unless the machine already has a policy-rc.d, which is left alone).
+# Returns 1 when the command is still missing afterwards.
+apt_install_missing() {
+    local cmd=$1
+    shift
+    command -v "$cmd" >/dev/null 2>&1 && return 0
+    if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+        warn "$cmd is missing; install $* (needs root and apt-get)"
+        return 1
+    fi
+    log "Installing $* with apt-get (for $cmd)"
+    local policy=/usr/sbin/policy-rc.d own_policy=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && own_policy=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
+    local rc=$?
+    ((own_policy)) && rm -f "$policy"
+    ((rc == 0)) || warn "apt-get install $* failed (status $rc)"
+    command -v "$cmd" >/dev/null 2>&1
+}
+
+# Prints the path of a Python that has psycopg 3: a venv under
+# ~/.cache/offshoot-bench, made (python3 -m venv, pip install "psycopg[binary]") on
+# first use. Set BENCH_PYTHON to use another interpreter that has psycopg.
+bench_python() {
+    if [[ -n ${BENCH_PYTHON:-} ]]; then
+        echo "$BENCH_PYTHON"
+        return 0
+    fi
+    local venv="${XDG_CACHE_HOME:-$HOME/.cache}/offshoot-bench/venv"
+    if ! "$venv/bin/python" -c 'import psycopg' >/dev/null 2>&1; then
+        command -v python3 >/dev/null 2>&1 || die "python3 is needed for the benchmark clients"
+        log "Python: creating $venv with psycopg 3"
+        python3 -m venv "$venv" >&2 || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
+        "$venv/bin/pip" install -q "psycopg[binary]>=3.1" >&2 || die "pip install psycopg[binary] failed"
+    fi
+    echo "$venv/bin/python"
+}

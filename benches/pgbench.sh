@@ -11,7 +11,7 @@ source "$BENCH_DIR/lib.sh"
 
 usage() {
     cat <<'EOF'
-Usage: bash benches/pgbench.sh [--help]
+Usage: bash benches/pgbench.sh [--help | --chart-only]
 
 Measures what Offshoot costs compared with connecting to PostgreSQL directly and
 with PgBouncer. It builds the proxy (cargo build --release), creates a throw-away
@@ -33,6 +33,12 @@ Every run uses -n (no vacuum) and -T DURATION. For each Offshoot and PgBouncer r
 the proxy process's user+system CPU time (/proc/<pid>/stat) is divided by the
 transactions pgbench processed. The table shows medians over the rounds; it is
 printed on stdout and written, with the machine and the settings, to RESULTS_FILE.
+The medians also go to a CSV beside it (latest.csv), and gnuplot draws them as a
+PNG (latest.png): TPS relative to direct per workload, and the proxies' CPU
+µs/txn (benches/pgbench_chart.sh; gnuplot-nox is installed with apt-get when
+missing, and the chart is skipped with a message when it cannot be).
+`--chart-only` runs no benchmark: it redraws the PNG from the CSV (making the CSV
+from RESULTS_FILE's "All runs" table when there is none).
 Progress and diagnostics go to stderr. Everything started is stopped on exit.
 
 PostgreSQL runs with fsync=off: durability is off because the benchmark measures
@@ -68,11 +74,13 @@ Example: ROUNDS=1 DURATION=3 bash benches/pgbench.sh
 EOF
 }
 
+CHART_ONLY=0
 case "${1:-}" in
 -h | --help)
     usage
     exit 0
     ;;
+--chart-only) CHART_ONLY=1 ;;
 "") ;;
 *)
     usage >&2
@@ -102,6 +110,79 @@ for var in ROUNDS DURATION SCALE CLIENTS CONNECT_CLIENTS THREADS; do
     fi
 done
 is_uint "$WARMUP" || die "WARMUP must be a non-negative integer, got '$WARMUP'"
+
+# --- Chart --------------------------------------------------------------------
+
+CSV_FILE="${RESULTS_FILE%.md}.csv"
+PNG_FILE="${RESULTS_FILE%.md}.png"
+
+# The chart's subtitle: the date and settings lines of the Markdown report.
+chart_subtitle() {
+    awk '/^- Date: / { d = substr($0, 9) } /^- Settings: / { s = substr($0, 13); sub(/;.*/, "", s) }
+        END { printf "%s%s%s", s, (s != "" && d != "" ? "; " : ""), d }' "$RESULTS_FILE" 2>/dev/null || true
+}
+
+# Draws PNG_FILE from CSV_FILE; a chart that cannot be drawn is only a warning.
+render_chart() {
+    local rc=0
+    bash "$BENCH_DIR/pgbench_chart.sh" "$CSV_FILE" "$PNG_FILE" "$(chart_subtitle)" || rc=$?
+    case $rc in
+    0) ;;
+    2) warn "no chart: gnuplot is not available" ;;
+    *) warn "drawing the chart failed (status $rc)" ;;
+    esac
+}
+
+# Makes the CSV from a Markdown report's "All runs" table (medians over the
+# rounds, as the summary table shows them; titles from the summary table, in order).
+csv_from_markdown() {
+    awk '
+        function med(key,    n, i, j, t, a) {
+            n = split(vals[key], a, " ")
+            if (!n) return ""
+            for (i = 2; i <= n; i++) { t = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+            return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        }
+        function add(key, v) { if (v != "" && v != "failed") vals[key] = vals[key] " " v }
+        /^\| workload \| direct TPS/ { summary = 1; next }
+        summary && /^\|---/ { next }
+        summary && /^\| / { split($0, c, " \\| "); titles[++nt] = substr(c[1], 3); next }
+        summary { summary = 0 }
+        /^\| round \| workload/ { raw = 1; next }
+        raw && /^\|---/ { next }
+        raw && /^\| [0-9]/ {
+            n = split($0, c, "|")
+            for (i = 1; i <= n; i++) gsub(/^ +| +$/, "", c[i])
+            wl = c[3]; t = c[4]
+            if (!(wl in seen)) { seen[wl] = 1; order[++nw] = wl }
+            add(wl "|" t "|tps", c[5]); add(wl "|" t "|lat", c[6]); add(wl "|" t "|cpu", c[8])
+            next
+        }
+        raw { raw = 0 }
+        END {
+            if (!nw) exit 1
+            print "workload,title,direct_tps,offshoot_tps,pgbouncer_tps,direct_latency_ms,offshoot_latency_ms,pgbouncer_latency_ms,offshoot_cpu_us_per_txn,pgbouncer_cpu_us_per_txn"
+            for (i = 1; i <= nw; i++) {
+                wl = order[i]
+                printf "%s,\"%s\",%s,%s,%s,%s,%s,%s,%s,%s\n", wl, (i in titles ? titles[i] : wl),
+                    med(wl "|direct|tps"), med(wl "|offshoot|tps"), med(wl "|pgbouncer|tps"),
+                    med(wl "|direct|lat"), med(wl "|offshoot|lat"), med(wl "|pgbouncer|lat"),
+                    med(wl "|offshoot|cpu"), med(wl "|pgbouncer|cpu")
+            }
+        }' "$RESULTS_FILE"
+}
+
+if ((CHART_ONLY)); then
+    if [[ ! -s $CSV_FILE ]]; then
+        [[ -s $RESULTS_FILE ]] || die "neither $CSV_FILE nor $RESULTS_FILE exists; run the benchmark first"
+        log "No $CSV_FILE: making it from $RESULTS_FILE"
+        csv_from_markdown >"$CSV_FILE.tmp" || die "no \"All runs\" table in $RESULTS_FILE"
+        mv "$CSV_FILE.tmp" "$CSV_FILE"
+    fi
+    render_chart
+    [[ -s $PNG_FILE ]] || exit 1
+    exit 0
+fi
 
 min() { (($1 < $2)) && echo "$1" || echo "$2"; }
 
@@ -581,8 +662,21 @@ mkdir -p "$(dirname "$RESULTS_FILE")"
 printf '%s\n%s' "$REPORT" "$RAW" >"$RESULTS_FILE.tmp"
 mv "$RESULTS_FILE.tmp" "$RESULTS_FILE"
 
+# The medians as CSV (empty fields: not run or failed), then the chart.
+{
+    echo "workload,title,direct_tps,offshoot_tps,pgbouncer_tps,direct_latency_ms,offshoot_latency_ms,pgbouncer_latency_ms,offshoot_cpu_us_per_txn,pgbouncer_cpu_us_per_txn"
+    for wl in "${WL_LIST[@]}"; do
+        printf '%s,"%s",%s,%s,%s,%s,%s,%s,%s,%s\n' "$wl" "${WL_TITLE[$wl]}" \
+            "$(median_of TPS "$wl" direct)" "$(median_of TPS "$wl" offshoot)" "$(median_of TPS "$wl" pgbouncer)" \
+            "$(median_of LAT "$wl" direct)" "$(median_of LAT "$wl" offshoot)" "$(median_of LAT "$wl" pgbouncer)" \
+            "$(median_of CPU "$wl" offshoot)" "$(median_of CPU "$wl" pgbouncer)"
+    done
+} >"$CSV_FILE.tmp"
+mv "$CSV_FILE.tmp" "$CSV_FILE"
+render_chart
+
 echo
 echo "$REPORT"
 echo
-log "Report written to $RESULTS_FILE"
+log "Report written to $RESULTS_FILE (medians in $CSV_FILE${PNG_FILE:+, chart in $PNG_FILE})"
 ((${#FAILURES[@]} == 0)) || die "${#FAILURES[@]} pgbench run(s) failed; see above"
