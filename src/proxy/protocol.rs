@@ -134,10 +134,14 @@ fn parse_params(mut rest: &[u8]) -> Result<Vec<(String, String)>, ClientError> {
         };
         let value = &rest[..vend];
         rest = &rest[vend + 1..];
+        // Parameters are forwarded as they came; refusing what is not UTF-8 is
+        // clearer than passing on an altered value.
         let key = std::str::from_utf8(key)
             .map_err(|_| protocol_violation("startup parameter name is not valid UTF-8"))?;
-        let value = String::from_utf8_lossy(value).into_owned();
-        params.push((key.to_owned(), value));
+        let value = std::str::from_utf8(value).map_err(|_| {
+            ClientError::Protocol(format!("startup parameter {key:?} is not valid UTF-8"))
+        })?;
+        params.push((key.to_owned(), value.to_owned()));
         if rest.is_empty() {
             return Err(protocol_violation(
                 "invalid startup packet layout: expected terminator as last byte",
@@ -307,6 +311,14 @@ mod tests {
             u32::from_be_bytes([v[1], v[2], v[3], v[4]]) as usize,
             v.len() - 1
         );
+    }
+
+    #[test]
+    fn non_utf8_values_are_refused_not_altered() {
+        let mut body = PROTOCOL_3_0.to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0u\0application_name\0\xff\0\0");
+        let err = parse_initial(&body).unwrap_err();
+        assert!(err.to_string().contains("application_name"), "{err}");
     }
 
     #[test]
