@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures_util::stream::{self, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -32,36 +33,42 @@ pub enum Outcome {
     Kept { id: BranchId, why: String },
 }
 
+/// Deletions run at once: each DROP DATABASE waits for a checkpoint, so one after
+/// another they would make a batch of branches expire late.
+const PARALLEL_EXPIRIES: usize = 4;
+
 /// Expires every branch idle past its policy at `now`, and saves activity stamps.
 pub async fn reap_once(registry: &Registry, now: SystemTime) -> Vec<Outcome> {
     registry.flush_activity();
-    let mut out = Vec::new();
-    for (id, idle) in registry.idle_candidates(now) {
-        match registry.delete(&id, false, RemoveReason::Idle).await {
-            Ok(()) => {
-                info!(branch = %id, idle = %humantime::format_duration(trunc(idle)), reason = "idle", "branch expired");
-                out.push(Outcome::Expired {
-                    id,
-                    reason: ExpireReason::Idle,
-                    idle,
-                });
+    stream::iter(registry.idle_candidates(now))
+        .map(|(id, idle)| expire(registry, id, idle))
+        .buffer_unordered(PARALLEL_EXPIRIES)
+        .collect()
+        .await
+}
+
+async fn expire(registry: &Registry, id: BranchId, idle: Duration) -> Outcome {
+    match registry.delete(&id, false, RemoveReason::Idle).await {
+        Ok(()) => {
+            info!(branch = %id, idle = %humantime::format_duration(trunc(idle)), reason = "idle", "branch expired");
+            Outcome::Expired {
+                id,
+                reason: ExpireReason::Idle,
+                idle,
             }
-            Err(e @ (DeleteError::InUse { .. } | DeleteError::Busy(_))) => {
-                out.push(Outcome::Kept {
-                    id,
-                    why: e.to_string(),
-                });
-            }
-            Err(e) => {
-                warn!(branch = %id, error = %e, "idle branch could not be expired");
-                out.push(Outcome::Kept {
-                    id,
-                    why: e.to_string(),
-                });
+        }
+        Err(e @ (DeleteError::InUse { .. } | DeleteError::Busy(_))) => Outcome::Kept {
+            id,
+            why: e.to_string(),
+        },
+        Err(e) => {
+            warn!(branch = %id, error = %e, "idle branch could not be expired");
+            Outcome::Kept {
+                id,
+                why: e.to_string(),
             }
         }
     }
-    out
 }
 
 fn trunc(d: Duration) -> Duration {

@@ -13,6 +13,8 @@ use crate::error::ClientError;
 
 /// Accepts clients until `shutdown`; connections already accepted carry on.
 pub async fn run(proxy: Arc<Proxy>, listener: TcpListener, shutdown: CancellationToken) {
+    let mut last_warning: Option<std::time::Instant> = None;
+    let mut suppressed = 0u64;
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -48,8 +50,15 @@ pub async fn run(proxy: Arc<Proxy>, listener: TcpListener, shutdown: Cancellatio
                 }
             }
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                warn!(error = %e, "accept failed");
+                // Out of file descriptors and the like: back off instead of spinning,
+                // and say so once a second rather than for every attempt.
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    warn!(error = %e, suppressed, "accept failed");
+                    last_warning = Some(std::time::Instant::now());
+                    suppressed = 0;
+                } else {
+                    suppressed += 1;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

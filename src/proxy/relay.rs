@@ -166,7 +166,13 @@ pub struct Counters {
     pub to_client: IntCounter,
 }
 
-/// Pumps bytes both ways until both sides have closed, or either fails.
+/// Pumps bytes both ways until either side has closed (after passing on what it
+/// sent), or either fails.
+///
+/// PostgreSQL clients never half-close: a client's end of stream follows its
+/// Terminate, and nothing the server might still send has a reader. Ending there,
+/// rather than waiting for the server process to exit, frees the connection at once.
+/// Likewise, once the server has closed, nothing the client sends can be answered.
 pub async fn pump<C: RawSocket, S: RawSocket>(
     client: &C,
     server: &S,
@@ -174,27 +180,11 @@ pub async fn pump<C: RawSocket, S: RawSocket>(
 ) -> io::Result<()> {
     let mut up = Half::new(counters.to_server);
     let mut down = Half::new(counters.to_client);
-    let (mut up_done, mut down_done) = (false, false);
     poll_fn(|cx| {
-        if !up_done {
-            if let Poll::Ready(r) = up.poll(cx, client, server) {
-                r?;
-                up_done = true;
-            }
+        if let Poll::Ready(r) = up.poll(cx, client, server) {
+            return Poll::Ready(r);
         }
-        if !down_done {
-            if let Poll::Ready(r) = down.poll(cx, server, client) {
-                r?;
-                down_done = true;
-                // The server has gone: nothing the client sends can be answered.
-                up_done = true;
-            }
-        }
-        if up_done && down_done {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
-        }
+        down.poll(cx, server, client)
     })
     .await
 }

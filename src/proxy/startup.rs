@@ -255,7 +255,7 @@ async fn serve_inner(
             warn!(server = %lease.endpoint.addr, error = %e, "cannot reach branch server");
             let err = ClientError::Backend {
                 id: route.id.clone(),
-                reason: e.kind().to_string(),
+                reason: e.to_string(),
             };
             return refuse(&proxy, &mut client, &err).await;
         }

@@ -21,12 +21,19 @@ use crate::names::{quote_ident, quote_literal, BranchId, MAX_IDENT_LEN};
 
 const MARKER_PREFIX: &str = "offshoot:";
 
+/// CREATE/DROP DATABASE statements run at once per source. Each gets its own session:
+/// on a shared one they would queue behind each other, and so would the marker
+/// comment of a finished clone behind every later CREATE.
+const PARALLEL_DDL: usize = 4;
+
 pub struct DatabaseEngine {
     /// The template database.
     template: String,
     admin: tokio_postgres::Config,
     addr: ServerAddr,
+    /// Shared session for quick catalog look-ups.
     client: Mutex<Option<Arc<Client>>>,
+    ddl_slots: tokio::sync::Semaphore,
 }
 
 impl DatabaseEngine {
@@ -58,6 +65,7 @@ impl DatabaseEngine {
             admin,
             addr,
             client: Mutex::new(None),
+            ddl_slots: tokio::sync::Semaphore::new(PARALLEL_DDL),
         })
     }
 
@@ -78,6 +86,23 @@ impl DatabaseEngine {
         let client = Arc::new(client);
         *slot = Some(client.clone());
         Ok(client)
+    }
+
+    /// A session of its own for one slow statement (CREATE or DROP DATABASE), taken
+    /// with one of the `PARALLEL_DDL` slots.
+    async fn ddl_session(&self) -> Result<(Client, tokio::sync::SemaphorePermit<'_>), EngineError> {
+        let permit = self
+            .ddl_slots
+            .acquire()
+            .await
+            .map_err(|_| EngineError::new("engine is shutting down"))?;
+        let (client, conn) = self.admin.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "DDL connection closed");
+            }
+        });
+        Ok((client, permit))
     }
 
     fn marker(id: &BranchId) -> String {
@@ -169,7 +194,7 @@ impl Engine for DatabaseEngine {
     }
 
     async fn create(&self, rec: &BranchRecord) -> Result<(), EngineError> {
-        let client = self.client().await?;
+        let (client, _slot) = self.ddl_session().await?;
         let clone = quote_ident(&rec.clone_name);
         client
             .batch_execute(&format!(
@@ -239,7 +264,7 @@ impl Engine for DatabaseEngine {
                 )))
             }
         }
-        let client = self.client().await?;
+        let (client, _slot) = self.ddl_session().await?;
         let sql = if force {
             format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
