@@ -95,16 +95,6 @@ fn connections(proxy: &ProxyProc, branch: &str) -> Option<u64> {
         .map(|b| b["connections"].as_u64().unwrap())
 }
 
-fn branch_names(proxy: &ProxyProc) -> Vec<String> {
-    proxy
-        .branches()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["branch"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 async fn item_count(c: &Client) -> Result<i64, tokio_postgres::Error> {
     Ok(c.query_one("SELECT count(*) FROM items", &[]).await?.get(0))
 }
@@ -421,7 +411,7 @@ async fn assert_adopted(f: &Interrupted) {
         Some("offshoot:shop/crash"),
         "the proxy owns (marked) the clone"
     );
-    assert_eq!(branch_names(&f.proxy), vec!["crash"]);
+    assert_eq!(f.proxy.branch_names(), vec!["crash"]);
     assert_eq!(f.proxy.branches()[0]["state"], "ready");
     let (status, orphans) = f.proxy.api("GET", "/api/v1/orphans", None);
     assert_eq!((status, orphans.as_str()), (200, "[]"));
@@ -630,7 +620,7 @@ async fn assert_nothing_left(d: &SmallDisk) {
         .path()
         .join("state/branches/shop/full.json")
         .exists());
-    assert_eq!(branch_names(&d.proxy), vec!["fits"]);
+    assert_eq!(d.proxy.branch_names(), vec!["fits"]);
     assert_eq!(item_count(&d.fits).await.unwrap(), 3);
     let again = d.proxy.connect("shop.fits").await.unwrap();
     let rows: i64 = again

@@ -307,6 +307,16 @@ impl ProxyProc {
             .unwrap_or(0.0)
     }
 
+    /// The branch names `/api/v1/branches` lists, in its order.
+    pub fn branch_names(&self) -> Vec<String> {
+        self.branches()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["branch"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     pub fn branches(&self) -> serde_json::Value {
         let (status, body) = self.api("GET", "/api/v1/branches", None);
         assert_eq!(status, 200, "{body}");

@@ -142,14 +142,7 @@ async fn kill_9_and_restart_keeps_every_branch() {
             .unwrap();
     }
     proxy.kill9_and_restart();
-    let list = proxy.branches();
-    let names: Vec<&str> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["branch"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, vec!["k1", "k2"]);
+    assert_eq!(proxy.branch_names(), vec!["k1", "k2"]);
     for b in ["k1", "k2"] {
         let c = proxy.connect(&format!("shop.{b}")).await.unwrap();
         let note: String = c
@@ -201,14 +194,7 @@ async fn interrupted_creation_is_settled_on_restart() {
         .unwrap();
 
     proxy.kill9_and_restart();
-    let list = proxy.branches();
-    let names: Vec<&str> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["branch"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, vec!["half"]);
+    assert_eq!(proxy.branch_names(), vec!["half"]);
     assert!(!dir.join("never.json").exists());
     let s = proxy.connect("shop.half").await.unwrap();
     s.simple_query("SELECT 1").await.unwrap();

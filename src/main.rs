@@ -20,30 +20,25 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Configuration file (TOML). Environment variables `OFFSHOOT__SECTION__KEY`
+    /// override its values.
+    #[arg(
+        long,
+        short,
+        default_value = "conf/offshoot.toml",
+        env = "OFFSHOOT_CONFIG"
+    )]
+    config: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (and the embedded PostgreSQL, if a source needs it).
-    Serve {
-        /// Configuration file (TOML). Environment variables
-        /// `OFFSHOOT__SECTION__KEY` override its values.
-        #[arg(
-            long,
-            short,
-            default_value = "conf/offshoot.toml",
-            env = "OFFSHOOT_CONFIG"
-        )]
-        config: PathBuf,
-    },
+    Serve(ConfigArg),
     /// Check a configuration file and exit.
-    Check {
-        #[arg(
-            long,
-            short,
-            default_value = "conf/offshoot.toml",
-            env = "OFFSHOOT_CONFIG"
-        )]
-        config: PathBuf,
-    },
+    Check(ConfigArg),
     /// List, create or delete branches through a running proxy's admin API.
     Branch {
         /// The admin API address (`admin.listen` of the running proxy).
@@ -115,7 +110,7 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = match &cli.command {
-        Command::Serve { config } | Command::Check { config } => config,
+        Command::Serve(ConfigArg { config }) | Command::Check(ConfigArg { config }) => config,
         Command::Branch { admin, action } => return branch_command(admin, action),
     };
     let cfg = match Config::load(config) {
@@ -125,7 +120,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    if let Command::Check { .. } = cli.command {
+    if let Command::Check(_) = cli.command {
         println!(
             "{}: configuration is valid ({} sources)",
             config.display(),

@@ -9,6 +9,58 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::branch::Registry;
+
+/// Implements tokio's AsyncRead and AsyncWrite for an enum of two streams by
+/// forwarding to whichever variant it holds.
+macro_rules! either_stream {
+    ($ty:ident { $a:ident, $b:ident }) => {
+        impl tokio::io::AsyncRead for $ty {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $ty::$a(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+                    $ty::$b(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+                }
+            }
+        }
+
+        impl tokio::io::AsyncWrite for $ty {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                match self.get_mut() {
+                    $ty::$a(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+                    $ty::$b(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+                }
+            }
+
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $ty::$a(s) => std::pin::Pin::new(s).poll_flush(cx),
+                    $ty::$b(s) => std::pin::Pin::new(s).poll_flush(cx),
+                }
+            }
+
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $ty::$a(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+                    $ty::$b(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+                }
+            }
+        }
+    };
+}
 use crate::config::ProxyConfig;
 use crate::metrics::Metrics;
 
