@@ -4,6 +4,7 @@
 mod harness;
 
 mod admin;
+mod embedded;
 mod faults;
 mod lifecycle;
 mod protocol;
