@@ -244,6 +244,16 @@ impl ProxyProc {
         }
     }
 
+    /// Asks the running proxy to reload its TLS certificate.
+    pub fn sighup(&self) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("SIGHUP sent");
+    }
+
     /// SIGKILL, then start again on the same config and state.
     pub fn kill9_and_restart(&mut self) {
         self.kill9();

@@ -195,34 +195,58 @@ async fn cancel_requests_reach_the_right_backend() {
     assert!(out.is_empty());
 }
 
+/// Makes a self-signed certificate for `cn` at `dir/{cert,key}.pem`.
+fn make_cert(dir: &std::path::Path, cn: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+        ])
+        .arg(format!("/CN={cn}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "made a test certificate");
+    (cert, key)
+}
+
+/// The subject the proxy's certificate shows to a TLS client right now.
+fn served_subject(port: u16) -> String {
+    let out = Command::new("openssl")
+        .args(["s_client", "-starttls", "postgres", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.starts_with("subject="))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn psql(conninfo: &str, sql: &str) -> (bool, String) {
+    let out = Command::new("psql")
+        .arg(conninfo)
+        .args(["-X", "-At", "-c", sql])
+        .output()
+        .expect("psql");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_handshake_with_a_test_certificate() {
     let pg = PgServer::start();
     pg.make_source("shop").await;
     let certs = tempfile::tempdir().unwrap();
-    let cert = certs.path().join("cert.pem");
-    let key = certs.path().join("key.pem");
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl")
-        .status
-        .success();
-    assert!(ok, "made a test certificate");
+    let (cert, key) = make_cert(certs.path(), "localhost");
     let proxy = ProxyProc::start(&format!(
         "[tls]\ncert = \"{}\"\nkey = \"{}\"\n{}",
         cert.display(),
@@ -254,4 +278,75 @@ async fn tls_handshake_with_a_test_certificate() {
     // Plain clients are still welcome when TLS is optional.
     let c = proxy.connect("shop.tls").await.unwrap();
     c.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_required_refuses_plaintext_and_certificates_reload_on_sighup() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = make_cert(certs.path(), "first.example");
+    let proxy = ProxyProc::start(&format!(
+        "[tls]\nmode = \"require\"\ncert = \"{}\"\nkey = \"{}\"\n{}",
+        cert.display(),
+        key.display(),
+        source("shop", &pg, "")
+    ));
+    let base = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=shop.req",
+        proxy.port
+    );
+
+    let err = proxy.connect("shop.req").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "28000");
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("sslmode=require"),
+        "{err}"
+    );
+    let (ok, out) = psql(&format!("{base} sslmode=require"), "SELECT 'tls ok'");
+    assert!(ok && out.contains("tls ok"), "{out}");
+
+    // A new certificate is served after SIGHUP, without a restart.
+    assert!(served_subject(proxy.port).contains("first.example"));
+    make_cert(certs.path(), "second.example");
+    proxy.sighup();
+    assert!(
+        eventually(10, || served_subject(proxy.port).contains("second.example")).await,
+        "new certificate not served after SIGHUP:\n{}",
+        proxy.log()
+    );
+    assert!(proxy.log().contains("TLS certificate reloaded"));
+    // A broken file leaves the working certificate in place.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    proxy.sighup();
+    assert!(eventually(10, || proxy.log().contains("TLS reload failed")).await);
+    assert!(served_subject(proxy.port).contains("second.example"));
+    let (ok, out) = psql(&format!("{base} sslmode=require"), "SELECT 'still ok'");
+    assert!(ok && out.contains("still ok"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_connections_are_refused_unless_allowed() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    pg.make_source("open").await;
+    let proxy = ProxyProc::start(&format!(
+        "{}{}",
+        source("shop", &pg, ""),
+        source("open", &pg, "allow_replication = true")
+    ));
+    let conn = |db: &str| {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db} replication=database",
+            proxy.port
+        )
+    };
+    let (ok, out) = psql(&conn("shop.r"), "IDENTIFY_SYSTEM");
+    assert!(!ok, "{out}");
+    assert!(out.contains("allow_replication"), "{out}");
+    let (ok, out) = psql(&conn("open.r"), "IDENTIFY_SYSTEM");
+    assert!(ok, "allowed source passes replication through: {out}");
 }

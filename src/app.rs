@@ -14,7 +14,7 @@ use crate::branch::engine::Engine;
 use crate::branch::reaper;
 use crate::branch::store::Store;
 use crate::branch::{Registry, Source};
-use crate::config::{Config, EngineKind, RouteBy};
+use crate::config::{Config, EngineKind, RouteBy, TlsConfig, TlsMode};
 use crate::embedded::Embedded;
 use crate::metrics::Metrics;
 use crate::names::SourceName;
@@ -86,7 +86,7 @@ async fn serve(
     registry.adopt().await.context("reading branch records")?;
 
     let tls = match (&cfg.tls.cert, &cfg.tls.key) {
-        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        (Some(cert), Some(key)) if cfg.tls.enabled() => Some(tls::acceptor(cert, key)?),
         _ => None,
     };
     let listener = TcpListener::bind(cfg.proxy.listen)
@@ -97,6 +97,7 @@ async fn serve(
         registry.clone(),
         metrics.clone(),
         tls,
+        cfg.tls.mode == TlsMode::Require,
     )?);
 
     let tasks = CancellationToken::new();
@@ -122,6 +123,11 @@ async fn serve(
         tasks.clone(),
     ));
     let accept = tokio::spawn(listener::run(proxy.clone(), listener, tasks.clone()));
+    if cfg.tls.enabled() {
+        handles.push(
+            tokio::spawn(reload_tls_on_sighup(cfg.tls.clone(), proxy.clone())).abort_handle(),
+        );
+    }
     announce(cfg, embedded);
 
     shutdown.cancelled().await;
@@ -151,6 +157,31 @@ async fn serve(
         h.abort();
     }
     Ok(())
+}
+
+/// Re-reads the certificate and key on every SIGHUP. Connections already open keep
+/// the session they negotiated; a file that does not load leaves the previous
+/// certificate in place.
+async fn reload_tls_on_sighup(tls_cfg: TlsConfig, proxy: Arc<Proxy>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => return warn!(error = %e, "cannot watch SIGHUP; TLS reload disabled"),
+    };
+    let (Some(cert), Some(key)) = (tls_cfg.cert, tls_cfg.key) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match tls::acceptor(&cert, &key) {
+            Ok(acceptor) => {
+                *proxy.tls.write().unwrap_or_else(|p| p.into_inner()) = Some(acceptor);
+                info!(cert = %cert.display(), "TLS certificate reloaded");
+            }
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "TLS reload failed; keeping the previous certificate")
+            }
+        }
+    }
 }
 
 /// Tells a new user how to connect.

@@ -92,18 +92,37 @@ impl Default for ProxyConfig {
     }
 }
 
+/// What the proxy demands of clients' TLS.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Answer every SSLRequest with `N`.
+    Disable,
+    /// Accept TLS when a client asks, plain otherwise (for a server, the same as
+    /// `prefer`).
+    Allow,
+    /// Accept TLS when a client asks, plain otherwise.
+    #[default]
+    Prefer,
+    /// Refuse clients that do not use TLS (28000).
+    Require,
+}
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
-    /// PEM certificate chain presented to clients.
+    /// What clients must do; TLS is offered only when `cert` and `key` are set.
+    pub mode: TlsMode,
+    /// PEM certificate chain presented to clients. Re-read on SIGHUP.
     pub cert: Option<PathBuf>,
-    /// PEM private key of `cert`.
+    /// PEM private key of `cert`. Re-read on SIGHUP.
     pub key: Option<PathBuf>,
 }
 
 impl TlsConfig {
+    /// Whether clients are offered TLS.
     pub fn enabled(&self) -> bool {
-        self.cert.is_some() && self.key.is_some()
+        self.mode != TlsMode::Disable && self.cert.is_some() && self.key.is_some()
     }
 }
 
@@ -215,6 +234,9 @@ pub struct SourceConfig {
     /// Seed the demo shop schema into the source database when it does not exist yet
     /// (embedded server only).
     pub seed_demo: bool,
+    /// Let replication connections (`replication=...` in the startup packet) through
+    /// to branches; refused by default.
+    pub allow_replication: bool,
 }
 
 impl Default for SourceConfig {
@@ -228,6 +250,7 @@ impl Default for SourceConfig {
             max_branches: 50,
             persistent: Vec::new(),
             seed_demo: false,
+            allow_replication: false,
         }
     }
 }
@@ -321,6 +344,12 @@ impl Config {
                 "TLS needs both `tls.cert` and `tls.key`",
             ));
         }
+        if self.tls.mode == TlsMode::Require && self.tls.cert.is_none() {
+            return Err(invalid(
+                "tls.mode",
+                "\"require\" needs `tls.cert` and `tls.key`",
+            ));
+        }
         if self.reaper.interval.is_zero() {
             return Err(invalid("reaper.interval", "must be greater than zero"));
         }
@@ -408,6 +437,8 @@ mod tests {
             .contains("sources.shop.persistent"));
         assert!(err("[sources.shop]\nmax_branches = 0\n").contains("sources.shop.max_branches"));
         assert!(err("[tls]\ncert = \"a.pem\"\n").contains("tls.key"));
+        assert!(err("[tls]\nmode = \"require\"\n").contains("tls.mode"));
+        assert!(err("[tls]\nmode = \"always\"\n").contains("mode"));
         assert!(err("[proxy]\nlisten = \"nowhere\"\n").contains("listen"));
         assert!(err("[proxy]\nstartup_timeout = \"soon\"\n").contains("startup_timeout"));
         assert!(err("[proxy]\nlisten_typo = 1\n").contains("listen_typo"));

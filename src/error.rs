@@ -79,6 +79,10 @@ pub enum ClientError {
     Backend { id: BranchId, reason: String },
     #[error("sorry, too many clients already")]
     TooManyConnections,
+    #[error("this proxy requires TLS: connect with sslmode=require (or verify-full)")]
+    TlsRequired,
+    #[error("replication connections to source {0} are not allowed through the proxy (sources.{0}.allow_replication)")]
+    Replication(String),
 }
 
 /// Why a startup packet does not name a reachable branch.
@@ -104,6 +108,7 @@ pub enum ErrorKind {
     ProvisionFailed,
     Backend,
     TooManyConnections,
+    TlsRequired,
     ShuttingDown,
 }
 
@@ -117,6 +122,7 @@ impl ErrorKind {
             ErrorKind::ProvisionFailed => "provision_failed",
             ErrorKind::Backend => "backend",
             ErrorKind::TooManyConnections => "too_many_connections",
+            ErrorKind::TlsRequired => "tls_required",
             ErrorKind::ShuttingDown => "shutting_down",
         }
     }
@@ -139,6 +145,8 @@ impl ClientError {
             },
             ClientError::Backend { .. } => ErrorKind::Backend,
             ClientError::TooManyConnections => ErrorKind::TooManyConnections,
+            ClientError::TlsRequired => ErrorKind::TlsRequired,
+            ClientError::Replication(_) => ErrorKind::Routing,
         }
     }
 
@@ -159,6 +167,8 @@ impl ClientError {
             },
             ClientError::Backend { .. } => "08006",
             ClientError::TooManyConnections => "53300",
+            ClientError::TlsRequired => "28000",
+            ClientError::Replication(_) => "0A000",
         }
     }
 

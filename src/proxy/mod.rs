@@ -85,6 +85,8 @@ pub struct Proxy {
     pub counters: relay::Counters,
     /// One permit per open client connection (`proxy.max_connections`).
     pub conn_limit: Arc<Semaphore>,
+    /// `tls.mode = "require"`: plaintext sessions are refused.
+    pub tls_required: bool,
 }
 
 impl Proxy {
@@ -93,6 +95,7 @@ impl Proxy {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         tls: Option<TlsAcceptor>,
+        tls_required: bool,
     ) -> std::io::Result<Self> {
         let threads = match config.relay_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -111,6 +114,7 @@ impl Proxy {
             tls: RwLock::new(tls),
             relays: relay::RelayPool::start(threads)?,
             counters,
+            tls_required,
         })
     }
 

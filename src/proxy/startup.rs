@@ -186,12 +186,30 @@ async fn serve_inner(
         Ok(Ok(Some(Negotiated::Startup(client, startup)))) => (client, startup),
     };
 
+    if proxy.tls_required && matches!(client, ClientStream::Plain(_)) {
+        return refuse(&proxy, &mut client, &ClientError::TlsRequired).await;
+    }
     let route = match route(&startup, &proxy.config, &proxy.registry) {
         Ok(r) => r,
         Err(e) => return refuse(&proxy, &mut client, &e.into()).await,
     };
     span.record("source", route.id.source.as_str());
     span.record("branch", route.id.branch.as_str());
+    // Replication sessions would stream the clone's WAL and bypass its policies.
+    let replication = startup.get("replication").is_some_and(|v| {
+        !matches!(
+            v.to_ascii_lowercase().as_str(),
+            "false" | "off" | "no" | "0"
+        )
+    });
+    let allowed = proxy
+        .registry
+        .source(route.id.source.as_str())
+        .is_some_and(|s| s.config.allow_replication);
+    if replication && !allowed {
+        let err = ClientError::Replication(route.id.source.to_string());
+        return refuse(&proxy, &mut client, &err).await;
+    }
 
     // A client asking for a newer minor version or protocol options is told what is
     // served, once, before anything else (as PostgreSQL does); the server sees 3.0.
