@@ -350,3 +350,39 @@ async fn replication_connections_are_refused_unless_allowed() {
     let (ok, out) = psql(&conn("open.r"), "IDENTIFY_SYSTEM");
     assert!(ok, "allowed source passes replication through: {out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_names_the_branch() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = make_cert(certs.path(), "*.shop.db.example.com");
+    let proxy = ProxyProc::start(&format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nsni_suffix = \"db.example.com\"\n{}",
+        cert.display(),
+        key.display(),
+        source("shop", &pg, "")
+    ));
+    // libpq sends the host name as SNI; hostaddr skips the DNS look-up.
+    let conninfo = |host: &str| {
+        format!(
+            "host={host} hostaddr=127.0.0.1 port={} user=postgres dbname=shop sslmode=require",
+            proxy.port
+        )
+    };
+    let (ok, out) = psql(
+        &conninfo("pr-42.shop.db.example.com"),
+        "SELECT current_database()",
+    );
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), "shop__pr-42");
+    // A name outside the suffix routes by the database name as usual.
+    let (ok, out) = psql(&conninfo("other.example.org"), "SELECT current_database()");
+    assert!(!ok, "{out}");
+    assert!(out.contains("names no branch"), "{out}");
+    // Bad branch names in the server name get the usual 3D000 rule (TLS server
+    // names arrive lowercased, so too long is what can still be wrong).
+    let long = format!("{}.shop.db.example.com", "x".repeat(41));
+    let (ok, out) = psql(&conninfo(&long), "SELECT 1");
+    assert!(!ok && out.contains("at most 40 characters"), "{out}");
+}

@@ -14,7 +14,7 @@ use crate::branch::engine::Engine;
 use crate::branch::reaper;
 use crate::branch::store::Store;
 use crate::branch::{Registry, Source};
-use crate::config::{Config, EngineKind, RouteBy, TlsConfig, TlsMode};
+use crate::config::{Config, EngineKind, RouteBy, TlsConfig};
 use crate::embedded::Embedded;
 use crate::metrics::Metrics;
 use crate::names::SourceName;
@@ -97,7 +97,7 @@ async fn serve(
         registry.clone(),
         metrics.clone(),
         tls,
-        cfg.tls.mode == TlsMode::Require,
+        &cfg.tls,
     )?);
 
     let tasks = CancellationToken::new();

@@ -117,6 +117,10 @@ pub struct TlsConfig {
     pub cert: Option<PathBuf>,
     /// PEM private key of `cert`. Re-read on SIGHUP.
     pub key: Option<PathBuf>,
+    /// With `sni_suffix = "db.example.com"`, a TLS client that connects to host
+    /// `pr-42.shop.db.example.com` reaches branch `pr-42` of source `shop`, whatever
+    /// its database name says.
+    pub sni_suffix: Option<String>,
 }
 
 impl TlsConfig {
@@ -349,6 +353,14 @@ impl Config {
                 "tls.mode",
                 "\"require\" needs `tls.cert` and `tls.key`",
             ));
+        }
+        if let Some(suffix) = &self.tls.sni_suffix {
+            if suffix.is_empty() || suffix.starts_with('.') || suffix.ends_with('.') {
+                return Err(invalid(
+                    "tls.sni_suffix",
+                    "a domain such as \"db.example.com\", without leading or trailing dots",
+                ));
+            }
         }
         if self.reaper.interval.is_zero() {
             return Err(invalid("reaper.interval", "must be greater than zero"));

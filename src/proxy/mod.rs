@@ -87,6 +87,8 @@ pub struct Proxy {
     pub conn_limit: Arc<Semaphore>,
     /// `tls.mode = "require"`: plaintext sessions are refused.
     pub tls_required: bool,
+    /// `tls.sni_suffix`: TLS server names under it name the branch.
+    pub sni_suffix: Option<String>,
 }
 
 impl Proxy {
@@ -95,7 +97,7 @@ impl Proxy {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         tls: Option<TlsAcceptor>,
-        tls_required: bool,
+        tls_config: &crate::config::TlsConfig,
     ) -> std::io::Result<Self> {
         let threads = match config.relay_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -114,7 +116,8 @@ impl Proxy {
             tls: RwLock::new(tls),
             relays: relay::RelayPool::start(threads)?,
             counters,
-            tls_required,
+            tls_required: tls_config.mode == crate::config::TlsMode::Require,
+            sni_suffix: tls_config.sni_suffix.clone(),
         })
     }
 

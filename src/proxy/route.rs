@@ -25,10 +25,25 @@ fn split_last<'a>(name: &'a str, sep: &str) -> (&'a str, Option<&'a str>) {
 }
 
 /// Resolves a startup packet to a branch.
+/// `(source, branch)` named by a TLS server name under `suffix`:
+/// `pr-42.shop.db.example.com` under `db.example.com` is branch `pr-42` of `shop`.
+pub fn from_server_name<'a>(name: &'a str, suffix: &str) -> Option<(&'a str, &'a str)> {
+    let cut = name.len().checked_sub(suffix.len() + 1)?;
+    let (head, tail) = name.split_at(cut);
+    if !tail.starts_with('.') || !tail[1..].eq_ignore_ascii_case(suffix) {
+        return None;
+    }
+    let (branch, source) = head.split_once('.')?;
+    Some((source, branch))
+}
+
+/// Resolves a startup packet to a branch. `sni` is the `(source, branch)` a TLS
+/// server name named, which takes precedence over the database name.
 pub fn route(
     startup: &Startup,
     cfg: &ProxyConfig,
     registry: &Registry,
+    sni: Option<(&str, &str)>,
 ) -> Result<Route, RouteError> {
     let user = startup
         .get("user")
@@ -40,12 +55,13 @@ pub fn route(
         .filter(|d| !d.is_empty())
         .unwrap_or(user);
     let sep = cfg.separator.as_str();
-    let (source_name, branch, server_user) = match cfg.route_by {
-        RouteBy::Database => {
+    let (source_name, branch, server_user) = match (sni, cfg.route_by) {
+        (Some((source, branch)), _) => (source, Some(branch), user),
+        (None, RouteBy::Database) => {
             let (s, b) = split_last(database, sep);
             (s, b, user)
         }
-        RouteBy::User => {
+        (None, RouteBy::User) => {
             let (u, b) = split_last(user, sep);
             (database, b, u)
         }
@@ -107,6 +123,23 @@ mod tests {
         assert_eq!(split_last("a.b.c", "."), ("a.b", Some("c")));
         assert_eq!(split_last("shop", "."), ("shop", None));
         assert_eq!(split_last("shop.", "."), ("shop", Some("")));
+    }
+
+    #[test]
+    fn server_names_route_under_the_suffix() {
+        let s = "db.example.com";
+        assert_eq!(
+            from_server_name("pr-42.shop.db.example.com", s),
+            Some(("shop", "pr-42"))
+        );
+        assert_eq!(
+            from_server_name("pr-42.shop.DB.Example.com", s),
+            Some(("shop", "pr-42"))
+        );
+        assert_eq!(from_server_name("shop.db.example.com", s), None);
+        assert_eq!(from_server_name("pr-42.shop.xdb.example.com", s), None);
+        assert_eq!(from_server_name("db.example.com", s), None);
+        assert_eq!(from_server_name("x", s), None);
     }
 
     #[test]

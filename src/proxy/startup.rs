@@ -189,7 +189,15 @@ async fn serve_inner(
     if proxy.tls_required && matches!(client, ClientStream::Plain(_)) {
         return refuse(&proxy, &mut client, &ClientError::TlsRequired).await;
     }
-    let route = match route(&startup, &proxy.config, &proxy.registry) {
+    let server_name = match &client {
+        ClientStream::Tls(tls) => tls.get_ref().1.server_name().map(str::to_owned),
+        ClientStream::Plain(_) => None,
+    };
+    let sni = match (&server_name, &proxy.sni_suffix) {
+        (Some(name), Some(suffix)) => super::route::from_server_name(name, suffix),
+        _ => None,
+    };
+    let route = match route(&startup, &proxy.config, &proxy.registry, sni) {
         Ok(r) => r,
         Err(e) => return refuse(&proxy, &mut client, &e.into()).await,
     };
