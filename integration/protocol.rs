@@ -193,6 +193,22 @@ async fn cancel_requests_reach_the_right_backend() {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     assert!(out.is_empty());
+    // Guessing keys at speed is rate-limited per address (cancel_rate = 10/s).
+    for guess in 0..40u8 {
+        let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+        s.write_all(&[
+            0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 1, 0, 0, 0, guess,
+        ])
+        .unwrap();
+        let _ = s.read_to_end(&mut Vec::new());
+    }
+    assert!(
+        eventually(5, || proxy
+            .metric("offshoot_cancel_requests_total{outcome=\"rate_limited\"}")
+            >= 10.0)
+        .await,
+        "bursts of cancels are limited"
+    );
 }
 
 /// Makes a self-signed certificate for `cn` at `dir/{cert,key}.pem`.

@@ -71,6 +71,9 @@ pub struct ProxyConfig {
     /// Threads that run client connections, each from accept to close (startup,
     /// authentication relay, byte pump). 0 means one per CPU core.
     pub relay_threads: usize,
+    /// CancelRequests accepted per second from one client address (bursts of twice
+    /// that); more are dropped, so cancel keys cannot be guessed at speed. 0: no limit.
+    pub cancel_rate: u32,
     /// On SIGTERM/Ctrl-C, how long open connections may take to finish before the
     /// proxy exits anyway.
     #[serde(with = "humantime_serde")]
@@ -87,6 +90,7 @@ impl Default for ProxyConfig {
             provision_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             relay_threads: 0,
+            cancel_rate: 10,
             shutdown_grace: Duration::from_secs(10),
         }
     }

@@ -7,7 +7,9 @@
 //! the matching pid is forwarded to the one session it maps to; anything else is
 //! dropped without a word, as PostgreSQL does. Keys are never logged.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -121,6 +123,55 @@ impl CancelMap {
     }
 }
 
+/// A token bucket per client address for CancelRequests: `rate` per second, bursts
+/// of up to `rate` more.
+pub struct CancelLimit {
+    rate: f64,
+    buckets: DashMap<IpAddr, (f64, Instant)>,
+}
+
+/// Addresses tracked before idle buckets are swept.
+const MAX_TRACKED: usize = 10_000;
+
+impl CancelLimit {
+    pub fn new(rate_per_second: u32) -> Self {
+        Self {
+            rate: f64::from(rate_per_second),
+            buckets: DashMap::new(),
+        }
+    }
+
+    /// Takes one token for `ip`; false when its bucket is empty.
+    pub fn allow(&self, ip: IpAddr) -> bool {
+        self.allow_at(ip, Instant::now())
+    }
+
+    fn allow_at(&self, ip: IpAddr, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        if self.buckets.len() > MAX_TRACKED {
+            // Full buckets carry no information: forget them.
+            let (rate, cap) = (self.rate, self.rate * 2.0);
+            self.buckets.retain(|_, (tokens, last)| {
+                *tokens + now.saturating_duration_since(*last).as_secs_f64() * rate < cap
+            });
+        }
+        let cap = self.rate * 2.0;
+        let mut entry = self.buckets.entry(ip).or_insert((cap, now));
+        let (tokens, last) = &mut *entry;
+        *tokens =
+            (*tokens + now.saturating_duration_since(*last).as_secs_f64() * self.rate).min(cap);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +195,18 @@ mod tests {
         drop(g1);
         drop(g2);
         assert!(map.is_empty());
+    }
+
+    #[test]
+    fn cancels_are_rate_limited_per_address() {
+        let limit = CancelLimit::new(5);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        let allowed = (0..20).filter(|_| limit.allow_at(a, t0)).count();
+        assert_eq!(allowed, 10, "a burst of twice the rate");
+        assert!(limit.allow_at(b, t0), "other addresses are not affected");
+        assert!(!limit.allow_at(a, t0));
+        assert!(limit.allow_at(a, t0 + std::time::Duration::from_millis(250)));
+        assert!(CancelLimit::new(0).allow(a), "0 turns the limit off");
     }
 }

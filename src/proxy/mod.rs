@@ -79,6 +79,8 @@ pub struct Proxy {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub cancels: Arc<cancel::CancelMap>,
+    /// `proxy.cancel_rate`: CancelRequests per second per client address.
+    pub cancel_limit: cancel::CancelLimit,
     /// Swappable so certificates can be reloaded without a restart.
     pub tls: RwLock<Option<TlsAcceptor>>,
     pub relays: relay::RelayPool,
@@ -109,6 +111,7 @@ impl Proxy {
         };
         Ok(Self {
             conn_limit: Arc::new(Semaphore::new(config.max_connections)),
+            cancel_limit: cancel::CancelLimit::new(config.cancel_rate),
             config,
             registry,
             metrics,

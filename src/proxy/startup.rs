@@ -138,7 +138,7 @@ pub async fn serve(
         source = tracing::field::Empty,
         branch = tracing::field::Empty
     );
-    serve_inner(proxy, tcp, span.clone(), permit)
+    serve_inner(proxy, tcp, peer, span.clone(), permit)
         .instrument(span)
         .await
 }
@@ -146,6 +146,7 @@ pub async fn serve(
 async fn serve_inner(
     proxy: Arc<Proxy>,
     tcp: TcpStream,
+    peer: SocketAddr,
     span: tracing::Span,
     permit: OwnedSemaphorePermit,
 ) {
@@ -171,7 +172,10 @@ async fn serve_inner(
             return;
         }
         Ok(Ok(Some(Negotiated::Cancel { pid, secret }))) => {
-            let outcome = if proxy.cancels.forward(pid, secret).await {
+            // Rate-limited per address: guessing secrets costs a connection each.
+            let outcome = if !proxy.cancel_limit.allow(peer.ip()) {
+                "rate_limited"
+            } else if proxy.cancels.forward(pid, secret).await {
                 "forwarded"
             } else {
                 "ignored"
