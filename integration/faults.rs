@@ -95,6 +95,21 @@ fn connections(proxy: &ProxyProc, branch: &str) -> Option<u64> {
         .map(|b| b["connections"].as_u64().unwrap())
 }
 
+/// The proxy stops counting sessions that ended, whichever side ended them.
+async fn assert_no_connections_counted(proxy: &ProxyProc) {
+    assert!(
+        eventually(10, || proxy
+            .branches()
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["connections"] == 0))
+        .await,
+        "dead sessions still counted: {}",
+        proxy.branches()
+    );
+}
+
 async fn item_count(c: &Client) -> Result<i64, tokio_postgres::Error> {
     Ok(c.query_one("SELECT count(*) FROM items", &[]).await?.get(0))
 }
@@ -239,17 +254,7 @@ async fn a_backend_killed_with_sigkill_ends_every_session_and_the_proxy_recovers
         );
     }
     drop((sibling, neighbour));
-    assert!(
-        eventually(10, || proxy
-            .branches()
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|b| b["connections"] == 0))
-        .await,
-        "dead sessions still counted: {}",
-        proxy.branches()
-    );
+    assert_no_connections_counted(proxy).await;
 }
 
 // ---------------------------------------------------------------------------------
@@ -308,17 +313,7 @@ async fn existing_branches_work_after_the_server_restarts() {
     let c = proxy.connect("shop.c").await.unwrap();
     assert_eq!(item_count(&c).await.unwrap(), 3);
     drop((a, c));
-    assert!(
-        eventually(10, || proxy
-            .branches()
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|b| b["connections"] == 0))
-        .await,
-        "dead sessions still counted: {}",
-        proxy.branches()
-    );
+    assert_no_connections_counted(proxy).await;
 }
 
 // ---------------------------------------------------------------------------------
@@ -471,15 +466,7 @@ struct Tmpfs {
 
 impl Tmpfs {
     fn mount(size: &str, owner: &User) -> Result<Self, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("offshoot-full")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        let dir = world_readable_tempdir();
         let out = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o"])
             .arg(format!(

@@ -43,7 +43,8 @@ fn template_data() -> &'static Path {
         .1
 }
 
-fn world_readable_tempdir() -> TempDir {
+/// A temp dir the `postgres` user can enter (tests run as root).
+pub fn world_readable_tempdir() -> TempDir {
     let dir = tempfile::Builder::new()
         .prefix("offshoot-it")
         .tempdir()
