@@ -84,12 +84,11 @@ impl PgServer {
         if !hba.is_empty() {
             std::fs::write(data.join("pg_hba.conf"), hba.join("\n") + "\n").unwrap();
         }
-        let port = free_port();
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             bin: PgBin::find(None).unwrap(),
             data,
             socket_dir: dir.path().join("run"),
-            port,
+            port: 0,
             listen: "127.0.0.1".into(),
             settings: vec![
                 ("fsync".into(), "off".into()),
@@ -97,7 +96,16 @@ impl PgServer {
                 ("shared_buffers".into(), "16MB".into()),
             ],
         };
-        cluster.start().expect("start PostgreSQL");
+        // Another test may take the probed port before the server binds it.
+        for attempt in 1.. {
+            cluster.port = free_port();
+            match cluster.start() {
+                Ok(_) => break,
+                Err(e) if attempt < 5 && e.to_string().contains("already in use") => continue,
+                Err(e) => panic!("start PostgreSQL: {e:#}"),
+            }
+        }
+        let port = cluster.port;
         Self {
             cluster,
             port,
@@ -183,24 +191,34 @@ impl ProxyProc {
     /// state dir. `body` holds `[sources.*]` and any other sections.
     pub fn start(body: &str) -> Self {
         let dir = world_readable_tempdir();
-        let port = free_port();
-        let admin = free_port();
-        let config = format!(
-            "[proxy]\nlisten = \"127.0.0.1:{port}\"\nrelay_threads = 2\n{}\n\
-             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [state]\ndir = \"{}\"\n{}",
-            proxy_extra(body),
-            dir.path().join("state").display(),
-            strip_proxy(body),
-        );
-        std::fs::write(dir.path().join("offshoot.toml"), config).unwrap();
         let mut p = Self {
-            port,
-            admin,
+            port: 0,
+            admin: 0,
             dir,
             child: None,
         };
-        p.spawn();
+        // A free port can be taken by a parallel test between the probe and the bind:
+        // pick new ones when that happens.
+        for attempt in 1.. {
+            p.port = free_port();
+            p.admin = free_port();
+            let config = format!(
+                "[proxy]\nlisten = \"127.0.0.1:{}\"\nrelay_threads = 2\n{}\n\
+                 [admin]\nlisten = \"127.0.0.1:{}\"\n\
+                 [state]\ndir = \"{}\"\n{}",
+                p.port,
+                proxy_extra(body),
+                p.admin,
+                p.dir.path().join("state").display(),
+                strip_proxy(body),
+            );
+            std::fs::write(p.dir.path().join("offshoot.toml"), config).unwrap();
+            match p.try_spawn() {
+                Ok(()) => break,
+                Err(log) if attempt < 5 && log.contains("Address already in use") => continue,
+                Err(log) => panic!("offshoot exited early:\n{log}"),
+            }
+        }
         p
     }
 
@@ -213,6 +231,13 @@ impl ProxyProc {
     }
 
     fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("offshoot exited early:\n{log}");
+        }
+    }
+
+    /// Starts the process and waits for `/healthz`; `Err(log)` if it exited.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -231,10 +256,11 @@ impl ProxyProc {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("offshoot exited early ({status}):\n{}", self.log());
+                self.child = None;
+                return Err(format!("({status})\n{}", self.log()));
             }
             if http(self.admin, "GET", "/healthz", None).0 == 200 {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
