@@ -402,3 +402,134 @@ async fn sni_names_the_branch() {
     let (ok, out) = psql(&conninfo(&long), "SELECT 1");
     assert!(!ok && out.contains("at most 40 characters"), "{out}");
 }
+
+/// Accepts any server certificate: the test checks the protocol, not the PKI.
+#[derive(Debug)]
+struct AcceptAnyCert(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Opens a direct-TLS connection (no SSLRequest) offering `alpn`.
+async fn direct_tls(
+    port: u16,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAnyCert(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+}
+
+/// Reads backend messages until ReadyForQuery; returns (type, body) pairs.
+async fn until_ready<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.expect("message header");
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.expect("message body");
+        let done = head[0] == b'Z' || head[0] == b'E';
+        out.push((head[0], body));
+        if done {
+            return out;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_needs_alpn_postgresql() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = make_cert(certs.path(), "localhost");
+    let proxy = ProxyProc::start(&format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n{}",
+        cert.display(),
+        key.display(),
+        source("shop", &pg, "")
+    ));
+
+    let mut s = direct_tls(proxy.port, &[b"postgresql"])
+        .await
+        .expect("handshake");
+    s.write_all(&startup_packet(
+        3 << 16,
+        &[("user", "postgres"), ("database", "shop.direct")],
+    ))
+    .await
+    .unwrap();
+    let msgs = until_ready(&mut s).await;
+    assert_eq!(msgs.last().unwrap().0, b'Z', "{msgs:?}");
+    let query = b"SELECT current_database()\0";
+    let mut q = vec![b'Q'];
+    q.extend(((query.len() + 4) as u32).to_be_bytes());
+    q.extend(query);
+    s.write_all(&q).await.unwrap();
+    let msgs = until_ready(&mut s).await;
+    let row = msgs.iter().find(|(t, _)| *t == b'D').expect("a data row");
+    assert!(
+        String::from_utf8_lossy(&row.1).contains("shop__direct"),
+        "{msgs:?}"
+    );
+
+    // Without ALPN `postgresql` the session is refused, inside TLS, with 08P01.
+    let mut s = direct_tls(proxy.port, &[]).await.expect("handshake");
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply).await;
+    assert_eq!(error_code(&reply).as_deref(), Some("08P01"), "{reply:?}");
+    // A client offering only another protocol fails the handshake itself.
+    assert!(direct_tls(proxy.port, &[b"http/1.1"]).await.is_err());
+    // Plain clients and SSLRequest clients are unaffected.
+    proxy.connect("shop.direct").await.unwrap();
+}

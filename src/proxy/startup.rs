@@ -15,6 +15,7 @@ use super::backend::{self, ServerStream};
 use super::protocol::{self, encode_negotiate_protocol, Initial, Startup};
 use super::relay;
 use super::route::{route, server_params};
+use super::tls;
 use super::Proxy;
 use crate::error::{ClientError, ErrorKind};
 
@@ -53,7 +54,7 @@ async fn negotiate(
     proxy: &Proxy,
     tcp: TcpStream,
 ) -> Result<Option<Negotiated>, (Option<ClientStream>, ClientError)> {
-    let mut stream = ClientStream::Plain(tcp);
+    let mut stream = open(proxy, tcp).await?;
     loop {
         let initial = match read_initial(&mut stream).await {
             Ok(Some(i)) => i,
@@ -103,6 +104,42 @@ async fn negotiate(
             Initial::Startup(s) => return Ok(Some(Negotiated::Startup(stream, s))),
         }
     }
+}
+
+/// Direct TLS (PostgreSQL 17 `sslnegotiation=direct`): the connection opens with a
+/// TLS ClientHello rather than a length word. Accepted only when TLS is configured
+/// and the client negotiated ALPN `postgresql`, as PostgreSQL requires. Any other
+/// first byte leaves the connection plain, for the usual negotiation.
+async fn open(
+    proxy: &Proxy,
+    tcp: TcpStream,
+) -> Result<ClientStream, (Option<ClientStream>, ClientError)> {
+    let mut first = [0u8; 1];
+    let direct = matches!(tcp.peek(&mut first).await, Ok(1)) && first[0] == tls::TLS_HANDSHAKE;
+    if !direct {
+        return Ok(ClientStream::Plain(tcp));
+    }
+    let acceptor = proxy.tls.read().expect("tls lock").clone();
+    let Some(acceptor) = acceptor else {
+        // Nothing can be said in a protocol the client is not speaking: just close.
+        return Err((
+            None,
+            ClientError::Protocol("direct TLS, but TLS is not configured".into()),
+        ));
+    };
+    let tls = acceptor.accept(tcp).await.map_err(|e| {
+        (
+            None,
+            ClientError::Protocol(format!("direct TLS handshake failed: {e}")),
+        )
+    })?;
+    let alpn_ok = tls.get_ref().1.alpn_protocol() == Some(tls::ALPN_POSTGRESQL);
+    let stream = ClientStream::Tls(Box::new(tls));
+    if !alpn_ok {
+        let err = ClientError::Protocol("direct TLS requires ALPN protocol \"postgresql\"".into());
+        return Err((Some(stream), err));
+    }
+    Ok(stream)
 }
 
 /// Sends `err` to the client (best effort) and counts it.

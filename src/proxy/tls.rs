@@ -8,6 +8,13 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context};
 use tokio_rustls::TlsAcceptor;
 
+/// The ALPN protocol name PostgreSQL 17 clients offer.
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+/// First byte of a TLS handshake record: a client using direct TLS
+/// (`sslnegotiation=direct`) starts with it instead of a length word.
+pub const TLS_HANDSHAKE: u8 = 0x16;
+
 /// Builds the acceptor from a PEM certificate chain and private key.
 pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     let certs = rustls_pemfile::certs(&mut BufReader::new(
@@ -30,5 +37,9 @@ pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("tls.cert and tls.key do not form a usable pair")?;
+    let mut config = config;
+    // PostgreSQL's ALPN name: required for direct TLS, accepted after SSLRequest. A
+    // client that offers ALPN without it is refused by the handshake.
+    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
