@@ -533,3 +533,36 @@ async fn direct_tls_needs_alpn_postgresql() {
     // Plain clients and SSLRequest clients are unaffected.
     proxy.connect("shop.direct").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_sent_with_an_sslrequest_is_never_used() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = make_cert(certs.path(), "localhost");
+    let proxy = ProxyProc::start(&format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n{}",
+        cert.display(),
+        key.display(),
+        source("shop", &pg, "")
+    ));
+    // SSLRequest and a plaintext startup in one write (the CVE-2021-23214 pattern):
+    // the bytes behind the SSLRequest must not be taken as the session's start.
+    let mut bytes = vec![0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    bytes.extend(startup_packet(
+        3 << 16,
+        &[("user", "postgres"), ("database", "shop.injected")],
+    ));
+    let reply = exchange(proxy.port, &bytes);
+    assert_eq!(reply.first(), Some(&b'S'), "{reply:?}");
+    // After 'S' only a TLS alert record (0x15) may follow, never a protocol message.
+    assert!(
+        reply.len() == 1 || reply[1] == 0x15,
+        "no session was opened: {reply:?}"
+    );
+    assert!(
+        !pg.databases().await.contains(&"shop__injected".to_string()),
+        "no branch was made from injected bytes"
+    );
+    proxy.connect("shop.ok").await.unwrap();
+}
