@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use tokio_postgres::NoTls;
 use tracing::info;
 
-use crate::config::{Config, EmbeddedConfig};
+use crate::config::EmbeddedConfig;
 use crate::names::{quote_ident, quote_literal};
 use crate::pg::{Cluster, PgBin};
 
@@ -117,9 +117,4 @@ impl Embedded {
         info!("embedded PostgreSQL stopped");
         Ok(())
     }
-}
-
-/// True when `cfg` has sources that live on the embedded server.
-pub fn wanted(cfg: &Config) -> bool {
-    cfg.needs_embedded()
 }

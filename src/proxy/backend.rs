@@ -37,10 +37,7 @@ either_stream!(ServerStream { Tcp, Unix });
 /// How the startup through the server ended.
 pub enum Outcome {
     /// ReadyForQuery was relayed; the session is open.
-    Ready {
-        /// The server's own cancel key, if it sent one.
-        backend_key: Option<(u32, u32)>,
-    },
+    Ready,
     /// The server refused (bad password, no such role...); its ErrorResponse was relayed.
     Refused,
     /// The client went away or broke protocol during authentication.
@@ -96,7 +93,6 @@ where
     server.write_all(startup).await?;
     let mut buf = BytesMut::with_capacity(4096);
     let mut out = BytesMut::with_capacity(1024);
-    let mut backend_key = None;
     loop {
         let msg = read_message(server, &mut buf).await?;
         let body = &msg[5..];
@@ -121,7 +117,6 @@ where
                 let mut b = body;
                 let pid = b.get_u32();
                 let secret = b.get_u32();
-                backend_key = Some((pid, secret));
                 out.extend_from_slice(&key(pid, secret));
             }
             b'E' => {
@@ -135,7 +130,7 @@ where
                 out.extend_from_slice(&buf);
                 client.write_all(&out).await?;
                 client.flush().await?;
-                return Ok(Outcome::Ready { backend_key });
+                return Ok(Outcome::Ready);
             }
             _ => out.extend_from_slice(&msg),
         }

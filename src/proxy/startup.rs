@@ -304,7 +304,7 @@ async fn serve_inner(
     })
     .await;
     match outcome {
-        Ok(backend::Outcome::Ready { .. }) => {}
+        Ok(backend::Outcome::Ready) => {}
         Ok(backend::Outcome::Refused) => {
             proxy
                 .metrics
