@@ -230,6 +230,25 @@ fn make_cert(dir: &std::path::Path, cn: &str) -> (std::path::PathBuf, std::path:
     (cert, key)
 }
 
+/// A proxy for source `shop` on `pg` with TLS from a fresh certificate for `cn`;
+/// `tls_extra` holds further `[tls]` lines. Returns the certificate's directory
+/// (keep it alive) and path, for tests that rewrite it.
+fn tls_proxy(
+    pg: &PgServer,
+    cn: &str,
+    tls_extra: &str,
+) -> (ProxyProc, tempfile::TempDir, std::path::PathBuf) {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = make_cert(certs.path(), cn);
+    let proxy = ProxyProc::start(&format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n{tls_extra}{}",
+        cert.display(),
+        key.display(),
+        source("shop", pg, "")
+    ));
+    (proxy, certs, cert)
+}
+
 /// The subject the proxy's certificate shows to a TLS client right now.
 fn served_subject(port: u16) -> String {
     let out = Command::new("openssl")
@@ -261,14 +280,7 @@ fn psql(conninfo: &str, sql: &str) -> (bool, String) {
 async fn tls_handshake_with_a_test_certificate() {
     let pg = PgServer::start();
     pg.make_source("shop").await;
-    let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = make_cert(certs.path(), "localhost");
-    let proxy = ProxyProc::start(&format!(
-        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n{}",
-        cert.display(),
-        key.display(),
-        source("shop", &pg, "")
-    ));
+    let (proxy, _certs, _) = tls_proxy(&pg, "localhost", "");
     let out = Command::new("psql")
         .arg(format!(
             "host=127.0.0.1 port={} user=postgres dbname=shop.tls sslmode=require",
@@ -300,14 +312,7 @@ async fn tls_handshake_with_a_test_certificate() {
 async fn tls_required_refuses_plaintext_and_certificates_reload_on_sighup() {
     let pg = PgServer::start();
     pg.make_source("shop").await;
-    let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = make_cert(certs.path(), "first.example");
-    let proxy = ProxyProc::start(&format!(
-        "[tls]\nmode = \"require\"\ncert = \"{}\"\nkey = \"{}\"\n{}",
-        cert.display(),
-        key.display(),
-        source("shop", &pg, "")
-    ));
+    let (proxy, certs, cert) = tls_proxy(&pg, "first.example", "mode = \"require\"\n");
     let base = format!(
         "host=127.0.0.1 port={} user=postgres dbname=shop.req",
         proxy.port
@@ -371,14 +376,11 @@ async fn replication_connections_are_refused_unless_allowed() {
 async fn sni_names_the_branch() {
     let pg = PgServer::start();
     pg.make_source("shop").await;
-    let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = make_cert(certs.path(), "*.shop.db.example.com");
-    let proxy = ProxyProc::start(&format!(
-        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nsni_suffix = \"db.example.com\"\n{}",
-        cert.display(),
-        key.display(),
-        source("shop", &pg, "")
-    ));
+    let (proxy, _certs, _) = tls_proxy(
+        &pg,
+        "*.shop.db.example.com",
+        "sni_suffix = \"db.example.com\"\n",
+    );
     // libpq sends the host name as SNI; hostaddr skips the DNS look-up.
     let conninfo = |host: &str| {
         format!(
@@ -491,14 +493,7 @@ async fn direct_tls_needs_alpn_postgresql() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pg = PgServer::start();
     pg.make_source("shop").await;
-    let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = make_cert(certs.path(), "localhost");
-    let proxy = ProxyProc::start(&format!(
-        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n{}",
-        cert.display(),
-        key.display(),
-        source("shop", &pg, "")
-    ));
+    let (proxy, _certs, _) = tls_proxy(&pg, "localhost", "");
 
     let mut s = direct_tls(proxy.port, &[b"postgresql"])
         .await
@@ -538,14 +533,7 @@ async fn direct_tls_needs_alpn_postgresql() {
 async fn plaintext_sent_with_an_sslrequest_is_never_used() {
     let pg = PgServer::start();
     pg.make_source("shop").await;
-    let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = make_cert(certs.path(), "localhost");
-    let proxy = ProxyProc::start(&format!(
-        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n{}",
-        cert.display(),
-        key.display(),
-        source("shop", &pg, "")
-    ));
+    let (proxy, _certs, _) = tls_proxy(&pg, "localhost", "");
     // SSLRequest and a plaintext startup in one write (the CVE-2021-23214 pattern):
     // the bytes behind the SSLRequest must not be taken as the session's start.
     let mut bytes = vec![0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
