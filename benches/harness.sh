@@ -170,6 +170,10 @@ listen = "127.0.0.1:$ADMIN_PORT"
 [state]
 dir = "$BENCH_TMP/state"
 
+# The benchmark clusters trust local connections, as PgBouncer's set-up does.
+[auth]
+method = "trust"
+
 $1
 EOF
     "$OFFSHOOT_BIN" check --config "$conf" >/dev/null || die "offshoot rejected the generated configuration $conf"

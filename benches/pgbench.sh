@@ -384,6 +384,10 @@ listen = "127.0.0.1:$ADMIN_PORT"
 [state]
 dir = "$BENCH_TMP/state"
 
+# The benchmark clusters trust local connections, as PgBouncer's set-up does.
+[auth]
+method = "trust"
+
 [sources.bench]
 server = "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres"
 database = "bench"

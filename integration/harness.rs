@@ -188,8 +188,15 @@ pub struct ProxyProc {
 
 impl ProxyProc {
     /// Starts the proxy with `body` appended to a config that sets the listeners and
-    /// state dir. `body` holds `[sources.*]` and any other sections.
+    /// state dir. `body` holds `[sources.*]` and any other sections. Without an
+    /// `[auth]` section the proxy runs with `auth.method = "trust"` (the clusters
+    /// trust local connections); the authentication tests set their own.
     pub fn start(body: &str) -> Self {
+        let auth = if body.contains("[auth]") {
+            ""
+        } else {
+            "[auth]\nmethod = \"trust\"\n"
+        };
         let dir = world_readable_tempdir();
         let mut p = Self {
             port: 0,
@@ -205,7 +212,7 @@ impl ProxyProc {
             let config = format!(
                 "[proxy]\nlisten = \"127.0.0.1:{}\"\nrelay_threads = 2\n{}\n\
                  [admin]\nlisten = \"127.0.0.1:{}\"\n\
-                 [state]\ndir = \"{}\"\n{}",
+                 [state]\ndir = \"{}\"\n{auth}{}",
                 p.port,
                 proxy_extra(body),
                 p.admin,

@@ -212,7 +212,7 @@ async fn cancel_requests_reach_the_right_backend() {
 }
 
 /// Makes a self-signed certificate for `cn` at `dir/{cert,key}.pem`.
-fn make_cert(dir: &std::path::Path, cn: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+pub fn make_cert(dir: &std::path::Path, cn: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
     let out = Command::new("openssl")
@@ -220,6 +220,8 @@ fn make_cert(dir: &std::path::Path, cn: &str) -> (std::path::PathBuf, std::path:
             "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
         ])
         .arg(format!("/CN={cn}"))
+        .arg("-addext")
+        .arg(format!("subjectAltName=DNS:{cn}"))
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -264,7 +266,7 @@ fn served_subject(port: u16) -> String {
         .to_owned()
 }
 
-fn psql(conninfo: &str, sql: &str) -> (bool, String) {
+pub fn psql(conninfo: &str, sql: &str) -> (bool, String) {
     let out = Command::new("psql")
         .arg(conninfo)
         .args(["-X", "-At", "-c", sql])

@@ -48,7 +48,8 @@ impl From<NameError> for ApiError {
 impl From<ProvisionError> for ApiError {
     fn from(e: ProvisionError) -> Self {
         let status = match &e {
-            ProvisionError::Quota { .. } => StatusCode::CONFLICT,
+            ProvisionError::Quota { .. } | ProvisionError::RoleQuota { .. } => StatusCode::CONFLICT,
+            ProvisionError::CreateForbidden { .. } => StatusCode::FORBIDDEN,
             ProvisionError::Timeout(_) => StatusCode::ACCEPTED,
             ProvisionError::Deleting(_) => StatusCode::CONFLICT,
             ProvisionError::Engine { .. } => StatusCode::BAD_GATEWAY,

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::auth::Credentials;
 use crate::branch::engine::database::DatabaseEngine;
 use crate::branch::engine::Engine;
 use crate::branch::reaper;
@@ -55,6 +56,7 @@ async fn serve(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let mut sources = Vec::new();
+    let mut auth_servers = Vec::new();
     for (name, scfg) in &cfg.sources {
         let db = scfg.database_name(name).to_owned();
         let server = match (&scfg.server, embedded) {
@@ -67,6 +69,10 @@ async fn serve(
             }
             (None, None) => unreachable!("the embedded server runs when a source needs it"),
         };
+        auth_servers.push((
+            name.clone(),
+            scfg.auth_server.clone().unwrap_or_else(|| server.clone()),
+        ));
         let engine: Arc<dyn Engine> = match scfg.engine {
             EngineKind::Database => {
                 let engine = DatabaseEngine::new(&server, &db)
@@ -86,9 +92,14 @@ async fn serve(
     registry.adopt().await.context("reading branch records")?;
 
     let tls = match (&cfg.tls.cert, &cfg.tls.key) {
-        (Some(cert), Some(key)) if cfg.tls.enabled() => Some(tls::acceptor(cert, key)?),
+        (Some(cert), Some(key)) if cfg.tls.enabled() => Some(tls::load(cert, key)?),
         _ => None,
     };
+    let credentials = Arc::new(Credentials::new(
+        cfg.auth.query.clone(),
+        cfg.auth.users_file.clone(),
+        auth_servers,
+    )?);
     let listener = TcpListener::bind(cfg.proxy.listen)
         .await
         .map_err(|e| anyhow!("proxy.listen: cannot bind {}: {e}", cfg.proxy.listen))?;
@@ -98,6 +109,8 @@ async fn serve(
         metrics.clone(),
         tls,
         &cfg.tls,
+        credentials,
+        cfg.auth.method,
     )?);
 
     let tasks = CancellationToken::new();
@@ -123,11 +136,7 @@ async fn serve(
         tasks.clone(),
     ));
     let accept = tokio::spawn(listener::run(proxy.clone(), listener, tasks.clone()));
-    if cfg.tls.enabled() {
-        handles.push(
-            tokio::spawn(reload_tls_on_sighup(cfg.tls.clone(), proxy.clone())).abort_handle(),
-        );
-    }
+    handles.push(tokio::spawn(reload_on_sighup(cfg.tls.clone(), proxy.clone())).abort_handle());
     announce(cfg, embedded);
 
     shutdown.cancelled().await;
@@ -159,22 +168,26 @@ async fn serve(
     Ok(())
 }
 
-/// Re-reads the certificate and key on every SIGHUP. Connections already open keep
-/// the session they negotiated; a file that does not load leaves the previous
-/// certificate in place.
-async fn reload_tls_on_sighup(tls_cfg: TlsConfig, proxy: Arc<Proxy>) {
+/// Re-reads the TLS certificate and key and the users file on every SIGHUP.
+/// Connections already open keep the session they negotiated; a file that does not
+/// load leaves the previous one in place.
+async fn reload_on_sighup(tls_cfg: TlsConfig, proxy: Arc<Proxy>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
-        Err(e) => return warn!(error = %e, "cannot watch SIGHUP; TLS reload disabled"),
-    };
-    let (Some(cert), Some(key)) = (tls_cfg.cert, tls_cfg.key) else {
-        return;
+        Err(e) => return warn!(error = %e, "cannot watch SIGHUP; reload disabled"),
     };
     while hup.recv().await.is_some() {
-        match tls::acceptor(&cert, &key) {
-            Ok(acceptor) => {
-                *proxy.tls.write().unwrap_or_else(|p| p.into_inner()) = Some(acceptor);
+        proxy.credentials.reload();
+        let (Some(cert), Some(key)) = (&tls_cfg.cert, &tls_cfg.key) else {
+            continue;
+        };
+        if !tls_cfg.enabled() {
+            continue;
+        }
+        match tls::load(cert, key) {
+            Ok(loaded) => {
+                *proxy.tls.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(loaded));
                 info!(cert = %cert.display(), "TLS certificate reloaded");
             }
             Err(e) => {

@@ -25,6 +25,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// TLS towards clients; off unless both `cert` and `key` are set.
     pub tls: TlsConfig,
+    /// How clients prove who they are before any branch is looked up or made.
+    pub auth: AuthConfig,
     /// The HTTP endpoint for metrics, health and the branch API.
     pub admin: AdminConfig,
     /// Where the proxy keeps branch records (and the embedded server's data).
@@ -131,6 +133,59 @@ impl TlsConfig {
     /// Whether clients are offered TLS.
     pub fn enabled(&self) -> bool {
         self.mode != TlsMode::Disable && self.cert.is_some() && self.key.is_some()
+    }
+}
+
+/// How the proxy authenticates clients.
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    /// The proxy checks nothing and relays the branch server's own authentication
+    /// exchange. Anyone who can reach the proxy can make branches: local use only.
+    Trust,
+    /// Cleartext password, checked by the proxy; only over TLS.
+    Password,
+    /// SCRAM-SHA-256, with SCRAM-SHA-256-PLUS (channel binding) over TLS.
+    #[default]
+    ScramSha256,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Trust => "trust",
+            AuthMethod::Password => "password",
+            AuthMethod::ScramSha256 => "scram-sha-256",
+        }
+    }
+}
+
+/// The default `auth.query`: verifier, LOGIN and expiry of one role.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolpassword, rolcanlogin, rolvaliduntil \
+     FROM pg_catalog.pg_authid WHERE rolname = $1";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Method for every source that sets no `auth_method` of its own.
+    pub method: AuthMethod,
+    /// Looks up a role's stored password (`SCRAM-SHA-256$...` or `md5...`) on the
+    /// source's server. `$1` is the role name. Optional second and third columns:
+    /// whether the role may log in, and until when its password is valid. Runs on a
+    /// dedicated connection with `search_path = pg_catalog`.
+    pub query: String,
+    /// Optional file of `"role" "verifier"` lines (PgBouncer's userlist format),
+    /// consulted before `query`. Re-read on SIGHUP.
+    pub users_file: Option<PathBuf>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            method: AuthMethod::ScramSha256,
+            query: DEFAULT_AUTH_QUERY.into(),
+            users_file: None,
+        }
     }
 }
 
@@ -245,6 +300,21 @@ pub struct SourceConfig {
     /// Let replication connections (`replication=...` in the startup packet) through
     /// to branches; refused by default.
     pub allow_replication: bool,
+    /// Overrides `auth.method` for this source.
+    pub auth_method: Option<AuthMethod>,
+    /// Connection string the `auth.query` runs on; unset: `server` (or the embedded
+    /// server). A role allowed to read `pg_authid`, or to call a SECURITY DEFINER
+    /// function that does.
+    pub auth_server: Option<String>,
+    /// Roles that may connect to this source's branches; empty: every role that
+    /// authenticates.
+    pub connect_roles: Vec<String>,
+    /// Roles that may cause a new branch to be made by connecting; empty: every role
+    /// allowed to connect.
+    pub create_roles: Vec<String>,
+    /// Most branches one role may have made by connecting; 0: no limit besides
+    /// `max_branches`.
+    pub max_branches_per_role: usize,
 }
 
 impl Default for SourceConfig {
@@ -259,6 +329,11 @@ impl Default for SourceConfig {
             persistent: Vec::new(),
             seed_demo: false,
             allow_replication: false,
+            auth_method: None,
+            auth_server: None,
+            connect_roles: Vec::new(),
+            create_roles: Vec::new(),
+            max_branches_per_role: 0,
         }
     }
 }
@@ -296,7 +371,9 @@ impl Config {
                     .separator("__")
                     .try_parsing(true)
                     .list_separator(",")
-                    .with_list_parse_key("sources.*.persistent"),
+                    .with_list_parse_key("sources.*.persistent")
+                    .with_list_parse_key("sources.*.connect_roles")
+                    .with_list_parse_key("sources.*.create_roles"),
             )
             .build()?;
         let cfg: Config = raw.try_deserialize()?;
@@ -366,6 +443,9 @@ impl Config {
                 ));
             }
         }
+        if !self.auth.query.contains("$1") {
+            return Err(invalid("auth.query", "must take the role name as $1"));
+        }
         if self.reaper.interval.is_zero() {
             return Err(invalid("reaper.interval", "must be greater than zero"));
         }
@@ -394,6 +474,22 @@ impl Config {
             if matches!(src.idle_expire, Some(d) if d.is_zero()) {
                 return Err(invalid(key("idle_expire"), "must be greater than zero"));
             }
+            if let Some(server) = &src.auth_server {
+                server.parse::<tokio_postgres::Config>().map_err(|e| {
+                    invalid(key("auth_server"), format!("not a connection string: {e}"))
+                })?;
+            }
+            let method = src.auth_method.unwrap_or(self.auth.method);
+            if method == AuthMethod::Trust
+                && (!src.connect_roles.is_empty()
+                    || !src.create_roles.is_empty()
+                    || src.max_branches_per_role > 0)
+            {
+                return Err(invalid(
+                    key("auth_method"),
+                    "roles cannot be restricted under \"trust\": nobody is authenticated",
+                ));
+            }
             if src.seed_demo && src.server.is_some() {
                 return Err(invalid(
                     key("seed_demo"),
@@ -402,6 +498,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The authentication method of a source (or of a name that is no source).
+    pub fn auth_method(&self, source: Option<&str>) -> AuthMethod {
+        source
+            .and_then(|s| self.sources.get(s))
+            .and_then(|s| s.auth_method)
+            .unwrap_or(self.auth.method)
     }
 
     /// True when at least one source lives on the embedded server.
@@ -459,5 +563,11 @@ mod tests {
         assert!(err("[proxy]\nstartup_timeout = \"soon\"\n").contains("startup_timeout"));
         assert!(err("[proxy]\nlisten_typo = 1\n").contains("listen_typo"));
         assert!(err("[sources.\"a.b\"]\n").contains("sources.a.b"));
+        assert!(err("[auth]\nmethod = \"md4\"\n").contains("method"));
+        assert!(err("[auth]\nquery = \"SELECT 1\"\n").contains("auth.query"));
+        assert!(
+            err("[auth]\nmethod = \"trust\"\n[sources.shop]\ncreate_roles = [\"a\"]\n")
+                .contains("sources.shop.auth_method")
+        );
     }
 }

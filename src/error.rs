@@ -60,6 +60,14 @@ pub enum ProvisionError {
     Engine { id: BranchId, err: EngineError },
     #[error("branch {0} is being deleted")]
     Deleting(BranchId),
+    #[error("role \"{role}\" may not create branches of source {source_name} (sources.{source_name}.create_roles)")]
+    CreateForbidden { role: String, source_name: String },
+    #[error("role \"{role}\" already has {limit} branches of source {source_name} (sources.{source_name}.max_branches_per_role); delete one or raise the limit")]
+    RoleQuota {
+        role: String,
+        source_name: String,
+        limit: usize,
+    },
     #[error("the proxy is shutting down")]
     ShuttingDown,
 }
@@ -83,6 +91,19 @@ pub enum ClientError {
     TlsRequired,
     #[error("replication connections to source {0} are not allowed through the proxy (sources.{0}.allow_replication)")]
     Replication(String),
+    /// Wrong password, unknown role, no password, expired password: one message, so
+    /// roles cannot be enumerated.
+    #[error("password authentication failed for user \"{0}\"")]
+    AuthFailed(String),
+    #[error("role \"{0}\" is not permitted to log in")]
+    NoLogin(String),
+    #[error("password authentication needs TLS here: connect with sslmode=require (or use SCRAM)")]
+    CleartextNeedsTls,
+    /// The credentials could not be looked up; the detail goes to the log only.
+    #[error("cannot check credentials right now; try again shortly")]
+    AuthUnavailable,
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 /// Why a startup packet does not name a reachable branch.
@@ -110,6 +131,8 @@ pub enum ErrorKind {
     TooManyConnections,
     TlsRequired,
     ShuttingDown,
+    AuthFailed,
+    Forbidden,
 }
 
 impl ErrorKind {
@@ -124,6 +147,8 @@ impl ErrorKind {
             ErrorKind::TooManyConnections => "too_many_connections",
             ErrorKind::TlsRequired => "tls_required",
             ErrorKind::ShuttingDown => "shutting_down",
+            ErrorKind::AuthFailed => "auth_failed",
+            ErrorKind::Forbidden => "forbidden",
         }
     }
 }
@@ -136,7 +161,8 @@ impl ClientError {
             }
             ClientError::Route(_) => ErrorKind::Routing,
             ClientError::Provision(p) => match p {
-                ProvisionError::Quota { .. } => ErrorKind::Quota,
+                ProvisionError::Quota { .. } | ProvisionError::RoleQuota { .. } => ErrorKind::Quota,
+                ProvisionError::CreateForbidden { .. } => ErrorKind::Forbidden,
                 ProvisionError::Timeout(_) => ErrorKind::ProvisionTimeout,
                 ProvisionError::Engine { .. } | ProvisionError::Deleting(_) => {
                     ErrorKind::ProvisionFailed
@@ -147,6 +173,11 @@ impl ClientError {
             ClientError::TooManyConnections => ErrorKind::TooManyConnections,
             ClientError::TlsRequired => ErrorKind::TlsRequired,
             ClientError::Replication(_) => ErrorKind::Routing,
+            ClientError::AuthFailed(_)
+            | ClientError::NoLogin(_)
+            | ClientError::CleartextNeedsTls
+            | ClientError::AuthUnavailable => ErrorKind::AuthFailed,
+            ClientError::Forbidden(_) => ErrorKind::Forbidden,
         }
     }
 
@@ -158,7 +189,8 @@ impl ClientError {
             ClientError::Route(RouteError::NoUser) => "28000",
             ClientError::Route(_) => "3D000",
             ClientError::Provision(p) => match p {
-                ProvisionError::Quota { .. } => "53400",
+                ProvisionError::Quota { .. } | ProvisionError::RoleQuota { .. } => "53400",
+                ProvisionError::CreateForbidden { .. } => "42501",
                 ProvisionError::Timeout(_) | ProvisionError::Deleting(_) => "57P03",
                 // The server's own code says what went wrong (55006 template busy,
                 // 53100 disk full, 42501 permission); otherwise a system error.
@@ -169,6 +201,10 @@ impl ClientError {
             ClientError::TooManyConnections => "53300",
             ClientError::TlsRequired => "28000",
             ClientError::Replication(_) => "0A000",
+            ClientError::AuthFailed(_) => "28P01",
+            ClientError::NoLogin(_) | ClientError::CleartextNeedsTls => "28000",
+            ClientError::AuthUnavailable => "08006",
+            ClientError::Forbidden(_) => "42501",
         }
     }
 

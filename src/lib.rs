@@ -6,7 +6,10 @@
 //!
 //! - [`config`]: the typed configuration tree; the only reader of files and env.
 //! - [`app`]: builds everything from a config, supervises tasks, drains on shutdown.
-//! - [`proxy`]: the connection path (listener, startup, route, backend, relay, cancel).
+//! - [`proxy`]: the connection path (listener, startup, auth, route, backend, relay,
+//!   cancel).
+//! - [`auth`]: roles' stored passwords and SCRAM; the proxy authenticates clients
+//!   before any branch is looked up or made.
 //! - [`branch`]: the life of a branch (registry, engines, records, reaper).
 //! - [`admin`]: HTTP: metrics, health, the branch API; [`cli`] is its client.
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
@@ -18,6 +21,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod branch;
 pub mod cli;
 pub mod config;

@@ -261,6 +261,14 @@ full_page_writes = off
 max_connections = 50
 shared_buffers = 16MB
 EOF
+# As on a real server: the proxy's own role (postgres) is trusted over TCP, every
+# other role must prove its password with SCRAM. The drivers connect as `app`, so
+# the proxy checks their SCRAM itself and logs in to each branch as `app`.
+cat >"$pg/data/pg_hba.conf" <<EOF
+local all all trust
+host all postgres 127.0.0.1/32 trust
+host all all 127.0.0.1/32 scram-sha-256
+EOF
 as_pg "$pg_bin/pg_ctl" -D "$pg/data" -l "$pg/postgres.log" -w -t 60 start >/dev/null || {
     indent <"$pg/postgres.log" >&2
     die "PostgreSQL did not start"
@@ -269,7 +277,11 @@ as_pg "$pg_bin/pg_ctl" -D "$pg/data" -l "$pg/postgres.log" -w -t 60 start >/dev/
 direct() { "$pg_bin/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pg_port" -U postgres "$@"; }
 direct -d postgres -c 'CREATE DATABASE shop' >/dev/null || die "CREATE DATABASE shop failed"
 direct -d shop >/dev/null <<'SQL' || die "seeding shop failed"
+SET password_encryption = 'scram-sha-256';
+CREATE ROLE app LOGIN PASSWORD 'app-secret';
+GRANT ALL ON SCHEMA public TO app;
 CREATE TABLE items (id int PRIMARY KEY, note text);
+ALTER TABLE items OWNER TO app;
 INSERT INTO items VALUES (1, 'one'), (2, 'two'), (3, 'three');
 SQL
 
@@ -334,7 +346,7 @@ for name in "${drivers[@]}"; do
 
     # In the background, so that a signal to this script is handled (and the driver
     # stopped) at once rather than when the driver ends.
-    PGHOST=127.0.0.1 PGPORT=$proxy_port PGUSER=postgres PGDATABASE="shop.drv-$name" \
+    PGHOST=127.0.0.1 PGPORT=$proxy_port PGUSER=app PGPASSWORD=app-secret PGDATABASE="shop.drv-$name" \
         EXPECT_DB="shop__drv-$name" PGCONNECT_TIMEOUT=30 \
         timeout -k 5 "$driver_timeout" "${cmd[@]}" >"$tmp/$name.log" 2>&1 </dev/null &
     driver_pid=$!

@@ -147,6 +147,19 @@ pub struct BranchView {
     pub last_active: String,
     pub connections: usize,
     pub persistent: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+}
+
+/// An authenticated role asking for a branch: whether it may make one, and how many
+/// it may have.
+#[derive(Debug, Clone)]
+pub struct Creator {
+    pub role: String,
+    /// `sources.<name>.create_roles` allows it.
+    pub may_create: bool,
+    /// `sources.<name>.max_branches_per_role`; 0: no limit.
+    pub max_branches: usize,
 }
 
 /// Something found on disk or on a server that no live record explains. Reported,
@@ -290,9 +303,20 @@ impl Registry {
         id: &BranchId,
         timeout: Duration,
     ) -> Result<Lease, ProvisionError> {
+        self.acquire_as(id, timeout, None).await
+    }
+
+    /// [`Registry::acquire`] for an authenticated role: a branch it causes to be made
+    /// is checked against, and counted in, its permissions.
+    pub async fn acquire_as(
+        self: &Arc<Self>,
+        id: &BranchId,
+        timeout: Duration,
+        creator: Option<&Creator>,
+    ) -> Result<Lease, ProvisionError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let waiter = match self.try_enter(id, false)? {
+            let waiter = match self.try_enter(id, false, creator)? {
                 Ok(lease) => return Ok(lease),
                 Err(w) => w,
             };
@@ -328,7 +352,7 @@ impl Registry {
     ) -> Result<(BranchView, bool), ProvisionError> {
         let created = self.lock().get(id).is_none();
         let lease = loop {
-            match self.try_enter(id, persistent)? {
+            match self.try_enter(id, persistent, None)? {
                 Ok(lease) => break lease,
                 Err(Waiter::Provisioning(mut rx)) => {
                     let r = tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
@@ -381,6 +405,7 @@ impl Registry {
         self: &Arc<Self>,
         id: &BranchId,
         persistent: bool,
+        creator: Option<&Creator>,
     ) -> Result<Result<Lease, Waiter>, ProvisionError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ProvisionError::ShuttingDown);
@@ -416,6 +441,27 @@ impl Registry {
                 (_, None) => unreachable!("non-ready entries always carry a waiter"),
             });
         }
+        if let Some(c) = creator {
+            if !c.may_create {
+                return Err(ProvisionError::CreateForbidden {
+                    role: c.role.clone(),
+                    source_name: id.source.to_string(),
+                });
+            }
+            let mine = map
+                .iter()
+                .filter(|(k, e)| {
+                    k.source == id.source && e.record.created_by.as_deref() == Some(&c.role)
+                })
+                .count();
+            if c.max_branches > 0 && mine >= c.max_branches {
+                return Err(ProvisionError::RoleQuota {
+                    role: c.role.clone(),
+                    source_name: id.source.to_string(),
+                    limit: c.max_branches,
+                });
+            }
+        }
         let count = map.keys().filter(|k| k.source == id.source).count();
         if count >= source.config.max_branches {
             return Err(ProvisionError::Quota {
@@ -433,6 +479,7 @@ impl Registry {
             created_at: now,
             last_active: now,
             persistent,
+            created_by: creator.map(|c| c.role.clone()),
         };
         let (tx, rx) = watch::channel(None);
         map.insert(
@@ -634,6 +681,7 @@ impl Registry {
             last_active: rfc3339(e.activity.last_active_ms.load(Ordering::Relaxed)),
             connections: e.activity.connections(),
             persistent: self.is_persistent(&e.record),
+            created_by: e.record.created_by.clone(),
         }
     }
 

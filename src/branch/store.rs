@@ -41,6 +41,10 @@ pub struct BranchRecord {
     /// Never expires, whatever the source's `persistent` list says.
     #[serde(default)]
     pub persistent: bool,
+    /// The role whose connection made the branch (per-role quotas); `None` when it
+    /// was made through the API or without authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
 }
 
 impl BranchRecord {
@@ -150,6 +154,7 @@ mod tests {
             created_at: 1,
             last_active: 2,
             persistent: false,
+            created_by: None,
         }
     }
 

@@ -1,8 +1,10 @@
 //! Connecting to a branch's server and carrying the startup through it.
 //!
-//! The server authenticates the client itself (trust, password, md5, SCRAM without
-//! channel binding): the proxy relays the exchange message by message and only
-//! replaces BackendKeyData with its own key.
+//! Two ways: [`authenticate`] relays the server's own authentication exchange to the
+//! client message by message (`trust` at the proxy); [`login`] answers it on behalf
+//! of a client the proxy has already authenticated, with the ClientKey recovered
+//! from that client's SCRAM proof (or its password). Either way the proxy replaces
+//! BackendKeyData with its own key.
 
 use std::io;
 
@@ -10,7 +12,9 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
+use super::auth::Proven;
 use super::protocol::{auth_code, auth_needs_reply, message_header, MAX_STARTUP_MESSAGE};
+use crate::auth::scram::{self, ClientExchange};
 use crate::branch::engine::ServerAddr;
 
 /// A connection to a branch's server.
@@ -127,6 +131,153 @@ where
             b'Z' => {
                 out.extend_from_slice(&msg);
                 // Anything the server sent after ReadyForQuery belongs to the client too.
+                out.extend_from_slice(&buf);
+                client.write_all(&out).await?;
+                client.flush().await?;
+                return Ok(Outcome::Ready);
+            }
+            _ => out.extend_from_slice(&msg),
+        }
+    }
+}
+
+fn login_error(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// A password message ('p') with `body`.
+fn password_message(body: &[u8]) -> BytesMut {
+    let mut m = BytesMut::with_capacity(5 + body.len());
+    m.extend_from_slice(b"p");
+    m.extend_from_slice(&((4 + body.len()) as u32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// Logs in to the server as `user` with what the client proved, and forwards what
+/// follows authentication (ParameterStatus, notices, the proxy's BackendKeyData,
+/// ReadyForQuery) to the client, which has already been sent AuthenticationOk.
+pub async fn login<C, S>(
+    client: &mut C,
+    server: &mut S,
+    startup: &[u8],
+    user: &str,
+    proven: &Proven,
+    mut key: impl FnMut(u32, u32) -> [u8; 13],
+) -> io::Result<Outcome>
+where
+    C: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    server.write_all(startup).await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut out = BytesMut::with_capacity(1024);
+    let mut exchange: Option<ClientExchange> = None;
+    loop {
+        let msg = read_message(server, &mut buf).await?;
+        let body = &msg[5..];
+        match msg[0] {
+            b'R' => {
+                let code = auth_code(body).ok_or_else(|| login_error("short auth request"))?;
+                let data = &body[4..];
+                match code {
+                    0 => {}
+                    3 => {
+                        let pw = proven.password.as_deref().ok_or_else(|| {
+                            login_error(
+                                "the branch server asks for a cleartext password, which the \
+                                 proxy does not know under SCRAM; let the server use \
+                                 scram-sha-256 for these connections",
+                            )
+                        })?;
+                        let mut b = pw.as_bytes().to_vec();
+                        b.push(0);
+                        server.write_all(&password_message(&b)).await?;
+                    }
+                    5 => {
+                        let pw = proven.password.as_deref().ok_or_else(|| {
+                            login_error(
+                                "the branch server asks for md5, which the proxy cannot answer \
+                                 without the password; let the server use scram-sha-256",
+                            )
+                        })?;
+                        let salt: [u8; 4] = data
+                            .get(..4)
+                            .and_then(|s| s.try_into().ok())
+                            .ok_or_else(|| login_error("short md5 request"))?;
+                        let mut b = crate::auth::md5_challenge(pw, user, salt).into_bytes();
+                        b.push(0);
+                        server.write_all(&password_message(&b)).await?;
+                    }
+                    10 => {
+                        let offered = data
+                            .split(|&b| b == 0)
+                            .any(|m| m == scram::SCRAM_SHA_256.as_bytes());
+                        let client_key = match (proven.client_key, &proven.password) {
+                            (Some(k), _) => k,
+                            // A password with no SCRAM key: the server's salt decides.
+                            (None, Some(_)) => [0u8; scram::KEY_LEN],
+                            (None, None) => {
+                                return Err(login_error("no SCRAM key for the branch server"))
+                            }
+                        };
+                        if !offered {
+                            return Err(login_error("the branch server offers no SCRAM-SHA-256"));
+                        }
+                        let ex = ClientExchange::with_client_key(client_key, proven.server_key);
+                        let first = ex.client_first();
+                        let mut b = scram::SCRAM_SHA_256.as_bytes().to_vec();
+                        b.push(0);
+                        b.extend_from_slice(&(first.len() as i32).to_be_bytes());
+                        b.extend_from_slice(first.as_bytes());
+                        server.write_all(&password_message(&b)).await?;
+                        exchange = Some(ex);
+                    }
+                    11 => {
+                        let ex = exchange
+                            .as_mut()
+                            .ok_or_else(|| login_error("SASL continue without a SASL start"))?;
+                        let sf = std::str::from_utf8(data)
+                            .map_err(|_| login_error("server-first-message is not UTF-8"))?;
+                        // With a known password the server's own salt is used; with a
+                        // ClientKey the server must hold the verifier it came from.
+                        let pw = proven.password.as_deref();
+                        let fin = ex
+                            .client_final(sf, pw)
+                            .map_err(|e| login_error(e.to_string()))?;
+                        server.write_all(&password_message(fin.as_bytes())).await?;
+                    }
+                    12 => {
+                        let ex = exchange
+                            .as_ref()
+                            .ok_or_else(|| login_error("SASL final without a SASL start"))?;
+                        let sf = std::str::from_utf8(data)
+                            .map_err(|_| login_error("server-final-message is not UTF-8"))?;
+                        ex.verify_server(sf).map_err(|e| {
+                            login_error(format!("the branch server failed SCRAM: {e}"))
+                        })?;
+                    }
+                    other => {
+                        return Err(login_error(format!(
+                            "the branch server asks for authentication type {other}, which the \
+                             proxy cannot answer"
+                        )))
+                    }
+                }
+            }
+            b'K' if body.len() == 8 => {
+                let mut b = body;
+                let pid = b.get_u32();
+                let secret = b.get_u32();
+                out.extend_from_slice(&key(pid, secret));
+            }
+            b'E' => {
+                out.extend_from_slice(&msg);
+                client.write_all(&out).await?;
+                return Ok(Outcome::Refused);
+            }
+            b'Z' => {
+                out.extend_from_slice(&msg);
                 out.extend_from_slice(&buf);
                 client.write_all(&out).await?;
                 client.flush().await?;

@@ -6,7 +6,6 @@
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 
 use crate::branch::Registry;
 
@@ -64,6 +63,7 @@ macro_rules! either_stream {
 use crate::config::ProxyConfig;
 use crate::metrics::Metrics;
 
+pub mod auth;
 pub mod backend;
 pub mod cancel;
 pub mod listener;
@@ -82,7 +82,11 @@ pub struct Proxy {
     /// `proxy.cancel_rate`: CancelRequests per second per client address.
     pub cancel_limit: cancel::CancelLimit,
     /// Swappable so certificates can be reloaded without a restart.
-    pub tls: RwLock<Option<TlsAcceptor>>,
+    pub tls: RwLock<Option<Arc<tls::Tls>>>,
+    /// Roles' stored passwords, for sources that authenticate at the proxy.
+    pub credentials: Arc<crate::auth::Credentials>,
+    /// `auth.method`: for sources without their own, and names that are no source.
+    pub auth_method: crate::config::AuthMethod,
     pub relays: relay::RelayPool,
     pub counters: relay::Counters,
     /// One permit per open client connection (`proxy.max_connections`).
@@ -98,8 +102,10 @@ impl Proxy {
         config: ProxyConfig,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
-        tls: Option<TlsAcceptor>,
+        tls: Option<tls::Tls>,
         tls_config: &crate::config::TlsConfig,
+        credentials: Arc<crate::auth::Credentials>,
+        auth_method: crate::config::AuthMethod,
     ) -> std::io::Result<Self> {
         let threads = match config.relay_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -116,12 +122,22 @@ impl Proxy {
             registry,
             metrics,
             cancels: Arc::new(cancel::CancelMap::default()),
-            tls: RwLock::new(tls),
+            tls: RwLock::new(tls.map(Arc::new)),
+            credentials,
+            auth_method,
             relays: relay::RelayPool::start(threads)?,
             counters,
             tls_required: tls_config.mode == crate::config::TlsMode::Require,
             sni_suffix: tls_config.sni_suffix.clone(),
         })
+    }
+
+    /// The authentication method for a source name (which may be no source).
+    pub fn auth_method_for(&self, source: &str) -> crate::config::AuthMethod {
+        self.registry
+            .source(source)
+            .and_then(|s| s.config.auth_method)
+            .unwrap_or(self.auth_method)
     }
 
     /// Client connections open right now (in startup or relayed).

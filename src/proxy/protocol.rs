@@ -205,6 +205,28 @@ pub fn encode_backend_key(pid: u32, secret: u32) -> [u8; 13] {
     out
 }
 
+/// A NoticeResponse (severity NOTICE, SQLSTATE 00000) with `message`: shown by psql
+/// and passed to drivers' notice handlers.
+pub fn encode_notice(message: &str) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(32 + message.len());
+    buf.put_u8(b'N');
+    buf.put_u32(0);
+    for (code, value) in [
+        (b'S', "NOTICE"),
+        (b'V', "NOTICE"),
+        (b'C', "00000"),
+        (b'M', message),
+    ] {
+        buf.put_u8(code);
+        buf.put_slice(value.as_bytes());
+        buf.put_u8(0);
+    }
+    buf.put_u8(0);
+    let len = (buf.len() - 1) as u32;
+    buf[1..5].copy_from_slice(&len.to_be_bytes());
+    buf
+}
+
 /// A typed message header: tag and body length, checked against `max`.
 pub fn message_header(header: [u8; 5], max: usize) -> Result<(u8, usize), String> {
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;

@@ -24,7 +24,6 @@ fn split_last<'a>(name: &'a str, sep: &str) -> (&'a str, Option<&'a str>) {
     }
 }
 
-/// Resolves a startup packet to a branch.
 /// `(source, branch)` named by a TLS server name under `suffix`:
 /// `pr-42.shop.db.example.com` under `db.example.com` is branch `pr-42` of `shop`.
 pub fn from_server_name<'a>(name: &'a str, suffix: &str) -> Option<(&'a str, &'a str)> {
@@ -37,14 +36,24 @@ pub fn from_server_name<'a>(name: &'a str, suffix: &str) -> Option<(&'a str, &'a
     Some((source, branch))
 }
 
-/// Resolves a startup packet to a branch. `sni` is the `(source, branch)` a TLS
+/// The names a startup packet gives, before any is checked against the
+/// configuration: the source, the branch (if named), and the role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Names<'a> {
+    pub source: &'a str,
+    pub branch: Option<&'a str>,
+    /// The role the client is and the server sees (the branch suffix removed in
+    /// user routing).
+    pub role: &'a str,
+}
+
+/// Reads the names out of a startup packet. `sni` is the `(source, branch)` a TLS
 /// server name named, which takes precedence over the database name.
-pub fn route(
-    startup: &Startup,
+pub fn names<'a>(
+    startup: &'a Startup,
     cfg: &ProxyConfig,
-    registry: &Registry,
-    sni: Option<(&str, &str)>,
-) -> Result<Route, RouteError> {
+    sni: Option<(&'a str, &'a str)>,
+) -> Result<Names<'a>, RouteError> {
     let user = startup
         .get("user")
         .filter(|u| !u.is_empty())
@@ -55,7 +64,7 @@ pub fn route(
         .filter(|d| !d.is_empty())
         .unwrap_or(user);
     let sep = cfg.separator.as_str();
-    let (source_name, branch, server_user) = match (sni, cfg.route_by) {
+    let (source, branch, role) = match (sni, cfg.route_by) {
         (Some((source, branch)), _) => (source, Some(branch), user),
         (None, RouteBy::Database) => {
             let (s, b) = split_last(database, sep);
@@ -66,6 +75,27 @@ pub fn route(
             (database, b, u)
         }
     };
+    Ok(Names {
+        source,
+        branch,
+        role,
+    })
+}
+
+/// Resolves a startup packet to a branch. `sni` is the `(source, branch)` a TLS
+/// server name named, which takes precedence over the database name.
+pub fn route(
+    startup: &Startup,
+    cfg: &ProxyConfig,
+    registry: &Registry,
+    sni: Option<(&str, &str)>,
+) -> Result<Route, RouteError> {
+    let Names {
+        source: source_name,
+        branch,
+        role: server_user,
+    } = names(startup, cfg, sni)?;
+    let sep = cfg.separator.as_str();
     let source = registry
         .source(source_name)
         .ok_or_else(|| RouteError::UnknownSource {
@@ -79,8 +109,8 @@ pub fn route(
             None => {
                 return Err(RouteError::NoBranch {
                     name: match cfg.route_by {
-                        RouteBy::Database => database.to_owned(),
-                        RouteBy::User => user.to_owned(),
+                        RouteBy::Database => source_name.to_owned(),
+                        RouteBy::User => server_user.to_owned(),
                     },
                     sep: sep.to_owned(),
                 })

@@ -11,13 +11,16 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn, Instrument};
 
+use super::auth;
 use super::backend::{self, ServerStream};
 use super::protocol::{self, encode_negotiate_protocol, Initial, Startup};
 use super::relay;
-use super::route::{route, server_params};
+use super::route::{names, route, server_params};
 use super::tls;
 use super::Proxy;
-use crate::error::{ClientError, ErrorKind};
+use crate::branch::registry::{Creator, Lease};
+use crate::config::AuthMethod;
+use crate::error::{ClientError, ErrorKind, ProvisionError};
 
 /// A client connection before the relay: plain or TLS.
 pub enum ClientStream {
@@ -29,8 +32,12 @@ either_stream!(ClientStream { Plain, Tls });
 
 /// What the first packets asked for.
 enum Negotiated {
-    Cancel { pid: u32, secret: u32 },
-    Startup(ClientStream, Startup),
+    Cancel {
+        pid: u32,
+        secret: u32,
+    },
+    /// The channel binding data of the certificate a TLS session was made with.
+    Startup(ClientStream, Startup, Option<Arc<[u8]>>),
 }
 
 /// Reads one initial packet. `Ok(None)` when the client closed without a word.
@@ -54,7 +61,7 @@ async fn negotiate(
     proxy: &Proxy,
     tcp: TcpStream,
 ) -> Result<Option<Negotiated>, (Option<ClientStream>, ClientError)> {
-    let mut stream = open(proxy, tcp).await?;
+    let (mut stream, mut end_point) = open(proxy, tcp).await?;
     loop {
         let initial = match read_initial(&mut stream).await {
             Ok(Some(i)) => i,
@@ -70,17 +77,20 @@ async fn negotiate(
                 ));
             }
             Initial::SslRequest => {
-                let acceptor = proxy.tls.read().expect("tls lock").clone();
+                let loaded = proxy.tls.read().expect("tls lock").clone();
                 let ClientStream::Plain(mut tcp) = stream else {
                     unreachable!("checked above")
                 };
-                match acceptor {
-                    Some(acceptor) => {
+                match loaded {
+                    Some(loaded) => {
                         if tcp.write_all(b"S").await.is_err() {
                             return Ok(None);
                         }
-                        match acceptor.accept(tcp).await {
-                            Ok(tls) => stream = ClientStream::Tls(Box::new(tls)),
+                        match loaded.acceptor.accept(tcp).await {
+                            Ok(tls) => {
+                                stream = ClientStream::Tls(Box::new(tls));
+                                end_point = loaded.end_point.clone();
+                            }
                             Err(e) => {
                                 debug!(error = %e, "TLS handshake failed");
                                 return Ok(None);
@@ -101,7 +111,7 @@ async fn negotiate(
                 }
             }
             Initial::Cancel { pid, secret } => return Ok(Some(Negotiated::Cancel { pid, secret })),
-            Initial::Startup(s) => return Ok(Some(Negotiated::Startup(stream, s))),
+            Initial::Startup(s) => return Ok(Some(Negotiated::Startup(stream, s, end_point))),
         }
     }
 }
@@ -113,21 +123,21 @@ async fn negotiate(
 async fn open(
     proxy: &Proxy,
     tcp: TcpStream,
-) -> Result<ClientStream, (Option<ClientStream>, ClientError)> {
+) -> Result<(ClientStream, Option<Arc<[u8]>>), (Option<ClientStream>, ClientError)> {
     let mut first = [0u8; 1];
     let direct = matches!(tcp.peek(&mut first).await, Ok(1)) && first[0] == tls::TLS_HANDSHAKE;
     if !direct {
-        return Ok(ClientStream::Plain(tcp));
+        return Ok((ClientStream::Plain(tcp), None));
     }
-    let acceptor = proxy.tls.read().expect("tls lock").clone();
-    let Some(acceptor) = acceptor else {
+    let loaded = proxy.tls.read().expect("tls lock").clone();
+    let Some(loaded) = loaded else {
         // Nothing can be said in a protocol the client is not speaking: just close.
         return Err((
             None,
             ClientError::Protocol("direct TLS, but TLS is not configured".into()),
         ));
     };
-    let tls = acceptor.accept(tcp).await.map_err(|e| {
+    let tls = loaded.acceptor.accept(tcp).await.map_err(|e| {
         (
             None,
             ClientError::Protocol(format!("direct TLS handshake failed: {e}")),
@@ -139,7 +149,7 @@ async fn open(
         let err = ClientError::Protocol("direct TLS requires ALPN protocol \"postgresql\"".into());
         return Err((Some(stream), err));
     }
-    Ok(stream)
+    Ok((stream, loaded.end_point.clone()))
 }
 
 /// Sends `err` to the client (best effort) and counts it.
@@ -190,7 +200,7 @@ async fn serve_inner(
     let _ = tcp.set_nodelay(true);
     let negotiated =
         tokio::time::timeout(proxy.config.startup_timeout, negotiate(&proxy, tcp)).await;
-    let (mut client, startup) = match negotiated {
+    let (mut client, startup, end_point) = match negotiated {
         Err(_) => {
             debug!("startup timeout; dropping silent client");
             proxy
@@ -224,42 +234,14 @@ async fn serve_inner(
                 .inc();
             return;
         }
-        Ok(Ok(Some(Negotiated::Startup(client, startup)))) => (client, startup),
+        Ok(Ok(Some(Negotiated::Startup(client, startup, end_point)))) => {
+            (client, startup, end_point)
+        }
     };
 
     if proxy.tls_required && matches!(client, ClientStream::Plain(_)) {
         return refuse(&proxy, &mut client, &ClientError::TlsRequired).await;
     }
-    let server_name = match &client {
-        ClientStream::Tls(tls) => tls.get_ref().1.server_name().map(str::to_owned),
-        ClientStream::Plain(_) => None,
-    };
-    let sni = match (&server_name, &proxy.sni_suffix) {
-        (Some(name), Some(suffix)) => super::route::from_server_name(name, suffix),
-        _ => None,
-    };
-    let route = match route(&startup, &proxy.config, &proxy.registry, sni) {
-        Ok(r) => r,
-        Err(e) => return refuse(&proxy, &mut client, &e.into()).await,
-    };
-    span.record("source", route.id.source.as_str());
-    span.record("branch", route.id.branch.as_str());
-    // Replication sessions would stream the clone's WAL and bypass its policies.
-    let replication = startup.get("replication").is_some_and(|v| {
-        !matches!(
-            v.to_ascii_lowercase().as_str(),
-            "false" | "off" | "no" | "0"
-        )
-    });
-    let allowed = proxy
-        .registry
-        .source(route.id.source.as_str())
-        .is_some_and(|s| s.config.allow_replication);
-    if replication && !allowed {
-        let err = ClientError::Replication(route.id.source.to_string());
-        return refuse(&proxy, &mut client, &err).await;
-    }
-
     // A client asking for a newer minor version or protocol options is told what is
     // served, once, before anything else (as PostgreSQL does); the server sees 3.0.
     let options = startup.protocol_options();
@@ -271,13 +253,99 @@ async fn serve_inner(
     {
         return;
     }
+    let server_name = match &client {
+        ClientStream::Tls(tls) => tls.get_ref().1.server_name().map(str::to_owned),
+        ClientStream::Plain(_) => None,
+    };
+    let sni = match (&server_name, &proxy.sni_suffix) {
+        (Some(name), Some(suffix)) => super::route::from_server_name(name, suffix),
+        _ => None,
+    };
+    let names = match names(&startup, &proxy.config, sni) {
+        Ok(n) => n,
+        Err(e) => return refuse(&proxy, &mut client, &e.into()).await,
+    };
+    let method = proxy.auth_method_for(names.source);
 
-    let lease = match proxy
+    // Authentication comes before the name is checked any further: a client without
+    // the right password learns nothing about sources or branches, and makes none.
+    let proven = if method == AuthMethod::Trust {
+        None
+    } else {
+        let role = names.role.to_owned();
+        let source = names.source.to_owned();
+        let tls = matches!(client, ClientStream::Tls(_));
+        let exchange = async {
+            let found = proxy.credentials.lookup(&source, &role).await;
+            auth::authenticate(
+                &mut client,
+                method,
+                &role,
+                found,
+                &proxy.credentials,
+                tls,
+                end_point.as_deref(),
+            )
+            .await
+        };
+        match tokio::time::timeout(proxy.config.startup_timeout, exchange).await {
+            Ok(Ok(p)) => Some(p),
+            Ok(Err(e)) => return refuse(&proxy, &mut client, &e).await,
+            Err(_) => {
+                let err = ClientError::Protocol("authentication timed out".into());
+                return refuse(&proxy, &mut client, &err).await;
+            }
+        }
+    };
+
+    let route = match route(&startup, &proxy.config, &proxy.registry, sni) {
+        Ok(r) => r,
+        Err(e) => return refuse(&proxy, &mut client, &e.into()).await,
+    };
+    span.record("source", route.id.source.as_str());
+    span.record("branch", route.id.branch.as_str());
+    let source = proxy
         .registry
-        .acquire(&route.id, proxy.config.provision_timeout)
-        .await
-    {
-        Ok(l) => l,
+        .source(route.id.source.as_str())
+        .expect("routing found the source");
+    // Replication sessions would stream the clone's WAL and bypass its policies.
+    let replication = startup.get("replication").is_some_and(|v| {
+        !matches!(
+            v.to_ascii_lowercase().as_str(),
+            "false" | "off" | "no" | "0"
+        )
+    });
+    if replication && !source.config.allow_replication {
+        let err = ClientError::Replication(route.id.source.to_string());
+        return refuse(&proxy, &mut client, &err).await;
+    }
+
+    let creator = match &proven {
+        None => None,
+        Some(_) => {
+            let cfg = &source.config;
+            let listed = |roles: &[String]| roles.is_empty() || roles.contains(&route.user);
+            if !listed(&cfg.connect_roles) {
+                let err = ClientError::Forbidden(format!(
+                    "role \"{}\" may not connect to branches of source {} (sources.{}.connect_roles)",
+                    route.user, route.id.source, route.id.source
+                ));
+                return refuse(&proxy, &mut client, &err).await;
+            }
+            Some(Creator {
+                role: route.user.clone(),
+                may_create: listed(&cfg.create_roles),
+                max_branches: cfg.max_branches_per_role,
+            })
+        }
+    };
+    if proven.is_some() && client.write_all(&auth::auth_ok()).await.is_err() {
+        return;
+    }
+
+    let lease = match acquire(&proxy, &mut client, &route, creator.as_ref()).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return,
         Err(e) => return refuse(&proxy, &mut client, &e.into()).await,
     };
     let mut server = match ServerStream::connect(&lease.endpoint.addr).await {
@@ -297,12 +365,17 @@ async fn serve_inner(
     let mut key_guard = None;
     let addr = lease.endpoint.addr.clone();
     let cancels = proxy.cancels.clone();
-    let outcome = backend::authenticate(&mut client, &mut server, &startup_msg, |pid, secret| {
+    let key = |pid, secret| {
         let (ppid, psecret, guard) = cancels.issue(addr.clone(), pid, secret);
         key_guard = Some(guard);
         protocol::encode_backend_key(ppid, psecret)
-    })
-    .await;
+    };
+    let outcome = match &proven {
+        None => backend::authenticate(&mut client, &mut server, &startup_msg, key).await,
+        Some(p) => {
+            backend::login(&mut client, &mut server, &startup_msg, &route.user, p, key).await
+        }
+    };
     match outcome {
         Ok(backend::Outcome::Ready) => {}
         Ok(backend::Outcome::Refused) => {
@@ -348,4 +421,61 @@ async fn serve_inner(
         Ok(()) => debug!("connection closed"),
         Err(e) => debug!(error = %e, "connection ended"),
     }
+}
+
+/// Gets the branch from the registry. When it has to be made (or woken) first, a
+/// client that is already authenticated is told so in NoticeResponses, and told
+/// again when it is ready. `Ok(None)`: the client left meanwhile.
+async fn acquire(
+    proxy: &Proxy,
+    client: &mut ClientStream,
+    route: &super::route::Route,
+    creator: Option<&Creator>,
+) -> Result<Option<Lease>, ProvisionError> {
+    let timeout = proxy.config.provision_timeout;
+    use crate::branch::registry::Phase;
+    let (branch, source) = (&route.id.branch, &route.id.source);
+    // Notices only go to clients past AuthenticationOk: under `trust` the server's
+    // own authentication is still to come, and nothing may precede it.
+    let notice = match (creator, proxy.registry.view(&route.id).map(|v| v.state)) {
+        (None, _) | (_, Some(Phase::Ready)) => None,
+        (Some(c), None) if c.may_create => {
+            Some(format!("creating branch {branch} of source {source}"))
+        }
+        (Some(_), None) => None,
+        (Some(_), Some(Phase::Provisioning)) => Some(format!(
+            "branch {branch} of source {source} is being created; waiting for it"
+        )),
+        (Some(_), Some(_)) => Some(format!("waiting for branch {branch} of source {source}")),
+    };
+    let announce = notice.is_some();
+    let started = std::time::Instant::now();
+    if let Some(msg) = notice {
+        if client
+            .write_all(&protocol::encode_notice(&msg))
+            .await
+            .is_err()
+        {
+            return Ok(None);
+        }
+    }
+    let lease = proxy
+        .registry
+        .acquire_as(&route.id, timeout, creator)
+        .await?;
+    if announce {
+        let msg = format!(
+            "branch {} ready in {} ms",
+            route.id,
+            started.elapsed().as_millis()
+        );
+        if client
+            .write_all(&protocol::encode_notice(&msg))
+            .await
+            .is_err()
+        {
+            return Ok(None);
+        }
+    }
+    Ok(Some(lease))
 }

@@ -15,8 +15,16 @@ pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 /// (`sslnegotiation=direct`) starts with it instead of a length word.
 pub const TLS_HANDSHAKE: u8 = 0x16;
 
+/// A loaded certificate: the acceptor, and what SCRAM channel binding binds to.
+pub struct Tls {
+    pub acceptor: TlsAcceptor,
+    /// `tls-server-end-point` data of the leaf certificate; `None` when its
+    /// signature algorithm has no hash to use (then SCRAM-SHA-256-PLUS is not offered).
+    pub end_point: Option<Arc<[u8]>>,
+}
+
 /// Builds the acceptor from a PEM certificate chain and private key.
-pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
+pub fn load(cert: &Path, key: &Path) -> anyhow::Result<Tls> {
     let certs = rustls_pemfile::certs(&mut BufReader::new(
         File::open(cert).with_context(|| format!("tls.cert: cannot open {}", cert.display()))?,
     ))
@@ -25,6 +33,7 @@ pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     if certs.is_empty() {
         return Err(anyhow!("tls.cert: no certificate in {}", cert.display()));
     }
+    let end_point = crate::auth::scram::tls_server_end_point(certs[0].as_ref()).map(Arc::from);
     let key = rustls_pemfile::private_key(&mut BufReader::new(
         File::open(key).with_context(|| format!("tls.key: cannot open {}", key.display()))?,
     ))
@@ -41,5 +50,8 @@ pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     // PostgreSQL's ALPN name: required for direct TLS, accepted after SSLRequest. A
     // client that offers ALPN without it is refused by the handshake.
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(Tls {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        end_point,
+    })
 }

@@ -44,6 +44,9 @@ public class Driver {
                 + "/" + System.getenv("PGDATABASE");
         Properties p = new Properties();
         p.setProperty("user", System.getenv("PGUSER"));
+        if (System.getenv("PGPASSWORD") != null) {
+            p.setProperty("password", System.getenv("PGPASSWORD"));
+        }
         // Server-side prepared statements from the first execution on.
         p.setProperty("prepareThreshold", "1");
         p.setProperty("connectTimeout", "30");

@@ -28,6 +28,13 @@ expect() {
     [[ $got == "$want" ]] || fail "$what: expected '$want', got '$got'"
 }
 
+# The branch is new: the proxy says so while it makes it (NoticeResponse after
+# AuthenticationOk), and psql prints that on stderr.
+first=$(psql -X -At -c 'SELECT 1' 2>&1) || fail "first connection: $first"
+[[ $first == *"NOTICE:  creating branch"* ]] ||
+    fail "first connection to a new branch: expected the proxy's notice, got: $first"
+ok "progress notices while the branch is made"
+
 expect "source table items" 3 "$(q 'SELECT count(*) FROM items')"
 ok "clone has the source's rows"
 

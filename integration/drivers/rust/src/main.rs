@@ -39,6 +39,9 @@ fn config() -> Result<Config> {
         .user(env("PGUSER")?)
         .dbname(env("PGDATABASE")?)
         .connect_timeout(Duration::from_secs(30));
+    if let Ok(pw) = std::env::var("PGPASSWORD") {
+        cfg.password(pw);
+    }
     Ok(cfg)
 }
 

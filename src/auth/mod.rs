@@ -1,0 +1,380 @@
+//! Who may connect: roles' stored passwords and how the proxy finds them.
+//!
+//! [`scram`] holds the protocol arithmetic; [`Credentials`] finds a role's stored
+//! password, either in the users file or by running `auth.query` on the source's
+//! server over a dedicated connection that never sees client parameters. The
+//! client-facing exchange lives in `proxy::auth`.
+//!
+//! Invariant: nothing here tells an unknown role from a wrong password. A role that
+//! is missing, has no password, or has an expired one is answered with a mock
+//! verifier, and the exchange fails at the same step with the same message.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, NoTls};
+use tracing::{debug, info, warn};
+
+pub mod scram;
+
+use scram::Verifier;
+
+/// A role's stored password.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Secret {
+    Scram(Verifier),
+    /// `md5` followed by 32 hex digits of md5(password || role).
+    Md5(String),
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Secret::Scram(v) => v.fmt(f),
+            Secret::Md5(_) => f.write_str("Md5(..)"),
+        }
+    }
+}
+
+impl Secret {
+    /// Parses what `pg_authid.rolpassword` holds. Plain text is not accepted.
+    pub fn parse(s: &str) -> Option<Secret> {
+        if let Some(v) = Verifier::parse(s) {
+            return Some(Secret::Scram(v));
+        }
+        let hex = s.strip_prefix("md5")?;
+        (hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| Secret::Md5(s.to_ascii_lowercase()))
+    }
+
+    /// Whether `password` is right for `role`.
+    pub fn check_password(&self, role: &str, password: &str) -> bool {
+        match self {
+            Secret::Scram(v) => v.check_password(password),
+            Secret::Md5(stored) => {
+                scram::secure_eq(md5_password(password, role).as_bytes(), stored.as_bytes())
+            }
+        }
+    }
+}
+
+/// `md5` + hex(md5(password || salt)): PostgreSQL's stored md5 form (salt = role)
+/// and, salted again with the server's 4 bytes, its md5 challenge answer.
+pub fn md5_password(password: &str, salt: &str) -> String {
+    md5_hex(&[password.as_bytes(), salt.as_bytes()])
+}
+
+/// The answer to an AuthenticationMD5Password challenge.
+pub fn md5_challenge(password: &str, role: &str, salt: [u8; 4]) -> String {
+    let inner = md5_password(password, role);
+    md5_hex(&[&inner.as_bytes()[3..], &salt])
+}
+
+fn md5_hex(parts: &[&[u8]]) -> String {
+    use md5::{Digest, Md5};
+    let mut h = Md5::new();
+    for p in parts {
+        h.update(p);
+    }
+    let digest = h.finalize();
+    let mut out = String::with_capacity(35);
+    out.push_str("md5");
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// What the proxy knows of a role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Role {
+    /// `None`: the role has no usable password (NULL, empty, or not a verifier).
+    pub secret: Option<Secret>,
+    pub can_login: bool,
+    pub valid_until: Option<SystemTime>,
+}
+
+impl Role {
+    /// The secret, if the role could log in with a password right now.
+    pub fn usable_secret(&self, now: SystemTime) -> Option<&Secret> {
+        match self.valid_until {
+            Some(t) if t < now => None,
+            _ => self.secret.as_ref(),
+        }
+    }
+}
+
+/// The credentials could not be looked up (the auth server is down, the query is
+/// wrong). Not the client's fault, and not about any role in particular.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LookupError(pub String);
+
+/// `auth.query` on one server, over one shared connection (queries from many
+/// clients are pipelined on it) that is reopened when it drops.
+struct QueryLookup {
+    config: tokio_postgres::Config,
+    client: Mutex<Option<Arc<Client>>>,
+}
+
+impl QueryLookup {
+    fn new(server: &str) -> Result<Self, String> {
+        let mut config: tokio_postgres::Config = server
+            .parse()
+            .map_err(|e| format!("not a connection string: {e}"))?;
+        // A fixed search_path: a role name can never make the query resolve to
+        // something other than the catalog.
+        let options = config.get_options().unwrap_or("").to_owned();
+        config.options(format!("{options} -c search_path=pg_catalog,pg_temp").trim());
+        config.application_name("offshoot-auth");
+        Ok(Self {
+            config,
+            client: Mutex::new(None),
+        })
+    }
+
+    async fn client(&self) -> Result<Arc<Client>, tokio_postgres::Error> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let (client, conn) = self.config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "auth query connection closed");
+            }
+        });
+        let client = Arc::new(client);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    async fn lookup(&self, query: &str, role: &str) -> Result<Option<Role>, LookupError> {
+        let client = self
+            .client()
+            .await
+            .map_err(|e| LookupError(format!("cannot connect for auth.query: {e}")))?;
+        let rows = client
+            .query(query, &[&role])
+            .await
+            .map_err(|e| LookupError(format!("auth.query failed: {e}")))?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let password: Option<String> = row
+            .try_get(0)
+            .map_err(|e| LookupError(format!("auth.query column 1 (password): {e}")))?;
+        let can_login = if row.len() > 1 {
+            row.try_get::<_, Option<bool>>(1)
+                .map_err(|e| LookupError(format!("auth.query column 2 (can login): {e}")))?
+                .unwrap_or(false)
+        } else {
+            true
+        };
+        let valid_until = if row.len() > 2 {
+            row.try_get::<_, Option<SystemTime>>(2)
+                .map_err(|e| LookupError(format!("auth.query column 3 (valid until): {e}")))?
+        } else {
+            None
+        };
+        Ok(Some(Role {
+            secret: password.as_deref().and_then(Secret::parse),
+            can_login,
+            valid_until,
+        }))
+    }
+}
+
+/// Finds roles' credentials for every source.
+pub struct Credentials {
+    query: String,
+    users_file: Option<PathBuf>,
+    users: RwLock<HashMap<String, Secret>>,
+    /// `auth.query` per source name.
+    servers: HashMap<String, QueryLookup>,
+    /// Where a name that is no source is checked (the first source), so that a
+    /// right password learns the source does not exist and a wrong one does not.
+    fallback: Option<String>,
+    /// Key of the mock verifiers: random per process.
+    mock_key: [u8; 32],
+}
+
+impl Credentials {
+    /// `servers` pairs each source with the connection string `auth.query` runs on.
+    pub fn new(
+        query: String,
+        users_file: Option<PathBuf>,
+        servers: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
+        let users = match &users_file {
+            Some(p) => read_users_file(p)?,
+            None => HashMap::new(),
+        };
+        let fallback = servers.first().map(|(s, _)| s.clone());
+        let mut lookups = HashMap::new();
+        for (source, server) in servers {
+            let l = QueryLookup::new(&server)
+                .map_err(|e| anyhow::anyhow!("sources.{source}.auth_server: {e}"))?;
+            lookups.insert(source, l);
+        }
+        Ok(Self {
+            query,
+            users_file,
+            users: RwLock::new(users),
+            servers: lookups,
+            fallback,
+            mock_key: rand::random(),
+        })
+    }
+
+    /// Looks `role` up for `source` (a name that may be no source at all).
+    pub async fn lookup(&self, source: &str, role: &str) -> Result<Option<Role>, LookupError> {
+        let from_file = self
+            .users
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(role)
+            .cloned();
+        if let Some(secret) = from_file {
+            return Ok(Some(Role {
+                secret: Some(secret),
+                can_login: true,
+                valid_until: None,
+            }));
+        }
+        let server = self
+            .servers
+            .get(source)
+            .or_else(|| self.fallback.as_ref().and_then(|f| self.servers.get(f)));
+        match server {
+            Some(s) => s.lookup(&self.query, role).await,
+            None => Ok(None),
+        }
+    }
+
+    /// A verifier for a role that cannot log in, indistinguishable from a real one.
+    pub fn mock(&self, role: &str) -> Verifier {
+        Verifier::mock(&self.mock_key, role)
+    }
+
+    /// Re-reads the users file (on SIGHUP). A file that does not load keeps the
+    /// previous contents.
+    pub fn reload(&self) {
+        let Some(path) = &self.users_file else { return };
+        match read_users_file(path) {
+            Ok(users) => {
+                let n = users.len();
+                *self.users.write().unwrap_or_else(|p| p.into_inner()) = users;
+                info!(path = %path.display(), roles = n, "users file reloaded");
+            }
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "users file reload failed; keeping the previous one")
+            }
+        }
+    }
+}
+
+/// Reads `"role" "verifier"` lines; `;` and `#` start comments. Doubled quotes
+/// inside a quoted field stand for one.
+pub fn read_users_file(path: &Path) -> anyhow::Result<HashMap<String, Secret>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("auth.users_file: cannot read {}: {e}", path.display()))?;
+    parse_users(&text).map_err(|(line, why)| {
+        anyhow::anyhow!("auth.users_file: {} line {line}: {why}", path.display())
+    })
+}
+
+fn parse_users(text: &str) -> Result<HashMap<String, Secret>, (usize, String)> {
+    let mut users = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with(';') || line.starts_with('#') {
+            continue;
+        }
+        let fields = quoted_fields(line).ok_or((i + 1, "expected \"role\" \"verifier\"".into()))?;
+        let [role, secret] = fields.as_slice() else {
+            return Err((i + 1, "expected exactly two quoted fields".into()));
+        };
+        let secret = Secret::parse(secret).ok_or((
+            i + 1,
+            format!("the password of {role:?} is not a SCRAM-SHA-256 or md5 verifier"),
+        ))?;
+        users.insert(role.clone(), secret);
+    }
+    Ok(users)
+}
+
+fn quoted_fields(line: &str) -> Option<Vec<String>> {
+    let mut fields = Vec::new();
+    let mut chars = line.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        match chars.next() {
+            None => return Some(fields),
+            Some('"') => {}
+            Some(_) => return None,
+        }
+        let mut field = String::new();
+        loop {
+            match chars.next()? {
+                '"' if chars.next_if_eq(&'"').is_some() => field.push('"'),
+                '"' => break,
+                c => field.push(c),
+            }
+        }
+        fields.push(field);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VERIFIER: &str = "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$\
+        WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU=";
+
+    #[test]
+    fn users_file_lines() {
+        let text = format!(
+            "; comment\n\"app\" \"{VERIFIER}\"\n# another\n\"we\"\"ird\" \"md5{}\"\n",
+            "0123456789abcdef0123456789ABCDEF"
+        );
+        let users = parse_users(&text).unwrap();
+        assert!(matches!(users["app"], Secret::Scram(_)));
+        assert!(matches!(users["we\"ird"], Secret::Md5(_)));
+        assert_eq!(parse_users("\"app\" \"plain\"\n").unwrap_err().0, 1);
+        assert_eq!(parse_users("\n\"app\"\n").unwrap_err().0, 2);
+        assert!(parse_users("app secret\n").is_err());
+    }
+
+    #[test]
+    fn md5_matches_postgres() {
+        // SELECT 'md5' || md5('secret' || 'app')
+        assert_eq!(
+            md5_password("secret", "app"),
+            "md56a422f785c9e20873908ce25d1736ae2"
+        );
+        let s = Secret::parse("md56A422F785C9E20873908CE25D1736AE2").unwrap();
+        assert!(s.check_password("app", "secret"));
+        assert!(!s.check_password("app", "Secret"));
+        assert!(!s.check_password("other", "secret"));
+    }
+
+    #[test]
+    fn expired_roles_have_no_usable_secret() {
+        let role = Role {
+            secret: Secret::parse(VERIFIER),
+            can_login: true,
+            valid_until: Some(SystemTime::UNIX_EPOCH),
+        };
+        assert!(role.usable_secret(SystemTime::now()).is_none());
+        let role = Role {
+            valid_until: None,
+            ..role
+        };
+        assert!(role.usable_secret(SystemTime::now()).is_some());
+    }
+}
