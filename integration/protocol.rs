@@ -143,7 +143,7 @@ async fn malformed_startup_packets_are_refused_and_others_still_served() {
     let mut head = [0u8; 17];
     s.read_exact(&mut head).unwrap();
     assert_eq!(head[0], b'v');
-    assert_eq!(&head[5..9], &(3u32 << 16).to_be_bytes(), "offers 3.0");
+    assert_eq!(&head[5..9], &((3u32 << 16) | 2).to_be_bytes(), "serves 3.2");
     assert_eq!(&head[9..13], &1u32.to_be_bytes(), "one unrecognised option");
 
     steady
@@ -154,6 +154,83 @@ async fn malformed_startup_packets_are_refused_and_others_still_served() {
         .connect("shop.steady")
         .await
         .expect("new clients served");
+}
+
+/// Reads one backend message from a blocking socket: (type, body).
+fn read_msg(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).expect("message header");
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).expect("message body");
+    (head[0], body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_3_2_sessions_get_long_cancel_keys_that_work() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(&startup_packet(
+        (3 << 16) | 2,
+        &[("user", "postgres"), ("database", "shop.v32")],
+    ))
+    .unwrap();
+    // 3.2 is served as asked: no NegotiateProtocolVersion, and a 32-byte key.
+    let mut key = None;
+    loop {
+        let (tag, body) = read_msg(&mut s);
+        assert_ne!(tag, b'v', "3.2 needs no negotiation");
+        assert_ne!(tag, b'E', "{}", String::from_utf8_lossy(&body));
+        if tag == b'K' {
+            key = Some(body);
+        }
+        if tag == b'Z' {
+            break;
+        }
+    }
+    let key = key.expect("BackendKeyData");
+    assert_eq!(key.len(), 4 + 32, "pid and a 256-bit secret");
+    let mut query = b"SELECT pg_sleep(30)\0".to_vec();
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&((query.len() + 4) as u32).to_be_bytes());
+    q.append(&mut query);
+    s.write_all(&q).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let mut cancel = ((12 + 32) as u32).to_be_bytes().to_vec();
+    cancel.extend_from_slice(&80_877_102u32.to_be_bytes());
+    cancel.extend_from_slice(&key);
+    let mut c = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    c.write_all(&cancel).unwrap();
+    let _ = c.read_to_end(&mut Vec::new());
+    // RowDescription comes before the statement runs; then the error.
+    let (tag, body) = loop {
+        let (tag, body) = read_msg(&mut s);
+        if tag == b'E' || tag == b'Z' {
+            break (tag, body);
+        }
+    };
+    assert_eq!(tag, b'E');
+    assert!(
+        body.windows(6).any(|w| w == b"C57014"),
+        "query_canceled: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Newer than 3.2: told that 3.2 is served, then the session goes on.
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    s.write_all(&startup_packet(
+        (3 << 16) | 7,
+        &[("user", "postgres"), ("database", "shop.v32")],
+    ))
+    .unwrap();
+    let (tag, body) = read_msg(&mut s);
+    assert_eq!(tag, b'v');
+    assert_eq!(&body[..8], &[0, 3, 0, 2, 0, 0, 0, 0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,7 +52,7 @@ fn check_body(body: &[u8]) {
         Initial::GssEncRequest => assert_eq!(body, GSSENC_REQUEST.to_be_bytes()),
         Initial::Cancel { pid, secret } => {
             assert_eq!(code, CANCEL_REQUEST);
-            assert_eq!(body, &encode_cancel(pid, secret)[4..]);
+            assert_eq!(body, &encode_cancel(pid, &secret)[4..]);
         }
         Initial::Startup(s) => check_startup(body, code, &s),
     }

@@ -88,7 +88,7 @@ pub async fn authenticate<C, S>(
     client: &mut C,
     server: &mut S,
     startup: &[u8],
-    mut key: impl FnMut(u32, u32) -> [u8; 13],
+    mut key: impl FnMut(u32, u32) -> Vec<u8>,
 ) -> io::Result<Outcome>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -163,7 +163,7 @@ pub async fn login<C, S>(
     startup: &[u8],
     user: &str,
     proven: &Proven,
-    mut key: impl FnMut(u32, u32) -> [u8; 13],
+    mut key: impl FnMut(u32, u32) -> Vec<u8>,
 ) -> io::Result<Outcome>
 where
     C: AsyncWrite + Unpin,

@@ -27,16 +27,17 @@ struct Target {
     backend_secret: u32,
 }
 
-/// The live keys by proxy-issued secret, shared by every connection.
+/// The live keys by proxy-issued secret, shared by every connection. Secrets are 4
+/// bytes for protocol 3.0 clients and 32 for 3.2 ones.
 #[derive(Default)]
 pub struct CancelMap {
-    keys: DashMap<u32, Target>,
+    keys: DashMap<Box<[u8]>, Target>,
 }
 
 /// Removes its key when the connection ends.
 pub struct KeyGuard {
     map: Arc<CancelMap>,
-    secret: u32,
+    secret: Box<[u8]>,
 }
 
 impl Drop for KeyGuard {
@@ -47,7 +48,7 @@ impl Drop for KeyGuard {
 
 /// Delivers the server's own cancel key to the server.
 async fn send(target: &Target) -> bool {
-    let msg = encode_cancel(target.backend_pid, target.backend_secret);
+    let msg = encode_cancel(target.backend_pid, &target.backend_secret.to_be_bytes());
     let sent = match &target.addr {
         ServerAddr::Tcp { host, port } => match TcpStream::connect((host.as_str(), *port)).await {
             Ok(mut s) => s.write_all(&msg).await.is_ok(),
@@ -66,16 +67,17 @@ async fn send(target: &Target) -> bool {
 
 impl CancelMap {
     /// Issues the key a client sees for a server session: the server's pid and a
-    /// fresh secret.
+    /// fresh secret of `len` bytes.
     pub fn issue(
         self: &Arc<Self>,
         addr: ServerAddr,
         backend_pid: u32,
         backend_secret: u32,
-    ) -> (u32, u32, KeyGuard) {
+        len: usize,
+    ) -> (u32, Box<[u8]>, KeyGuard) {
         loop {
-            let secret = rand::random::<u32>();
-            if let Entry::Vacant(v) = self.keys.entry(secret) {
+            let secret: Box<[u8]> = (0..len).map(|_| rand::random::<u8>()).collect();
+            if let Entry::Vacant(v) = self.keys.entry(secret.clone()) {
                 v.insert(Target {
                     addr,
                     backend_pid,
@@ -83,7 +85,7 @@ impl CancelMap {
                 });
                 let guard = KeyGuard {
                     map: self.clone(),
-                    secret,
+                    secret: secret.clone(),
                 };
                 return (backend_pid, secret, guard);
             }
@@ -91,8 +93,8 @@ impl CancelMap {
     }
 
     /// Forwards a cancel for (pid, secret) if the key is live; returns whether it was.
-    pub async fn forward(&self, pid: u32, secret: u32) -> bool {
-        let Some(target) = self.keys.get(&secret).map(|t| t.clone()) else {
+    pub async fn forward(&self, pid: u32, secret: &[u8]) -> bool {
+        let Some(target) = self.keys.get(secret).map(|t| t.clone()) else {
             return false;
         };
         if target.backend_pid != pid {
@@ -183,17 +185,24 @@ mod tests {
             host: "127.0.0.1".into(),
             port: 1,
         };
-        let (p1, s1, g1) = map.issue(addr.clone(), 10, 20);
-        let (p2, s2, g2) = map.issue(addr, 10, 21);
+        let (p1, s1, g1) = map.issue(addr.clone(), 10, 20, 4);
+        let (p2, s2, g2) = map.issue(addr.clone(), 10, 21, 4);
+        let (_, s3, g3) = map.issue(addr, 10, 22, 32);
         assert_eq!((p1, p2), (10, 10), "clients see the server's pid");
         assert_ne!(s1, s2);
-        assert_ne!(s1, 20, "the server's secret stays inside");
-        assert_eq!(map.len(), 2);
+        assert_eq!((s1.len(), s3.len()), (4, 32));
+        assert_ne!(*s1, 20u32.to_be_bytes(), "the server's secret stays inside");
+        assert_eq!(map.len(), 3);
         // Wrong secret or wrong pid: refused before any connection is tried.
-        assert!(!map.forward(p1, s1.wrapping_add(1)).await);
-        assert!(!map.forward(p1 + 1, s1).await);
-        drop(g1);
-        drop(g2);
+        let mut wrong = s1.to_vec();
+        wrong[0] ^= 1;
+        assert!(!map.forward(p1, &wrong).await);
+        assert!(!map.forward(p1 + 1, &s1).await);
+        assert!(
+            !map.forward(p1, &s3[..4]).await,
+            "a prefix of a long key is no key"
+        );
+        drop((g1, g2, g3));
         assert!(map.is_empty());
     }
 

@@ -17,13 +17,35 @@ pub const SSL_REQUEST: u32 = 80_877_103;
 pub const GSSENC_REQUEST: u32 = 80_877_104;
 pub const CANCEL_REQUEST: u32 = 80_877_102;
 pub const PROTOCOL_3_0: u32 = 3 << 16;
+/// The newest minor version served: 3.2 (PostgreSQL 18) differs from 3.0 only in
+/// its longer cancel keys, which the proxy issues itself.
+pub const NEWEST_MINOR: u16 = 2;
+/// Longest cancel key protocol 3.2 allows.
+pub const MAX_CANCEL_KEY: usize = 256;
+/// Length of the cancel keys the proxy issues to protocol 3.2 clients (as
+/// PostgreSQL 18 does); 3.0 clients get 4 bytes.
+pub const CANCEL_KEY_3_2: usize = 32;
+
+/// The minor version a session runs: 3.2 when asked for it or anything newer,
+/// else 3.0 (3.1 was never used).
+pub fn served_minor(requested: u16) -> u16 {
+    if requested >= NEWEST_MINOR {
+        NEWEST_MINOR
+    } else {
+        0
+    }
+}
 
 /// The first packet a client sends (and the one after an SSL/GSS refusal).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Initial {
     SslRequest,
     GssEncRequest,
-    Cancel { pid: u32, secret: u32 },
+    /// The secret is 4 bytes from protocol 3.0 clients, up to 256 from 3.2 ones.
+    Cancel {
+        pid: u32,
+        secret: Vec<u8>,
+    },
     Startup(Startup),
 }
 
@@ -81,12 +103,12 @@ pub fn parse_initial(body: &[u8]) -> Result<Initial, ClientError> {
         SSL_REQUEST => Ok(Initial::SslRequest),
         GSSENC_REQUEST => Ok(Initial::GssEncRequest),
         CANCEL_REQUEST => {
-            if rest.len() != 8 {
+            if !(8..=4 + MAX_CANCEL_KEY).contains(&rest.len()) {
                 return Err(protocol_violation("invalid length of cancel request"));
             }
             Ok(Initial::Cancel {
                 pid: u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]),
-                secret: u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]),
+                secret: rest[4..].to_vec(),
             })
         }
         _ => {
@@ -169,22 +191,22 @@ pub fn encode_startup(params: &[(String, String)]) -> BytesMut {
 }
 
 /// Encodes a CancelRequest.
-pub fn encode_cancel(pid: u32, secret: u32) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[..4].copy_from_slice(&16u32.to_be_bytes());
-    out[4..8].copy_from_slice(&CANCEL_REQUEST.to_be_bytes());
-    out[8..12].copy_from_slice(&pid.to_be_bytes());
-    out[12..].copy_from_slice(&secret.to_be_bytes());
+pub fn encode_cancel(pid: u32, secret: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12 + secret.len());
+    out.extend_from_slice(&((12 + secret.len()) as u32).to_be_bytes());
+    out.extend_from_slice(&CANCEL_REQUEST.to_be_bytes());
+    out.extend_from_slice(&pid.to_be_bytes());
+    out.extend_from_slice(secret);
     out
 }
 
-/// NegotiateProtocolVersion: the newest minor version served (0) and the options
-/// not recognised.
-pub fn encode_negotiate_protocol(options: &[&str]) -> BytesMut {
+/// NegotiateProtocolVersion: the minor version served and the options not
+/// recognised.
+pub fn encode_negotiate_protocol(minor: u16, options: &[&str]) -> BytesMut {
     let mut buf = BytesMut::new();
     buf.put_u8(b'v');
     buf.put_u32(0);
-    buf.put_u32(PROTOCOL_3_0);
+    buf.put_u32(PROTOCOL_3_0 | u32::from(minor));
     buf.put_u32(options.len() as u32);
     for o in options {
         buf.put_slice(o.as_bytes());
@@ -196,12 +218,12 @@ pub fn encode_negotiate_protocol(options: &[&str]) -> BytesMut {
 }
 
 /// BackendKeyData as the client sees it (server pid, proxy-issued secret).
-pub fn encode_backend_key(pid: u32, secret: u32) -> [u8; 13] {
-    let mut out = [0u8; 13];
-    out[0] = b'K';
-    out[1..5].copy_from_slice(&12u32.to_be_bytes());
-    out[5..9].copy_from_slice(&pid.to_be_bytes());
-    out[9..].copy_from_slice(&secret.to_be_bytes());
+pub fn encode_backend_key(pid: u32, secret: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + secret.len());
+    out.push(b'K');
+    out.extend_from_slice(&((8 + secret.len()) as u32).to_be_bytes());
+    out.extend_from_slice(&pid.to_be_bytes());
+    out.extend_from_slice(secret);
     out
 }
 
@@ -284,11 +306,21 @@ mod tests {
             parse_initial(&GSSENC_REQUEST.to_be_bytes()).unwrap(),
             Initial::GssEncRequest
         );
-        let c = encode_cancel(7, 9);
+        let c = encode_cancel(7, &9u32.to_be_bytes());
         assert_eq!(
             parse_initial(&c[4..]).unwrap(),
-            Initial::Cancel { pid: 7, secret: 9 }
+            Initial::Cancel {
+                pid: 7,
+                secret: vec![0, 0, 0, 9]
+            }
         );
+        // Protocol 3.2 keys: up to 256 bytes.
+        let long = encode_cancel(7, &[5u8; 256]);
+        assert!(
+            matches!(parse_initial(&long[4..]), Ok(Initial::Cancel { secret, .. }) if secret.len() == 256)
+        );
+        let too_long = encode_cancel(7, &[5u8; 257]);
+        assert!(parse_initial(&too_long[4..]).is_err());
     }
 
     #[test]
@@ -327,7 +359,12 @@ mod tests {
         };
         assert_eq!(s.minor, 2);
         assert_eq!(s.protocol_options(), vec!["_pq_.x"]);
-        let v = encode_negotiate_protocol(&["_pq_.x"]);
+        let v = encode_negotiate_protocol(served_minor(s.minor), &["_pq_.x"]);
+        assert_eq!(&v[5..9], &((3u32 << 16) | 2).to_be_bytes());
+        assert_eq!(
+            (served_minor(1), served_minor(2), served_minor(9)),
+            (0, 2, 2)
+        );
         assert_eq!(v[0], b'v');
         assert_eq!(
             u32::from_be_bytes([v[1], v[2], v[3], v[4]]) as usize,

@@ -34,7 +34,7 @@ either_stream!(ClientStream { Plain, Tls });
 enum Negotiated {
     Cancel {
         pid: u32,
-        secret: u32,
+        secret: Vec<u8>,
     },
     /// The channel binding data of the certificate a TLS session was made with.
     Startup(ClientStream, Startup, Option<Arc<[u8]>>),
@@ -222,7 +222,7 @@ async fn serve_inner(
             // Rate-limited per address: guessing secrets costs a connection each.
             let outcome = if !proxy.cancel_limit.allow(peer.ip()) {
                 "rate_limited"
-            } else if proxy.cancels.forward(pid, secret).await {
+            } else if proxy.cancels.forward(pid, &secret).await {
                 "forwarded"
             } else {
                 "ignored"
@@ -242,17 +242,25 @@ async fn serve_inner(
     if proxy.tls_required && matches!(client, ClientStream::Plain(_)) {
         return refuse(&proxy, &mut client, &ClientError::TlsRequired).await;
     }
-    // A client asking for a newer minor version or protocol options is told what is
-    // served, once, before anything else (as PostgreSQL does); the server sees 3.0.
+    // A client asking for a minor version not served, or for protocol options, is
+    // told what is served, once, before anything else (as PostgreSQL does). Towards
+    // the server the session is always 3.0: 3.2 differs only in the length of cancel
+    // keys, and those are the proxy's own.
     let options = startup.protocol_options();
-    if (startup.minor > 0 || !options.is_empty())
+    let minor = protocol::served_minor(startup.minor);
+    if (startup.minor != minor || !options.is_empty())
         && client
-            .write_all(&encode_negotiate_protocol(&options))
+            .write_all(&encode_negotiate_protocol(minor, &options))
             .await
             .is_err()
     {
         return;
     }
+    let key_len = if minor >= 2 {
+        protocol::CANCEL_KEY_3_2
+    } else {
+        4
+    };
     let server_name = match &client {
         ClientStream::Tls(tls) => tls.get_ref().1.server_name().map(str::to_owned),
         ClientStream::Plain(_) => None,
@@ -366,9 +374,9 @@ async fn serve_inner(
     let addr = lease.endpoint.addr.clone();
     let cancels = proxy.cancels.clone();
     let key = |pid, secret| {
-        let (ppid, psecret, guard) = cancels.issue(addr.clone(), pid, secret);
+        let (ppid, psecret, guard) = cancels.issue(addr.clone(), pid, secret, key_len);
         key_guard = Some(guard);
-        protocol::encode_backend_key(ppid, psecret)
+        protocol::encode_backend_key(ppid, &psecret)
     };
     let outcome = match &proven {
         None => backend::authenticate(&mut client, &mut server, &startup_msg, key).await,
