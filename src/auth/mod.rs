@@ -287,7 +287,8 @@ pub fn read_users_file(path: &Path) -> anyhow::Result<HashMap<String, Secret>> {
     })
 }
 
-fn parse_users(text: &str) -> Result<HashMap<String, Secret>, (usize, String)> {
+/// Parses the users file format; the error is (line number, problem).
+pub fn parse_users(text: &str) -> Result<HashMap<String, Secret>, (usize, String)> {
     let mut users = HashMap::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
