@@ -261,3 +261,148 @@ async fn roles_quotas_and_the_users_file() {
     let (_, body) = proxy.api("GET", "/api/v1/branches/shop/a1", None);
     assert!(body.contains("\"created_by\":\"app\""), "{body}");
 }
+
+/// A CA, a certificate it signed for 127.0.0.1 in the server's data directory, and
+/// TLS turned on. Returns the CA certificate.
+async fn enable_server_tls(pg: &PgServer, dir: &std::path::Path) -> std::path::PathBuf {
+    let ca = dir.join("ca.crt");
+    let cert = dir.join("server.crt");
+    let key = dir.join("server.key");
+    let ext = dir.join("ext.cnf");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.crt",
+    ]);
+    let data = &pg.cluster.data;
+    for (from, name) in [(&cert, "server.crt"), (&key, "server.key")] {
+        std::fs::copy(from, data.join(name)).unwrap();
+        let mut perms = std::fs::metadata(data.join(name)).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+        std::fs::set_permissions(data.join(name), perms).unwrap();
+        // The server (run as `postgres` when the tests run as root) must own its key.
+        let _ = std::process::Command::new("chown")
+            .arg("--reference")
+            .arg(data.join("PG_VERSION"))
+            .arg(data.join(name))
+            .status();
+    }
+    let c = pg.direct("postgres").await;
+    c.batch_execute("ALTER SYSTEM SET ssl = on").await.unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    // The reload is asynchronous: wait until TLS is actually on.
+    for _ in 0..100 {
+        let on: String = c.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+        if on == "on" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    ca
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_source_server_is_verified() {
+    // The server refuses every plaintext TCP connection: whatever works below went
+    // over TLS (administration, the session, the cancel).
+    let pg = PgServer::start_with(&["local all all trust", "hostssl all all 127.0.0.1/32 trust"]);
+    pg.make_source("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = enable_server_tls(&pg, dir.path()).await;
+    let proxy = ProxyProc::start(&source(
+        "shop",
+        &pg,
+        &format!(
+            "server_tls = \"verify-full\"\nserver_ca = \"{}\"\n",
+            ca.display()
+        ),
+    ));
+    let c = proxy.connect("shop.tls").await.expect("session over TLS");
+    let ssl: bool = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl, "the proxy's session to the server is encrypted");
+    let token = c.cancel_token();
+    let sleeper = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = sleeper.await.unwrap().unwrap_err();
+    assert_eq!(
+        sqlstate(&err),
+        "57014",
+        "the cancel reached the server over TLS"
+    );
+
+    // A CA that did not sign the server's certificate: nothing connects.
+    let other = tempfile::tempdir().unwrap();
+    let (wrong_ca, _) = crate::protocol::make_cert(other.path(), "elsewhere");
+    let strict = ProxyProc::start(&source(
+        "shop",
+        &pg,
+        &format!(
+            "server_tls = \"verify-full\"\nserver_ca = \"{}\"\n",
+            wrong_ca.display()
+        ),
+    ));
+    let err = strict.connect("shop.tls2").await.unwrap_err();
+    assert!(!sqlstate(&err).is_empty());
+    assert!(strict.log().contains("certificate"), "{}", strict.log());
+    assert!(!pg.databases().await.contains(&"shop__tls2".to_owned()));
+}

@@ -57,7 +57,10 @@ async fn serve(
 ) -> Result<()> {
     let mut sources = Vec::new();
     let mut auth_servers = Vec::new();
+    let mut upstreams = std::collections::HashMap::new();
     for (name, scfg) in &cfg.sources {
+        let upstream = tls::Upstream::new(scfg.server_tls, scfg.server_ca.as_deref())
+            .with_context(|| format!("sources.{name}"))?;
         let db = scfg.database_name(name).to_owned();
         let server = match (&scfg.server, embedded) {
             (Some(s), _) => s.clone(),
@@ -72,10 +75,11 @@ async fn serve(
         auth_servers.push((
             name.clone(),
             scfg.auth_server.clone().unwrap_or_else(|| server.clone()),
+            upstream.clone(),
         ));
         let engine: Arc<dyn Engine> = match scfg.engine {
             EngineKind::Database => {
-                let engine = DatabaseEngine::new(&server, &db)
+                let engine = DatabaseEngine::new(&server, &db, &upstream)
                     .map_err(|e| anyhow!("sources.{name}.server: {e}"))?;
                 if let Err(e) = engine.check_template().await {
                     warn!(source = %name, error = %e, "source is not usable yet; clients will get this error");
@@ -84,6 +88,7 @@ async fn serve(
             }
         };
         let name = SourceName::new(name).map_err(|e| anyhow!("sources.{name}: {e}"))?;
+        upstreams.insert(name.to_string(), upstream);
         sources.push(Source::new(name, scfg.clone(), engine));
     }
 
@@ -111,6 +116,7 @@ async fn serve(
         &cfg.tls,
         credentials,
         cfg.auth.method,
+        upstreams,
     )?);
 
     let tasks = CancellationToken::new();

@@ -160,6 +160,19 @@ impl AuthMethod {
     }
 }
 
+/// TLS on the proxy's own connections to a source's server.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTls {
+    /// Plain connections (a private network or a Unix socket).
+    #[default]
+    Disable,
+    /// Encrypted, the certificate not checked (libpq's `sslmode=require`).
+    Require,
+    /// Encrypted, the certificate checked against `server_ca` and the host name.
+    VerifyFull,
+}
+
 /// The default `auth.query`: verifier, LOGIN and expiry of one role.
 pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolpassword, rolcanlogin, rolvaliduntil \
      FROM pg_catalog.pg_authid WHERE rolname = $1";
@@ -315,6 +328,11 @@ pub struct SourceConfig {
     /// Most branches one role may have made by connecting; 0: no limit besides
     /// `max_branches`.
     pub max_branches_per_role: usize,
+    /// TLS on every connection the proxy makes to this source's server (sessions,
+    /// administration, `auth.query`, cancels). Only for TCP servers.
+    pub server_tls: ServerTls,
+    /// PEM CA certificates trusted for `server_tls = "verify-full"`.
+    pub server_ca: Option<PathBuf>,
 }
 
 impl Default for SourceConfig {
@@ -334,6 +352,8 @@ impl Default for SourceConfig {
             connect_roles: Vec::new(),
             create_roles: Vec::new(),
             max_branches_per_role: 0,
+            server_tls: ServerTls::Disable,
+            server_ca: None,
         }
     }
 }
@@ -478,6 +498,18 @@ impl Config {
                 server.parse::<tokio_postgres::Config>().map_err(|e| {
                     invalid(key("auth_server"), format!("not a connection string: {e}"))
                 })?;
+            }
+            if src.server_tls == ServerTls::VerifyFull && src.server_ca.is_none() {
+                return Err(invalid(
+                    key("server_ca"),
+                    "server_tls = \"verify-full\" needs the CA file that signed the server's certificate",
+                ));
+            }
+            if src.server_tls != ServerTls::Disable && src.server.is_none() {
+                return Err(invalid(
+                    key("server_tls"),
+                    "the embedded server is reached over a Unix socket; TLS needs a `server`",
+                ));
             }
             let method = src.auth_method.unwrap_or(self.auth.method);
             if method == AuthMethod::Trust

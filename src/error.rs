@@ -38,7 +38,16 @@ impl From<tokio_postgres::Error> for EngineError {
                 code: Some(db.code().code().to_owned()),
                 message: db.message().to_owned(),
             },
-            None => Self::new(format!("database server unreachable: {e}")),
+            None => {
+                // The cause (refused, TLS certificate, timeout) is in the source chain.
+                let mut message = format!("database server unreachable: {e}");
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    message.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                Self::new(message)
+            }
         }
     }
 }

@@ -15,7 +15,9 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+
+use crate::proxy::tls::Upstream;
 use tracing::{debug, info, warn};
 
 pub mod scram;
@@ -117,11 +119,12 @@ pub struct LookupError(pub String);
 /// clients are pipelined on it) that is reopened when it drops.
 struct QueryLookup {
     config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     client: Mutex<Option<Arc<Client>>>,
 }
 
 impl QueryLookup {
-    fn new(server: &str) -> Result<Self, String> {
+    fn new(server: &str, upstream: &Upstream) -> Result<Self, String> {
         let mut config: tokio_postgres::Config = server
             .parse()
             .map_err(|e| format!("not a connection string: {e}"))?;
@@ -130,8 +133,10 @@ impl QueryLookup {
         let options = config.get_options().unwrap_or("").to_owned();
         config.options(format!("{options} -c search_path=pg_catalog,pg_temp").trim());
         config.application_name("offshoot-auth");
+        upstream.apply(&mut config);
         Ok(Self {
             config,
+            tls: upstream.make_connect(),
             client: Mutex::new(None),
         })
     }
@@ -141,7 +146,7 @@ impl QueryLookup {
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let (client, conn) = self.config.connect(NoTls).await?;
+        let (client, conn) = self.config.connect(self.tls.clone()).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(error = %e, "auth query connection closed");
@@ -203,20 +208,21 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// `servers` pairs each source with the connection string `auth.query` runs on.
+    /// `servers` pairs each source with the connection string `auth.query` runs on
+    /// and the TLS to use there.
     pub fn new(
         query: String,
         users_file: Option<PathBuf>,
-        servers: Vec<(String, String)>,
+        servers: Vec<(String, String, Upstream)>,
     ) -> anyhow::Result<Self> {
         let users = match &users_file {
             Some(p) => read_users_file(p)?,
             None => HashMap::new(),
         };
-        let fallback = servers.first().map(|(s, _)| s.clone());
+        let fallback = servers.first().map(|(s, _, _)| s.clone());
         let mut lookups = HashMap::new();
-        for (source, server) in servers {
-            let l = QueryLookup::new(&server)
+        for (source, server, upstream) in servers {
+            let l = QueryLookup::new(&server, &upstream)
                 .map_err(|e| anyhow::anyhow!("sources.{source}.auth_server: {e}"))?;
             lookups.insert(source, l);
         }

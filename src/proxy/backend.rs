@@ -7,6 +7,7 @@
 //! BackendKeyData with its own key.
 
 use std::io;
+use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -21,22 +22,32 @@ use crate::branch::engine::ServerAddr;
 pub enum ServerStream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl ServerStream {
-    pub async fn connect(addr: &ServerAddr) -> io::Result<Self> {
+    /// Connects to `addr`; over TLS when `tls` is set and the server is on TCP.
+    pub async fn connect(
+        addr: &ServerAddr,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> io::Result<Self> {
         Ok(match addr {
             ServerAddr::Tcp { host, port } => {
                 let s = TcpStream::connect((host.as_str(), *port)).await?;
                 s.set_nodelay(true)?;
-                ServerStream::Tcp(s)
+                match tls {
+                    Some(config) => ServerStream::Tls(Box::new(
+                        super::tls::connect_server(config.clone(), host, s).await?,
+                    )),
+                    None => ServerStream::Tcp(s),
+                }
             }
             ServerAddr::Unix(path) => ServerStream::Unix(UnixStream::connect(path).await?),
         })
     }
 }
 
-either_stream!(ServerStream { Tcp, Unix });
+either_stream!(ServerStream { Tcp, Unix, Tls });
 
 /// How the startup through the server ended.
 pub enum Outcome {

@@ -23,6 +23,8 @@ use crate::branch::engine::ServerAddr;
 #[derive(Clone)]
 struct Target {
     addr: ServerAddr,
+    /// `server_tls`: a cancel goes over TLS like the session did.
+    tls: Option<Arc<rustls::ClientConfig>>,
     backend_pid: u32,
     backend_secret: u32,
 }
@@ -51,7 +53,16 @@ async fn send(target: &Target) -> bool {
     let msg = encode_cancel(target.backend_pid, &target.backend_secret.to_be_bytes());
     let sent = match &target.addr {
         ServerAddr::Tcp { host, port } => match TcpStream::connect((host.as_str(), *port)).await {
-            Ok(mut s) => s.write_all(&msg).await.is_ok(),
+            Ok(s) => match &target.tls {
+                None => {
+                    let mut s = s;
+                    s.write_all(&msg).await.is_ok()
+                }
+                Some(config) => match super::tls::connect_server(config.clone(), host, s).await {
+                    Ok(mut t) => t.write_all(&msg).await.is_ok() && t.flush().await.is_ok(),
+                    Err(_) => false,
+                },
+            },
             Err(_) => false,
         },
         ServerAddr::Unix(path) => match UnixStream::connect(path).await {
@@ -71,6 +82,7 @@ impl CancelMap {
     pub fn issue(
         self: &Arc<Self>,
         addr: ServerAddr,
+        tls: Option<Arc<rustls::ClientConfig>>,
         backend_pid: u32,
         backend_secret: u32,
         len: usize,
@@ -80,6 +92,7 @@ impl CancelMap {
             if let Entry::Vacant(v) = self.keys.entry(secret.clone()) {
                 v.insert(Target {
                     addr,
+                    tls,
                     backend_pid,
                     backend_secret,
                 });
@@ -185,9 +198,9 @@ mod tests {
             host: "127.0.0.1".into(),
             port: 1,
         };
-        let (p1, s1, g1) = map.issue(addr.clone(), 10, 20, 4);
-        let (p2, s2, g2) = map.issue(addr.clone(), 10, 21, 4);
-        let (_, s3, g3) = map.issue(addr, 10, 22, 32);
+        let (p1, s1, g1) = map.issue(addr.clone(), None, 10, 20, 4);
+        let (p2, s2, g2) = map.issue(addr.clone(), None, 10, 21, 4);
+        let (_, s3, g3) = map.issue(addr, None, 10, 22, 32);
         assert_eq!((p1, p2), (10, 10), "clients see the server's pid");
         assert_ne!(s1, s2);
         assert_eq!((s1.len(), s3.len()), (4, 32));

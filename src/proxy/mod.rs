@@ -9,10 +9,10 @@ use tokio::sync::Semaphore;
 
 use crate::branch::Registry;
 
-/// Implements tokio's AsyncRead and AsyncWrite for an enum of two streams by
+/// Implements tokio's AsyncRead and AsyncWrite for an enum of streams by
 /// forwarding to whichever variant it holds.
 macro_rules! either_stream {
-    ($ty:ident { $a:ident, $b:ident }) => {
+    ($ty:ident { $($v:ident),+ }) => {
         impl tokio::io::AsyncRead for $ty {
             fn poll_read(
                 self: std::pin::Pin<&mut Self>,
@@ -20,8 +20,7 @@ macro_rules! either_stream {
                 buf: &mut tokio::io::ReadBuf<'_>,
             ) -> std::task::Poll<std::io::Result<()>> {
                 match self.get_mut() {
-                    $ty::$a(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-                    $ty::$b(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+                    $($ty::$v(s) => std::pin::Pin::new(s).poll_read(cx, buf),)+
                 }
             }
         }
@@ -33,8 +32,7 @@ macro_rules! either_stream {
                 buf: &[u8],
             ) -> std::task::Poll<std::io::Result<usize>> {
                 match self.get_mut() {
-                    $ty::$a(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-                    $ty::$b(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+                    $($ty::$v(s) => std::pin::Pin::new(s).poll_write(cx, buf),)+
                 }
             }
 
@@ -43,8 +41,7 @@ macro_rules! either_stream {
                 cx: &mut std::task::Context<'_>,
             ) -> std::task::Poll<std::io::Result<()>> {
                 match self.get_mut() {
-                    $ty::$a(s) => std::pin::Pin::new(s).poll_flush(cx),
-                    $ty::$b(s) => std::pin::Pin::new(s).poll_flush(cx),
+                    $($ty::$v(s) => std::pin::Pin::new(s).poll_flush(cx),)+
                 }
             }
 
@@ -53,8 +50,7 @@ macro_rules! either_stream {
                 cx: &mut std::task::Context<'_>,
             ) -> std::task::Poll<std::io::Result<()>> {
                 match self.get_mut() {
-                    $ty::$a(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-                    $ty::$b(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+                    $($ty::$v(s) => std::pin::Pin::new(s).poll_shutdown(cx),)+
                 }
             }
         }
@@ -87,6 +83,8 @@ pub struct Proxy {
     pub credentials: Arc<crate::auth::Credentials>,
     /// `auth.method`: for sources without their own, and names that are no source.
     pub auth_method: crate::config::AuthMethod,
+    /// TLS towards each source's server (`server_tls`), by source name.
+    pub upstream: std::collections::HashMap<String, tls::Upstream>,
     pub relays: relay::RelayPool,
     pub counters: relay::Counters,
     /// One permit per open client connection (`proxy.max_connections`).
@@ -106,6 +104,7 @@ impl Proxy {
         tls_config: &crate::config::TlsConfig,
         credentials: Arc<crate::auth::Credentials>,
         auth_method: crate::config::AuthMethod,
+        upstream: std::collections::HashMap<String, tls::Upstream>,
     ) -> std::io::Result<Self> {
         let threads = match config.relay_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -125,6 +124,7 @@ impl Proxy {
             tls: RwLock::new(tls.map(Arc::new)),
             credentials,
             auth_method,
+            upstream,
             relays: relay::RelayPool::start(threads)?,
             counters,
             tls_required: tls_config.mode == crate::config::TlsMode::Require,

@@ -356,7 +356,11 @@ async fn serve_inner(
         Ok(None) => return,
         Err(e) => return refuse(&proxy, &mut client, &e.into()).await,
     };
-    let mut server = match ServerStream::connect(&lease.endpoint.addr).await {
+    let upstream = proxy
+        .upstream
+        .get(route.id.source.as_str())
+        .and_then(|u| u.config.clone());
+    let mut server = match ServerStream::connect(&lease.endpoint.addr, upstream.as_ref()).await {
         Ok(s) => s,
         Err(e) => {
             warn!(server = %lease.endpoint.addr, error = %e, "cannot reach branch server");
@@ -374,7 +378,8 @@ async fn serve_inner(
     let addr = lease.endpoint.addr.clone();
     let cancels = proxy.cancels.clone();
     let key = |pid, secret| {
-        let (ppid, psecret, guard) = cancels.issue(addr.clone(), pid, secret, key_len);
+        let (ppid, psecret, guard) =
+            cancels.issue(addr.clone(), upstream.clone(), pid, secret, key_len);
         key_guard = Some(guard);
         protocol::encode_backend_key(ppid, &psecret)
     };
@@ -423,7 +428,7 @@ async fn serve_inner(
         (ClientStream::Plain(c), ServerStream::Unix(s)) => {
             relay::pump(&c, &s, counters.clone()).await
         }
-        (ClientStream::Tls(mut c), mut server) => relay::copy(&mut c, &mut server, counters).await,
+        (mut client, mut server) => relay::copy(&mut client, &mut server, counters).await,
     };
     match result {
         Ok(()) => debug!("connection closed"),

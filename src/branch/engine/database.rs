@@ -11,7 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 use tokio_postgres::config::Host;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tracing::{debug, warn};
 
 use super::{Endpoint, Engine, Recovered, ServerAddr};
@@ -31,6 +31,8 @@ pub struct DatabaseEngine {
     template: String,
     admin: tokio_postgres::Config,
     addr: ServerAddr,
+    /// TLS for the administrative sessions (`server_tls`).
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     /// Shared session for quick catalog look-ups.
     client: Mutex<Option<Arc<Client>>>,
     ddl_slots: tokio::sync::Semaphore,
@@ -38,7 +40,11 @@ pub struct DatabaseEngine {
 
 impl DatabaseEngine {
     /// `server` is a connection string for a role allowed to create databases.
-    pub fn new(server: &str, template: &str) -> Result<Self, EngineError> {
+    pub fn new(
+        server: &str,
+        template: &str,
+        upstream: &crate::proxy::tls::Upstream,
+    ) -> Result<Self, EngineError> {
         let mut admin: tokio_postgres::Config = server
             .parse()
             .map_err(|e| EngineError::new(format!("bad server connection string: {e}")))?;
@@ -48,6 +54,7 @@ impl DatabaseEngine {
             _ => "postgres".to_owned(),
         };
         admin.dbname(&dbname);
+        upstream.apply(&mut admin);
         if admin.get_application_name().is_none() {
             admin.application_name("offshoot");
         }
@@ -64,6 +71,7 @@ impl DatabaseEngine {
             template: template.to_owned(),
             admin,
             addr,
+            tls: upstream.make_connect(),
             client: Mutex::new(None),
             ddl_slots: tokio::sync::Semaphore::new(PARALLEL_DDL),
         })
@@ -77,7 +85,7 @@ impl DatabaseEngine {
                 return Ok(c.clone());
             }
         }
-        let (client, conn) = self.admin.connect(NoTls).await?;
+        let (client, conn) = self.admin.connect(self.tls.clone()).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(error = %e, "administrative connection closed");
@@ -96,7 +104,7 @@ impl DatabaseEngine {
             .acquire()
             .await
             .map_err(|_| EngineError::new("engine is shutting down"))?;
-        let (client, conn) = self.admin.connect(NoTls).await?;
+        let (client, conn) = self.admin.connect(self.tls.clone()).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(error = %e, "DDL connection closed");
