@@ -318,6 +318,7 @@ impl Engine for DatabaseEngine {
 mod tests {
     use super::*;
     use crate::names::{BranchName, SourceName};
+    use crate::proxy::tls::Upstream;
 
     fn id(b: &str) -> BranchId {
         BranchId {
@@ -338,7 +339,12 @@ mod tests {
 
     #[test]
     fn admin_session_avoids_template() {
-        let e = DatabaseEngine::new("postgres://u@127.0.0.1:5555/shop", "shop").unwrap();
+        let e = DatabaseEngine::new(
+            "postgres://u@127.0.0.1:5555/shop",
+            "shop",
+            &Upstream { config: None },
+        )
+        .unwrap();
         assert_eq!(e.admin.get_dbname(), Some("postgres"));
         assert_eq!(
             e.addr,
@@ -347,7 +353,12 @@ mod tests {
                 port: 5555
             }
         );
-        let e = DatabaseEngine::new("host=/tmp/s port=7 dbname=admin", "shop").unwrap();
+        let e = DatabaseEngine::new(
+            "host=/tmp/s port=7 dbname=admin",
+            "shop",
+            &Upstream { config: None },
+        )
+        .unwrap();
         assert_eq!(e.admin.get_dbname(), Some("admin"));
         assert_eq!(e.addr, ServerAddr::Unix("/tmp/s/.s.PGSQL.7".into()));
     }
