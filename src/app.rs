@@ -114,9 +114,11 @@ async fn serve(
         metrics.clone(),
         tls,
         &cfg.tls,
-        credentials,
-        cfg.auth.method,
-        upstreams,
+        crate::proxy::Access {
+            credentials,
+            method: cfg.auth.method,
+            upstream: upstreams,
+        },
     )?);
 
     let tasks = CancellationToken::new();

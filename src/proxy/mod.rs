@@ -69,6 +69,15 @@ pub mod route;
 pub mod startup;
 pub mod tls;
 
+/// Who may connect, and how the proxy reaches the sources' servers.
+pub struct Access {
+    pub credentials: Arc<crate::auth::Credentials>,
+    /// `auth.method`.
+    pub method: crate::config::AuthMethod,
+    /// `server_tls` of each source, by name.
+    pub upstream: std::collections::HashMap<String, tls::Upstream>,
+}
+
 /// Everything a connection needs, shared by all of them.
 pub struct Proxy {
     pub config: ProxyConfig,
@@ -102,9 +111,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         tls: Option<tls::Tls>,
         tls_config: &crate::config::TlsConfig,
-        credentials: Arc<crate::auth::Credentials>,
-        auth_method: crate::config::AuthMethod,
-        upstream: std::collections::HashMap<String, tls::Upstream>,
+        access: Access,
     ) -> std::io::Result<Self> {
         let threads = match config.relay_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -122,9 +129,9 @@ impl Proxy {
             metrics,
             cancels: Arc::new(cancel::CancelMap::default()),
             tls: RwLock::new(tls.map(Arc::new)),
-            credentials,
-            auth_method,
-            upstream,
+            credentials: access.credentials,
+            auth_method: access.method,
+            upstream: access.upstream,
             relays: relay::RelayPool::start(threads)?,
             counters,
             tls_required: tls_config.mode == crate::config::TlsMode::Require,
