@@ -217,6 +217,9 @@ pub enum EngineKind {
     /// `CREATE DATABASE <clone> TEMPLATE <source>` on the source's server.
     #[default]
     Database,
+    /// A PostgreSQL instance of its own per branch, on a copy-on-write copy of a
+    /// sealed snapshot of the source's data directory.
+    Instance,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -245,6 +248,28 @@ pub struct SourceConfig {
     /// Let replication connections (`replication=...` in the startup packet) through
     /// to branches; refused by default.
     pub allow_replication: bool,
+    /// `instance` engine: the running server snapshots are copied from with
+    /// `pg_basebackup -X stream` (a role with the REPLICATION attribute). Unset, and
+    /// no `data_dir`: the embedded server.
+    pub upstream: Option<String>,
+    /// `instance` engine: a stopped PostgreSQL data directory snapshots are copied
+    /// from, instead of `upstream`.
+    pub data_dir: Option<PathBuf>,
+    /// `instance` engine: where snapshots and clones live; both must be on one
+    /// filesystem, and it should support reflinks (XFS, Btrfs). Unset:
+    /// `<state.dir>/instances/<source>`.
+    pub storage: Option<PathBuf>,
+    /// `instance` engine: `shared_buffers` of each branch's server.
+    pub shared_buffers: String,
+    /// `instance` engine: `max_connections` of each branch's server.
+    pub max_connections: u32,
+    /// `instance` engine: further settings (`name = "value"`) for each branch's
+    /// server, passed as `postgres -c name=value`.
+    pub settings: BTreeMap<String, String>,
+    /// `instance` engine: a branch's server unused for this long is stopped (its data
+    /// stays; the next connection starts it again). Unset: never.
+    #[serde(with = "humantime_serde")]
+    pub suspend_after: Option<Duration>,
 }
 
 impl Default for SourceConfig {
@@ -259,6 +284,13 @@ impl Default for SourceConfig {
             persistent: Vec::new(),
             seed_demo: false,
             allow_replication: false,
+            upstream: None,
+            data_dir: None,
+            storage: None,
+            shared_buffers: "32MB".into(),
+            max_connections: 25,
+            settings: BTreeMap::new(),
+            suspend_after: Some(Duration::from_secs(5 * 60)),
         }
     }
 }
@@ -394,23 +426,99 @@ impl Config {
             if matches!(src.idle_expire, Some(d) if d.is_zero()) {
                 return Err(invalid(key("idle_expire"), "must be greater than zero"));
             }
-            if src.seed_demo && src.server.is_some() {
+            if src.seed_demo && (src.server.is_some() || !src.uses_embedded()) {
                 return Err(invalid(
                     key("seed_demo"),
                     "only the embedded server is seeded; remove `server` or `seed_demo`",
                 ));
             }
+            src.validate_engine(&key)?;
         }
         Ok(())
     }
 
     /// True when at least one source lives on the embedded server.
     pub fn needs_embedded(&self) -> bool {
-        self.sources.values().any(|s| s.server.is_none())
+        self.sources.values().any(SourceConfig::uses_embedded)
     }
 }
 
 impl SourceConfig {
+    /// Whether this source's data comes from the embedded server.
+    pub fn uses_embedded(&self) -> bool {
+        match self.engine {
+            EngineKind::Database => self.server.is_none(),
+            EngineKind::Instance => self.upstream.is_none() && self.data_dir.is_none(),
+        }
+    }
+
+    /// The keys that belong to one engine only.
+    fn validate_engine(&self, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        match self.engine {
+            EngineKind::Database => {
+                for (field, set) in [
+                    ("upstream", self.upstream.is_some()),
+                    ("data_dir", self.data_dir.is_some()),
+                    ("storage", self.storage.is_some()),
+                ] {
+                    if set {
+                        return Err(invalid(
+                            key(field),
+                            "only `engine = \"instance\"` sources use it",
+                        ));
+                    }
+                }
+            }
+            EngineKind::Instance => {
+                if self.server.is_some() {
+                    return Err(invalid(
+                        key("server"),
+                        "an `instance` source copies a whole server: name it with `upstream` \
+                         (pg_basebackup) or `data_dir`",
+                    ));
+                }
+                if self.upstream.is_some() && self.data_dir.is_some() {
+                    return Err(invalid(
+                        key("data_dir"),
+                        "set either `upstream` or `data_dir`, not both",
+                    ));
+                }
+                if let Some(up) = &self.upstream {
+                    up.parse::<tokio_postgres::Config>().map_err(|e| {
+                        invalid(key("upstream"), format!("not a connection string: {e}"))
+                    })?;
+                }
+                if let Some(dir) = &self.data_dir {
+                    if !dir.is_absolute() {
+                        return Err(invalid(key("data_dir"), "must be an absolute path"));
+                    }
+                }
+                if self.max_connections == 0 {
+                    return Err(invalid(key("max_connections"), "must be at least 1"));
+                }
+                if self.shared_buffers.trim().is_empty() {
+                    return Err(invalid(key("shared_buffers"), "must not be empty"));
+                }
+                for name in self.settings.keys() {
+                    let ok = !name.is_empty()
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+                    if !ok {
+                        return Err(invalid(
+                            key(&format!("settings.{name}")),
+                            "not a PostgreSQL setting name",
+                        ));
+                    }
+                }
+                if matches!(self.suspend_after, Some(d) if d.is_zero()) {
+                    return Err(invalid(key("suspend_after"), "must be greater than zero"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The template database name.
     pub fn database_name<'a>(&'a self, source: &'a str) -> &'a str {
         self.database.as_deref().unwrap_or(source)
@@ -459,5 +567,31 @@ mod tests {
         assert!(err("[proxy]\nstartup_timeout = \"soon\"\n").contains("startup_timeout"));
         assert!(err("[proxy]\nlisten_typo = 1\n").contains("listen_typo"));
         assert!(err("[sources.\"a.b\"]\n").contains("sources.a.b"));
+        assert!(err("[sources.s]\nupstream = \"host=x\"\n").contains("sources.s.upstream"));
+        assert!(
+            err("[sources.s]\nengine = \"instance\"\nserver = \"host=x\"\n")
+                .contains("sources.s.server")
+        );
+        assert!(err(
+            "[sources.s]\nengine = \"instance\"\nupstream = \"host=x\"\ndata_dir = \"/d\"\n"
+        )
+        .contains("sources.s.data_dir"));
+        assert!(
+            err("[sources.s]\nengine = \"instance\"\nsettings = { \"bad name\" = \"1\" }\n")
+                .contains("sources.s.settings.bad name")
+        );
+    }
+
+    #[test]
+    fn instance_sources_default_to_small_suspendable_servers() {
+        let cfg = Config::from_toml(
+            "[sources.full]\nengine = \"instance\"\n[sources.full.settings]\nfsync = \"off\"\n",
+        )
+        .unwrap();
+        let src = &cfg.sources["full"];
+        assert_eq!(src.engine, EngineKind::Instance);
+        assert_eq!(src.suspend_after, Some(Duration::from_secs(300)));
+        assert_eq!(src.settings["fsync"], "off");
+        assert!(cfg.needs_embedded());
     }
 }

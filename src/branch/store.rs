@@ -41,6 +41,14 @@ pub struct BranchRecord {
     /// Never expires, whatever the source's `persistent` list says.
     #[serde(default)]
     pub persistent: bool,
+    /// The snapshot the clone was made from (engines with snapshots). Before the
+    /// creation it is the one asked for, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// How the clone's files were made (`reflink` or `copy`), when the engine copies
+    /// files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_mode: Option<String>,
 }
 
 impl BranchRecord {
@@ -150,6 +158,8 @@ mod tests {
             created_at: 1,
             last_active: 2,
             persistent: false,
+            snapshot: None,
+            copy_mode: None,
         }
     }
 
