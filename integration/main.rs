@@ -6,6 +6,7 @@ mod harness;
 mod admin;
 mod embedded;
 mod faults;
+mod instance;
 mod lifecycle;
 mod protocol;
 mod routing;

@@ -328,16 +328,18 @@ impl InstanceEngine {
 
     fn info(&self, m: &SnapshotMeta, users: &[BranchMeta]) -> SnapshotInfo {
         let ms = std::time::Duration::from_millis(m.created_at);
+        let mut branches: Vec<String> = users
+            .iter()
+            .filter(|b| b.snapshot == m.name)
+            .map(|b| b.branch.clone())
+            .collect();
+        branches.sort();
         SnapshotInfo {
             name: m.name.clone(),
             created_at: humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + ms).to_string(),
             origin: m.origin.clone(),
             size_bytes: m.size_bytes,
-            branches: users
-                .iter()
-                .filter(|b| b.snapshot == m.name)
-                .map(|b| b.branch.clone())
-                .collect(),
+            branches,
         }
     }
 
