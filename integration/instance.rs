@@ -3,7 +3,6 @@
 //! fresh cluster), so plain copies on ext4 are fast enough.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde_json::Value;
 
