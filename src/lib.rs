@@ -7,8 +7,10 @@
 //! - [`config`]: the typed configuration tree; the only reader of files and env.
 //! - [`app`]: builds everything from a config, supervises tasks, drains on shutdown.
 //! - [`proxy`]: the connection path (listener, startup, route, backend, relay, cancel).
-//! - [`branch`]: the life of a branch (registry, engines, records, reaper).
-//! - [`admin`]: HTTP: metrics, health, the branch API; [`cli`] is its client.
+//! - [`branch`]: the life of a branch (registry, engines `database` and `instance`,
+//!   records, reaper: suspension and expiry).
+//! - [`admin`]: HTTP: metrics, health, the branch and snapshot API; [`cli`] is its
+//!   client.
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
 //! - [`error`]: error kinds and the one mapping to SQLSTATE.
 //! - [`names`]: validated source and branch names, identifier quoting.
