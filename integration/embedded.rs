@@ -55,3 +55,26 @@ async fn the_embedded_server_is_made_seeded_stopped_and_reused() {
     assert!(items > 10_000, "a new branch starts from the seeded source");
     assert!(proxy.terminate());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_source_copies_the_embedded_server() {
+    let mut proxy = ProxyProc::start(
+        "[sources.shop]\nseed_demo = true\n\
+         [sources.shop_full]\nengine = \"instance\"\ndatabase = \"shop\"\nseed_demo = true\n\
+         [embedded]\nsettings = { fsync = \"off\" }\n",
+    );
+    let c = proxy.connect("shop_full.demo").await.unwrap();
+    let orders: i64 = c
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(orders, 5000, "the snapshot holds the seeded shop");
+    let dir: String = c
+        .query_one("SHOW data_directory", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(dir.contains("instances/shop_full/branches/demo"), "{dir}");
+    assert!(proxy.terminate());
+}

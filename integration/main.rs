@@ -7,6 +7,7 @@ mod admin;
 mod auth;
 mod embedded;
 mod faults;
+mod instance;
 mod lifecycle;
 mod protocol;
 mod routing;

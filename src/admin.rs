@@ -16,7 +16,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::branch::{DeleteError, Registry, RemoveReason};
+use crate::branch::engine::SnapshotError;
+use crate::branch::{CreateOptions, DeleteError, Registry, RemoveReason, Source};
 use crate::error::ProvisionError;
 use crate::metrics::Metrics;
 use crate::names::{BranchId, BranchName, NameError, SourceName};
@@ -52,7 +53,8 @@ impl From<ProvisionError> for ApiError {
             ProvisionError::CreateForbidden { .. } => StatusCode::FORBIDDEN,
             ProvisionError::Timeout(_) => StatusCode::ACCEPTED,
             ProvisionError::Deleting(_) => StatusCode::CONFLICT,
-            ProvisionError::Engine { .. } => StatusCode::BAD_GATEWAY,
+            ProvisionError::Engine { .. } | ProvisionError::Start { .. } => StatusCode::BAD_GATEWAY,
+            ProvisionError::Conflict(_) => StatusCode::CONFLICT,
             ProvisionError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, e.to_string())
@@ -127,6 +129,9 @@ struct CreateBody {
     branch: String,
     #[serde(default)]
     persistent: bool,
+    /// Snapshot to clone (sources with snapshots); default the newest.
+    #[serde(default)]
+    snapshot: Option<String>,
 }
 
 async fn create(
@@ -135,10 +140,11 @@ async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let id = branch_id(&s, &body.source, &body.branch)?;
-    let (view, created) = s
-        .registry
-        .ensure(&id, body.persistent, s.provision_timeout)
-        .await?;
+    let opts = CreateOptions {
+        persistent: body.persistent,
+        snapshot: body.snapshot,
+    };
+    let (view, created) = s.registry.ensure(&id, &opts, s.provision_timeout).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -163,6 +169,86 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Stops a branch's server now (scale to zero); the next connection starts it.
+async fn suspend(
+    State(s): State<AppState>,
+    Path((source, branch)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = branch_id(&s, &source, &branch)?;
+    let suspended = s
+        .registry
+        .suspend(&id)
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    let view = s
+        .registry
+        .view(&id)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("branch {id} does not exist")))?;
+    if !suspended && view.state != crate::branch::Phase::Suspended {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "branch {id} is {} with {} connection(s); only an unused ready branch of an \
+                 `instance` source can be suspended",
+                view.state.as_str(),
+                view.connections
+            ),
+        ));
+    }
+    Ok(Json(view))
+}
+
+impl From<SnapshotError> for ApiError {
+    fn from(e: SnapshotError) -> Self {
+        let status = match &e {
+            SnapshotError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+            SnapshotError::NotFound(_) => StatusCode::NOT_FOUND,
+            SnapshotError::InUse { .. } => StatusCode::CONFLICT,
+            SnapshotError::Engine(_) => StatusCode::BAD_GATEWAY,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+fn source_of<'a>(state: &'a AppState, source: &str) -> Result<&'a Source, ApiError> {
+    let name = SourceName::new(source)?;
+    state.registry.source(name.as_str()).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "source {source:?} does not exist; configured sources: {}",
+                state.registry.source_names().join(", ")
+            ),
+        )
+    })
+}
+
+async fn list_snapshots(
+    State(s): State<AppState>,
+    Path(source): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let src = source_of(&s, &source)?;
+    Ok(Json(src.engine.snapshots().await?))
+}
+
+async fn take_snapshot(
+    State(s): State<AppState>,
+    Path(source): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let src = source_of(&s, &source)?;
+    let info = src.engine.take_snapshot().await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn delete_snapshot(
+    State(s): State<AppState>,
+    Path((source, name)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let src = source_of(&s, &source)?;
+    src.engine.delete_snapshot(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn orphans(State(s): State<AppState>) -> impl IntoResponse {
     Json(s.registry.orphans())
 }
@@ -179,6 +265,7 @@ async fn sources(State(s): State<AppState>) -> impl IntoResponse {
                 "default_branch": src.config.default_branch,
                 "idle_expire": src.config.idle_expire.map(|d| humantime::format_duration(d).to_string()),
                 "max_branches": src.config.max_branches,
+                "suspend_after": src.engine.suspends().then(|| src.config.suspend_after.map(|d| humantime::format_duration(d).to_string())).flatten(),
                 "persistent": src.config.persistent,
             })
         })
@@ -195,6 +282,18 @@ fn router(state: AppState) -> Router {
         .route(
             "/api/v1/branches/{source}/{branch}",
             get(show).delete(delete),
+        )
+        .route(
+            "/api/v1/branches/{source}/{branch}/suspend",
+            axum::routing::post(suspend),
+        )
+        .route(
+            "/api/v1/sources/{source}/snapshots",
+            get(list_snapshots).post(take_snapshot),
+        )
+        .route(
+            "/api/v1/sources/{source}/snapshots/{name}",
+            axum::routing::delete(delete_snapshot),
         )
         .route("/api/v1/orphans", get(orphans))
         .with_state(state)

@@ -11,6 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::auth::Credentials;
 use crate::branch::engine::database::DatabaseEngine;
+use crate::branch::engine::instance;
 use crate::branch::engine::Engine;
 use crate::branch::reaper;
 use crate::branch::store::Store;
@@ -64,20 +65,36 @@ async fn serve(
         let db = scfg.database_name(name).to_owned();
         let server = match (&scfg.server, embedded) {
             (Some(s), _) => s.clone(),
-            (None, Some(e)) => {
+            (None, Some(e)) if scfg.uses_embedded() => {
                 e.ensure_database(&db, scfg.seed_demo)
                     .await
                     .with_context(|| format!("sources.{name}: preparing database {db:?}"))?;
                 e.server_string()
             }
-            (None, None) => unreachable!("the embedded server runs when a source needs it"),
+            (None, _) if !scfg.uses_embedded() => String::new(),
+            (None, _) => unreachable!("the embedded server runs when a source needs it"),
         };
         auth_servers.push((
             name.clone(),
-            scfg.auth_server.clone().unwrap_or_else(|| server.clone()),
+            // Roles of an instance source are those of the server its snapshots
+            // come from.
+            scfg.auth_server
+                .clone()
+                .or_else(|| scfg.upstream.clone())
+                .unwrap_or_else(|| server.clone()),
             upstream.clone(),
         ));
         let engine: Arc<dyn Engine> = match scfg.engine {
+            EngineKind::Instance => {
+                let source = SourceName::new(name).map_err(|e| anyhow!("sources.{name}: {e}"))?;
+                let embedded_conn = scfg.uses_embedded().then(|| server.clone());
+                let bin = crate::pg::PgBin::find(cfg.embedded.bin_dir.as_deref())?;
+                let (scfg, state_dir) = (scfg.clone(), state_dir.to_path_buf());
+                tokio::task::spawn_blocking(move || {
+                    instance::build(&source, &scfg, embedded_conn, bin, &state_dir)
+                })
+                .await??
+            }
             EngineKind::Database => {
                 let engine = DatabaseEngine::new(&server, &db, &upstream)
                     .map_err(|e| anyhow!("sources.{name}.server: {e}"))?;
@@ -170,6 +187,9 @@ async fn serve(
         );
     }
     let _ = reaper.await;
+    // Branch servers are stopped with the proxy; their data stays, and the next
+    // connection after a restart starts them again.
+    registry.suspend_all().await;
     for h in handles {
         h.abort();
     }

@@ -1,4 +1,5 @@
-//! `offshoot branch ...`: a small client of the admin API for scripts and people.
+//! `offshoot branch ...` and `offshoot snapshot ...`: a small client of the admin API
+//! for scripts and people.
 //!
 //! It speaks plain HTTP/1.1 over a TCP socket (the admin API is meant for loopback
 //! or a private network), so the binary needs no HTTP client library.
@@ -101,17 +102,85 @@ pub fn list(admin: &str) -> Result<()> {
     Ok(())
 }
 
-/// Creates a branch ahead of time.
-pub fn create(admin: &str, source: &str, branch: &str, persistent: bool) -> Result<()> {
-    let body = serde_json::json!({ "source": source, "branch": branch, "persistent": persistent });
+/// Creates a branch ahead of time, from `snapshot` if given (else the newest).
+pub fn create(
+    admin: &str,
+    source: &str,
+    branch: &str,
+    persistent: bool,
+    snapshot: Option<&str>,
+) -> Result<()> {
+    let mut body =
+        serde_json::json!({ "source": source, "branch": branch, "persistent": persistent });
+    if let Some(s) = snapshot {
+        body["snapshot"] = s.into();
+    }
     let v = api(admin, "POST", "/api/v1/branches", Some(&body.to_string()))?;
+    let from = match v["snapshot"].as_str() {
+        Some(s) => format!(", snapshot {s}"),
+        None => String::new(),
+    };
     println!(
-        "{}.{} is {} (database {})",
+        "{}.{} is {} (clone {}{from})",
         source,
         branch,
         v["state"].as_str().unwrap_or("?"),
         v["clone_name"].as_str().unwrap_or("?")
     );
+    Ok(())
+}
+
+/// Stops a branch's server now; the next connection starts it again.
+pub fn suspend(admin: &str, source: &str, branch: &str) -> Result<()> {
+    let path = format!("/api/v1/branches/{source}/{branch}/suspend");
+    api(admin, "POST", &path, None)?;
+    println!("{source}.{branch} suspended");
+    Ok(())
+}
+
+/// Takes and seals a snapshot of `source`.
+pub fn snapshot_create(admin: &str, source: &str) -> Result<()> {
+    let path = format!("/api/v1/sources/{source}/snapshots");
+    let v = api(admin, "POST", &path, None)?;
+    println!(
+        "snapshot {} of {source} taken ({} MB, {})",
+        v["name"].as_str().unwrap_or("?"),
+        v["size_bytes"].as_u64().unwrap_or(0) / 1_000_000,
+        v["origin"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+/// Prints `source`'s snapshots, oldest first.
+pub fn snapshot_list(admin: &str, source: &str) -> Result<()> {
+    let path = format!("/api/v1/sources/{source}/snapshots");
+    let v = api(admin, "GET", &path, None)?;
+    println!(
+        "{:<22} {:<26} {:>9}  {:<30} BRANCHES",
+        "NAME", "CREATED", "MB", "ORIGIN"
+    );
+    for s in v.as_array().cloned().unwrap_or_default() {
+        let branches: Vec<&str> = s["branches"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|b| b.as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<22} {:<26} {:>9}  {:<30} {}",
+            s["name"].as_str().unwrap_or(""),
+            s["created_at"].as_str().unwrap_or(""),
+            s["size_bytes"].as_u64().unwrap_or(0) / 1_000_000,
+            s["origin"].as_str().unwrap_or(""),
+            branches.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// Deletes a snapshot no branch uses.
+pub fn snapshot_delete(admin: &str, source: &str, name: &str) -> Result<()> {
+    let path = format!("/api/v1/sources/{source}/snapshots/{name}");
+    api(admin, "DELETE", &path, None)?;
+    println!("snapshot {name} of {source} deleted");
     Ok(())
 }
 

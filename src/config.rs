@@ -285,6 +285,9 @@ pub enum EngineKind {
     /// `CREATE DATABASE <clone> TEMPLATE <source>` on the source's server.
     #[default]
     Database,
+    /// A PostgreSQL instance of its own per branch, on a copy-on-write copy of a
+    /// sealed snapshot of the source's data directory.
+    Instance,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -333,6 +336,28 @@ pub struct SourceConfig {
     pub server_tls: ServerTls,
     /// PEM CA certificates trusted for `server_tls = "verify-full"`.
     pub server_ca: Option<PathBuf>,
+    /// `instance` engine: the running server snapshots are copied from with
+    /// `pg_basebackup -X stream` (a role with the REPLICATION attribute). Unset, and
+    /// no `data_dir`: the embedded server.
+    pub upstream: Option<String>,
+    /// `instance` engine: a stopped PostgreSQL data directory snapshots are copied
+    /// from, instead of `upstream`.
+    pub data_dir: Option<PathBuf>,
+    /// `instance` engine: where snapshots and clones live; both must be on one
+    /// filesystem, and it should support reflinks (XFS, Btrfs). Unset:
+    /// `<state.dir>/instances/<source>`.
+    pub storage: Option<PathBuf>,
+    /// `instance` engine: `shared_buffers` of each branch's server.
+    pub shared_buffers: String,
+    /// `instance` engine: `max_connections` of each branch's server.
+    pub max_connections: u32,
+    /// `instance` engine: further settings (`name = "value"`) for each branch's
+    /// server, passed as `postgres -c name=value`.
+    pub settings: BTreeMap<String, String>,
+    /// `instance` engine: a branch's server unused for this long is stopped (its data
+    /// stays; the next connection starts it again). Unset: never.
+    #[serde(with = "humantime_serde")]
+    pub suspend_after: Option<Duration>,
 }
 
 impl Default for SourceConfig {
@@ -354,6 +379,13 @@ impl Default for SourceConfig {
             max_branches_per_role: 0,
             server_tls: ServerTls::Disable,
             server_ca: None,
+            upstream: None,
+            data_dir: None,
+            storage: None,
+            shared_buffers: "32MB".into(),
+            max_connections: 25,
+            settings: BTreeMap::new(),
+            suspend_after: Some(Duration::from_secs(5 * 60)),
         }
     }
 }
@@ -512,6 +544,18 @@ impl Config {
                 ));
             }
             let method = src.auth_method.unwrap_or(self.auth.method);
+            if method != AuthMethod::Trust
+                && src.server.is_none()
+                && src.upstream.is_none()
+                && src.auth_server.is_none()
+                && !src.uses_embedded()
+            {
+                return Err(invalid(
+                    key("auth_server"),
+                    "this source names no server whose roles the proxy could check; set \
+                     auth_server (or auth_method = \"trust\")",
+                ));
+            }
             if method == AuthMethod::Trust
                 && (!src.connect_roles.is_empty()
                     || !src.create_roles.is_empty()
@@ -522,12 +566,13 @@ impl Config {
                     "roles cannot be restricted under \"trust\": nobody is authenticated",
                 ));
             }
-            if src.seed_demo && src.server.is_some() {
+            if src.seed_demo && (src.server.is_some() || !src.uses_embedded()) {
                 return Err(invalid(
                     key("seed_demo"),
                     "only the embedded server is seeded; remove `server` or `seed_demo`",
                 ));
             }
+            src.validate_engine(&key)?;
         }
         Ok(())
     }
@@ -542,11 +587,86 @@ impl Config {
 
     /// True when at least one source lives on the embedded server.
     pub fn needs_embedded(&self) -> bool {
-        self.sources.values().any(|s| s.server.is_none())
+        self.sources.values().any(SourceConfig::uses_embedded)
     }
 }
 
 impl SourceConfig {
+    /// Whether this source's data comes from the embedded server.
+    pub fn uses_embedded(&self) -> bool {
+        match self.engine {
+            EngineKind::Database => self.server.is_none(),
+            EngineKind::Instance => self.upstream.is_none() && self.data_dir.is_none(),
+        }
+    }
+
+    /// The keys that belong to one engine only.
+    fn validate_engine(&self, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        match self.engine {
+            EngineKind::Database => {
+                for (field, set) in [
+                    ("upstream", self.upstream.is_some()),
+                    ("data_dir", self.data_dir.is_some()),
+                    ("storage", self.storage.is_some()),
+                ] {
+                    if set {
+                        return Err(invalid(
+                            key(field),
+                            "only `engine = \"instance\"` sources use it",
+                        ));
+                    }
+                }
+            }
+            EngineKind::Instance => {
+                if self.server.is_some() {
+                    return Err(invalid(
+                        key("server"),
+                        "an `instance` source copies a whole server: name it with `upstream` \
+                         (pg_basebackup) or `data_dir`",
+                    ));
+                }
+                if self.upstream.is_some() && self.data_dir.is_some() {
+                    return Err(invalid(
+                        key("data_dir"),
+                        "set either `upstream` or `data_dir`, not both",
+                    ));
+                }
+                if let Some(up) = &self.upstream {
+                    up.parse::<tokio_postgres::Config>().map_err(|e| {
+                        invalid(key("upstream"), format!("not a connection string: {e}"))
+                    })?;
+                }
+                if let Some(dir) = &self.data_dir {
+                    if !dir.is_absolute() {
+                        return Err(invalid(key("data_dir"), "must be an absolute path"));
+                    }
+                }
+                if self.max_connections == 0 {
+                    return Err(invalid(key("max_connections"), "must be at least 1"));
+                }
+                if self.shared_buffers.trim().is_empty() {
+                    return Err(invalid(key("shared_buffers"), "must not be empty"));
+                }
+                for name in self.settings.keys() {
+                    let ok = !name.is_empty()
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+                    if !ok {
+                        return Err(invalid(
+                            key(&format!("settings.{name}")),
+                            "not a PostgreSQL setting name",
+                        ));
+                    }
+                }
+                if matches!(self.suspend_after, Some(d) if d.is_zero()) {
+                    return Err(invalid(key("suspend_after"), "must be greater than zero"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The template database name.
     pub fn database_name<'a>(&'a self, source: &'a str) -> &'a str {
         self.database.as_deref().unwrap_or(source)
@@ -601,5 +721,31 @@ mod tests {
             err("[auth]\nmethod = \"trust\"\n[sources.shop]\ncreate_roles = [\"a\"]\n")
                 .contains("sources.shop.auth_method")
         );
+        assert!(err("[sources.s]\nupstream = \"host=x\"\n").contains("sources.s.upstream"));
+        assert!(
+            err("[sources.s]\nengine = \"instance\"\nserver = \"host=x\"\n")
+                .contains("sources.s.server")
+        );
+        assert!(err(
+            "[sources.s]\nengine = \"instance\"\nupstream = \"host=x\"\ndata_dir = \"/d\"\n"
+        )
+        .contains("sources.s.data_dir"));
+        assert!(
+            err("[sources.s]\nengine = \"instance\"\nsettings = { \"bad name\" = \"1\" }\n")
+                .contains("sources.s.settings.bad name")
+        );
+    }
+
+    #[test]
+    fn instance_sources_default_to_small_suspendable_servers() {
+        let cfg = Config::from_toml(
+            "[sources.full]\nengine = \"instance\"\n[sources.full.settings]\nfsync = \"off\"\n",
+        )
+        .unwrap();
+        let src = &cfg.sources["full"];
+        assert_eq!(src.engine, EngineKind::Instance);
+        assert_eq!(src.suspend_after, Some(Duration::from_secs(300)));
+        assert_eq!(src.settings["fsync"], "off");
+        assert!(cfg.needs_embedded());
     }
 }

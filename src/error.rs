@@ -67,6 +67,10 @@ pub enum ProvisionError {
     Timeout(BranchId),
     #[error("could not create branch {id}: {err}")]
     Engine { id: BranchId, err: EngineError },
+    #[error("could not start the server of branch {id}: {err}")]
+    Start { id: BranchId, err: EngineError },
+    #[error("{0}")]
+    Conflict(String),
     #[error("branch {0} is being deleted")]
     Deleting(BranchId),
     #[error("role \"{role}\" may not create branches of source {source_name} (sources.{source_name}.create_roles)")]
@@ -173,9 +177,10 @@ impl ClientError {
                 ProvisionError::Quota { .. } | ProvisionError::RoleQuota { .. } => ErrorKind::Quota,
                 ProvisionError::CreateForbidden { .. } => ErrorKind::Forbidden,
                 ProvisionError::Timeout(_) => ErrorKind::ProvisionTimeout,
-                ProvisionError::Engine { .. } | ProvisionError::Deleting(_) => {
-                    ErrorKind::ProvisionFailed
-                }
+                ProvisionError::Engine { .. }
+                | ProvisionError::Start { .. }
+                | ProvisionError::Conflict(_)
+                | ProvisionError::Deleting(_) => ErrorKind::ProvisionFailed,
                 ProvisionError::ShuttingDown => ErrorKind::ShuttingDown,
             },
             ClientError::Backend { .. } => ErrorKind::Backend,
@@ -203,7 +208,10 @@ impl ClientError {
                 ProvisionError::Timeout(_) | ProvisionError::Deleting(_) => "57P03",
                 // The server's own code says what went wrong (55006 template busy,
                 // 53100 disk full, 42501 permission); otherwise a system error.
-                ProvisionError::Engine { err, .. } => err.code.as_deref().unwrap_or("58000"),
+                ProvisionError::Engine { err, .. } | ProvisionError::Start { err, .. } => {
+                    err.code.as_deref().unwrap_or("58000")
+                }
+                ProvisionError::Conflict(_) => "55000",
                 ProvisionError::ShuttingDown => "57P01",
             },
             ClientError::Backend { .. } => "08006",

@@ -10,8 +10,10 @@
 //!   cancel).
 //! - [`auth`]: roles' stored passwords and SCRAM; the proxy authenticates clients
 //!   before any branch is looked up or made.
-//! - [`branch`]: the life of a branch (registry, engines, records, reaper).
-//! - [`admin`]: HTTP: metrics, health, the branch API; [`cli`] is its client.
+//! - [`branch`]: the life of a branch (registry, engines `database` and `instance`,
+//!   records, reaper: suspension and expiry).
+//! - [`admin`]: HTTP: metrics, health, the branch and snapshot API; [`cli`] is its
+//!   client.
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
 //! - [`error`]: error kinds and the one mapping to SQLSTATE.
 //! - [`names`]: validated source and branch names, identifier quoting.

@@ -52,6 +52,41 @@ enum Command {
         #[command(subcommand)]
         action: BranchAction,
     },
+    /// Take, list or delete snapshots of an `instance` source through a running
+    /// proxy's admin API.
+    Snapshot {
+        /// The admin API address (`admin.listen` of the running proxy).
+        #[arg(
+            long,
+            default_value = "127.0.0.1:9187",
+            env = "OFFSHOOT_ADMIN",
+            global = true
+        )]
+        admin: String,
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotAction {
+    /// Copy the source now and seal the copy; new branches start from it.
+    Create {
+        /// The source's name.
+        source: String,
+    },
+    /// Show the source's snapshots and the branches made from each.
+    List {
+        /// The source's name.
+        source: String,
+    },
+    /// Delete a snapshot; refused while a branch was made from it.
+    Delete {
+        /// The source's name.
+        source: String,
+        /// The snapshot's name (see `snapshot list`).
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -65,6 +100,14 @@ enum BranchAction {
         /// Never expire this branch.
         #[arg(long)]
         persistent: bool,
+        /// Snapshot to clone (`instance` sources); default the newest.
+        #[arg(long)]
+        snapshot: Option<String>,
+    },
+    /// Stop a branch's server now (`instance` sources); the next connection starts it.
+    Suspend {
+        /// `<source>.<branch>`, e.g. `shop.pr-42`.
+        name: String,
     },
     /// Delete a branch. Refused while clients are connected, unless --force.
     Delete {
@@ -84,13 +127,34 @@ fn split_name(name: &str) -> anyhow::Result<(&str, &str)> {
 fn branch_command(admin: &str, action: &BranchAction) -> std::process::ExitCode {
     let result = match action {
         BranchAction::List => offshoot::cli::list(admin),
-        BranchAction::Create { name, persistent } => {
-            split_name(name).and_then(|(s, b)| offshoot::cli::create(admin, s, b, *persistent))
+        BranchAction::Create {
+            name,
+            persistent,
+            snapshot,
+        } => split_name(name).and_then(|(s, b)| {
+            offshoot::cli::create(admin, s, b, *persistent, snapshot.as_deref())
+        }),
+        BranchAction::Suspend { name } => {
+            split_name(name).and_then(|(s, b)| offshoot::cli::suspend(admin, s, b))
         }
         BranchAction::Delete { name, force } => {
             split_name(name).and_then(|(s, b)| offshoot::cli::delete(admin, s, b, *force))
         }
     };
+    exit_code(result)
+}
+
+fn snapshot_command(admin: &str, action: &SnapshotAction) -> std::process::ExitCode {
+    exit_code(match action {
+        SnapshotAction::Create { source } => offshoot::cli::snapshot_create(admin, source),
+        SnapshotAction::List { source } => offshoot::cli::snapshot_list(admin, source),
+        SnapshotAction::Delete { source, name } => {
+            offshoot::cli::snapshot_delete(admin, source, name)
+        }
+    })
+}
+
+fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -112,6 +176,7 @@ fn main() -> std::process::ExitCode {
     let config = match &cli.command {
         Command::Serve(ConfigArg { config }) | Command::Check(ConfigArg { config }) => config,
         Command::Branch { admin, action } => return branch_command(admin, action),
+        Command::Snapshot { admin, action } => return snapshot_command(admin, action),
     };
     let cfg = match Config::load(config) {
         Ok(c) => c,

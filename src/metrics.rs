@@ -26,6 +26,12 @@ pub struct Metrics {
     pub bytes_total: IntCounterVec,
     /// Cancel requests, by outcome.
     pub cancel_requests_total: IntCounterVec,
+    /// Time to start a suspended branch's server, by source.
+    pub start_seconds: HistogramVec,
+    /// Branch servers stopped for idleness, by source.
+    pub suspensions_total: IntCounterVec,
+    /// Clones whose files were copied, by source and mode (reflink or copy).
+    pub clones_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -94,6 +100,33 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid metric");
+        let start_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "offshoot_start_seconds",
+                "Time taken to start a suspended branch's server",
+            )
+            .buckets(vec![
+                0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["source"],
+        )
+        .expect("valid metric");
+        let suspensions_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_suspensions_total",
+                "Branch servers stopped after being idle (scale to zero)",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        let clones_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_clones_total",
+                "Clones made by copying files, by mode (reflink: copy-on-write; copy: every byte)",
+            ),
+            &["source", "mode"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(client_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
@@ -104,6 +137,9 @@ impl Metrics {
             Box::new(errors_total.clone()),
             Box::new(bytes_total.clone()),
             Box::new(cancel_requests_total.clone()),
+            Box::new(start_seconds.clone()),
+            Box::new(suspensions_total.clone()),
+            Box::new(clones_total.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -122,6 +158,9 @@ impl Metrics {
             errors_total,
             bytes_total,
             cancel_requests_total,
+            start_seconds,
+            suspensions_total,
+            clones_total,
         }
     }
 

@@ -91,6 +91,11 @@ impl PgBin {
         cmd
     }
 
+    /// `(uid, gid)` servers run as, when it differs from ours (we are root).
+    pub fn owner(&self) -> Option<(u32, u32)> {
+        self.run_as.map(|(u, g)| (u.as_raw(), g.as_raw()))
+    }
+
     /// Gives `path` to the service user (when we are root).
     pub fn hand_over(&self, path: &Path) -> Result<()> {
         if let Some((uid, gid)) = self.run_as {

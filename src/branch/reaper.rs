@@ -1,4 +1,7 @@
-//! Idle expiry: one step ([`reap_once`]) and a loop around it ([`run`]).
+//! Idle suspension and expiry: one step ([`reap_once`]) and a loop around it ([`run`]).
+//!
+//! A branch idle past its source's `suspend_after` has its server stopped (engines
+//! whose clones run one); past `idle_expire` it is removed altogether.
 //!
 //! The step takes the time as an argument, so tests can ask "what expires at T?"
 //! without sleeping. The registry re-checks every condition under its lock when the
@@ -29,6 +32,8 @@ pub enum Outcome {
         reason: ExpireReason,
         idle: Duration,
     },
+    /// Its server was stopped; the data stays.
+    Suspended { id: BranchId, idle: Duration },
     /// A connection arrived, or the clone could not be dropped; it stays for now.
     Kept { id: BranchId, why: String },
 }
@@ -37,14 +42,38 @@ pub enum Outcome {
 /// another they would make a batch of branches expire late.
 const PARALLEL_EXPIRIES: usize = 4;
 
-/// Expires every branch idle past its policy at `now`, and saves activity stamps.
+/// Expires every branch idle past its policy at `now`, suspends those idle past
+/// `suspend_after`, and saves activity stamps.
 pub async fn reap_once(registry: &Registry, now: SystemTime) -> Vec<Outcome> {
     registry.flush_activity();
-    stream::iter(registry.idle_candidates(now))
+    let mut out: Vec<Outcome> = stream::iter(registry.idle_candidates(now))
         .map(|(id, idle)| expire(registry, id, idle))
         .buffer_unordered(PARALLEL_EXPIRIES)
         .collect()
-        .await
+        .await;
+    let suspended: Vec<Outcome> = stream::iter(registry.suspend_candidates(now))
+        .map(|(id, idle)| suspend(registry, id, idle))
+        .buffer_unordered(PARALLEL_EXPIRIES)
+        .filter_map(|o| async move { o })
+        .collect()
+        .await;
+    out.extend(suspended);
+    out
+}
+
+async fn suspend(registry: &Registry, id: BranchId, idle: Duration) -> Option<Outcome> {
+    match registry.suspend(&id).await {
+        Ok(true) => {
+            info!(branch = %id, idle = %humantime::format_duration(trunc(idle)), "branch server stopped while idle");
+            Some(Outcome::Suspended { id, idle })
+        }
+        // A connection arrived in between.
+        Ok(false) => None,
+        Err(e) => Some(Outcome::Kept {
+            id,
+            why: e.to_string(),
+        }),
+    }
 }
 
 async fn expire(registry: &Registry, id: BranchId, idle: Duration) -> Outcome {

@@ -1,13 +1,14 @@
 //! The one owner of branch state.
 //!
 //! Invariants:
-//! - Only this module changes a branch's phase (Provisioning → Ready → Deleting → gone)
-//!   and its record on disk.
-//! - A branch has at most one creation in flight: the first connection starts it, every
-//!   later one waits on the same result (single flight).
-//! - A branch is deleted only in phase Ready with no open connection (unless forced);
-//!   connections are counted under the same lock that starts a deletion, so a
-//!   connection can never be granted a branch that is being removed.
+//! - Only this module changes a branch's phase (Provisioning → Starting → Ready ⇄
+//!   Suspended → Expiring → gone) and its record on disk.
+//! - A branch has at most one creation (or start) in flight: the first connection
+//!   starts it, every later one waits on the same result (single flight).
+//! - A branch is deleted or suspended only when settled (Ready, or Suspended for a
+//!   deletion) with no open connection (unless a deletion is forced); connections are
+//!   counted under the same lock that starts a deletion or a suspension, so a
+//!   connection is never granted a branch whose server is being stopped or removed.
 //! - The record is written before the clone is created and removed after it is gone,
 //!   so a crash at any point leaves something [`Registry::adopt`] can settle.
 
@@ -56,28 +57,55 @@ impl Source {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
+    /// The clone is being made.
     Provisioning,
+    /// The clone exists; its server is starting (after a creation or a suspension).
+    Starting,
+    /// Connections are served.
     Ready,
-    Deleting,
+    /// The clone's server is stopped (or stopping); the next connection starts it.
+    Suspended,
+    /// The clone is being removed.
+    Expiring,
 }
 
 impl Phase {
-    const ALL: [Phase; 3] = [Phase::Provisioning, Phase::Ready, Phase::Deleting];
+    const ALL: [Phase; 5] = [
+        Phase::Provisioning,
+        Phase::Starting,
+        Phase::Ready,
+        Phase::Suspended,
+        Phase::Expiring,
+    ];
 
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Phase::Provisioning => "provisioning",
+            Phase::Starting => "starting",
             Phase::Ready => "ready",
-            Phase::Deleting => "deleting",
+            Phase::Suspended => "suspended",
+            Phase::Expiring => "expiring",
         }
     }
 }
 
 type Outcome = Option<Result<(), ProvisionError>>;
 
+/// What a connection waits on when the branch is not Ready.
 enum Waiter {
+    /// A creation or a start; its outcome is the connection's.
     Provisioning(watch::Receiver<Outcome>),
-    Deleting(watch::Receiver<bool>),
+    /// A suspension or a deletion; the connection looks again when it ends.
+    Changing(watch::Receiver<bool>),
+}
+
+/// How a branch should be made, when a request creates it.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Never expires (it may still be suspended).
+    pub persistent: bool,
+    /// The snapshot to clone; unset: the newest.
+    pub snapshot: Option<String>,
 }
 
 /// Connection count and last activity, shared with the connections' guards.
@@ -149,6 +177,12 @@ pub struct BranchView {
     pub persistent: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
+    /// The snapshot the clone was made from (engines with snapshots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// `reflink` or `copy` (engines that copy files).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_mode: Option<String>,
 }
 
 /// An authenticated role asking for a branch: whether it may make one, and how many
@@ -178,7 +212,7 @@ pub enum DeleteError {
     NotFound(BranchId),
     #[error("branch {id} has {conns} open connection(s); use force to terminate them")]
     InUse { id: BranchId, conns: usize },
-    #[error("branch {0} is being created or deleted; try again")]
+    #[error("branch {0} is being created, started, suspended or deleted; try again")]
     Busy(BranchId),
     #[error("could not delete branch {id}: {err}")]
     Engine { id: BranchId, err: EngineError },
@@ -238,6 +272,10 @@ impl Registry {
             reg.metrics.client_connections.with_label_values(&[s]);
             reg.metrics.provision_seconds.with_label_values(&[s]);
             reg.metrics.branches_created_total.with_label_values(&[s]);
+            if reg.sources[src].engine.suspends() {
+                reg.metrics.start_seconds.with_label_values(&[s]);
+                reg.metrics.suspensions_total.with_label_values(&[s]);
+            }
             for reason in [RemoveReason::Idle, RemoveReason::Api] {
                 reg.metrics
                     .branches_expired_total
@@ -316,7 +354,7 @@ impl Registry {
     ) -> Result<Lease, ProvisionError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let waiter = match self.try_enter(id, false, creator)? {
+            let waiter = match self.try_enter(id, &CreateOptions::default(), creator)? {
                 Ok(lease) => return Ok(lease),
                 Err(w) => w,
             };
@@ -330,7 +368,7 @@ impl Registry {
                         Ok(Ok(v)) => v.clone(),
                     }
                 }
-                Waiter::Deleting(mut rx) => {
+                Waiter::Changing(mut rx) => {
                     match tokio::time::timeout_at(deadline, rx.wait_for(|done| *done)).await {
                         Err(_) => return Err(ProvisionError::Deleting(id.clone())),
                         Ok(_) => continue,
@@ -343,16 +381,29 @@ impl Registry {
         }
     }
 
-    /// Creates `id` ahead of time (admin API). Returns whether it was created now.
+    /// Creates `id` ahead of time (admin API), or starts it when suspended. Returns
+    /// whether it was created now.
     pub async fn ensure(
         self: &Arc<Self>,
         id: &BranchId,
-        persistent: bool,
+        opts: &CreateOptions,
         timeout: Duration,
     ) -> Result<(BranchView, bool), ProvisionError> {
-        let created = self.lock().get(id).is_none();
+        let created = {
+            let map = self.lock();
+            match (map.get(id), &opts.snapshot) {
+                (Some(e), Some(want)) if e.record.snapshot.as_ref().is_some_and(|s| s != want) => {
+                    return Err(ProvisionError::Conflict(format!(
+                        "branch {id} exists and was made from snapshot {}, not {want}; \
+                         delete it first",
+                        e.record.snapshot.as_deref().unwrap_or("?")
+                    )));
+                }
+                (e, _) => e.is_none(),
+            }
+        };
         let lease = loop {
-            match self.try_enter(id, persistent, None)? {
+            match self.try_enter(id, opts, None)? {
                 Ok(lease) => break lease,
                 Err(Waiter::Provisioning(mut rx)) => {
                     let r = tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
@@ -367,7 +418,7 @@ impl Registry {
                         Err(_) => return Err(self.interrupted(id)),
                     }
                 }
-                Err(Waiter::Deleting(mut rx)) => {
+                Err(Waiter::Changing(mut rx)) => {
                     let _ = tokio::time::timeout(timeout, rx.wait_for(|d| *d))
                         .await
                         .map_err(|_| ProvisionError::Deleting(id.clone()))?;
@@ -404,7 +455,7 @@ impl Registry {
     fn try_enter(
         self: &Arc<Self>,
         id: &BranchId,
-        persistent: bool,
+        opts: &CreateOptions,
         creator: Option<&Creator>,
     ) -> Result<Result<Lease, Waiter>, ProvisionError> {
         if self.shutting_down.load(Ordering::SeqCst) {
@@ -418,7 +469,20 @@ impl Registry {
                 err: EngineError::new("source is not configured"),
             })?;
         let mut map = self.lock();
-        if let Some(entry) = map.get(id) {
+        if let Some(entry) = map.get_mut(id) {
+            if entry.phase == Phase::Suspended && entry.waiter.is_none() {
+                // The first connection to a suspended branch starts its server.
+                let (tx, rx) = watch::channel(None);
+                entry.phase = Phase::Starting;
+                entry.waiter = Some(Waiter::Provisioning(rx.clone()));
+                let record = entry.record.clone();
+                self.refresh_gauges(&map);
+                drop(map);
+                let this = self.clone();
+                self.runtime
+                    .spawn(async move { this.resume(record, tx).await });
+                return Ok(Err(Waiter::Provisioning(rx)));
+            }
             return Ok(match (&entry.phase, &entry.waiter) {
                 (Phase::Ready, _) => {
                     entry.activity.conns.fetch_add(1, Ordering::AcqRel);
@@ -437,7 +501,7 @@ impl Registry {
                     })
                 }
                 (_, Some(Waiter::Provisioning(rx))) => Err(Waiter::Provisioning(rx.clone())),
-                (_, Some(Waiter::Deleting(rx))) => Err(Waiter::Deleting(rx.clone())),
+                (_, Some(Waiter::Changing(rx))) => Err(Waiter::Changing(rx.clone())),
                 (_, None) => unreachable!("non-ready entries always carry a waiter"),
             });
         }
@@ -478,8 +542,10 @@ impl Registry {
             state: RecordState::Provisioning,
             created_at: now,
             last_active: now,
-            persistent,
+            persistent: opts.persistent,
             created_by: creator.map(|c| c.role.clone()),
+            snapshot: opts.snapshot.clone(),
+            copy_mode: None,
         };
         let (tx, rx) = watch::channel(None);
         map.insert(
@@ -509,12 +575,37 @@ impl Registry {
             Err(e) => Err(EngineError::new(format!("cannot write branch record: {e}"))),
             Ok(()) => source.engine.create(&record).await,
         };
-        let result = result.and_then(|()| {
+        let mut made = false;
+        let result = result.and_then(|m| {
+            made = true;
+            if let Some(mode) = &m.copy_mode {
+                self.metrics
+                    .clones_total
+                    .with_label_values(&[id.source.as_str(), mode])
+                    .inc();
+            }
+            record.snapshot = m.snapshot;
+            record.copy_mode = m.copy_mode;
             record.state = RecordState::Ready;
             self.store
                 .save(&record)
                 .map_err(|e| EngineError::new(format!("cannot write branch record: {e}")))
         });
+        // The clone exists: start its server (engines without one return at once).
+        let result = match result {
+            Ok(()) if source.engine.suspends() => {
+                {
+                    let mut map = self.lock();
+                    if let Some(e) = map.get_mut(&id) {
+                        e.phase = Phase::Starting;
+                        e.record = record.clone();
+                    }
+                    self.refresh_gauges(&map);
+                }
+                source.engine.start(&record).await
+            }
+            other => other,
+        };
         let outcome = match result {
             Ok(()) => {
                 let secs = started.elapsed().as_secs_f64();
@@ -538,9 +629,10 @@ impl Registry {
             }
             Err(err) => {
                 error!(branch = %id, error = %err, "branch creation failed");
-                // If the clone was made but the record could not be marked ready,
-                // take the clone down again: nothing half-made stays behind.
-                if record.state == RecordState::Ready {
+                // If the clone was made but its record could not be marked ready or
+                // its server did not start, take the clone down again: nothing
+                // half-made stays behind.
+                if made {
                     if let Err(e) = source.engine.destroy(&record, true).await {
                         error!(branch = %id, error = %e, "could not remove clone after failure");
                     }
@@ -560,6 +652,113 @@ impl Registry {
         let _ = tx.send(Some(outcome));
     }
 
+    /// Starts the server of a suspended branch and publishes the outcome.
+    async fn resume(self: Arc<Self>, record: BranchRecord, tx: watch::Sender<Outcome>) {
+        let id = record.id();
+        let source = &self.sources[&id.source];
+        let started = Instant::now();
+        let result = source.engine.start(&record).await;
+        let mut map = self.lock();
+        let outcome = match result {
+            Ok(()) => {
+                let secs = started.elapsed().as_secs_f64();
+                self.metrics
+                    .start_seconds
+                    .with_label_values(&[id.source.as_str()])
+                    .observe(secs);
+                info!(branch = %id, ms = (secs * 1000.0) as u64, "branch resumed");
+                if let Some(e) = map.get_mut(&id) {
+                    e.phase = Phase::Ready;
+                    e.waiter = None;
+                }
+                Ok(())
+            }
+            Err(err) => {
+                error!(branch = %id, error = %err, "branch server did not start; it stays suspended");
+                if let Some(e) = map.get_mut(&id) {
+                    e.phase = Phase::Suspended;
+                    e.waiter = None;
+                }
+                Err(ProvisionError::Start { id, err })
+            }
+        };
+        self.refresh_gauges(&map);
+        drop(map);
+        let _ = tx.send(Some(outcome));
+    }
+
+    /// Stops the server of a Ready branch nobody is connected to; its data stays and
+    /// the next connection starts it again. Returns false (and does nothing) when the
+    /// branch is not in that state or its engine has no server to stop.
+    pub async fn suspend(&self, id: &BranchId) -> Result<bool, EngineError> {
+        let source = &self.sources[&id.source];
+        if !source.engine.suspends() {
+            return Ok(false);
+        }
+        let (record, tx) = {
+            let mut map = self.lock();
+            let Some(entry) = map.get_mut(id) else {
+                return Ok(false);
+            };
+            if entry.phase != Phase::Ready || entry.activity.connections() > 0 {
+                return Ok(false);
+            }
+            let (tx, rx) = watch::channel(false);
+            entry.phase = Phase::Suspended;
+            entry.waiter = Some(Waiter::Changing(rx));
+            let record = entry.record.clone();
+            self.refresh_gauges(&map);
+            (record, tx)
+        };
+        let result = source.engine.stop(&record).await;
+        let mut map = self.lock();
+        let out = match result {
+            Ok(()) => {
+                self.metrics
+                    .suspensions_total
+                    .with_label_values(&[id.source.as_str()])
+                    .inc();
+                info!(branch = %id, "branch suspended");
+                if let Some(e) = map.get_mut(id) {
+                    e.waiter = None;
+                }
+                Ok(true)
+            }
+            Err(err) => {
+                // The server may still run: keep serving it.
+                warn!(branch = %id, error = %err, "could not stop the branch's server; it stays ready");
+                if let Some(e) = map.get_mut(id) {
+                    e.phase = Phase::Ready;
+                    e.waiter = None;
+                }
+                Err(err)
+            }
+        };
+        self.refresh_gauges(&map);
+        drop(map);
+        let _ = tx.send(true);
+        out
+    }
+
+    /// Suspends every Ready branch with no connection (on shutdown), a few at once.
+    pub async fn suspend_all(&self) {
+        use futures_util::stream::{self, StreamExt};
+        let ids: Vec<BranchId> = {
+            let map = self.lock();
+            map.iter()
+                .filter(|(_, e)| e.phase == Phase::Ready)
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        stream::iter(ids)
+            .for_each_concurrent(8, |id| async move {
+                if let Err(e) = self.suspend(&id).await {
+                    warn!(branch = %id, error = %e, "left running");
+                }
+            })
+            .await;
+    }
+
     /// Removes a Ready branch. Connections are refused meanwhile and wait for the
     /// outcome; afterwards a new connection makes a fresh clone.
     pub async fn delete(
@@ -568,12 +767,14 @@ impl Registry {
         force: bool,
         reason: RemoveReason,
     ) -> Result<(), DeleteError> {
-        let (record, tx) = {
+        let state = {
             let mut map = self.lock();
             let entry = map
                 .get_mut(id)
                 .ok_or_else(|| DeleteError::NotFound(id.clone()))?;
-            if entry.phase != Phase::Ready {
+            let settled = entry.phase == Phase::Ready
+                || (entry.phase == Phase::Suspended && entry.waiter.is_none());
+            if !settled {
                 return Err(DeleteError::Busy(id.clone()));
             }
             let conns = entry.activity.connections();
@@ -584,12 +785,14 @@ impl Registry {
                 });
             }
             let (tx, rx) = watch::channel(false);
-            entry.phase = Phase::Deleting;
-            entry.waiter = Some(Waiter::Deleting(rx));
+            let before = entry.phase;
+            entry.phase = Phase::Expiring;
+            entry.waiter = Some(Waiter::Changing(rx));
             let record = entry.record.clone();
             self.refresh_gauges(&map);
-            (record, tx)
+            (record, tx, before)
         };
+        let (record, tx, before) = state;
         let source = &self.sources[&id.source];
         let result = source.engine.destroy(&record, force).await;
         let mut map = self.lock();
@@ -609,7 +812,12 @@ impl Registry {
             Err(err) => {
                 warn!(branch = %id, error = %err, "branch removal failed; it stays");
                 if let Some(e) = map.get_mut(id) {
-                    e.phase = Phase::Ready;
+                    // A server the failed removal stopped is started again on demand.
+                    e.phase = if source.engine.suspends() {
+                        Phase::Suspended
+                    } else {
+                        before
+                    };
                     e.waiter = None;
                 }
                 Err(DeleteError::Engine {
@@ -624,17 +832,38 @@ impl Registry {
         out
     }
 
-    /// Ready, idle, unused, non-persistent branches past their source's `idle_expire`
-    /// at `now`, with how long each has been idle.
+    /// Settled (Ready or Suspended), idle, unused, non-persistent branches past their
+    /// source's `idle_expire` at `now`, with how long each has been idle.
     pub fn idle_candidates(&self, now: SystemTime) -> Vec<(BranchId, Duration)> {
         let now_ms = unix_ms(now);
         let map = self.lock();
         map.iter()
             .filter_map(|(id, e)| {
                 let limit = self.sources.get(&id.source)?.config.idle_expire?;
-                if e.phase != Phase::Ready
+                let settled =
+                    e.phase == Phase::Ready || (e.phase == Phase::Suspended && e.waiter.is_none());
+                if !settled || e.activity.connections() > 0 || self.is_persistent(&e.record) {
+                    return None;
+                }
+                let last = e.activity.last_active_ms.load(Ordering::Relaxed);
+                let idle = Duration::from_millis(now_ms.saturating_sub(last));
+                (idle >= limit).then(|| (id.clone(), idle))
+            })
+            .collect()
+    }
+
+    /// Ready, unused branches (persistent ones too) whose server has been idle past
+    /// their source's `suspend_after` at `now`, with how long each has been idle.
+    pub fn suspend_candidates(&self, now: SystemTime) -> Vec<(BranchId, Duration)> {
+        let now_ms = unix_ms(now);
+        let map = self.lock();
+        map.iter()
+            .filter_map(|(id, e)| {
+                let source = self.sources.get(&id.source)?;
+                let limit = source.config.suspend_after?;
+                if !source.engine.suspends()
+                    || e.phase != Phase::Ready
                     || e.activity.connections() > 0
-                    || self.is_persistent(&e.record)
                 {
                     return None;
                 }
@@ -650,7 +879,7 @@ impl Registry {
         let dirty: Vec<BranchRecord> = {
             let mut map = self.lock();
             map.values_mut()
-                .filter(|e| e.phase == Phase::Ready)
+                .filter(|e| matches!(e.phase, Phase::Ready | Phase::Suspended))
                 .filter(|e| e.activity.dirty.swap(false, Ordering::Relaxed))
                 .map(|e| {
                     e.record.last_active = e.activity.last_active_ms.load(Ordering::Relaxed);
@@ -682,6 +911,8 @@ impl Registry {
             connections: e.activity.connections(),
             persistent: self.is_persistent(&e.record),
             created_by: e.record.created_by.clone(),
+            snapshot: e.record.snapshot.clone(),
+            copy_mode: e.record.copy_mode.clone(),
         }
     }
 
@@ -761,16 +992,38 @@ impl Registry {
                     }
                 },
             };
-            if keep {
-                adopted.push(rec);
+            if !keep {
+                continue;
             }
+            // A server a killed proxy left running is reused; otherwise the branch
+            // waits, suspended, for its next connection.
+            let running = if source.engine.suspends() {
+                match source.engine.running(&rec).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!(branch = %id, error = %e, "cannot tell whether the branch's server runs; treating it as suspended");
+                        false
+                    }
+                }
+            } else {
+                true
+            };
+            adopted.push((rec, running));
         }
         // Marked clones no record explains (e.g. records deleted by hand).
         let known: HashSet<(String, String)> = adopted
             .iter()
-            .map(|r| (r.source.to_string(), r.clone_name.clone()))
+            .map(|(r, _)| (r.source.to_string(), r.clone_name.clone()))
             .collect();
         for src in self.sources.values() {
+            for (location, reason) in src.engine.strays().await {
+                warn!(source = %src.name, location = %location, reason = %reason, "unexplained entry in the engine's storage; left in place");
+                orphans.push(Orphan {
+                    source: Some(src.name.to_string()),
+                    location,
+                    reason,
+                });
+            }
             match src.engine.list_marked().await {
                 Ok(marked) => {
                     for (clone, owner) in marked {
@@ -792,12 +1045,16 @@ impl Registry {
         }
         let n = adopted.len();
         let mut map = self.lock();
-        for rec in adopted {
+        for (rec, running) in adopted {
             let activity = Arc::new(Activity::new(rec.last_active));
             map.insert(
                 rec.id(),
                 Entry {
-                    phase: Phase::Ready,
+                    phase: if running {
+                        Phase::Ready
+                    } else {
+                        Phase::Suspended
+                    },
                     waiter: None,
                     record: rec,
                     activity,
@@ -820,16 +1077,24 @@ pub(crate) mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::branch::engine::ServerAddr;
+    use crate::branch::engine::{Made, ServerAddr};
     use crate::config::SourceConfig;
 
     /// An engine that keeps its "clones" in a set: for the registry's own logic only.
+    /// With `servers`, each clone has a "server" (in `running`) that can be stopped
+    /// and started, like the `instance` engine's.
     #[derive(Default)]
     pub struct FakeEngine {
         pub clones: Mutex<BTreeSet<String>>,
         pub creates: AtomicUsize,
         pub fail_with: Mutex<Option<String>>,
         pub delay: Duration,
+        pub servers: bool,
+        pub running: Mutex<BTreeSet<String>>,
+        pub starts: AtomicUsize,
+        pub stops: AtomicUsize,
+        pub start_delay: Duration,
+        pub fail_start: Mutex<Option<String>>,
     }
 
     #[async_trait]
@@ -837,14 +1102,37 @@ pub(crate) mod tests {
         fn clone_name(&self, id: &BranchId) -> String {
             format!("{}__{}", id.source, id.branch)
         }
-        async fn create(&self, rec: &BranchRecord) -> Result<(), EngineError> {
+        async fn create(&self, rec: &BranchRecord) -> Result<Made, EngineError> {
             self.creates.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(self.delay).await;
             if let Some(msg) = self.fail_with.lock().unwrap().clone() {
                 return Err(EngineError::new(msg));
             }
             self.clones.lock().unwrap().insert(rec.clone_name.clone());
+            Ok(Made {
+                snapshot: Some(rec.snapshot.clone().unwrap_or_else(|| "s1".into())),
+                copy_mode: self.servers.then(|| "copy".into()),
+            })
+        }
+        fn suspends(&self) -> bool {
+            self.servers
+        }
+        async fn start(&self, rec: &BranchRecord) -> Result<(), EngineError> {
+            self.starts.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.start_delay).await;
+            if let Some(msg) = self.fail_start.lock().unwrap().clone() {
+                return Err(EngineError::new(msg));
+            }
+            self.running.lock().unwrap().insert(rec.clone_name.clone());
             Ok(())
+        }
+        async fn stop(&self, rec: &BranchRecord) -> Result<(), EngineError> {
+            self.stops.fetch_add(1, Ordering::SeqCst);
+            self.running.lock().unwrap().remove(&rec.clone_name);
+            Ok(())
+        }
+        async fn running(&self, rec: &BranchRecord) -> Result<bool, EngineError> {
+            Ok(self.running.lock().unwrap().contains(&rec.clone_name))
         }
         async fn recover(&self, rec: &BranchRecord) -> Result<Recovered, EngineError> {
             Ok(if self.clones.lock().unwrap().contains(&rec.clone_name) {
@@ -857,6 +1145,7 @@ pub(crate) mod tests {
             Ok(self.clones.lock().unwrap().contains(&rec.clone_name))
         }
         async fn destroy(&self, rec: &BranchRecord, _force: bool) -> Result<(), EngineError> {
+            self.running.lock().unwrap().remove(&rec.clone_name);
             self.clones.lock().unwrap().remove(&rec.clone_name);
             Ok(())
         }
@@ -1007,5 +1296,162 @@ pub(crate) mod tests {
         let names: Vec<String> = reg.list().into_iter().map(|b| b.branch).collect();
         assert_eq!(names, vec!["kept".to_string()]);
         assert_eq!(store.load_all().unwrap().0.len(), 1);
+    }
+
+    fn with_servers() -> FakeEngine {
+        FakeEngine {
+            servers: true,
+            start_delay: Duration::from_millis(30),
+            ..Default::default()
+        }
+    }
+
+    fn phase(reg: &Registry, b: &str) -> Phase {
+        reg.view(&id(b)).expect("branch exists").state
+    }
+
+    #[tokio::test]
+    async fn creation_starts_the_server_and_suspension_stops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(with_servers());
+        let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
+        let lease = reg.acquire(&id("a"), WAIT).await.unwrap();
+        assert_eq!(phase(&reg, "a"), Phase::Ready);
+        assert_eq!(engine.starts.load(Ordering::SeqCst), 1);
+        let view = reg.view(&id("a")).unwrap();
+        assert_eq!(view.snapshot.as_deref(), Some("s1"));
+        assert_eq!(view.copy_mode.as_deref(), Some("copy"));
+        // Never while a connection is open.
+        assert!(!reg.suspend(&id("a")).await.unwrap());
+        drop(lease);
+        assert!(reg.suspend(&id("a")).await.unwrap());
+        assert_eq!(phase(&reg, "a"), Phase::Suspended);
+        assert!(engine.running.lock().unwrap().is_empty());
+        // Suspending twice is a no-op.
+        assert!(!reg.suspend(&id("a")).await.unwrap());
+        assert_eq!(engine.stops.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_connections_to_a_suspended_branch_share_one_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(with_servers());
+        let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
+        drop(reg.acquire(&id("a"), WAIT).await.unwrap());
+        reg.suspend(&id("a")).await.unwrap();
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let reg = reg.clone();
+                tokio::spawn(async move { reg.acquire(&id("a"), WAIT).await.map(|_| ()) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(phase(&reg, "a"), Phase::Starting);
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            engine.starts.load(Ordering::SeqCst),
+            2,
+            "create + one resume"
+        );
+        assert_eq!(engine.creates.load(Ordering::SeqCst), 1);
+        assert_eq!(phase(&reg, "a"), Phase::Ready);
+    }
+
+    #[tokio::test]
+    async fn a_failed_resume_reaches_the_waiters_and_keeps_the_branch_suspended() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(with_servers());
+        let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
+        drop(reg.acquire(&id("a"), WAIT).await.unwrap());
+        reg.suspend(&id("a")).await.unwrap();
+        *engine.fail_start.lock().unwrap() = Some("bad setting".into());
+        let Err(e) = reg.acquire(&id("a"), WAIT).await else {
+            panic!("start should fail")
+        };
+        assert!(matches!(e, ProvisionError::Start { .. }), "{e}");
+        assert!(e.to_string().contains("bad setting"), "{e}");
+        assert_eq!(phase(&reg, "a"), Phase::Suspended);
+        *engine.fail_start.lock().unwrap() = None;
+        reg.acquire(&id("a"), WAIT).await.map(|_| ()).unwrap();
+        assert_eq!(phase(&reg, "a"), Phase::Ready);
+    }
+
+    #[tokio::test]
+    async fn a_failed_first_start_removes_the_clone_and_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(with_servers());
+        *engine.fail_start.lock().unwrap() = Some("bad setting".into());
+        let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
+        let Err(e) = reg.acquire(&id("a"), WAIT).await else {
+            panic!("start should fail")
+        };
+        assert!(e.to_string().contains("bad setting"), "{e}");
+        assert!(reg.list().is_empty());
+        assert!(engine.clones.lock().unwrap().is_empty());
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.load_all().unwrap().0.is_empty());
+    }
+
+    #[tokio::test]
+    async fn suspended_branches_expire_but_persistent_ones_only_suspend() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(with_servers());
+        let config = SourceConfig {
+            idle_expire: Some(Duration::from_secs(600)),
+            suspend_after: Some(Duration::from_secs(60)),
+            persistent: vec!["qa".into()],
+            ..Default::default()
+        };
+        let reg = registry(engine.clone(), config, dir.path());
+        for b in ["a", "qa"] {
+            drop(reg.acquire(&id(b), WAIT).await.unwrap());
+        }
+        let now = SystemTime::now();
+        assert!(reg.suspend_candidates(now).is_empty());
+        let later = now + Duration::from_secs(61);
+        let mut ids: Vec<_> = reg
+            .suspend_candidates(later)
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
+        ids.sort();
+        assert_eq!(ids, vec![id("a"), id("qa")]);
+        for i in &ids {
+            assert!(reg.suspend(i).await.unwrap());
+        }
+        let much_later = now + Duration::from_secs(601);
+        let expiring: Vec<_> = reg
+            .idle_candidates(much_later)
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(expiring, vec![id("a")]);
+        reg.delete(&id("a"), false, RemoveReason::Idle)
+            .await
+            .unwrap();
+        assert_eq!(phase(&reg, "qa"), Phase::Suspended);
+        assert_eq!(reg.list().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_restart_finds_running_and_stopped_servers() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(with_servers());
+        {
+            let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
+            drop(reg.acquire(&id("up"), WAIT).await.unwrap());
+            drop(reg.acquire(&id("down"), WAIT).await.unwrap());
+            reg.suspend(&id("down")).await.unwrap();
+        }
+        let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
+        reg.adopt().await.unwrap();
+        assert_eq!(phase(&reg, "up"), Phase::Ready);
+        assert_eq!(phase(&reg, "down"), Phase::Suspended);
+        let view = reg.view(&id("down")).unwrap();
+        assert_eq!(view.snapshot.as_deref(), Some("s1"));
+        reg.acquire(&id("down"), WAIT).await.map(|_| ()).unwrap();
+        assert_eq!(phase(&reg, "down"), Phase::Ready);
     }
 }

@@ -45,6 +45,14 @@ pub struct BranchRecord {
     /// was made through the API or without authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
+    /// The snapshot the clone was made from (engines with snapshots). Before the
+    /// creation it is the one asked for, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// How the clone's files were made (`reflink` or `copy`), when the engine copies
+    /// files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_mode: Option<String>,
 }
 
 impl BranchRecord {
@@ -155,6 +163,8 @@ mod tests {
             last_active: 2,
             persistent: false,
             created_by: None,
+            snapshot: None,
+            copy_mode: None,
         }
     }
 

@@ -459,6 +459,9 @@ async fn acquire(
         (Some(_), Some(Phase::Provisioning)) => Some(format!(
             "branch {branch} of source {source} is being created; waiting for it"
         )),
+        (Some(_), Some(Phase::Suspended | Phase::Starting)) => Some(format!(
+            "starting branch {branch} of source {source} (it was suspended)"
+        )),
         (Some(_), Some(_)) => Some(format!("waiting for branch {branch} of source {source}")),
     };
     let announce = notice.is_some();

@@ -14,7 +14,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::Client;
 use tracing::{debug, warn};
 
-use super::{Endpoint, Engine, Recovered, ServerAddr};
+use super::{Endpoint, Engine, Made, Recovered, ServerAddr};
 use crate::branch::store::BranchRecord;
 use crate::error::EngineError;
 use crate::names::{quote_ident, quote_literal, BranchId, MAX_IDENT_LEN};
@@ -201,7 +201,7 @@ impl Engine for DatabaseEngine {
         clone_db_name(&self.template, id)
     }
 
-    async fn create(&self, rec: &BranchRecord) -> Result<(), EngineError> {
+    async fn create(&self, rec: &BranchRecord) -> Result<Made, EngineError> {
         let (client, _slot) = self.ddl_session().await?;
         let clone = quote_ident(&rec.clone_name);
         client
@@ -224,7 +224,7 @@ impl Engine for DatabaseEngine {
             }
             return Err(e.into());
         }
-        Ok(())
+        Ok(Made::default())
     }
 
     async fn recover(&self, rec: &BranchRecord) -> Result<Recovered, EngineError> {

@@ -1,7 +1,9 @@
 //! Ways of making a clone. The registry decides *when*; an [`Engine`] knows *how*.
 //!
 //! Invariant: an engine never destroys a clone it cannot prove it made. The `database`
-//! engine proves it with a marker comment written on the clone right after creation.
+//! engine proves it with a marker comment written on the clone right after creation;
+//! the `instance` engine with a metadata file written beside the clone's data
+//! directory before anything is copied into it.
 
 use std::path::PathBuf;
 
@@ -12,6 +14,7 @@ use crate::error::EngineError;
 use crate::names::BranchId;
 
 pub mod database;
+pub mod instance;
 
 /// Where the proxy connects for a branch's sessions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,13 +52,50 @@ pub enum Recovered {
     Absent,
 }
 
+/// What a creation made, kept in the branch's record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Made {
+    /// The snapshot the clone was made from.
+    pub snapshot: Option<String>,
+    /// How the files were made: `reflink` or `copy`.
+    pub copy_mode: Option<String>,
+}
+
+/// A sealed snapshot of a source, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotInfo {
+    /// Named by its creation time (UTC), so names sort by age.
+    pub name: String,
+    pub created_at: String,
+    /// Where the data came from (`pg_basebackup of ...`, `copy of <dir>`).
+    pub origin: String,
+    /// Bytes of the data directory (before any sharing by reflink).
+    pub size_bytes: u64,
+    /// Branches made from it that still exist.
+    pub branches: Vec<String>,
+}
+
+/// Why a snapshot operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("source {0} has no snapshots: its engine clones the live source")]
+    Unsupported(String),
+    #[error("snapshot {0} does not exist")]
+    NotFound(String),
+    #[error("snapshot {name} is used by branch(es) {branches}; delete them first")]
+    InUse { name: String, branches: String },
+    #[error("{0}")]
+    Engine(#[from] EngineError),
+}
+
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
     /// The name the clone of `id` will have. Pure: the same id gives the same name.
     fn clone_name(&self, id: &BranchId) -> String;
 
-    /// Makes the clone named in `rec`. On error nothing is left behind.
-    async fn create(&self, rec: &BranchRecord) -> Result<(), EngineError>;
+    /// Makes the clone named in `rec` (from `rec.snapshot` when set). On error nothing
+    /// is left behind.
+    async fn create(&self, rec: &BranchRecord) -> Result<Made, EngineError>;
 
     /// Settles a record left `provisioning` by a crash.
     async fn recover(&self, rec: &BranchRecord) -> Result<Recovered, EngineError>;
@@ -73,4 +113,54 @@ pub trait Engine: Send + Sync + 'static {
     /// Clones on the server that carry this engine's ownership marker, as
     /// `(clone name, branch id text)`: used to report clones no record explains.
     async fn list_marked(&self) -> Result<Vec<(String, String)>, EngineError>;
+
+    /// Whether each clone runs a server of its own, which can be stopped when idle
+    /// ([`Engine::stop`]) and started again ([`Engine::start`]).
+    fn suspends(&self) -> bool {
+        false
+    }
+
+    /// Makes the clone's server accept connections; returns once it does. A server
+    /// already running for this clone is reused.
+    async fn start(&self, _rec: &BranchRecord) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    /// Stops the clone's server (fast shutdown: sessions end, data is kept).
+    async fn stop(&self, _rec: &BranchRecord) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    /// After a restart: whether the clone's server is running and ready to be reused.
+    /// Leftovers of a server that died (a stale `postmaster.pid`) are cleared.
+    async fn running(&self, _rec: &BranchRecord) -> Result<bool, EngineError> {
+        Ok(true)
+    }
+
+    /// What lies in the engine's storage that it cannot explain, as
+    /// `(location, reason)`. Reported, never removed.
+    async fn strays(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    /// The source's snapshots, oldest first.
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>, SnapshotError> {
+        Err(SnapshotError::Unsupported(self.source_label()))
+    }
+
+    /// Takes and seals a new snapshot of the source.
+    async fn take_snapshot(&self) -> Result<SnapshotInfo, SnapshotError> {
+        Err(SnapshotError::Unsupported(self.source_label()))
+    }
+
+    /// Deletes a snapshot no branch uses.
+    async fn delete_snapshot(&self, name: &str) -> Result<(), SnapshotError> {
+        let _ = name;
+        Err(SnapshotError::Unsupported(self.source_label()))
+    }
+
+    /// The source's name, for messages.
+    fn source_label(&self) -> String {
+        "this source".into()
+    }
 }
