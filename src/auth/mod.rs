@@ -18,7 +18,7 @@ use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
 use crate::proxy::tls::Upstream;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 pub mod scram;
 
@@ -119,7 +119,7 @@ pub struct LookupError(pub String);
 /// clients are pipelined on it) that is reopened when it drops.
 struct QueryLookup {
     config: tokio_postgres::Config,
-    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    upstream: Upstream,
     client: Mutex<Option<Arc<Client>>>,
 }
 
@@ -136,7 +136,7 @@ impl QueryLookup {
         upstream.apply(&mut config);
         Ok(Self {
             config,
-            tls: upstream.make_connect(),
+            upstream: upstream.clone(),
             client: Mutex::new(None),
         })
     }
@@ -146,12 +146,7 @@ impl QueryLookup {
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let (client, conn) = self.config.connect(self.tls.clone()).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "auth query connection closed");
-            }
-        });
+        let client = self.upstream.pg_connect(&self.config, "auth query").await?;
         let client = Arc::new(client);
         *slot = Some(client.clone());
         Ok(client)

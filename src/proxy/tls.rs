@@ -103,19 +103,38 @@ impl Upstream {
         })
     }
 
-    /// What tokio-postgres connections (administration, `auth.query`) use.
-    pub fn make_connect(&self) -> tokio_postgres_rustls::MakeRustlsConnect {
-        let config = self.config.as_deref().cloned().unwrap_or_else(|| {
-            // Never used: such connections run with sslmode=disable.
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .expect("default protocol versions")
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth()
-        });
-        tokio_postgres_rustls::MakeRustlsConnect::new(config)
+    /// Opens a tokio-postgres session (administration, `auth.query`) with this
+    /// setting, and spawns its connection task; `what` names it in the log.
+    pub async fn pg_connect(
+        &self,
+        config: &tokio_postgres::Config,
+        what: &'static str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        fn spawn<F>(conn: F, what: &'static str)
+        where
+            F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+        {
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "{what} connection closed");
+                }
+            });
+        }
+        // Plain sessions must not go through the TLS connector at all: it rejects
+        // Unix socket paths as server names before sslmode is even looked at.
+        match &self.config {
+            None => {
+                let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+                spawn(conn, what);
+                Ok(client)
+            }
+            Some(tls) => {
+                let make = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+                let (client, conn) = config.connect(make).await?;
+                spawn(conn, what);
+                Ok(client)
+            }
+        }
     }
 
     /// Sets a tokio-postgres config's sslmode to match.

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 use tokio_postgres::config::Host;
 use tokio_postgres::Client;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::{Endpoint, Engine, Made, Recovered, ServerAddr};
 use crate::branch::store::BranchRecord;
@@ -32,7 +32,7 @@ pub struct DatabaseEngine {
     admin: tokio_postgres::Config,
     addr: ServerAddr,
     /// TLS for the administrative sessions (`server_tls`).
-    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    upstream: crate::proxy::tls::Upstream,
     /// Shared session for quick catalog look-ups.
     client: Mutex<Option<Arc<Client>>>,
     ddl_slots: tokio::sync::Semaphore,
@@ -71,7 +71,7 @@ impl DatabaseEngine {
             template: template.to_owned(),
             admin,
             addr,
-            tls: upstream.make_connect(),
+            upstream: upstream.clone(),
             client: Mutex::new(None),
             ddl_slots: tokio::sync::Semaphore::new(PARALLEL_DDL),
         })
@@ -85,12 +85,10 @@ impl DatabaseEngine {
                 return Ok(c.clone());
             }
         }
-        let (client, conn) = self.admin.connect(self.tls.clone()).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "administrative connection closed");
-            }
-        });
+        let client = self
+            .upstream
+            .pg_connect(&self.admin, "administrative")
+            .await?;
         let client = Arc::new(client);
         *slot = Some(client.clone());
         Ok(client)
@@ -104,12 +102,7 @@ impl DatabaseEngine {
             .acquire()
             .await
             .map_err(|_| EngineError::new("engine is shutting down"))?;
-        let (client, conn) = self.admin.connect(self.tls.clone()).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "DDL connection closed");
-            }
-        });
+        let client = self.upstream.pg_connect(&self.admin, "DDL").await?;
         Ok((client, permit))
     }
 
