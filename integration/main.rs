@@ -10,3 +10,4 @@ mod instance;
 mod lifecycle;
 mod protocol;
 mod routing;
+mod snapshots;
