@@ -11,3 +11,4 @@ mod instance;
 mod lifecycle;
 mod protocol;
 mod routing;
+mod snapshots;

@@ -228,7 +228,15 @@ async fn list_snapshots(
     Path(source): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let src = source_of(&s, &source)?;
-    Ok(Json(src.engine.snapshots().await?))
+    let mut list = src.engine.snapshots().await?;
+    // The engine may not know which branches came from a snapshot; the records do.
+    for snap in &mut list {
+        snap.branches
+            .extend(s.registry.snapshot_users(&src.name, &snap.name));
+        snap.branches.sort();
+        snap.branches.dedup();
+    }
+    Ok(Json(list))
 }
 
 async fn take_snapshot(
@@ -245,6 +253,14 @@ async fn delete_snapshot(
     Path((source, name)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
     let src = source_of(&s, &source)?;
+    let users = s.registry.snapshot_users(&src.name, &name);
+    if !users.is_empty() {
+        return Err(SnapshotError::InUse {
+            name,
+            branches: users.join(", "),
+        }
+        .into());
+    }
     src.engine.delete_snapshot(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

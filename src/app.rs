@@ -97,7 +97,8 @@ async fn serve(
             }
             EngineKind::Database => {
                 let engine = DatabaseEngine::new(&server, &db, &upstream)
-                    .map_err(|e| anyhow!("sources.{name}.server: {e}"))?;
+                    .map_err(|e| anyhow!("sources.{name}.server: {e}"))?
+                    .for_source(name);
                 if let Err(e) = engine.check_template().await {
                     warn!(source = %name, error = %e, "source is not usable yet; clients will get this error");
                 }

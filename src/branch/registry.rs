@@ -894,6 +894,15 @@ impl Registry {
         }
     }
 
+    /// Branches of `source` made (or being made) from snapshot `name`.
+    pub fn snapshot_users(&self, source: &SourceName, name: &str) -> Vec<String> {
+        let map = self.lock();
+        map.iter()
+            .filter(|(id, e)| &id.source == source && e.record.snapshot.as_deref() == Some(name))
+            .map(|(id, _)| id.branch.to_string())
+            .collect()
+    }
+
     pub fn view(&self, id: &BranchId) -> Option<BranchView> {
         let map = self.lock();
         map.get(id).map(|e| self.view_of(e))

@@ -5,8 +5,15 @@
 //! 'offshoot:<source>/<branch>'`), so the engine can refuse to drop any database that
 //! does not carry its marker, whatever the record files say. The administrative session
 //! never connects to the template (that would make every clone fail with 55006).
+//!
+//! Snapshots: `offshoot snapshot create` copies the source once into a template
+//! database of the proxy's own, `<db>@<UTC time>`, marked `offshoot-snapshot:<source>/
+//! <name>` and closed to connections (`ALLOW_CONNECTIONS false`). While a source has
+//! snapshots, branches are cloned from the newest (or the one asked for), so a session
+//! on the live source no longer blocks them; without any, they clone the live source.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use tokio::sync::Mutex;
@@ -14,12 +21,16 @@ use tokio_postgres::config::Host;
 use tokio_postgres::Client;
 use tracing::warn;
 
-use super::{Endpoint, Engine, Made, Recovered, ServerAddr};
+use super::{
+    snapshot_name, snapshot_time, valid_snapshot_name, Endpoint, Engine, Made, Recovered,
+    ServerAddr, SnapshotError, SnapshotInfo,
+};
 use crate::branch::store::BranchRecord;
 use crate::error::EngineError;
 use crate::names::{quote_ident, quote_literal, BranchId, MAX_IDENT_LEN};
 
 const MARKER_PREFIX: &str = "offshoot:";
+const SNAPSHOT_PREFIX: &str = "offshoot-snapshot:";
 
 /// CREATE/DROP DATABASE statements run at once per source. Each gets its own session:
 /// on a shared one they would queue behind each other, and so would the marker
@@ -27,6 +38,8 @@ const MARKER_PREFIX: &str = "offshoot:";
 const PARALLEL_DDL: usize = 4;
 
 pub struct DatabaseEngine {
+    /// The source's name (in snapshot markers).
+    source: String,
     /// The template database.
     template: String,
     admin: tokio_postgres::Config,
@@ -36,6 +49,15 @@ pub struct DatabaseEngine {
     /// Shared session for quick catalog look-ups.
     client: Mutex<Option<Arc<Client>>>,
     ddl_slots: tokio::sync::Semaphore,
+    /// One snapshot is taken at a time.
+    taking: Mutex<()>,
+}
+
+/// A snapshot database found on the server.
+struct SnapshotDb {
+    name: String,
+    datname: String,
+    size_bytes: u64,
 }
 
 impl DatabaseEngine {
@@ -68,13 +90,66 @@ impl DatabaseEngine {
             None => ServerAddr::Unix(format!("/var/run/postgresql/.s.PGSQL.{port}").into()),
         };
         Ok(Self {
+            source: template.to_owned(),
             template: template.to_owned(),
             admin,
             addr,
             upstream: upstream.clone(),
             client: Mutex::new(None),
             ddl_slots: tokio::sync::Semaphore::new(PARALLEL_DDL),
+            taking: Mutex::new(()),
         })
+    }
+
+    /// Names the source in snapshot markers (defaults to the template's name).
+    pub fn for_source(mut self, source: &str) -> Self {
+        self.source = source.to_owned();
+        self
+    }
+
+    fn snapshot_marker(&self, name: &str) -> String {
+        format!("{SNAPSHOT_PREFIX}{}/{name}", self.source)
+    }
+
+    /// This source's snapshot databases, oldest first.
+    async fn snapshot_dbs(&self) -> Result<Vec<SnapshotDb>, EngineError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT datname::text, shobj_description(oid, 'pg_database'), \
+                 pg_database_size(oid) FROM pg_database \
+                 WHERE shobj_description(oid, 'pg_database') LIKE 'offshoot-snapshot:%'",
+                &[],
+            )
+            .await?;
+        let prefix = format!("{SNAPSHOT_PREFIX}{}/", self.source);
+        let mut list: Vec<SnapshotDb> = rows
+            .iter()
+            .filter_map(|r| {
+                let comment: String = r.get(1);
+                let name = comment.strip_prefix(&prefix)?.to_owned();
+                valid_snapshot_name(&name).then(|| SnapshotDb {
+                    name,
+                    datname: r.get(0),
+                    size_bytes: r.get::<_, i64>(2).max(0) as u64,
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(list)
+    }
+
+    fn snapshot_info(&self, s: &SnapshotDb) -> SnapshotInfo {
+        SnapshotInfo {
+            name: s.name.clone(),
+            created_at: snapshot_time(&s.name).unwrap_or_default(),
+            origin: format!(
+                "CREATE DATABASE ... TEMPLATE {}",
+                quote_ident(&self.template)
+            ),
+            size_bytes: s.size_bytes,
+            branches: Vec::new(),
+        }
     }
 
     /// The administrative session, reconnected when it has dropped.
@@ -168,6 +243,26 @@ impl DatabaseEngine {
     }
 }
 
+/// `<template>@<snapshot>`, the template shortened with a hash when the whole is over
+/// PostgreSQL's 63 bytes.
+fn snapshot_db_name(template: &str, name: &str) -> String {
+    let full = format!("{template}@{name}");
+    if full.len() <= MAX_IDENT_LEN {
+        return full;
+    }
+    let mut h: u32 = 0x811c9dc5;
+    for b in template.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x01000193);
+    }
+    let suffix = format!("_{h:08x}@{name}");
+    let mut keep = MAX_IDENT_LEN - suffix.len();
+    while !template.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}{suffix}", &template[..keep])
+}
+
 /// `<template>__<branch>`, shortened with a hash when over PostgreSQL's 63 bytes.
 fn clone_db_name(template: &str, id: &BranchId) -> String {
     let full = format!("{template}__{}", id.branch);
@@ -195,12 +290,24 @@ impl Engine for DatabaseEngine {
     }
 
     async fn create(&self, rec: &BranchRecord) -> Result<Made, EngineError> {
+        // The snapshot asked for, else the newest, else the live source.
+        let snapshots = self.snapshot_dbs().await?;
+        let from = match &rec.snapshot {
+            Some(want) => Some(snapshots.iter().find(|s| &s.name == want).ok_or_else(|| {
+                EngineError::new(format!(
+                    "snapshot {want} of source {} does not exist",
+                    self.source
+                ))
+            })?),
+            None => snapshots.last(),
+        };
+        let template = from.map_or(self.template.as_str(), |s| s.datname.as_str());
         let (client, _slot) = self.ddl_session().await?;
         let clone = quote_ident(&rec.clone_name);
         client
             .batch_execute(&format!(
                 "CREATE DATABASE {clone} TEMPLATE {}",
-                quote_ident(&self.template)
+                quote_ident(template)
             ))
             .await?;
         let comment = format!(
@@ -217,7 +324,10 @@ impl Engine for DatabaseEngine {
             }
             return Err(e.into());
         }
-        Ok(Made::default())
+        Ok(Made {
+            snapshot: from.map(|s| s.name.clone()),
+            copy_mode: None,
+        })
     }
 
     async fn recover(&self, rec: &BranchRecord) -> Result<Recovered, EngineError> {
@@ -285,6 +395,111 @@ impl Engine for DatabaseEngine {
         }
     }
 
+    async fn strays(&self) -> Vec<(String, String)> {
+        // Snapshot databases whose marker never got written (a proxy killed during
+        // `snapshot create`): named like ours, but not provably ours.
+        let Ok(client) = self.client().await else {
+            return Vec::new();
+        };
+        let rows = client
+            .query(
+                "SELECT datname::text FROM pg_database \
+                 WHERE coalesce(shobj_description(oid, 'pg_database'), '') \
+                       NOT LIKE 'offshoot-snapshot:%' \
+                   AND starts_with(datname::text, $1)",
+                &[&format!("{}@", self.template)],
+            )
+            .await
+            .unwrap_or_default();
+        rows.iter()
+            .map(|r| {
+                (
+                    r.get::<_, String>(0),
+                    "named like a snapshot of this source but not marked as one".to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>, SnapshotError> {
+        Ok(self
+            .snapshot_dbs()
+            .await?
+            .iter()
+            .map(|s| self.snapshot_info(s))
+            .collect())
+    }
+
+    async fn take_snapshot(&self) -> Result<SnapshotInfo, SnapshotError> {
+        let _one = self.taking.lock().await;
+        let existing = self.snapshot_dbs().await?;
+        let now = SystemTime::now();
+        let mut name = snapshot_name(now);
+        let mut n = 2;
+        while existing.iter().any(|s| s.name == name) {
+            name = format!("{}-{n}", snapshot_name(now));
+            n += 1;
+        }
+        let datname = snapshot_db_name(&self.template, &name);
+        let db = quote_ident(&datname);
+        let (client, _slot) = self.ddl_session().await?;
+        client
+            .batch_execute(&format!(
+                "CREATE DATABASE {db} TEMPLATE {}",
+                quote_ident(&self.template)
+            ))
+            .await
+            .map_err(EngineError::from)?;
+        // Marked, and closed to clients: nobody's session can block a clone of it.
+        let seal = format!(
+            "COMMENT ON DATABASE {db} IS {}; ALTER DATABASE {db} ALLOW_CONNECTIONS false",
+            quote_literal(&self.snapshot_marker(&name))
+        );
+        if let Err(e) = client.batch_execute(&seal).await {
+            if let Err(drop_err) = client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+                .await
+            {
+                warn!(database = %datname, error = %drop_err, "could not remove an unmarked snapshot");
+            }
+            return Err(EngineError::from(e).into());
+        }
+        let size_bytes = client
+            .query_one(
+                "SELECT pg_database_size(oid) FROM pg_database WHERE datname = $1",
+                &[&datname],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0).max(0) as u64)
+            .unwrap_or(0);
+        tracing::info!(source = %self.source, snapshot = %name, database = %datname, "snapshot taken");
+        Ok(self.snapshot_info(&SnapshotDb {
+            name,
+            datname,
+            size_bytes,
+        }))
+    }
+
+    async fn delete_snapshot(&self, name: &str) -> Result<(), SnapshotError> {
+        let _one = self.taking.lock().await;
+        let snapshots = self.snapshot_dbs().await?;
+        let snap = snapshots
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| SnapshotError::NotFound(name.to_owned()))?;
+        let (client, _slot) = self.ddl_session().await?;
+        client
+            .batch_execute(&format!("DROP DATABASE {}", quote_ident(&snap.datname)))
+            .await
+            .map_err(EngineError::from)?;
+        tracing::info!(source = %self.source, snapshot = name, "snapshot deleted");
+        Ok(())
+    }
+
+    fn source_label(&self) -> String {
+        self.source.clone()
+    }
+
     async fn list_marked(&self) -> Result<Vec<(String, String)>, EngineError> {
         let client = self.client().await?;
         let rows = client
@@ -328,6 +543,18 @@ mod tests {
         assert!(name.len() <= MAX_IDENT_LEN, "{name}");
         assert_eq!(name, clone_db_name(&long, &id(&"b".repeat(40))));
         assert_ne!(name, clone_db_name(&long, &id(&"c".repeat(40))));
+    }
+
+    #[test]
+    fn snapshot_names_fit_postgres_limit() {
+        assert_eq!(
+            snapshot_db_name("shop", "20261125T031532Z"),
+            "shop@20261125T031532Z"
+        );
+        let long = "t".repeat(60);
+        let name = snapshot_db_name(&long, "20261125T031532Z-2");
+        assert!(name.len() <= MAX_IDENT_LEN, "{name}");
+        assert!(name.ends_with("@20261125T031532Z-2"), "{name}");
     }
 
     #[test]

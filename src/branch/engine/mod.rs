@@ -52,6 +52,44 @@ pub enum Recovered {
     Absent,
 }
 
+/// A snapshot's name: its creation time in UTC, `20261125T030559Z` (a `-2`, `-3`
+/// ... suffix tells apart snapshots of the same second). Names sort by age.
+pub(crate) fn snapshot_name(t: std::time::SystemTime) -> String {
+    let stamp = humantime::format_rfc3339_seconds(t).to_string();
+    stamp.replace(['-', ':'], "")
+}
+
+/// Whether `name` could be a snapshot name (checked before it reaches a path or
+/// SQL).
+pub(crate) fn valid_snapshot_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 40
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `2026-11-25T03:05:59Z` from a snapshot name; `None` if it is not one.
+pub(crate) fn snapshot_time(name: &str) -> Option<String> {
+    let stamp = name.split('-').next()?;
+    let b = stamp.as_bytes();
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' || !digits(0..8) || !digits(9..15) {
+        return None;
+    }
+    Some(format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &stamp[0..4],
+        &stamp[4..6],
+        &stamp[6..8],
+        &stamp[9..11],
+        &stamp[11..13],
+        &stamp[13..15]
+    ))
+}
+
 /// What a creation made, kept in the branch's record.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Made {
@@ -162,5 +200,26 @@ pub trait Engine: Send + Sync + 'static {
     /// The source's name, for messages.
     fn source_label(&self) -> String {
         "this source".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_names_sort_by_time_and_are_safe() {
+        let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let name = snapshot_name(t);
+        assert_eq!(name, "20231114T221320Z");
+        assert!(valid_snapshot_name(&name));
+        assert!(valid_snapshot_name("20231114T221320Z-2"));
+        assert!(!valid_snapshot_name("../x"));
+        assert!(!valid_snapshot_name(".partial-x"));
+        assert_eq!(
+            snapshot_time("20231114T221320Z-2").as_deref(),
+            Some("2023-11-14T22:13:20Z")
+        );
+        assert_eq!(snapshot_time("nope"), None);
     }
 }

@@ -39,7 +39,10 @@ use tracing::{info, warn};
 
 use self::copy::{copy_tree, CopyMode, CopyPlan};
 use self::postmaster::{PidState, Server};
-use super::{Endpoint, Engine, Made, Recovered, ServerAddr, SnapshotError, SnapshotInfo};
+use super::{
+    snapshot_name, valid_snapshot_name, Endpoint, Engine, Made, Recovered, ServerAddr,
+    SnapshotError, SnapshotInfo,
+};
 use crate::branch::store::{unix_ms, BranchRecord};
 use crate::config::SourceConfig;
 use crate::error::EngineError;
@@ -162,21 +165,6 @@ fn fnv64(text: &str) -> u64 {
         h = h.wrapping_mul(0x100000001b3);
     }
     h
-}
-
-/// `20261125T030559Z` from a time.
-fn snapshot_name(t: SystemTime) -> String {
-    let stamp = humantime::format_rfc3339_seconds(t).to_string();
-    stamp.replace(['-', ':'], "")
-}
-
-fn valid_snapshot_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn err(e: impl std::fmt::Display) -> EngineError {
@@ -869,17 +857,6 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn snapshot_names_sort_by_time_and_are_safe() {
-        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
-        let name = snapshot_name(t);
-        assert_eq!(name, "20231114T221320Z");
-        assert!(valid_snapshot_name(&name));
-        assert!(valid_snapshot_name("20231114T221320Z-2"));
-        assert!(!valid_snapshot_name("../x"));
-        assert!(!valid_snapshot_name(".partial-x"));
-    }
 
     #[test]
     fn origins_never_show_passwords() {
