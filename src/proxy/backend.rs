@@ -93,6 +93,44 @@ async fn read_client_message<C: AsyncRead + Unpin>(client: &mut C) -> io::Result
     Ok(msg)
 }
 
+/// Handles one server message that is not an authentication request: BackendKeyData
+/// becomes the proxy's key, everything else is queued for the client in `out`. At
+/// ErrorResponse or ReadyForQuery the queue (and, after ReadyForQuery, whatever the
+/// server sent beyond it, left in `rest`) goes to the client and the startup ends.
+async fn forward<C: AsyncWrite + Unpin>(
+    client: &mut C,
+    msg: &[u8],
+    rest: &[u8],
+    out: &mut BytesMut,
+    key: &mut impl FnMut(u32, u32) -> Vec<u8>,
+) -> io::Result<Option<Outcome>> {
+    let mut body = &msg[5..];
+    match msg[0] {
+        b'K' if body.len() == 8 => {
+            let pid = body.get_u32();
+            let secret = body.get_u32();
+            out.extend_from_slice(&key(pid, secret));
+            Ok(None)
+        }
+        b'E' => {
+            out.extend_from_slice(msg);
+            client.write_all(out).await?;
+            Ok(Some(Outcome::Refused))
+        }
+        b'Z' => {
+            out.extend_from_slice(msg);
+            out.extend_from_slice(rest);
+            client.write_all(out).await?;
+            client.flush().await?;
+            Ok(Some(Outcome::Ready))
+        }
+        _ => {
+            out.extend_from_slice(msg);
+            Ok(None)
+        }
+    }
+}
+
 /// Sends `startup` to the server and relays authentication until ReadyForQuery or an
 /// error. `key` makes the BackendKeyData the client sees, given the server's key.
 pub async fn authenticate<C, S>(
@@ -128,26 +166,11 @@ where
                     server.write_all(&reply).await?;
                 }
             }
-            b'K' if body.len() == 8 => {
-                let mut b = body;
-                let pid = b.get_u32();
-                let secret = b.get_u32();
-                out.extend_from_slice(&key(pid, secret));
+            _ => {
+                if let Some(done) = forward(client, &msg, &buf, &mut out, &mut key).await? {
+                    return Ok(done);
+                }
             }
-            b'E' => {
-                out.extend_from_slice(&msg);
-                client.write_all(&out).await?;
-                return Ok(Outcome::Refused);
-            }
-            b'Z' => {
-                out.extend_from_slice(&msg);
-                // Anything the server sent after ReadyForQuery belongs to the client too.
-                out.extend_from_slice(&buf);
-                client.write_all(&out).await?;
-                client.flush().await?;
-                return Ok(Outcome::Ready);
-            }
-            _ => out.extend_from_slice(&msg),
         }
     }
 }
@@ -276,25 +299,11 @@ where
                     }
                 }
             }
-            b'K' if body.len() == 8 => {
-                let mut b = body;
-                let pid = b.get_u32();
-                let secret = b.get_u32();
-                out.extend_from_slice(&key(pid, secret));
+            _ => {
+                if let Some(done) = forward(client, &msg, &buf, &mut out, &mut key).await? {
+                    return Ok(done);
+                }
             }
-            b'E' => {
-                out.extend_from_slice(&msg);
-                client.write_all(&out).await?;
-                return Ok(Outcome::Refused);
-            }
-            b'Z' => {
-                out.extend_from_slice(&msg);
-                out.extend_from_slice(&buf);
-                client.write_all(&out).await?;
-                client.flush().await?;
-                return Ok(Outcome::Ready);
-            }
-            _ => out.extend_from_slice(&msg),
         }
     }
 }
