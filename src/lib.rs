@@ -17,6 +17,8 @@
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
 //! - [`error`]: error kinds and the one mapping to SQLSTATE.
 //! - [`names`]: validated source and branch names, identifier quoting.
+//! - [`clock`]: the one clock (wall and monotonic) of the registry, reaper and
+//!   engines; tests use a manual one.
 //! - [`metrics`]: the Prometheus registry.
 
 #![forbid(unsafe_code)]
@@ -26,6 +28,7 @@ pub mod app;
 pub mod auth;
 pub mod branch;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod embedded;
 pub mod error;
