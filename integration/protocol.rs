@@ -494,9 +494,9 @@ async fn direct_tls(
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(
-            offshoot::proxy::tls::NoVerification(provider),
-        ))
+        .with_custom_certificate_verifier(std::sync::Arc::new(offshoot::upstream::NoVerification(
+            provider,
+        )))
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;

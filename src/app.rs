@@ -60,7 +60,7 @@ async fn serve(
     let mut auth_servers = Vec::new();
     let mut upstreams = std::collections::HashMap::new();
     for (name, scfg) in &cfg.sources {
-        let upstream = tls::Upstream::new(scfg.server_tls, scfg.server_ca.as_deref())
+        let upstream = crate::upstream::Upstream::new(scfg.server_tls, scfg.server_ca.as_deref())
             .with_context(|| format!("sources.{name}"))?;
         let db = scfg.database_name(name).to_owned();
         let server = match (&scfg.server, embedded) {

@@ -20,6 +20,8 @@
 //! - [`clock`]: the one clock (wall and monotonic) of the registry, reaper and
 //!   engines; tests use a manual one.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`upstream`]: TLS towards PostgreSQL servers, shared by the proxy and the
+//!   engines.
 
 #![forbid(unsafe_code)]
 
@@ -36,3 +38,4 @@ pub mod metrics;
 pub mod names;
 pub mod pg;
 pub mod proxy;
+pub mod upstream;

@@ -17,7 +17,7 @@ use std::time::SystemTime;
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-use crate::proxy::tls::Upstream;
+use crate::upstream::Upstream;
 use tracing::{info, warn};
 
 pub mod scram;

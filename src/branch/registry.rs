@@ -272,7 +272,7 @@ impl Registry {
             reg.metrics.client_connections.with_label_values(&[s]);
             reg.metrics.provision_seconds.with_label_values(&[s]);
             reg.metrics.branches_created_total.with_label_values(&[s]);
-            if reg.sources[src].engine.suspends() {
+            if reg.sources[src].engine.servers().is_some() {
                 reg.metrics.start_seconds.with_label_values(&[s]);
                 reg.metrics.suspensions_total.with_label_values(&[s]);
             }
@@ -593,18 +593,21 @@ impl Registry {
         });
         // The clone exists: start its server (engines without one return at once).
         let result = match result {
-            Ok(()) if source.engine.suspends() => {
-                {
-                    let mut map = self.lock();
-                    if let Some(e) = map.get_mut(&id) {
-                        e.phase = Phase::Starting;
-                        e.record = record.clone();
+            Ok(()) => match source.engine.servers() {
+                None => Ok(()),
+                Some(servers) => {
+                    {
+                        let mut map = self.lock();
+                        if let Some(e) = map.get_mut(&id) {
+                            e.phase = Phase::Starting;
+                            e.record = record.clone();
+                        }
+                        self.refresh_gauges(&map);
                     }
-                    self.refresh_gauges(&map);
+                    servers.start(&record).await
                 }
-                source.engine.start(&record).await
-            }
-            other => other,
+            },
+            Err(e) => Err(e),
         };
         let outcome = match result {
             Ok(()) => {
@@ -657,7 +660,10 @@ impl Registry {
         let id = record.id();
         let source = &self.sources[&id.source];
         let started = Instant::now();
-        let result = source.engine.start(&record).await;
+        let result = match source.engine.servers() {
+            Some(servers) => servers.start(&record).await,
+            None => Ok(()),
+        };
         let mut map = self.lock();
         let outcome = match result {
             Ok(()) => {
@@ -692,9 +698,9 @@ impl Registry {
     /// branch is not in that state or its engine has no server to stop.
     pub async fn suspend(&self, id: &BranchId) -> Result<bool, EngineError> {
         let source = &self.sources[&id.source];
-        if !source.engine.suspends() {
+        let Some(servers) = source.engine.servers() else {
             return Ok(false);
-        }
+        };
         let (record, tx) = {
             let mut map = self.lock();
             let Some(entry) = map.get_mut(id) else {
@@ -710,7 +716,7 @@ impl Registry {
             self.refresh_gauges(&map);
             (record, tx)
         };
-        let result = source.engine.stop(&record).await;
+        let result = servers.stop(&record).await;
         let mut map = self.lock();
         let out = match result {
             Ok(()) => {
@@ -813,7 +819,7 @@ impl Registry {
                 warn!(branch = %id, error = %err, "branch removal failed; it stays");
                 if let Some(e) = map.get_mut(id) {
                     // A server the failed removal stopped is started again on demand.
-                    e.phase = if source.engine.suspends() {
+                    e.phase = if source.engine.servers().is_some() {
                         Phase::Suspended
                     } else {
                         before
@@ -861,7 +867,7 @@ impl Registry {
             .filter_map(|(id, e)| {
                 let source = self.sources.get(&id.source)?;
                 let limit = source.config.suspend_after?;
-                if !source.engine.suspends()
+                if source.engine.servers().is_none()
                     || e.phase != Phase::Ready
                     || e.activity.connections() > 0
                 {
@@ -1006,8 +1012,8 @@ impl Registry {
             }
             // A server a killed proxy left running is reused; otherwise the branch
             // waits, suspended, for its next connection.
-            let running = if source.engine.suspends() {
-                match source.engine.running(&rec).await {
+            let running = if let Some(servers) = source.engine.servers() {
+                match servers.running(&rec).await {
                     Ok(r) => r,
                     Err(e) => {
                         warn!(branch = %id, error = %e, "cannot tell whether the branch's server runs; treating it as suspended");
@@ -1086,7 +1092,7 @@ pub(crate) mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::branch::engine::{Made, ServerAddr};
+    use crate::branch::engine::{Made, ServerAddr, Servers};
     use crate::config::SourceConfig;
 
     /// An engine that keeps its "clones" in a set: for the registry's own logic only.
@@ -1123,25 +1129,8 @@ pub(crate) mod tests {
                 copy_mode: self.servers.then(|| "copy".into()),
             })
         }
-        fn suspends(&self) -> bool {
-            self.servers
-        }
-        async fn start(&self, rec: &BranchRecord) -> Result<(), EngineError> {
-            self.starts.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(self.start_delay).await;
-            if let Some(msg) = self.fail_start.lock().unwrap().clone() {
-                return Err(EngineError::new(msg));
-            }
-            self.running.lock().unwrap().insert(rec.clone_name.clone());
-            Ok(())
-        }
-        async fn stop(&self, rec: &BranchRecord) -> Result<(), EngineError> {
-            self.stops.fetch_add(1, Ordering::SeqCst);
-            self.running.lock().unwrap().remove(&rec.clone_name);
-            Ok(())
-        }
-        async fn running(&self, rec: &BranchRecord) -> Result<bool, EngineError> {
-            Ok(self.running.lock().unwrap().contains(&rec.clone_name))
+        fn servers(&self) -> Option<&dyn Servers> {
+            self.servers.then_some(self as &dyn Servers)
         }
         async fn recover(&self, rec: &BranchRecord) -> Result<Recovered, EngineError> {
             Ok(if self.clones.lock().unwrap().contains(&rec.clone_name) {
@@ -1169,6 +1158,27 @@ pub(crate) mod tests {
         }
         async fn list_marked(&self) -> Result<Vec<(String, String)>, EngineError> {
             Ok(vec![])
+        }
+    }
+
+    #[async_trait]
+    impl Servers for FakeEngine {
+        async fn start(&self, rec: &BranchRecord) -> Result<(), EngineError> {
+            self.starts.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.start_delay).await;
+            if let Some(msg) = self.fail_start.lock().unwrap().clone() {
+                return Err(EngineError::new(msg));
+            }
+            self.running.lock().unwrap().insert(rec.clone_name.clone());
+            Ok(())
+        }
+        async fn stop(&self, rec: &BranchRecord) -> Result<(), EngineError> {
+            self.stops.fetch_add(1, Ordering::SeqCst);
+            self.running.lock().unwrap().remove(&rec.clone_name);
+            Ok(())
+        }
+        async fn running(&self, rec: &BranchRecord) -> Result<bool, EngineError> {
+            Ok(self.running.lock().unwrap().contains(&rec.clone_name))
         }
     }
 

@@ -37,7 +37,7 @@ impl ServerStream {
                 s.set_nodelay(true)?;
                 match tls {
                     Some(config) => ServerStream::Tls(Box::new(
-                        super::tls::connect_server(config.clone(), host, s).await?,
+                        crate::upstream::connect_server(config.clone(), host, s).await?,
                     )),
                     None => ServerStream::Tcp(s),
                 }

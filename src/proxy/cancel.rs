@@ -58,10 +58,12 @@ async fn send(target: &Target) -> bool {
                     let mut s = s;
                     s.write_all(&msg).await.is_ok()
                 }
-                Some(config) => match super::tls::connect_server(config.clone(), host, s).await {
-                    Ok(mut t) => t.write_all(&msg).await.is_ok() && t.flush().await.is_ok(),
-                    Err(_) => false,
-                },
+                Some(config) => {
+                    match crate::upstream::connect_server(config.clone(), host, s).await {
+                        Ok(mut t) => t.write_all(&msg).await.is_ok() && t.flush().await.is_ok(),
+                        Err(_) => false,
+                    }
+                }
             },
             Err(_) => false,
         },

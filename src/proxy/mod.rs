@@ -75,7 +75,7 @@ pub struct Access {
     /// `auth.method`.
     pub method: crate::config::AuthMethod,
     /// `server_tls` of each source, by name.
-    pub upstream: std::collections::HashMap<String, tls::Upstream>,
+    pub upstream: std::collections::HashMap<String, crate::upstream::Upstream>,
 }
 
 /// Everything a connection needs, shared by all of them.
@@ -93,7 +93,7 @@ pub struct Proxy {
     /// `auth.method`: for sources without their own, and names that are no source.
     pub auth_method: crate::config::AuthMethod,
     /// TLS towards each source's server (`server_tls`), by source name.
-    pub upstream: std::collections::HashMap<String, tls::Upstream>,
+    pub upstream: std::collections::HashMap<String, crate::upstream::Upstream>,
     pub relays: relay::RelayPool,
     pub counters: relay::Counters,
     /// One permit per open client connection (`proxy.max_connections`).

@@ -45,7 +45,7 @@ pub struct DatabaseEngine {
     admin: tokio_postgres::Config,
     addr: ServerAddr,
     /// TLS for the administrative sessions (`server_tls`).
-    upstream: crate::proxy::tls::Upstream,
+    upstream: crate::upstream::Upstream,
     /// Shared session for quick catalog look-ups.
     client: Mutex<Option<Arc<Client>>>,
     ddl_slots: tokio::sync::Semaphore,
@@ -65,7 +65,7 @@ impl DatabaseEngine {
     pub fn new(
         server: &str,
         template: &str,
-        upstream: &crate::proxy::tls::Upstream,
+        upstream: &crate::upstream::Upstream,
     ) -> Result<Self, EngineError> {
         let mut admin: tokio_postgres::Config = server
             .parse()
@@ -526,7 +526,7 @@ impl Engine for DatabaseEngine {
 mod tests {
     use super::*;
     use crate::names::{BranchName, SourceName};
-    use crate::proxy::tls::Upstream;
+    use crate::upstream::Upstream;
 
     fn id(b: &str) -> BranchId {
         BranchId {

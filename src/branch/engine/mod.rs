@@ -126,6 +126,22 @@ pub enum SnapshotError {
     Engine(#[from] EngineError),
 }
 
+/// What an engine that runs a server per clone hands out: the only way the
+/// registry starts, stops or finds those servers.
+#[async_trait]
+pub trait Servers: Send + Sync {
+    /// Makes the clone's server accept connections; returns once it does. A server
+    /// already running for this clone is reused.
+    async fn start(&self, rec: &BranchRecord) -> Result<(), EngineError>;
+
+    /// Stops the clone's server (fast shutdown: sessions end, data is kept).
+    async fn stop(&self, rec: &BranchRecord) -> Result<(), EngineError>;
+
+    /// After a restart: whether the clone's server is running and ready to be reused.
+    /// Leftovers of a server that died (a stale `postmaster.pid`) are cleared.
+    async fn running(&self, rec: &BranchRecord) -> Result<bool, EngineError>;
+}
+
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
     /// The name the clone of `id` will have. Pure: the same id gives the same name.
@@ -152,27 +168,11 @@ pub trait Engine: Send + Sync + 'static {
     /// `(clone name, branch id text)`: used to report clones no record explains.
     async fn list_marked(&self) -> Result<Vec<(String, String)>, EngineError>;
 
-    /// Whether each clone runs a server of its own, which can be stopped when idle
-    /// ([`Engine::stop`]) and started again ([`Engine::start`]).
-    fn suspends(&self) -> bool {
-        false
-    }
-
-    /// Makes the clone's server accept connections; returns once it does. A server
-    /// already running for this clone is reused.
-    async fn start(&self, _rec: &BranchRecord) -> Result<(), EngineError> {
-        Ok(())
-    }
-
-    /// Stops the clone's server (fast shutdown: sessions end, data is kept).
-    async fn stop(&self, _rec: &BranchRecord) -> Result<(), EngineError> {
-        Ok(())
-    }
-
-    /// After a restart: whether the clone's server is running and ready to be reused.
-    /// Leftovers of a server that died (a stale `postmaster.pid`) are cleared.
-    async fn running(&self, _rec: &BranchRecord) -> Result<bool, EngineError> {
-        Ok(true)
+    /// The part that starts and stops a server per clone, for engines whose clones
+    /// each run one (and so can be suspended when idle); `None` for engines whose
+    /// clones live on the source's own server.
+    fn servers(&self) -> Option<&dyn Servers> {
+        None
     }
 
     /// What lies in the engine's storage that it cannot explain, as

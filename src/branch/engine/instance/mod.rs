@@ -40,7 +40,7 @@ use tracing::{info, warn};
 use self::copy::{copy_tree, CopyMode, CopyPlan};
 use self::postmaster::{PidState, Server};
 use super::{
-    snapshot_name, valid_snapshot_name, Endpoint, Engine, Made, Recovered, ServerAddr,
+    snapshot_name, valid_snapshot_name, Endpoint, Engine, Made, Recovered, ServerAddr, Servers,
     SnapshotError, SnapshotInfo,
 };
 use crate::branch::store::{unix_ms, BranchRecord};
@@ -699,47 +699,8 @@ impl Engine for InstanceEngine {
             .collect())
     }
 
-    fn suspends(&self) -> bool {
-        true
-    }
-
-    async fn start(&self, rec: &BranchRecord) -> Result<(), EngineError> {
-        let dir = self.branch_dir(rec);
-        if !self.own_meta(rec)?.is_some_and(|m| m.complete) {
-            return Err(EngineError::new(format!(
-                "the clone of branch {} is gone",
-                rec.id()
-            )));
-        }
-        let socket_dir = self.socket_dir(rec);
-        let settings = self.branch_settings(
-            &socket_dir,
-            &format!("offshoot/{}/{}", rec.source, rec.branch),
-        );
-        let (data, log) = (dir.join("data"), dir.join("postgres.log"));
-        self.server(&data, &socket_dir, &log, &settings)
-            .start()
-            .await
-    }
-
-    async fn stop(&self, rec: &BranchRecord) -> Result<(), EngineError> {
-        postmaster::stop(&self.branch_dir(rec).join("data"), &self.socket_dir(rec)).await
-    }
-
-    async fn running(&self, rec: &BranchRecord) -> Result<bool, EngineError> {
-        let data = self.branch_dir(rec).join("data");
-        match postmaster::inspect(&data)? {
-            PidState::Running { pid, ready } => {
-                info!(branch = %rec.id(), pid, ready, "found the branch's server still running; reusing it");
-                Ok(ready)
-            }
-            PidState::Stale => {
-                info!(branch = %rec.id(), "the branch's server died; clearing its postmaster.pid");
-                postmaster::stop(&data, &self.socket_dir(rec)).await?;
-                Ok(false)
-            }
-            PidState::Absent => Ok(false),
-        }
+    fn servers(&self) -> Option<&dyn Servers> {
+        Some(self)
     }
 
     async fn strays(&self) -> Vec<(String, String)> {
@@ -822,6 +783,48 @@ impl Engine for InstanceEngine {
 
     fn source_label(&self) -> String {
         self.source.to_string()
+    }
+}
+
+#[async_trait]
+impl Servers for InstanceEngine {
+    async fn start(&self, rec: &BranchRecord) -> Result<(), EngineError> {
+        let dir = self.branch_dir(rec);
+        if !self.own_meta(rec)?.is_some_and(|m| m.complete) {
+            return Err(EngineError::new(format!(
+                "the clone of branch {} is gone",
+                rec.id()
+            )));
+        }
+        let socket_dir = self.socket_dir(rec);
+        let settings = self.branch_settings(
+            &socket_dir,
+            &format!("offshoot/{}/{}", rec.source, rec.branch),
+        );
+        let (data, log) = (dir.join("data"), dir.join("postgres.log"));
+        self.server(&data, &socket_dir, &log, &settings)
+            .start()
+            .await
+    }
+
+    async fn stop(&self, rec: &BranchRecord) -> Result<(), EngineError> {
+        postmaster::stop(&self.branch_dir(rec).join("data"), &self.socket_dir(rec)).await
+    }
+
+    async fn running(&self, rec: &BranchRecord) -> Result<bool, EngineError> {
+        let data = self.branch_dir(rec).join("data");
+        match postmaster::inspect(&data)? {
+            PidState::Running { pid, ready } => {
+                info!(branch = %rec.id(), pid, ready, "found the branch's server still running; reusing it");
+                Ok(ready)
+            }
+            PidState::Stale => {
+                info!(branch = %rec.id(), "the branch's server died; clearing its postmaster.pid");
+                postmaster::stop(&data, &self.socket_dir(rec)).await?;
+                Ok(false)
+            }
+            PidState::Absent => Ok(false),
+        }
     }
 }
 
