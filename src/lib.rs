@@ -34,6 +34,8 @@ pub mod clock;
 pub mod config;
 pub mod embedded;
 pub mod error;
+#[cfg(test)]
+mod layering;
 pub mod metrics;
 pub mod names;
 pub mod pg;
