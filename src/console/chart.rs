@@ -9,13 +9,22 @@ use crate::history::Sample;
 /// The states in the order they are stacked and listed.
 pub const STATES: [&str; 5] = ["provisioning", "starting", "ready", "suspended", "expiring"];
 
-const W: f64 = 640.0;
+const W: f64 = 720.0;
 const H: f64 = 180.0;
-const LEFT: f64 = 48.0;
+const LEFT: f64 = 64.0;
+const RIGHT: f64 = 10.0;
 const BOTTOM: f64 = 22.0;
-const TOP: f64 = 8.0;
-/// The span the x axis covers.
-const SPAN_SECS: f64 = 3600.0;
+const TOP: f64 = 10.0;
+/// The x axis covers the history kept, between these bounds (seconds): a young
+/// process is not drawn as a sliver at the right edge of an empty hour.
+const MIN_SPAN: u64 = 600;
+const MAX_SPAN: u64 = 3600;
+
+/// How far back the x axis reaches.
+fn span(samples: &[Sample], now: u64) -> u64 {
+    let oldest = samples.first().map_or(now, |s| s.at);
+    now.saturating_sub(oldest).clamp(MIN_SPAN, MAX_SPAN)
+}
 
 /// Branches by state: one line per state over the last hour, ending at `now`.
 pub fn states(samples: &[Sample], now: u64) -> String {
@@ -26,12 +35,13 @@ pub fn states(samples: &[Sample], now: u64) -> String {
         .unwrap_or(0)
         .max(1);
     let y_max = nice_ceiling(max as f64);
-    let mut svg = frame("Branches by state over the last hour", y_max, "");
+    let span = span(samples, now);
+    let mut svg = frame("Branches by state", y_max, "", span);
     for state in STATES {
         let points: Vec<(f64, f64)> = samples
             .iter()
             .map(|s| (s.at, s.states.get(state).copied().unwrap_or(0) as f64))
-            .map(|(at, v)| (x_of(at, now), y_of(v, y_max)))
+            .map(|(at, v)| (x_of(at, now, span), y_of(v, y_max)))
             .collect();
         if points.iter().all(|&(_, y)| y == y_of(0.0, y_max)) {
             continue; // a state nobody was in stays off the chart (and its legend)
@@ -56,7 +66,8 @@ pub fn timings(samples: &[Sample], now: u64) -> String {
         .fold(0.0_f64, f64::max)
         .max(1.0);
     let y_max = nice_ceiling(max);
-    let mut svg = frame("Cold-start and resume times (ms)", y_max, " ms");
+    let span = span(samples, now);
+    let mut svg = frame("Cold-start and resume times (ms)", y_max, " ms", span);
     for (class, pick) in [
         ("cold", (|s: &Sample| s.cold_starts) as fn(&Sample) -> _),
         ("resume", |s: &Sample| s.resumes),
@@ -66,7 +77,7 @@ pub fn timings(samples: &[Sample], now: u64) -> String {
             if i.count == 0 {
                 continue;
             }
-            let (x, y) = (x_of(s.at, now), y_of(i.mean_ms, y_max));
+            let (x, y) = (x_of(s.at, now, span), y_of(i.mean_ms, y_max));
             let _ = write!(
                 svg,
                 r#"<circle class="dot {class}" cx="{x:.1}" cy="{y:.1}" r="4"><title>{} {}: {:.0} ms mean</title></circle>"#,
@@ -85,23 +96,24 @@ pub fn timings(samples: &[Sample], now: u64) -> String {
 }
 
 /// The SVG element, its axes and their labels.
-fn frame(label: &str, y_max: f64, unit: &str) -> String {
-    let mut svg = format!(
-        r#"<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-label="{label}" preserveAspectRatio="none">"#
-    );
+fn frame(label: &str, y_max: f64, unit: &str, span: u64) -> String {
+    let mut svg =
+        format!(r#"<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-label="{label}">"#);
     for frac in [0.0, 0.5, 1.0] {
         let y = y_of(y_max * frac, y_max);
         let _ = write!(
             svg,
-            r#"<line class="grid" x1="{LEFT}" x2="{W}" y1="{y:.1}" y2="{y:.1}"/><text class="axis" x="{:.1}" y="{:.1}" text-anchor="end">{}{unit}</text>"#,
+            r#"<line class="grid" x1="{LEFT}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}"/><text class="axis" x="{:.1}" y="{:.1}" text-anchor="end">{}{unit}</text>"#,
+            W - RIGHT,
             LEFT - 4.0,
             y + 4.0,
             fmt_num(y_max * frac)
         );
     }
-    for (mins, anchor) in [(60, "start"), (30, "middle"), (0, "end")] {
-        let x = LEFT + (W - LEFT) * (1.0 - mins as f64 / 60.0);
-        let text = if mins == 0 {
+    for (frac, anchor) in [(1.0, "start"), (0.5, "middle"), (0.0, "end")] {
+        let x = LEFT + (W - LEFT - RIGHT) * (1.0 - frac);
+        let mins = (span as f64 * frac / 60.0).round();
+        let text = if frac == 0.0 {
             "now".to_owned()
         } else {
             format!("-{mins} min")
@@ -115,9 +127,9 @@ fn frame(label: &str, y_max: f64, unit: &str) -> String {
     svg
 }
 
-fn x_of(at: u64, now: u64) -> f64 {
+fn x_of(at: u64, now: u64, span: u64) -> f64 {
     let ago = now.saturating_sub(at) as f64;
-    LEFT + (W - LEFT) * (1.0 - (ago / SPAN_SECS).min(1.0))
+    LEFT + (W - LEFT - RIGHT) * (1.0 - (ago / span as f64).min(1.0))
 }
 
 fn y_of(v: f64, y_max: f64) -> f64 {
@@ -178,7 +190,9 @@ mod tests {
         assert!(svg.contains("s-ready"));
         assert!(!svg.contains("s-suspended"));
         // The newest point sits at the right edge, at the top (3 of 5 is below it).
-        assert!(svg.contains(&format!("{W:.1},")));
+        assert!(svg.contains(&format!("{:.1},", W - RIGHT)));
+        // Ten minutes of axis for a history younger than that.
+        assert!(svg.contains(">-10 min<"), "{svg}");
         assert!(svg.ends_with("</svg>"));
     }
 

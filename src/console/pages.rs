@@ -108,9 +108,13 @@ pub async fn overview(c: &Console, access: Access) -> String {
         );
         body.push_str("<h3>Snapshots</h3>");
         match src.engine.snapshots().await {
-            Ok(list) if list.is_empty() => body.push_str(
-                r#"<p class="empty">None yet. Branches clone the source itself; <code>offshoot snapshot create</code> takes one.</p>"#,
-            ),
+            Ok(list) if list.is_empty() => {
+                let _ = write!(
+                    body,
+                    r#"<p class="empty">None yet; <code>offshoot snapshot create {}</code> takes one.</p>"#,
+                    esc(name)
+                );
+            }
             Ok(list) => {
                 body.push_str(r#"<table><thead><tr><th>Snapshot</th><th>Age</th><th>Size</th><th>Origin</th><th>Branches</th></tr></thead><tbody>"#);
                 for s in list.iter().rev() {
@@ -134,7 +138,11 @@ pub async fn overview(c: &Console, access: Access) -> String {
                 body.push_str(r#"<p class="empty">This engine has no snapshots.</p>"#)
             }
             Err(e) => {
-                let _ = write!(body, r#"<p class="error">Snapshots could not be listed: {}</p>"#, esc(&e.to_string()));
+                let _ = write!(
+                    body,
+                    r#"<p class="error">Snapshots could not be listed: {}</p>"#,
+                    esc(&e.to_string())
+                );
             }
         }
         body.push_str("</section>");
