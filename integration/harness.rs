@@ -54,6 +54,9 @@ fn template_data() -> &'static Path {
 /// when the process exits, whether it returns, panics, aborts or is killed, and the
 /// shell then removes the directory. The child has a process group of its own, so a
 /// Ctrl-C aimed at the test run does not stop it before its work is done.
+// The shell outlives this process by design (its parent becomes init), so it is
+// never waited for.
+#[allow(clippy::zombie_processes)]
 fn remove_at_exit(dir: &Path) -> ChildStdin {
     let mut cleaner = Command::new("sh")
         .args(["-c", "cat >/dev/null; rm -rf -- \"$1\"", "sh"])
