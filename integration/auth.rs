@@ -6,11 +6,13 @@ use crate::harness::*;
 use crate::protocol::{make_cert, psql};
 
 /// The source's server: `postgres` is trusted over TCP (the proxy's administrative
-/// and auth-query connection), every other role must use SCRAM, as on a real server.
+/// and auth-query connection, and the `instance` engine's base backups), every other
+/// role must use SCRAM, as on a real server.
 pub async fn scram_server() -> PgServer {
     let pg = PgServer::start_with(&[
         "local all all trust",
         "host all postgres 127.0.0.1/32 trust",
+        "host replication postgres 127.0.0.1/32 trust",
         "host all all 127.0.0.1/32 scram-sha-256",
     ]);
     pg.make_source("shop").await;
