@@ -477,8 +477,8 @@ tables() {
 
 TABLES=$(tables)
 
-bouncer_version="not run"
-[[ -n $PGBOUNCER_BIN ]] && bouncer_version=$("$PGBOUNCER_BIN" --version 2>&1 | head -n 1)
+bouncer_line="not run"
+[[ -n $PGBOUNCER_BIN ]] && bouncer_line="$("$PGBOUNCER_BIN" --version 2>&1 | head -n 1): pool_mode=session, default_pool_size=32, max_client_conn=1000, auth_type=trust, connection logging off"
 overrides=$(compgen -e | grep '^OFFSHOOT__' | while read -r v; do printf '%s=%s ' "$v" "${!v}"; done || true)
 
 REPORT=$(
@@ -486,10 +486,9 @@ REPORT=$(
 # Offshoot pgbench benchmark
 
 $(harness_describe)
-- PgBouncer: $bouncer_version
+- PgBouncer: $bouncer_line
 - Settings: ROUNDS=$ROUNDS DURATION=${DURATION}s WARMUP=${WARMUP}s SCALE=$SCALE CLIENTS=$CLIENTS CONNECT_CLIENTS=$CONNECT_CLIENTS THREADS=$THREADS${overrides:+; Offshoot overrides: $overrides}
 - PostgreSQL: max_connections=200, shared_buffers=$PG_SHARED_BUFFERS, **fsync=off** (durability off: the benchmark measures the proxies, not the disk)
-- PgBouncer: pool_mode=session, default_pool_size=32, max_client_conn=1000, auth_type=trust, connection logging off
 - Offshoot: source \`bench\`, clients use \`bench.b1\` (database $CLONE_DB); direct and PgBouncer runs use $CLONE_DB too
 - All traffic is TCP over 127.0.0.1 with sslmode=disable; pgbench, PostgreSQL and the proxies share the same CPUs.
 - Every pgbench run uses \`-n -T $DURATION\`; targets are interleaved within each round. Values are medians over the rounds.
