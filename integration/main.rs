@@ -13,3 +13,4 @@ mod lifecycle;
 mod protocol;
 mod routing;
 mod snapshots;
+mod versions;
