@@ -93,13 +93,14 @@ async fn serve(
                 let embedded_conn = scfg.uses_embedded().then(|| server.clone());
                 let bin = crate::pg::PgBin::find(cfg.embedded.bin_dir.as_deref())?;
                 let (scfg, state_dir) = (scfg.clone(), state_dir.to_path_buf());
+                let clock = clock.clone();
                 tokio::task::spawn_blocking(move || {
-                    instance::build(&source, &scfg, embedded_conn, bin, &state_dir)
+                    instance::build(&source, &scfg, embedded_conn, bin, &state_dir, clock)
                 })
                 .await??
             }
             EngineKind::Database => {
-                let engine = DatabaseEngine::new(&server, &db, &upstream)
+                let engine = DatabaseEngine::new(&server, &db, &upstream, clock.clone())
                     .map_err(|e| anyhow!("sources.{name}.server: {e}"))?
                     .for_source(name);
                 if let Err(e) = engine.check_template().await {

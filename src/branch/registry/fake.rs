@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::{Registry, Source};
 use crate::branch::engine::{
-    Endpoint, Engine, Made, Recovered, ServerAddr, Servers, SnapshotError, SnapshotInfo,
+    CopyMode, Endpoint, Engine, Made, Recovered, ServerAddr, Servers, SnapshotError, SnapshotInfo,
 };
 use crate::branch::store::{BranchRecord, Store};
 use crate::clock::Clock;
@@ -114,7 +114,7 @@ impl Engine for FakeEngine {
         self.clones.lock().unwrap().insert(rec.clone_name.clone());
         Ok(Made {
             snapshot: Some(snapshot),
-            copy_mode: self.servers.then(|| "copy".into()),
+            copy_mode: self.servers.then_some(CopyMode::Copy),
         })
     }
     fn servers(&self) -> Option<&dyn Servers> {

@@ -36,7 +36,7 @@ impl Registry {
             if let Some(mode) = &m.copy_mode {
                 self.metrics
                     .clones_total
-                    .with_label_values(&[id.source.as_str(), mode])
+                    .with_label_values(&[id.source.as_str(), mode.as_str()])
                     .inc();
             }
             record.snapshot = m.snapshot;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::fake::{clock, id, registry, registry_on, FakeEngine};
 use super::*;
-use crate::branch::engine::SnapshotError;
+use crate::branch::engine::{CopyMode, SnapshotError};
 use crate::branch::store::{RecordState, Store};
 use crate::config::SourceConfig;
 use crate::error::ProvisionError;
@@ -252,7 +252,7 @@ async fn creation_starts_the_server_and_suspension_stops_it() {
     assert_eq!(engine.starts.load(Ordering::SeqCst), 1);
     let view = reg.view(&id("a")).unwrap();
     assert_eq!(view.snapshot.as_deref(), Some("s1"));
-    assert_eq!(view.copy_mode.as_deref(), Some("copy"));
+    assert_eq!(view.copy_mode, Some(CopyMode::Copy));
     // Never while a connection is open.
     assert!(!reg.suspend(&id("a")).await.unwrap());
     drop(lease);

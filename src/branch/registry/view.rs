@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::state::{Branch, Phase};
 use super::Registry;
+use crate::branch::engine::CopyMode;
 use crate::config::EngineKind;
 use crate::names::BranchId;
 
@@ -29,7 +30,7 @@ pub struct BranchView {
     pub snapshot: Option<String>,
     /// `reflink` or `copy` (engines that copy files).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub copy_mode: Option<String>,
+    pub copy_mode: Option<CopyMode>,
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -61,7 +62,7 @@ impl Registry {
             persistent: self.is_persistent(&b.record),
             created_by: b.record.created_by.clone(),
             snapshot: b.record.snapshot.clone(),
-            copy_mode: b.record.copy_mode.clone(),
+            copy_mode: b.record.copy_mode,
         }
     }
 }
