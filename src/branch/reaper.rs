@@ -127,6 +127,7 @@ mod tests {
     use super::*;
     use crate::branch::registry::tests::{id, registry, FakeEngine};
     use crate::config::SourceConfig;
+    use crate::names::BranchName;
 
     #[tokio::test]
     async fn expires_only_idle_unused_non_persistent_branches() {
@@ -134,7 +135,7 @@ mod tests {
         let engine = Arc::new(FakeEngine::default());
         let config = SourceConfig {
             idle_expire: Some(Duration::from_secs(60)),
-            persistent: vec!["qa".into()],
+            persistent: vec![BranchName::new("qa").unwrap()],
             ..Default::default()
         };
         let reg = registry(engine.clone(), config, dir.path());

@@ -39,11 +39,7 @@ pub struct Source {
 
 impl Source {
     pub fn new(name: SourceName, config: SourceConfig, engine: Arc<dyn Engine>) -> Self {
-        let persistent = config
-            .persistent
-            .iter()
-            .filter_map(|b| BranchName::new(b).ok())
-            .collect();
+        let persistent = config.persistent.iter().cloned().collect();
         Self {
             name,
             config,
@@ -537,7 +533,7 @@ impl Registry {
         let record = BranchRecord {
             source: id.source.clone(),
             branch: id.branch.clone(),
-            engine: source.config.engine,
+            engine: source.config.engine.kind(),
             clone_name: source.engine.clone_name(id),
             state: RecordState::Provisioning,
             created_at: now,
@@ -866,7 +862,7 @@ impl Registry {
         map.iter()
             .filter_map(|(id, e)| {
                 let source = self.sources.get(&id.source)?;
-                let limit = source.config.suspend_after?;
+                let limit = source.config.suspend_after()?;
                 if source.engine.servers().is_none()
                     || e.phase != Phase::Ready
                     || e.activity.connections() > 0
@@ -1093,7 +1089,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::branch::engine::{Made, ServerAddr, Servers};
-    use crate::config::SourceConfig;
+    use crate::config::{EngineConfig, InstanceConfig, SourceConfig};
 
     /// An engine that keeps its "clones" in a set: for the registry's own logic only.
     /// With `servers`, each clone has a "server" (in `running`) that can be stopped
@@ -1419,8 +1415,11 @@ pub(crate) mod tests {
         let engine = Arc::new(with_servers());
         let config = SourceConfig {
             idle_expire: Some(Duration::from_secs(600)),
-            suspend_after: Some(Duration::from_secs(60)),
-            persistent: vec!["qa".into()],
+            persistent: vec![BranchName::new("qa").unwrap()],
+            engine: EngineConfig::Instance(InstanceConfig {
+                suspend_after: Some(Duration::from_secs(60)),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let reg = registry(engine.clone(), config, dir.path());

@@ -44,7 +44,7 @@ use super::{
     SnapshotError, SnapshotInfo,
 };
 use crate::branch::store::{unix_ms, BranchRecord};
-use crate::config::SourceConfig;
+use crate::config::InstanceConfig;
 use crate::error::EngineError;
 use crate::names::{BranchId, SourceName};
 use crate::pg::PgBin;
@@ -120,7 +120,7 @@ pub struct InstanceEngine {
     bin: PgBin,
     root: PathBuf,
     /// `-c` settings of branch servers (the fixed ones last, so they win).
-    config: SourceConfig,
+    config: InstanceConfig,
     /// Shared while cloning from a snapshot, exclusive while deleting one.
     snapshots: RwLock<()>,
     /// One snapshot is taken at a time.
@@ -176,7 +176,8 @@ impl InstanceEngine {
     /// left. Blocking.
     pub fn open(
         source: SourceName,
-        config: SourceConfig,
+        database: String,
+        config: InstanceConfig,
         origin: Origin,
         bin: PgBin,
         root: PathBuf,
@@ -195,7 +196,7 @@ impl InstanceEngine {
             fs::create_dir_all(root.join(sub))?;
         }
         let engine = Self {
-            database: config.database_name(source.as_str()).to_owned(),
+            database,
             source,
             origin,
             bin,
@@ -831,7 +832,8 @@ impl Servers for InstanceEngine {
 /// Builds the engine of an `instance` source. Blocking (it may clear leftovers).
 pub fn build(
     name: &SourceName,
-    config: &SourceConfig,
+    database: &str,
+    config: &InstanceConfig,
     embedded_conn: Option<String>,
     bin: PgBin,
     state_dir: &Path,
@@ -850,6 +852,7 @@ pub fn build(
     };
     Ok(Arc::new(InstanceEngine::open(
         name.clone(),
+        database.to_owned(),
         config.clone(),
         origin,
         bin,
