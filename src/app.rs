@@ -58,6 +58,7 @@ async fn serve(
     let mut sources = Vec::new();
     let mut auth_servers = Vec::new();
     let mut upstreams = std::collections::HashMap::new();
+    let clock = crate::clock::Clock::system();
     for (name, scfg) in &cfg.sources {
         let upstream = crate::upstream::Upstream::new(scfg.server_tls, scfg.server_ca.as_deref())
             .with_context(|| format!("sources.{name}"))?;
@@ -89,13 +90,14 @@ async fn serve(
                 let bin = crate::pg::PgBin::find(cfg.embedded.bin_dir.as_deref())?;
                 let (source, db, icfg) = (name.clone(), db.clone(), icfg.clone());
                 let state_dir = state_dir.to_path_buf();
+                let clock = clock.clone();
                 tokio::task::spawn_blocking(move || {
-                    instance::build(&source, &db, &icfg, embedded_conn, bin, &state_dir)
+                    instance::build(&source, &db, &icfg, embedded_conn, bin, &state_dir, clock)
                 })
                 .await??
             }
             EngineConfig::Database(_) => {
-                let engine = DatabaseEngine::new(&server, &db, &upstream)
+                let engine = DatabaseEngine::new(&server, &db, &upstream, clock.clone())
                     .map_err(|e| anyhow!("sources.{name}.server: {e}"))?
                     .for_source(name.as_str());
                 if let Err(e) = engine.check_template().await {

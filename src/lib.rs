@@ -16,6 +16,7 @@
 //!   client.
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
 //! - [`error`]: error kinds and the one mapping to SQLSTATE.
+//! - [`fsutil`]: atomic file replacement and the other crash-safe file helpers.
 //! - [`names`]: validated source and branch names, identifier quoting.
 //! - [`clock`]: the one clock (wall and monotonic) of the registry, reaper and
 //!   engines; tests use a manual one.
@@ -34,6 +35,7 @@ pub mod clock;
 pub mod config;
 pub mod embedded;
 pub mod error;
+pub mod fsutil;
 pub mod metrics;
 pub mod names;
 pub mod pg;

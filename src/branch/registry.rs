@@ -178,7 +178,7 @@ pub struct BranchView {
     pub snapshot: Option<String>,
     /// `reflink` or `copy` (engines that copy files).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub copy_mode: Option<String>,
+    pub copy_mode: Option<super::engine::CopyMode>,
 }
 
 /// An authenticated role asking for a branch: whether it may make one, and how many
@@ -577,7 +577,7 @@ impl Registry {
             if let Some(mode) = &m.copy_mode {
                 self.metrics
                     .clones_total
-                    .with_label_values(&[id.source.as_str(), mode])
+                    .with_label_values(&[id.source.as_str(), mode.as_str()])
                     .inc();
             }
             record.snapshot = m.snapshot;
@@ -923,7 +923,7 @@ impl Registry {
             persistent: self.is_persistent(&e.record),
             created_by: e.record.created_by.clone(),
             snapshot: e.record.snapshot.clone(),
-            copy_mode: e.record.copy_mode.clone(),
+            copy_mode: e.record.copy_mode,
         }
     }
 
@@ -1088,7 +1088,7 @@ pub(crate) mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::branch::engine::{Made, ServerAddr, Servers};
+    use crate::branch::engine::{CopyMode, Made, ServerAddr, Servers};
     use crate::config::{EngineConfig, InstanceConfig, SourceConfig};
 
     /// An engine that keeps its "clones" in a set: for the registry's own logic only.
@@ -1122,7 +1122,7 @@ pub(crate) mod tests {
             self.clones.lock().unwrap().insert(rec.clone_name.clone());
             Ok(Made {
                 snapshot: Some(rec.snapshot.clone().unwrap_or_else(|| "s1".into())),
-                copy_mode: self.servers.then(|| "copy".into()),
+                copy_mode: self.servers.then_some(CopyMode::Copy),
             })
         }
         fn servers(&self) -> Option<&dyn Servers> {
@@ -1335,7 +1335,7 @@ pub(crate) mod tests {
         assert_eq!(engine.starts.load(Ordering::SeqCst), 1);
         let view = reg.view(&id("a")).unwrap();
         assert_eq!(view.snapshot.as_deref(), Some("s1"));
-        assert_eq!(view.copy_mode.as_deref(), Some("copy"));
+        assert_eq!(view.copy_mode, Some(CopyMode::Copy));
         // Never while a connection is open.
         assert!(!reg.suspend(&id("a")).await.unwrap());
         drop(lease);

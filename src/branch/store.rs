@@ -6,7 +6,6 @@
 //! and a restart can tell a finished clone from an interrupted one.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -52,7 +51,7 @@ pub struct BranchRecord {
     /// How the clone's files were made (`reflink` or `copy`), when the engine copies
     /// files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub copy_mode: Option<String>,
+    pub copy_mode: Option<crate::branch::engine::CopyMode>,
 }
 
 impl BranchRecord {
@@ -99,15 +98,7 @@ impl Store {
         let path = self.path(&rec.id());
         let dir = path.parent().expect("record path has a parent");
         fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".{}.json.tmp", rec.branch));
-        let body = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
-        {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, &path)?;
-        fs::File::open(dir)?.sync_all()
+        crate::fsutil::write_json_atomic(&path, rec)
     }
 
     /// Removes the record of `id`; a missing record is not an error.

@@ -13,7 +13,6 @@
 //! on the live source no longer blocks them; without any, they clone the live source.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use async_trait::async_trait;
 use tokio::sync::Mutex;
@@ -21,13 +20,14 @@ use tokio_postgres::config::Host;
 use tokio_postgres::Client;
 use tracing::warn;
 
+use super::naming::{fit_ident, new_snapshot_name, snapshot_time, valid_snapshot_name};
 use super::{
-    snapshot_name, snapshot_time, valid_snapshot_name, Endpoint, Engine, Made, Recovered,
-    ServerAddr, SnapshotError, SnapshotInfo,
+    snapshot_missing, Endpoint, Engine, Made, Recovered, ServerAddr, SnapshotError, SnapshotInfo,
 };
 use crate::branch::store::BranchRecord;
+use crate::clock::Clock;
 use crate::error::EngineError;
-use crate::names::{quote_ident, quote_literal, BranchId, MAX_IDENT_LEN};
+use crate::names::{quote_ident, quote_literal, BranchId};
 
 const MARKER_PREFIX: &str = "offshoot:";
 const SNAPSHOT_PREFIX: &str = "offshoot-snapshot:";
@@ -51,6 +51,8 @@ pub struct DatabaseEngine {
     ddl_slots: tokio::sync::Semaphore,
     /// One snapshot is taken at a time.
     taking: Mutex<()>,
+    /// Snapshot names.
+    clock: Clock,
 }
 
 /// A snapshot database found on the server.
@@ -66,6 +68,7 @@ impl DatabaseEngine {
         server: &str,
         template: &str,
         upstream: &crate::upstream::Upstream,
+        clock: Clock,
     ) -> Result<Self, EngineError> {
         let mut admin: tokio_postgres::Config = server
             .parse()
@@ -98,6 +101,7 @@ impl DatabaseEngine {
             client: Mutex::new(None),
             ddl_slots: tokio::sync::Semaphore::new(PARALLEL_DDL),
             taking: Mutex::new(()),
+            clock,
         })
     }
 
@@ -246,41 +250,12 @@ impl DatabaseEngine {
 /// `<template>@<snapshot>`, the template shortened with a hash when the whole is over
 /// PostgreSQL's 63 bytes.
 fn snapshot_db_name(template: &str, name: &str) -> String {
-    let full = format!("{template}@{name}");
-    if full.len() <= MAX_IDENT_LEN {
-        return full;
-    }
-    let mut h: u32 = 0x811c9dc5;
-    for b in template.bytes() {
-        h ^= b as u32;
-        h = h.wrapping_mul(0x01000193);
-    }
-    let suffix = format!("_{h:08x}@{name}");
-    let mut keep = MAX_IDENT_LEN - suffix.len();
-    while !template.is_char_boundary(keep) {
-        keep -= 1;
-    }
-    format!("{}{suffix}", &template[..keep])
+    fit_ident(template, &format!("@{name}"), template)
 }
 
 /// `<template>__<branch>`, shortened with a hash when over PostgreSQL's 63 bytes.
 fn clone_db_name(template: &str, id: &BranchId) -> String {
-    let full = format!("{template}__{}", id.branch);
-    if full.len() <= MAX_IDENT_LEN {
-        return full;
-    }
-    // FNV-1a: stable across versions and platforms, unlike std's hasher.
-    let mut h: u32 = 0x811c9dc5;
-    for b in format!("{id}").bytes() {
-        h ^= b as u32;
-        h = h.wrapping_mul(0x01000193);
-    }
-    let suffix = format!("__{}_{h:08x}", id.branch);
-    let mut keep = MAX_IDENT_LEN - suffix.len();
-    while !template.is_char_boundary(keep) {
-        keep -= 1;
-    }
-    format!("{}{suffix}", &template[..keep])
+    fit_ident(template, &format!("__{}", id.branch), &id.to_string())
 }
 
 #[async_trait]
@@ -293,12 +268,12 @@ impl Engine for DatabaseEngine {
         // The snapshot asked for, else the newest, else the live source.
         let snapshots = self.snapshot_dbs().await?;
         let from = match &rec.snapshot {
-            Some(want) => Some(snapshots.iter().find(|s| &s.name == want).ok_or_else(|| {
-                EngineError::new(format!(
-                    "snapshot {want} of source {} does not exist",
-                    self.source
-                ))
-            })?),
+            Some(want) => Some(
+                snapshots
+                    .iter()
+                    .find(|s| &s.name == want)
+                    .ok_or_else(|| snapshot_missing(&self.source, want))?,
+            ),
             None => snapshots.last(),
         };
         let template = from.map_or(self.template.as_str(), |s| s.datname.as_str());
@@ -433,13 +408,7 @@ impl Engine for DatabaseEngine {
     async fn take_snapshot(&self) -> Result<SnapshotInfo, SnapshotError> {
         let _one = self.taking.lock().await;
         let existing = self.snapshot_dbs().await?;
-        let now = SystemTime::now();
-        let mut name = snapshot_name(now);
-        let mut n = 2;
-        while existing.iter().any(|s| s.name == name) {
-            name = format!("{}-{n}", snapshot_name(now));
-            n += 1;
-        }
+        let name = new_snapshot_name(self.clock.now(), |n| existing.iter().any(|s| s.name == n));
         let datname = snapshot_db_name(&self.template, &name);
         let db = quote_ident(&datname);
         let (client, _slot) = self.ddl_session().await?;
@@ -525,7 +494,7 @@ impl Engine for DatabaseEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::names::{BranchName, SourceName};
+    use crate::names::{BranchName, SourceName, MAX_IDENT_LEN};
     use crate::upstream::Upstream;
 
     fn id(b: &str) -> BranchId {
@@ -563,6 +532,7 @@ mod tests {
             "postgres://u@127.0.0.1:5555/shop",
             "shop",
             &Upstream { config: None },
+            Clock::system(),
         )
         .unwrap();
         assert_eq!(e.admin.get_dbname(), Some("postgres"));
@@ -577,6 +547,7 @@ mod tests {
             "host=/tmp/s port=7 dbname=admin",
             "shop",
             &Upstream { config: None },
+            Clock::system(),
         )
         .unwrap();
         assert_eq!(e.admin.get_dbname(), Some("admin"));

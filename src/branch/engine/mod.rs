@@ -15,6 +15,7 @@ use crate::names::BranchId;
 
 pub mod database;
 pub mod instance;
+pub(crate) mod naming;
 
 /// Where the proxy connects for a branch's sessions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,42 +53,24 @@ pub enum Recovered {
     Absent,
 }
 
-/// A snapshot's name: its creation time in UTC, `20261125T030559Z` (a `-2`, `-3`
-/// ... suffix tells apart snapshots of the same second). Names sort by age.
-pub(crate) fn snapshot_name(t: std::time::SystemTime) -> String {
-    let stamp = humantime::format_rfc3339_seconds(t).to_string();
-    stamp.replace(['-', ':'], "")
+/// How a clone's files were made, for engines that copy files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CopyMode {
+    /// Copy-on-write clones: no data is copied until one side writes.
+    Reflink,
+    /// Every byte copied (the filesystem has no reflinks).
+    Copy,
 }
 
-/// Whether `name` could be a snapshot name (checked before it reaches a path or
-/// SQL).
-pub(crate) fn valid_snapshot_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 40
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// `2026-11-25T03:05:59Z` from a snapshot name; `None` if it is not one.
-pub(crate) fn snapshot_time(name: &str) -> Option<String> {
-    let stamp = name.split('-').next()?;
-    let b = stamp.as_bytes();
-    let digits =
-        |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
-    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' || !digits(0..8) || !digits(9..15) {
-        return None;
+impl CopyMode {
+    /// The name records, the API and the metric label use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyMode::Reflink => "reflink",
+            CopyMode::Copy => "copy",
+        }
     }
-    Some(format!(
-        "{}-{}-{}T{}:{}:{}Z",
-        &stamp[0..4],
-        &stamp[4..6],
-        &stamp[6..8],
-        &stamp[9..11],
-        &stamp[11..13],
-        &stamp[13..15]
-    ))
 }
 
 /// What a creation made, kept in the branch's record.
@@ -95,8 +78,8 @@ pub(crate) fn snapshot_time(name: &str) -> Option<String> {
 pub struct Made {
     /// The snapshot the clone was made from.
     pub snapshot: Option<String>,
-    /// How the files were made: `reflink` or `copy`.
-    pub copy_mode: Option<String>,
+    /// How the files were made (engines that copy files).
+    pub copy_mode: Option<CopyMode>,
 }
 
 /// A sealed snapshot of a source, as the API shows it.
@@ -111,6 +94,14 @@ pub struct SnapshotInfo {
     pub size_bytes: u64,
     /// Branches made from it that still exist.
     pub branches: Vec<String>,
+}
+
+/// The one "snapshot does not exist" error, for a clone asked to be made from it.
+pub(crate) fn snapshot_missing(source: &str, name: &str) -> EngineError {
+    EngineError {
+        code: Some("3D000".into()),
+        message: format!("snapshot {name} of source {source} does not exist"),
+    }
 }
 
 /// Why a snapshot operation failed.
@@ -208,18 +199,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn snapshot_names_sort_by_time_and_are_safe() {
-        let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
-        let name = snapshot_name(t);
-        assert_eq!(name, "20231114T221320Z");
-        assert!(valid_snapshot_name(&name));
-        assert!(valid_snapshot_name("20231114T221320Z-2"));
-        assert!(!valid_snapshot_name("../x"));
-        assert!(!valid_snapshot_name(".partial-x"));
+    fn copy_modes_serialize_lowercase() {
         assert_eq!(
-            snapshot_time("20231114T221320Z-2").as_deref(),
-            Some("2023-11-14T22:13:20Z")
+            serde_json::to_string(&CopyMode::Reflink).unwrap(),
+            "\"reflink\""
         );
-        assert_eq!(snapshot_time("nope"), None);
+        let m: CopyMode = serde_json::from_str("\"copy\"").unwrap();
+        assert_eq!(m, CopyMode::Copy);
+        assert!(serde_json::from_str::<CopyMode>("\"2\"").is_err());
     }
 }

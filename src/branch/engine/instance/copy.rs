@@ -10,23 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// How a tree's files were made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CopyMode {
-    /// Copy-on-write clones: no data is copied until one side writes.
-    Reflink,
-    /// Every byte copied (the filesystem has no reflinks).
-    Copy,
-}
-
-impl CopyMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CopyMode::Reflink => "reflink",
-            CopyMode::Copy => "copy",
-        }
-    }
-}
+use crate::branch::engine::CopyMode;
 
 /// What to copy and how.
 pub struct CopyPlan<'a> {

@@ -1,0 +1,161 @@
+//! Where an `instance` source keeps things on disk, and the metadata that proves a
+//! directory is the proxy's.
+//!
+//! ```text
+//! snapshots/<name>/data            a sealed data directory (shut down cleanly)
+//! snapshots/<name>/snapshot.json   its metadata; a snapshot exists once this does
+//! snapshots/.partial-<name>/       a snapshot being taken (removed if interrupted)
+//! snapshots/.deleting-<name>/      a snapshot being deleted (removal finished later)
+//! branches/<branch>/branch.json    ownership and provenance, written first
+//! branches/<branch>/data           the clone
+//! branches/<branch>/postgres.log   the server's log since its last start
+//! run/<hash>/                      the server's private socket directory (0700)
+//! ```
+
+use std::fs;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::branch::engine::naming::fnv64;
+use crate::branch::engine::CopyMode;
+use crate::branch::store::BranchRecord;
+use crate::fsutil::read_json;
+
+pub(super) const PARTIAL_PREFIX: &str = ".partial-";
+pub(super) const DELETING_PREFIX: &str = ".deleting-";
+/// A file inside a partial snapshot naming its source: proof that the directory is
+/// the proxy's before it is removed.
+pub(super) const PARTIAL_MARKER: &str = "offshoot-partial-snapshot";
+pub(super) const BRANCH_META: &str = "branch.json";
+pub(super) const SNAPSHOT_META: &str = "snapshot.json";
+
+/// `branch.json`: written before anything is copied, so the directory is provably
+/// the proxy's from its first byte.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct BranchMeta {
+    pub source: String,
+    pub branch: String,
+    pub snapshot: String,
+    /// False until every file is copied.
+    pub complete: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_mode: Option<CopyMode>,
+    /// Unix milliseconds.
+    pub created_at: u64,
+}
+
+/// `snapshot.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct SnapshotMeta {
+    pub source: String,
+    pub name: String,
+    /// Unix milliseconds.
+    pub created_at: u64,
+    pub origin: String,
+    pub size_bytes: u64,
+}
+
+/// The storage root of one source and the paths below it.
+#[derive(Debug, Clone)]
+pub(super) struct Layout {
+    pub root: PathBuf,
+}
+
+impl Layout {
+    pub fn branches(&self) -> PathBuf {
+        self.root.join("branches")
+    }
+
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    pub fn branch_dir(&self, rec: &BranchRecord) -> PathBuf {
+        self.branches().join(rec.branch.as_str())
+    }
+
+    /// The private socket directory of a branch's server: short, whatever the
+    /// branch's name (a socket path is at most 107 bytes).
+    pub fn socket_dir(&self, rec: &BranchRecord) -> PathBuf {
+        let h = fnv64(&format!("{}/{}", rec.source, rec.branch));
+        self.root.join("run").join(format!("{h:016x}"))
+    }
+
+    /// The socket directory of the server that seals a new snapshot.
+    pub fn seal_socket_dir(&self) -> PathBuf {
+        self.root.join("run").join(".seal")
+    }
+
+    pub fn snapshot_dir(&self, name: &str) -> PathBuf {
+        self.snapshots().join(name)
+    }
+
+    pub fn partial_snapshot_dir(&self, name: &str) -> PathBuf {
+        self.snapshots().join(format!("{PARTIAL_PREFIX}{name}"))
+    }
+
+    pub fn deleting_snapshot_dir(&self, name: &str) -> PathBuf {
+        self.snapshots().join(format!("{DELETING_PREFIX}{name}"))
+    }
+
+    /// Every branch directory's metadata of `source` (unreadable ones skipped).
+    pub fn all_branch_meta(&self, source: &str) -> Vec<BranchMeta> {
+        let Ok(entries) = fs::read_dir(self.branches()) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| read_json::<BranchMeta>(&e.path().join(BRANCH_META)))
+            .filter(|m| m.source == source)
+            .collect()
+    }
+
+    /// Every sealed snapshot's metadata, oldest first.
+    pub fn snapshot_metas(&self) -> Vec<SnapshotMeta> {
+        let Ok(entries) = fs::read_dir(self.snapshots()) else {
+            return Vec::new();
+        };
+        let mut list: Vec<SnapshotMeta> = entries
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter_map(|e| read_json::<SnapshotMeta>(&e.path().join(SNAPSHOT_META)))
+            .collect();
+        list.sort_by(|a, b| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
+        list
+    }
+
+    /// What lies in storage that `source`'s metadata does not explain, as
+    /// `(location, reason)`.
+    pub fn strays(&self, source: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Ok(entries) = fs::read_dir(self.branches()) {
+            for e in entries.flatten() {
+                let path = e.path();
+                match read_json::<BranchMeta>(&path.join(BRANCH_META)) {
+                    Some(m) if m.source == source => {}
+                    Some(m) => out.push((
+                        path.display().to_string(),
+                        format!("belongs to source {}", m.source),
+                    )),
+                    None => out.push((
+                        path.display().to_string(),
+                        "no offshoot branch.json: not made by this proxy".into(),
+                    )),
+                }
+            }
+        }
+        if let Ok(entries) = fs::read_dir(self.snapshots()) {
+            for e in entries.flatten() {
+                let path = e.path();
+                if !path.join(SNAPSHOT_META).exists() {
+                    out.push((
+                        path.display().to_string(),
+                        "no snapshot.json: not a sealed snapshot".into(),
+                    ));
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,316 @@
+//! Snapshots of an `instance` source: a copy of the source's data directory
+//! (`pg_basebackup`, or a stopped data directory copied file by file), sealed by one
+//! clean start and stop so clones start without replaying WAL.
+//!
+//! Invariant: a snapshot is never changed after it is sealed, and is deleted only
+//! when no `branch.json` names it. Clones read a snapshot under a shared lock and
+//! deletions take it exclusively, so a clone in the making always counts as a user.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use tokio::sync::RwLockReadGuard;
+use tracing::{info, warn};
+
+use super::copy::{copy_tree, tree_size, CopyPlan};
+use super::layout::{
+    BranchMeta, SnapshotMeta, DELETING_PREFIX, PARTIAL_MARKER, PARTIAL_PREFIX, SNAPSHOT_META,
+};
+use super::postmaster::{self, PidState};
+use super::{err, InstanceEngine};
+use crate::branch::engine::naming::{new_snapshot_name, valid_snapshot_name};
+use crate::branch::engine::{snapshot_missing, SnapshotError, SnapshotInfo};
+use crate::branch::store::unix_ms;
+use crate::error::EngineError;
+use crate::fsutil::{remove_tree, sync_dir, write_json_atomic};
+
+/// Where a source's snapshots come from.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    /// A running server, copied with `pg_basebackup -X stream`.
+    Upstream(String),
+    /// A stopped data directory, copied file by file.
+    DataDir(PathBuf),
+}
+
+impl Origin {
+    pub(super) fn describe(&self) -> String {
+        match self {
+            // The connection string may hold a password: name only host and port.
+            Origin::Upstream(conn) => match conn.parse::<tokio_postgres::Config>() {
+                Ok(c) => {
+                    let host = match c.get_hosts().first() {
+                        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+                        None => "localhost".into(),
+                    };
+                    let port = c.get_ports().first().copied().unwrap_or(5432);
+                    format!("pg_basebackup of {host}:{port}")
+                }
+                Err(_) => "pg_basebackup".into(),
+            },
+            Origin::DataDir(d) => format!("copy of {}", d.display()),
+        }
+    }
+}
+
+impl InstanceEngine {
+    pub(super) fn info(&self, m: &SnapshotMeta, users: &[BranchMeta]) -> SnapshotInfo {
+        let ms = std::time::Duration::from_millis(m.created_at);
+        let mut branches: Vec<String> = users
+            .iter()
+            .filter(|b| b.snapshot == m.name)
+            .map(|b| b.branch.clone())
+            .collect();
+        branches.sort();
+        SnapshotInfo {
+            name: m.name.clone(),
+            created_at: humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + ms).to_string(),
+            origin: m.origin.clone(),
+            size_bytes: m.size_bytes,
+            branches,
+        }
+    }
+
+    /// Removes snapshot directories an interrupted `take_snapshot` or deletion left:
+    /// provably ours by their prefix and, for partial ones, a marker file.
+    pub(super) fn clear_interrupted_snapshots(&self) {
+        let Ok(entries) = fs::read_dir(self.layout.snapshots()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = e.path();
+            let ours = name.starts_with(DELETING_PREFIX)
+                || (name.starts_with(PARTIAL_PREFIX) && path.join(PARTIAL_MARKER).exists());
+            if !ours {
+                continue;
+            }
+            // A sealing server a killed proxy left behind is stopped first.
+            if let Ok(PidState::Running { pid, .. }) = postmaster::inspect(&path.join("data")) {
+                warn!(pid, dir = %path.display(), "stopping the server of an interrupted snapshot");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGQUIT,
+                );
+                for _ in 0..2000 {
+                    if !matches!(
+                        postmaster::inspect(&path.join("data")),
+                        Ok(PidState::Running { .. })
+                    ) {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+            match remove_tree(&path) {
+                Ok(()) => info!(dir = %path.display(), "removed an interrupted snapshot"),
+                Err(e) => {
+                    warn!(dir = %path.display(), error = %e, "cannot remove an interrupted snapshot")
+                }
+            }
+        }
+    }
+
+    /// The snapshot to clone: `wanted`, or the newest, taking one if there is none.
+    /// Returns it with the shared lock that keeps it from being deleted.
+    pub(super) async fn pick_snapshot(
+        &self,
+        wanted: Option<&str>,
+    ) -> Result<(String, RwLockReadGuard<'_, ()>), EngineError> {
+        loop {
+            let guard = self.snapshot_lock.read().await;
+            let metas = self.layout.snapshot_metas();
+            if let Some(want) = wanted {
+                if metas.iter().any(|m| m.name == want) {
+                    return Ok((want.to_owned(), guard));
+                }
+                return Err(snapshot_missing(self.source.as_str(), want));
+            }
+            if let Some(newest) = metas.last() {
+                return Ok((newest.name.clone(), guard));
+            }
+            drop(guard);
+            info!(source = %self.source, "no snapshot yet: taking the first one");
+            self.take_snapshot_if_none().await?;
+        }
+    }
+
+    async fn take_snapshot_if_none(&self) -> Result<(), EngineError> {
+        let _one = self.taking.lock().await;
+        if self.layout.snapshot_metas().is_empty() {
+            self.take_locked().await?;
+        }
+        Ok(())
+    }
+
+    /// Takes and seals a snapshot; the caller holds `taking`.
+    pub(super) async fn take_locked(&self) -> Result<SnapshotMeta, EngineError> {
+        let now = self.clock.now();
+        let name = new_snapshot_name(now, |n| self.layout.snapshot_dir(n).exists());
+        let partial = self.layout.partial_snapshot_dir(&name);
+        let started = self.clock.instant();
+        let result = self.fill_and_seal(&partial, &name, now).await;
+        match result {
+            Ok(meta) => {
+                fs::remove_file(partial.join(PARTIAL_MARKER))?;
+                fs::rename(&partial, self.layout.snapshot_dir(&name))?;
+                sync_dir(&self.layout.snapshots())?;
+                info!(source = %self.source, snapshot = %name, bytes = meta.size_bytes,
+                      ms = started.elapsed().as_millis() as u64, "snapshot taken and sealed");
+                Ok(meta)
+            }
+            Err(e) => {
+                let data = partial.join("data");
+                let _ = postmaster::stop(&data, &self.layout.seal_socket_dir()).await;
+                if let Err(rm) = remove_tree(&partial) {
+                    warn!(dir = %partial.display(), error = %rm, "cannot remove a failed snapshot");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn fill_and_seal(
+        &self,
+        partial: &Path,
+        name: &str,
+        now: SystemTime,
+    ) -> Result<SnapshotMeta, EngineError> {
+        fs::create_dir_all(partial)?;
+        fs::write(partial.join(PARTIAL_MARKER), self.source.as_str())?;
+        self.bin.hand_over(partial).map_err(err)?;
+        let data = partial.join("data");
+        match &self.origin {
+            Origin::Upstream(conn) => {
+                let mut cmd = self.bin.command("pg_basebackup");
+                cmd.arg("-D")
+                    .arg(&data)
+                    .args(["-X", "stream", "-c", "fast", "--no-password", "-d"])
+                    .arg(conn);
+                let out = tokio::process::Command::from(cmd)
+                    .output()
+                    .await
+                    .map_err(|e| EngineError::new(format!("cannot run pg_basebackup: {e}")))?;
+                if !out.status.success() {
+                    return Err(EngineError::new(format!(
+                        "pg_basebackup failed ({}): {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+            }
+            Origin::DataDir(dir) => {
+                match postmaster::inspect(dir)? {
+                    PidState::Running { pid, .. } => {
+                        return Err(EngineError::new(format!(
+                            "data_dir {} is in use by a running server (pid {pid}); stop it, \
+                             or copy from it with `upstream`",
+                            dir.display()
+                        )))
+                    }
+                    PidState::Stale | PidState::Absent => {}
+                }
+                if !dir.join("PG_VERSION").exists() {
+                    return Err(EngineError::new(format!(
+                        "data_dir {} is not a PostgreSQL data directory",
+                        dir.display()
+                    )));
+                }
+                let (from, to, owner) = (dir.clone(), data.clone(), self.bin.owner());
+                let try_reflink = self.try_reflink();
+                tokio::task::spawn_blocking(move || {
+                    copy_tree(&CopyPlan {
+                        from: &from,
+                        to: &to,
+                        try_reflink,
+                        owner,
+                        follow_links: true,
+                        skip: &["postmaster.pid", "postmaster.opts"],
+                    })
+                })
+                .await
+                .map_err(err)??;
+            }
+        }
+        if !data.join("postgresql.conf").exists() {
+            // Debian keeps it under /etc; the settings that matter are passed at start.
+            fs::write(data.join("postgresql.conf"), "")?;
+            self.bin
+                .hand_over(&data.join("postgresql.conf"))
+                .map_err(err)?;
+        }
+        if !data.join("pg_hba.conf").exists() {
+            return Err(EngineError::new(
+                "the copied data directory has no pg_hba.conf (Debian keeps it under \
+                 /etc/postgresql); copy it into the data directory first",
+            ));
+        }
+        // Seal: run recovery to its end and shut down cleanly, so clones start
+        // without replaying WAL.
+        let socket_dir = self.layout.seal_socket_dir();
+        let log = partial.join("seal.log");
+        let settings = self.settings(
+            &socket_dir,
+            &format!("offshoot/{}/seal", self.source),
+            false,
+        );
+        self.server(&data, &socket_dir, &log, &settings)
+            .start()
+            .await
+            .map_err(|e| EngineError::new(format!("sealing the snapshot: {e}")))?;
+        postmaster::stop(&data, &socket_dir).await?;
+        let _ = fs::remove_file(data.join("postmaster.opts"));
+        let meta = SnapshotMeta {
+            source: self.source.to_string(),
+            name: name.to_owned(),
+            created_at: unix_ms(now),
+            origin: self.origin.describe(),
+            size_bytes: tree_size(&data),
+        };
+        write_json_atomic(&partial.join(SNAPSHOT_META), &meta)?;
+        Ok(meta)
+    }
+
+    /// Deletes a snapshot no branch uses.
+    pub(super) async fn delete_unused_snapshot(&self, name: &str) -> Result<(), SnapshotError> {
+        if !valid_snapshot_name(name) {
+            return Err(SnapshotError::NotFound(name.to_owned()));
+        }
+        let _exclusive = self.snapshot_lock.write().await;
+        if !self.layout.snapshot_metas().iter().any(|m| m.name == name) {
+            return Err(SnapshotError::NotFound(name.to_owned()));
+        }
+        let users: Vec<String> = self
+            .layout
+            .all_branch_meta(self.source.as_str())
+            .into_iter()
+            .filter(|m| m.snapshot == name)
+            .map(|m| m.branch)
+            .collect();
+        if !users.is_empty() {
+            return Err(SnapshotError::InUse {
+                name: name.to_owned(),
+                branches: users.join(", "),
+            });
+        }
+        // Renamed first, so an interrupted removal is recognised and finished later.
+        let doomed = self.layout.deleting_snapshot_dir(name);
+        fs::rename(self.layout.snapshot_dir(name), &doomed).map_err(EngineError::from)?;
+        remove_tree(&doomed).map_err(EngineError::from)?;
+        info!(source = %self.source, snapshot = name, "snapshot deleted");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_never_show_passwords() {
+        let o = Origin::Upstream("postgres://rep:secret@db.internal:5433/postgres".into());
+        assert_eq!(o.describe(), "pg_basebackup of db.internal:5433");
+    }
+}
