@@ -21,13 +21,11 @@ use crate::branch::{CreateOptions, DeleteError, Registry, RemoveReason, Source};
 use crate::error::ProvisionError;
 use crate::metrics::Metrics;
 use crate::names::{BranchId, BranchName, NameError, SourceName};
-use crate::proxy::Proxy;
 
 #[derive(Clone)]
 struct AppState {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    proxy: Arc<Proxy>,
     provision_timeout: Duration,
 }
 
@@ -103,7 +101,7 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
     Json(json!({
         "status": "ok",
         "branches": s.registry.list().len(),
-        "client_connections": s.proxy.open_connections(),
+        "client_connections": s.metrics.connections_open.get(),
     }))
 }
 
@@ -327,14 +325,12 @@ pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    proxy: Arc<Proxy>,
     provision_timeout: Duration,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let state = AppState {
         registry,
         metrics,
-        proxy,
         provision_timeout,
     };
     axum::serve(listener, router(state))
