@@ -92,6 +92,23 @@ async fn failures_reach_every_waiter_and_leave_no_record() {
 }
 
 #[tokio::test]
+async fn a_creation_that_dies_is_reported_and_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Arc::new(FakeEngine::default());
+    engine.panic_create.store(true, Ordering::SeqCst);
+    let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
+    let Err(e) = reg.acquire(&id("x"), WAIT).await else {
+        panic!("the creation died")
+    };
+    assert!(e.to_string().contains("interrupted"), "{e}");
+    assert!(reg.list().is_empty());
+    assert_eq!(gauges(&reg), [0; 5]);
+    // The next connection starts afresh.
+    reg.acquire(&id("x"), WAIT).await.map(drop).unwrap();
+    assert_eq!(engine.creates.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
 async fn quota_counts_every_branch_of_the_source() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(FakeEngine::default());
