@@ -159,13 +159,13 @@ fn source_facts(src: &Source) -> Vec<(&'static str, String)> {
         })
     };
     let mut facts = vec![
-        ("engine", engine_name(&cfg.engine)),
+        ("engine", engine_name(&cfg.engine.kind())),
         ("database", cfg.database_name(src.name.as_str()).to_owned()),
         ("expires when idle for", dur(cfg.idle_expire)),
         ("at most", format!("{} branches", cfg.max_branches)),
     ];
     if src.engine.servers().is_some() {
-        facts.push(("suspends when idle for", dur(cfg.suspend_after)));
+        facts.push(("suspends when idle for", dur(cfg.suspend_after())));
     }
     if !cfg.persistent.is_empty() {
         let list: Vec<String> = cfg.persistent.iter().map(|p| p.to_string()).collect();
