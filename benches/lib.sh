@@ -13,6 +13,16 @@ die() {
 # True when $1 is a non-negative integer.
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
+# Dies unless each variable named is a positive integer.
+require_positive() {
+    local var
+    for var in "$@"; do
+        if ! is_uint "${!var}" || ((${!var} == 0)); then
+            die "$var must be a positive integer, got '${!var}'"
+        fi
+    done
+}
+
 # Runs a command as the `postgres` system user when we are root (PostgreSQL and
 # PgBouncer refuse to run as root), otherwise as ourselves. It runs in $BENCH_TMP
 # so that the user can always read its working directory.

@@ -4,12 +4,8 @@
 # Markdown table of the medians. `bash benches/pgbench.sh --help` explains it.
 set -euo pipefail
 
-BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_DIR=$(dirname "$BENCH_DIR")
-# shellcheck source=benches/lib.sh
-source "$BENCH_DIR/lib.sh"
 # shellcheck source=benches/harness.sh
-source "$BENCH_DIR/harness.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/harness.sh"
 
 usage() {
     cat <<'EOF'
@@ -106,11 +102,7 @@ KEEP_TMP=${KEEP_TMP:-0}
 RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/results/latest.md}
 export RUST_LOG=${RUST_LOG:-info}
 
-for var in ROUNDS DURATION SCALE CLIENTS CONNECT_CLIENTS THREADS; do
-    if ! is_uint "${!var}" || ((${!var} == 0)); then
-        die "$var must be a positive integer, got '${!var}'"
-    fi
-done
+require_positive ROUNDS DURATION SCALE CLIENTS CONNECT_CLIENTS THREADS
 is_uint "$WARMUP" || die "WARMUP must be a non-negative integer, got '$WARMUP'"
 
 # --- Chart --------------------------------------------------------------------
