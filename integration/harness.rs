@@ -597,6 +597,30 @@ impl Fixture {
     }
 }
 
+/// The clones of source `shop` on `pg` (databases named `shop__*`), by name.
+pub async fn clones(pg: &PgServer) -> Vec<String> {
+    pg.databases()
+        .await
+        .into_iter()
+        .filter(|d| d.starts_with("shop__"))
+        .collect()
+}
+
+/// Writes `note` as row 10 of `items`: a mark to recognise a branch's data by.
+pub async fn mark(c: &Client, note: &str) {
+    c.execute("INSERT INTO items VALUES (10, $1)", &[&note])
+        .await
+        .unwrap();
+}
+
+/// The note [`mark`] wrote on this branch.
+pub async fn mark_of(c: &Client) -> String {
+    c.query_one("SELECT note FROM items WHERE id = 10", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Rows in table `items` (3 in the source `make_source` made).
 pub async fn count(c: &Client) -> i64 {
     try_count(c).await.expect("SELECT count(*) FROM items")
