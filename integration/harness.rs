@@ -1,7 +1,10 @@
 //! Throw-away PostgreSQL clusters and proxy processes for the integration tests.
 //!
 //! Every test gets its own cluster (initdb into a temp dir, a free port) and its own
-//! `offshoot` process, and talks to both with real clients.
+//! `offshoot` process, and talks to both with real clients. Most start from
+//! [`Fixture`]: a server holding database `shop` and a proxy serving it as source
+//! `shop` on either [`Engine`]. Nothing outlives the test process: each test's
+//! directories go with it, the shared template when the process ends.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
