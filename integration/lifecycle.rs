@@ -179,12 +179,7 @@ async fn idle_branches_expire_but_not_while_connected_or_persistent() {
     );
     // A new connection to an expired name makes a fresh clone from the source.
     let again = proxy.connect("shop.brief").await.unwrap();
-    let n: i64 = again
-        .query_one("SELECT count(*) FROM items", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 3);
+    assert_eq!(count(&again).await, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
