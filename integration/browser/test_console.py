@@ -169,10 +169,7 @@ class Suite:
         page = self.page
         self.go("/branches")
         token = self.proxy.token()
-        if token is None:
-            # A server without a token has nothing to log in to: the page is open.
-            expect(page.locator("h1")).to_have_text("Branches")
-            return
+        assert token, "serve made no admin token in the state directory"
         expect(page).to_have_url(re.compile(r"/login\?next=/branches$"))
         page.fill("input[name=token]", "not-the-token")
         page.click("button[type=submit]")
@@ -301,8 +298,6 @@ class Suite:
 
     def test_logout_ends_the_session(self):
         page = self.page
-        if self.proxy.token() is None:
-            return
         self.go("/branches")
         page.click('button[data-action="logout"]')
         expect(page).to_have_url(re.compile(r"/login$"))
@@ -332,36 +327,86 @@ class Suite:
         self.page.screenshot(path=str(SHOTS / name), full_page=True)
 
 
+class ReadOnlySuite:
+    """`admin.public_read = true`: pages and lists without logging in, no actions."""
+
+    def __init__(self, proxy, browser):
+        self.proxy = proxy
+        self.context = browser.new_context(viewport={"width": 1366, "height": 800})
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(10_000)
+
+    def test_read_only_without_login(self):
+        page = self.page
+        self.proxy.psql(self.proxy.url("shop", "ro-1"), "select 1")
+        page.goto(self.proxy.admin + "/branches")
+        expect(page.locator("h1")).to_have_text("Branches")
+        expect(page.locator(".badge")).to_have_text("read-only")
+        expect(page.locator('tr[data-branch="shop.ro-1"]')).to_be_visible()
+        # No form and no buttons for what this visitor may not do.
+        expect(page.locator("#create")).to_have_count(0)
+        page.goto(self.proxy.admin + "/branches/shop/ro-1")
+        expect(page.locator("#conn-psql")).to_have_text(self.proxy.url("shop", "ro-1"))
+        expect(page.locator("button[data-action]")).to_have_count(0)
+        # A write from the page's own origin without a session is refused.
+        status = page.evaluate(
+            """async () => (await fetch('/api/v1/branches/shop/ro-1',
+                {method: 'DELETE', headers: {'Content-Type': 'application/json',
+                 'X-Offshoot-Console': '1'}, body: '{}'})).status"""
+        )
+        assert status == 401, status
+        page.goto(self.proxy.admin + "/branches")
+        expect(page.locator('tr[data-branch="shop.ro-1"]')).to_be_visible()
+
+
+def run_suite(suite_class, proxy, browser):
+    """Runs a suite's tests in order; returns (passed, failed)."""
+    passed = failed = 0
+    suite = suite_class(proxy, browser)
+    for name in [n for n in suite_class.__dict__ if n.startswith("test_")]:
+        test = getattr(suite, name)
+        started = time.time()
+        try:
+            test()
+            passed += 1
+            print(f"ok   {name} ({time.time() - started:.1f} s)", flush=True)
+        except Exception:
+            failed += 1
+            print(f"FAIL {name}", flush=True)
+            traceback.print_exc()
+            where = Path(tempfile.gettempdir()) / f"offshoot-failed-{name}.png"
+            suite.page.screenshot(path=str(where), full_page=True)
+            print(f"     screenshot: {where}", flush=True)
+    suite.context.close()
+    return passed, failed
+
+
 def main():
     if not BIN.exists():
         print(f"{BIN} does not exist: build it first (cargo build)", file=sys.stderr)
         print("0 passed, 1 failed")
         return 1
     passed = failed = 0
-    proxy = Offshoot()
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            suite = Suite(proxy, browser)
-            tests = [getattr(suite, n) for n in Suite.__dict__ if n.startswith("test_")]
-            for test in tests:
-                started = time.time()
-                try:
-                    test()
-                    passed += 1
-                    print(f"ok   {test.__name__} ({time.time() - started:.1f} s)", flush=True)
-                except Exception:
-                    failed += 1
-                    print(f"FAIL {test.__name__}", flush=True)
-                    traceback.print_exc()
-                    where = Path(tempfile.gettempdir()) / f"offshoot-failed-{test.__name__}.png"
-                    suite.page.screenshot(path=str(where), full_page=True)
-                    print(f"     screenshot: {where}", flush=True)
-            browser.close()
-    finally:
-        if failed:
-            print("--- offshoot log (tail) ---\n" + proxy.log_text())
-        proxy.stop()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        for suite_class, env in [
+            (Suite, {}),
+            (ReadOnlySuite, {"OFFSHOOT__ADMIN__PUBLIC_READ": "true"}),
+        ]:
+            try:
+                proxy = Offshoot(env)
+            except Exception:
+                traceback.print_exc()
+                failed += 1
+                continue
+            try:
+                ok, bad = run_suite(suite_class, proxy, browser)
+                passed, failed = passed + ok, failed + bad
+                if bad:
+                    print("--- offshoot log (tail) ---\n" + proxy.log_text())
+            finally:
+                proxy.stop()
+        browser.close()
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 
