@@ -76,6 +76,10 @@ pub struct ProxyConfig {
     /// CancelRequests accepted per second from one client address (bursts of twice
     /// that); more are dropped, so cancel keys cannot be guessed at speed. 0: no limit.
     pub cancel_rate: u32,
+    /// Connections from one client address that may be open without having
+    /// finished authenticating; further ones get 53300, so silent sockets from one
+    /// address cannot lock others out. 0: no limit.
+    pub max_unauthenticated_per_address: usize,
     /// On SIGTERM/Ctrl-C, how long open connections may take to finish before the
     /// proxy exits anyway.
     #[serde(with = "humantime_serde")]
@@ -93,6 +97,7 @@ impl Default for ProxyConfig {
             max_connections: 10_000,
             relay_threads: 0,
             cancel_rate: 10,
+            max_unauthenticated_per_address: 64,
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -190,6 +195,10 @@ pub struct AuthConfig {
     /// Optional file of `"role" "verifier"` lines (PgBouncer's userlist format),
     /// consulted before `query`. Re-read on SIGHUP.
     pub users_file: Option<PathBuf>,
+    /// Stored SCRAM verifiers with more PBKDF2 iterations than this are refused (the
+    /// role fails like a wrong password, and the log says why): a role could
+    /// otherwise make every login cost the proxy, or a client, hours of hashing.
+    pub max_scram_iterations: u32,
 }
 
 impl Default for AuthConfig {
@@ -198,6 +207,7 @@ impl Default for AuthConfig {
             method: AuthMethod::ScramSha256,
             query: DEFAULT_AUTH_QUERY.into(),
             users_file: None,
+            max_scram_iterations: 100_000,
         }
     }
 }

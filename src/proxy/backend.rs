@@ -188,15 +188,29 @@ fn password_message(body: &[u8]) -> BytesMut {
     m
 }
 
+/// How the proxy logs in to a branch server.
+pub struct LoginPolicy {
+    /// The connection is encrypted or local (TLS, Unix socket): only then may a
+    /// cleartext password be sent over it.
+    pub secure: bool,
+    /// `auth.max_scram_iterations`: the most PBKDF2 work a server may ask for.
+    pub max_iterations: u32,
+}
+
 /// Logs in to the server as `user` with what the client proved, and forwards what
 /// follows authentication (ParameterStatus, notices, the proxy's BackendKeyData,
 /// ReadyForQuery) to the client, which has already been sent AuthenticationOk.
+///
+/// A server is believed only once it has proven itself: AuthenticationOk in the
+/// middle of a SCRAM exchange the proxy started (before the server's signature was
+/// checked) ends the login.
 pub async fn login<C, S>(
     client: &mut C,
     server: &mut S,
     startup: &[u8],
     user: &str,
     proven: &Proven,
+    policy: &LoginPolicy,
     mut key: impl FnMut(u32, u32) -> Vec<u8>,
 ) -> io::Result<Outcome>
 where
@@ -207,6 +221,7 @@ where
     let mut buf = BytesMut::with_capacity(4096);
     let mut out = BytesMut::with_capacity(1024);
     let mut exchange: Option<ClientExchange> = None;
+    let mut server_verified = false;
     loop {
         let msg = read_message(server, &mut buf).await?;
         let body = &msg[5..];
@@ -215,7 +230,20 @@ where
                 let code = auth_code(body).ok_or_else(|| login_error("short auth request"))?;
                 let data = &body[4..];
                 match code {
+                    0 if exchange.is_some() && !server_verified => {
+                        return Err(login_error(
+                            "the branch server sent AuthenticationOk before finishing the \
+                             SCRAM exchange (it never proved it holds the role's verifier)",
+                        ));
+                    }
                     0 => {}
+                    3 if !policy.secure => {
+                        return Err(login_error(
+                            "the branch server asks for a cleartext password over an \
+                             unencrypted connection, which the proxy never sends; let the \
+                             server use scram-sha-256, or set server_tls",
+                        ));
+                    }
                     3 => {
                         let pw = proven.password.as_deref().ok_or_else(|| {
                             login_error(
@@ -268,17 +296,37 @@ where
                         exchange = Some(ex);
                     }
                     11 => {
-                        let ex = exchange
-                            .as_mut()
+                        let mut ex = exchange
+                            .take()
                             .ok_or_else(|| login_error("SASL continue without a SASL start"))?;
                         let sf = std::str::from_utf8(data)
-                            .map_err(|_| login_error("server-first-message is not UTF-8"))?;
-                        // With a known password the server's own salt is used; with a
-                        // ClientKey the server must hold the verifier it came from.
-                        let pw = proven.password.as_deref();
-                        let fin = ex
-                            .client_final(sf, pw)
-                            .map_err(|e| login_error(e.to_string()))?;
+                            .map_err(|_| login_error("server-first-message is not UTF-8"))?
+                            .to_owned();
+                        // With a known password the server's own salt and iteration
+                        // count are used (bounded, and hashed off the relay thread);
+                        // with a ClientKey the server must hold the verifier it came
+                        // from.
+                        let pw = proven.password.clone();
+                        if pw.is_some() {
+                            let asked = scram::parse_server_first(&sf)
+                                .map_err(|e| login_error(e.to_string()))?
+                                .iterations;
+                            if asked > policy.max_iterations {
+                                return Err(login_error(format!(
+                                    "the branch server asks for {asked} SCRAM iterations, more \
+                                     than auth.max_scram_iterations ({})",
+                                    policy.max_iterations
+                                )));
+                            }
+                        }
+                        let (ex, fin) = tokio::task::spawn_blocking(move || {
+                            let fin = ex.client_final(&sf, pw.as_deref());
+                            (ex, fin)
+                        })
+                        .await
+                        .map_err(|_| login_error("the SCRAM computation failed"))?;
+                        let fin = fin.map_err(|e| login_error(e.to_string()))?;
+                        exchange = Some(ex);
                         server.write_all(&password_message(fin.as_bytes())).await?;
                     }
                     12 => {
@@ -290,6 +338,7 @@ where
                         ex.verify_server(sf).map_err(|e| {
                             login_error(format!("the branch server failed SCRAM: {e}"))
                         })?;
+                        server_verified = true;
                     }
                     other => {
                         return Err(login_error(format!(
