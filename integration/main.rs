@@ -9,6 +9,7 @@ mod embedded;
 mod faults;
 mod instance;
 mod lifecycle;
+mod preauth;
 mod protocol;
 mod routing;
 mod snapshots;

@@ -356,3 +356,130 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::DuplexStream;
+
+    fn auth_request(code: u32, data: &[u8]) -> Vec<u8> {
+        let mut m = vec![b'R'];
+        m.extend_from_slice(&((8 + data.len()) as u32).to_be_bytes());
+        m.extend_from_slice(&code.to_be_bytes());
+        m.extend_from_slice(data);
+        m
+    }
+
+    /// Reads one length-prefixed message (after an optional type byte).
+    async fn read_frame(s: &mut DuplexStream, typed: bool) -> Option<Vec<u8>> {
+        let mut head = vec![0u8; if typed { 5 } else { 4 }];
+        s.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes(head[head.len() - 4..].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await.ok()?;
+        head.extend(body);
+        Some(head)
+    }
+
+    /// Runs `login` against a scripted server; returns its result and what the
+    /// server received after the startup packet.
+    async fn login_against(
+        script: Vec<Vec<u8>>,
+        proven: Proven,
+        secure: bool,
+    ) -> (io::Result<Outcome>, Vec<Vec<u8>>) {
+        let (mut proxy_side, mut server) = tokio::io::duplex(64 * 1024);
+        let server_task = tokio::spawn(async move {
+            read_frame(&mut server, false).await.expect("startup");
+            let mut received = Vec::new();
+            for msg in script {
+                server.write_all(&msg).await.unwrap();
+                if msg[0] == b'R' && matches!(msg[8], 3 | 5 | 10 | 11) {
+                    match read_frame(&mut server, true).await {
+                        Some(m) => received.push(m),
+                        None => break,
+                    }
+                }
+            }
+            received
+        });
+        let mut client = Vec::new();
+        let policy = LoginPolicy {
+            secure,
+            max_iterations: 10_000,
+        };
+        let result = login(
+            &mut client,
+            &mut proxy_side,
+            &[0, 0, 0, 8, 0, 3, 0, 0],
+            "app",
+            &proven,
+            &policy,
+            |_, _| Vec::new(),
+        )
+        .await;
+        drop(proxy_side);
+        (result, server_task.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn authentication_ok_before_the_scram_exchange_ends_is_refused() {
+        let proven = Proven {
+            client_key: Some([1; scram::KEY_LEN]),
+            server_key: Some([2; scram::KEY_LEN]),
+            password: None,
+        };
+        let script = vec![
+            auth_request(10, b"SCRAM-SHA-256\0\0"),
+            auth_request(0, b""),
+            b"Z\0\0\0\x05I".to_vec(),
+        ];
+        let (result, received) = login_against(script, proven, true).await;
+        let err = result.err().expect("refused");
+        assert!(err.to_string().contains("before finishing"), "{err}");
+        assert_eq!(received.len(), 1, "only the SASLInitialResponse was sent");
+    }
+
+    #[tokio::test]
+    async fn cleartext_goes_only_over_a_secure_connection() {
+        let proven = || Proven {
+            client_key: None,
+            server_key: None,
+            password: Some("app-secret".into()),
+        };
+        let script = || {
+            vec![
+                auth_request(3, b""),
+                auth_request(0, b""),
+                b"Z\0\0\0\x05I".to_vec(),
+            ]
+        };
+        let (result, received) = login_against(script(), proven(), false).await;
+        let err = result.err().expect("refused over plain TCP");
+        assert!(err.to_string().contains("unencrypted"), "{err}");
+        assert!(received.is_empty(), "the password was never sent");
+        let (result, received) = login_against(script(), proven(), true).await;
+        assert!(matches!(result, Ok(Outcome::Ready)));
+        assert_eq!(received[0][5..], *b"app-secret\0");
+    }
+
+    #[tokio::test]
+    async fn a_server_asking_for_too_many_iterations_is_refused() {
+        let proven = Proven {
+            client_key: None,
+            server_key: None,
+            password: Some("app-secret".into()),
+        };
+        // The nonce cannot be known in advance; the check comes before it is used.
+        let script = vec![
+            auth_request(10, b"SCRAM-SHA-256\0\0"),
+            auth_request(11, b"r=x,s=c2FsdA==,i=2000000000"),
+        ];
+        let (result, _) = login_against(script, proven, true).await;
+        let err = result.err().expect("refused");
+        assert!(
+            err.to_string().contains("2000000000 SCRAM iterations"),
+            "{err}"
+        );
+    }
+}
