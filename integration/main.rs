@@ -5,11 +5,14 @@ mod harness;
 
 mod admin;
 mod auth;
+mod config;
 mod embedded;
 mod faults;
 mod instance;
+mod invariants;
 mod lifecycle;
 mod preauth;
 mod protocol;
 mod routing;
 mod snapshots;
+mod versions;

@@ -1,4 +1,5 @@
-//! The HTTP side: `/metrics`, `/healthz` and the branch API under `/api/v1`.
+//! The HTTP side: `/metrics`, `/healthz` and the branch API under `/api/v1`; the
+//! web console (`crate::console`) is mounted beside them, behind the same gate.
 //!
 //! It has no authentication of its own: bind it to loopback or a private network.
 
@@ -251,15 +252,8 @@ async fn delete_snapshot(
     Path((source, name)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
     let src = source_of(&s, &source)?;
-    let users = s.registry.snapshot_users(&src.name, &name);
-    if !users.is_empty() {
-        return Err(SnapshotError::InUse {
-            name,
-            branches: users.join(", "),
-        }
-        .into());
-    }
-    src.engine.delete_snapshot(&name).await?;
+    // The registry refuses a snapshot in use, under the lock that starts creations.
+    s.registry.delete_snapshot(&src.name, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -274,12 +268,12 @@ async fn sources(State(s): State<AppState>) -> impl IntoResponse {
         .map(|src| {
             json!({
                 "name": src.name.as_str(),
-                "engine": src.config.engine,
+                "engine": src.config.engine.kind(),
                 "database": src.config.database_name(src.name.as_str()),
                 "default_branch": src.config.default_branch,
                 "idle_expire": src.config.idle_expire.map(|d| humantime::format_duration(d).to_string()),
                 "max_branches": src.config.max_branches,
-                "suspend_after": src.engine.servers().is_some().then(|| src.config.suspend_after.map(|d| humantime::format_duration(d).to_string())).flatten(),
+                "suspend_after": src.engine.servers().is_some().then(|| src.config.suspend_after().map(|d| humantime::format_duration(d).to_string())).flatten(),
                 "persistent": src.config.persistent,
             })
         })
@@ -326,6 +320,7 @@ pub async fn serve(
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     provision_timeout: Duration,
+    console: Arc<crate::console::Console>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let state = AppState {
@@ -333,7 +328,11 @@ pub async fn serve(
         metrics,
         provision_timeout,
     };
-    axum::serve(listener, router(state))
+    let gate = console.gate.clone();
+    let app = router(state).merge(crate::console::router(console)).layer(
+        axum::middleware::from_fn_with_state(gate, crate::console::session::check),
+    );
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

@@ -16,10 +16,10 @@ use crate::branch::engine::Engine;
 use crate::branch::reaper;
 use crate::branch::store::Store;
 use crate::branch::{Registry, Source};
-use crate::config::{Config, EngineKind, RouteBy, TlsConfig};
+use crate::clock::Clock;
+use crate::config::{Config, EngineConfig, RouteBy, TlsConfig};
 use crate::embedded::Embedded;
 use crate::metrics::Metrics;
-use crate::names::SourceName;
 use crate::proxy::{listener, tls, Access, AuthMethods, ClientTls, Proxy};
 
 /// Runs the proxy until `shutdown` is cancelled, then drains and stops.
@@ -56,16 +56,17 @@ async fn serve(
     embedded: Option<&Embedded>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    // The one clock of the control plane: the registry, the reaper and the engines.
+    let clock = Clock::system();
     let mut sources = Vec::new();
     let mut auth_servers = Vec::new();
     let mut upstreams = std::collections::HashMap::new();
-    let clock = crate::clock::Clock::system();
     for (name, scfg) in &cfg.sources {
         let upstream = crate::upstream::Upstream::new(scfg.server_tls, scfg.server_ca.as_deref())
             .with_context(|| format!("sources.{name}"))?;
-        let db = scfg.database_name(name).to_owned();
-        let server = match (&scfg.server, embedded) {
-            (Some(s), _) => s.clone(),
+        let db = scfg.database_name(name.as_str()).to_owned();
+        let server = match (scfg.server(), embedded) {
+            (Some(s), _) => s.to_owned(),
             (None, Some(e)) if scfg.uses_embedded() => {
                 e.ensure_database(&db, scfg.seed_demo)
                     .await
@@ -76,44 +77,48 @@ async fn serve(
             (None, _) => unreachable!("the embedded server runs when a source needs it"),
         };
         auth_servers.push((
-            name.clone(),
+            name.to_string(),
             // Roles of an instance source are those of the server its snapshots
             // come from.
             scfg.auth_server
                 .clone()
-                .or_else(|| scfg.upstream.clone())
+                .or_else(|| scfg.upstream().map(str::to_owned))
                 .unwrap_or_else(|| server.clone()),
             upstream.clone(),
         ));
-        let engine: Arc<dyn Engine> = match scfg.engine {
-            EngineKind::Instance => {
-                let source = SourceName::new(name).map_err(|e| anyhow!("sources.{name}: {e}"))?;
+        let engine: Arc<dyn Engine> = match &scfg.engine {
+            EngineConfig::Instance(icfg) => {
                 let embedded_conn = scfg.uses_embedded().then(|| server.clone());
                 let bin = crate::pg::PgBin::find(cfg.embedded.bin_dir.as_deref())?;
-                let (scfg, state_dir) = (scfg.clone(), state_dir.to_path_buf());
+                let (source, db, icfg) = (name.clone(), db.clone(), icfg.clone());
+                let state_dir = state_dir.to_path_buf();
                 let clock = clock.clone();
                 tokio::task::spawn_blocking(move || {
-                    instance::build(&source, &scfg, embedded_conn, bin, &state_dir, clock)
+                    instance::build(&source, &db, &icfg, embedded_conn, bin, &state_dir, clock)
                 })
                 .await??
             }
-            EngineKind::Database => {
+            EngineConfig::Database(_) => {
                 let engine = DatabaseEngine::new(&server, &db, &upstream, clock.clone())
                     .map_err(|e| anyhow!("sources.{name}.server: {e}"))?
-                    .for_source(name);
+                    .for_source(name.as_str());
                 if let Err(e) = engine.check_template().await {
                     warn!(source = %name, error = %e, "source is not usable yet; clients will get this error");
                 }
                 Arc::new(engine)
             }
         };
-        let name = SourceName::new(name).map_err(|e| anyhow!("sources.{name}: {e}"))?;
         upstreams.insert(name.to_string(), upstream);
-        sources.push(Source::new(name, scfg.clone(), engine));
+        sources.push(Source::new(name.clone(), scfg.clone(), engine));
     }
 
     let store = Store::open(state_dir).context("state.dir: branch records")?;
-    let registry = Arc::new(Registry::new(sources, store, metrics.clone()));
+    let registry = Arc::new(Registry::new(
+        sources,
+        store,
+        metrics.clone(),
+        clock.clone(),
+    ));
     registry.adopt().await.context("reading branch records")?;
 
     let tls = match (&cfg.tls.cert, &cfg.tls.key) {
@@ -147,6 +152,23 @@ async fn serve(
     let tasks = CancellationToken::new();
     let mut handles = Vec::new();
     if cfg.admin.enabled {
+        let history = Arc::new(crate::history::History::new(HISTORY_SAMPLES));
+        handles.push(
+            tokio::spawn(crate::console::record_history(
+                registry.clone(),
+                metrics.clone(),
+                history.clone(),
+                HISTORY_EVERY,
+                tasks.clone(),
+            ))
+            .abort_handle(),
+        );
+        let console = Arc::new(crate::console::Console {
+            registry: registry.clone(),
+            history,
+            reach: reach(cfg, embedded),
+            gate: Arc::new(crate::console::Gate::new(None, false)),
+        });
         let admin = crate::admin::bind(cfg.admin.listen).await?;
         info!(addr = %cfg.admin.listen, "admin HTTP listening");
         handles.push(
@@ -155,6 +177,7 @@ async fn serve(
                 registry.clone(),
                 metrics.clone(),
                 cfg.proxy.provision_timeout,
+                console,
                 tasks.clone(),
             ))
             .abort_handle(),
@@ -230,6 +253,33 @@ async fn reload_on_sighup(tls_cfg: TlsConfig, proxy: Arc<Proxy>) {
     }
 }
 
+/// The console's charts: one sample every 10 s, an hour of them.
+const HISTORY_EVERY: Duration = Duration::from_secs(10);
+const HISTORY_SAMPLES: usize = 360;
+
+/// Where clients reach the proxy, for the console's connection strings.
+fn reach(cfg: &Config, embedded: Option<&Embedded>) -> crate::console::Reach {
+    crate::console::Reach {
+        addr: client_addr(cfg.proxy.listen),
+        route_by: cfg.proxy.route_by,
+        separator: cfg.proxy.separator.clone(),
+        user: embedded.map_or("postgres", |e| e.user.as_str()).to_owned(),
+    }
+}
+
+/// A wildcard listener is reached through some concrete address; loopback works
+/// on the machine itself.
+fn client_addr(mut addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    addr
+}
+
 /// Tells a new user how to connect.
 fn announce(cfg: &Config, embedded: Option<&Embedded>) {
     let Some((name, _)) = cfg.sources.iter().next() else {
@@ -238,16 +288,7 @@ fn announce(cfg: &Config, embedded: Option<&Embedded>) {
     };
     let user = embedded.map_or("postgres", |e| e.user.as_str());
     let sep = &cfg.proxy.separator;
-    // A wildcard listener is reached through some concrete address; loopback works
-    // on the machine itself.
-    let mut addr = cfg.proxy.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
+    let addr = client_addr(cfg.proxy.listen);
     let url = match cfg.proxy.route_by {
         RouteBy::Database => format!("postgres://{user}@{addr}/{name}{sep}pr-42"),
         RouteBy::User => format!("postgres://{user}{sep}pr-42@{addr}/{name}"),

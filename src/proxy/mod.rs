@@ -107,7 +107,7 @@ impl AuthMethods {
         let by_source: HashMap<String, AuthMethod> = cfg
             .sources
             .keys()
-            .map(|name| (name.to_string(), cfg.auth_method(Some(name))))
+            .map(|name| (name.to_string(), cfg.auth_method(Some(name.as_str()))))
             .collect();
         let mut named: Vec<(&String, &AuthMethod)> = by_source.iter().collect();
         named.sort_by_key(|(name, _)| *name);
