@@ -266,6 +266,40 @@ class Suite:
         self.go("/branches/shop/qa-ui")
         expect(page.locator("main")).to_contain_text("does not exist")
 
+    def test_force_delete_of_a_branch_in_use(self):
+        page = self.page
+        url = self.proxy.url("shop", "busy")
+        session = subprocess.Popen(
+            ["psql", url, "-XAtc", "select pg_sleep(120)"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            self.go("/branches/shop/busy")
+            # The page may open before the session's branch exists.
+            deadline = time.time() + SLOW_MS / 1000
+            while "does not exist" in page.inner_text("main") and time.time() < deadline:
+                page.wait_for_timeout(200)
+                self.go("/branches/shop/busy")
+            expect(page.locator('[data-field="connections"]')).to_have_text("1")
+            accept_dialog(page, "shop.busy", lambda: page.click('button[data-action="delete"]'))
+            expect(page.locator(".actions .error")).to_contain_text("connection")
+            accept_dialog(
+                page,
+                "terminate",
+                lambda: page.click('button[data-action="force-delete"]'),
+            )
+            expect(page.locator('[data-field="state"]')).to_have_text(
+                "deleted", timeout=SLOW_MS
+            )
+            session.wait(timeout=30)
+            assert session.returncode != 0, "the open session survived a forced delete"
+        finally:
+            if session.poll() is None:
+                session.kill()
+                session.wait()
+
     def test_suspend_an_instance_branch(self):
         page = self.page
         # An instance branch has a server of its own, which suspend stops.

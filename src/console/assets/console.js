@@ -181,20 +181,27 @@ if (detail) {
       const action = ev.target.dataset && ev.target.dataset.action;
       if (!action) return;
       out.textContent = "";
-      const question = action === "delete"
-        ? `Delete branch ${name}? Its data is removed for good.`
-        : `Suspend branch ${name}? Its server stops; the next connection starts it again.`;
-      if (!confirm(question)) return;
+      const questions = {
+        delete: `Delete branch ${name}? Its data is removed for good.`,
+        "force-delete": `Delete branch ${name} and terminate its open sessions? Its data is removed for good.`,
+        suspend: `Suspend branch ${name}? Its server stops; the next connection starts it again.`,
+      };
+      if (!confirm(questions[action])) return;
       ev.target.disabled = true;
       try {
-        if (action === "delete") {
-          await api("DELETE", url);
-          vanished();
-        } else {
+        if (action === "suspend") {
           show(await api("POST", url + "/suspend"));
+        } else {
+          await api("DELETE", action === "force-delete" ? url + "?force=true" : url);
+          vanished();
         }
       } catch (e) {
         out.textContent = e.message;
+        // Open sessions keep a branch; offer to end them, as the API can.
+        if (action === "delete" && e.status === 409 && !actions.querySelector('[data-action="force-delete"]')) {
+          const force = el("button", { class: "danger", "data-action": "force-delete" }, "Delete and terminate sessions");
+          ev.target.after(" ", force);
+        }
       } finally {
         if (!gone) ev.target.disabled = false;
       }
