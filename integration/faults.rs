@@ -644,8 +644,7 @@ async fn no_room_for_the_clones_files_fails_with_53100_and_leaves_nothing() {
         assert_eq!(d.disk.inodes_used(), inodes, "no files left");
     }
     assert_eq!(
-        d.proxy
-            .metric("offshoot_errors_total{kind=\"provision_failed\"}"),
+        d.proxy.metric("offshoot_errors_total{kind=\"disk_full\"}"),
         2.0
     );
 

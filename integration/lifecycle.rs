@@ -208,7 +208,8 @@ async fn interrupted_creation_is_settled_on_restart() {
     .unwrap();
     proxy.kill9_and_restart();
     let (status, body) = proxy.api("DELETE", "/api/v1/branches/shop/foreign?force=true", None);
-    assert_eq!(status, 502, "{body}");
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains(r#""kind":"conflict""#), "{body}");
     assert!(body.contains("marker"), "{body}");
     assert!(pg.databases().await.contains(&"shop__foreign".to_string()));
     let (status, _) = proxy.api("DELETE", "/api/v1/branches/shop/half", None);

@@ -446,7 +446,7 @@ impl Registry {
         }
         ProvisionError::Engine {
             id: id.clone(),
-            err: EngineError::new("the creation was interrupted; try again"),
+            err: EngineError::failed("the creation was interrupted; try again"),
         }
     }
 
@@ -466,7 +466,7 @@ impl Registry {
             .get(&id.source)
             .ok_or_else(|| ProvisionError::Engine {
                 id: id.clone(),
-                err: EngineError::new("source is not configured"),
+                err: EngineError::NotFound("source is not configured".into()),
             })?;
         let mut map = self.lock();
         if let Some(entry) = map.get_mut(id) {
@@ -572,7 +572,7 @@ impl Registry {
         let started = Instant::now();
         info!(branch = %id, clone = %record.clone_name, "creating branch");
         let result = match self.store.save(&record) {
-            Err(e) => Err(EngineError::new(format!("cannot write branch record: {e}"))),
+            Err(e) => Err(EngineError::io("cannot write the branch record", e)),
             Ok(()) => source.engine.create(&record).await,
         };
         let mut made = false;
@@ -589,7 +589,7 @@ impl Registry {
             record.state = RecordState::Ready;
             self.store
                 .save(&record)
-                .map_err(|e| EngineError::new(format!("cannot write branch record: {e}")))
+                .map_err(|e| EngineError::io("cannot write the branch record", e))
         });
         // The clone exists: start its server (engines without one return at once).
         let result = match result {
@@ -1121,7 +1121,7 @@ pub(crate) mod tests {
             self.creates.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(self.delay).await;
             if let Some(msg) = self.fail_with.lock().unwrap().clone() {
-                return Err(EngineError::new(msg));
+                return Err(EngineError::failed(msg));
             }
             self.clones.lock().unwrap().insert(rec.clone_name.clone());
             Ok(Made {
@@ -1167,7 +1167,7 @@ pub(crate) mod tests {
             self.starts.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(self.start_delay).await;
             if let Some(msg) = self.fail_start.lock().unwrap().clone() {
-                return Err(EngineError::new(msg));
+                return Err(EngineError::failed(msg));
             }
             self.running.lock().unwrap().insert(rec.clone_name.clone());
             Ok(())

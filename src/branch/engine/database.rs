@@ -21,9 +21,7 @@ use tokio_postgres::Client;
 use tracing::warn;
 
 use super::naming::{fit_ident, new_snapshot_name, snapshot_time, valid_snapshot_name};
-use super::{
-    snapshot_missing, Endpoint, Engine, Made, Recovered, ServerAddr, SnapshotError, SnapshotInfo,
-};
+use super::{snapshot_missing, Endpoint, Engine, Made, Recovered, ServerAddr, SnapshotInfo};
 use crate::branch::store::BranchRecord;
 use crate::clock::Clock;
 use crate::error::EngineError;
@@ -72,7 +70,7 @@ impl DatabaseEngine {
     ) -> Result<Self, EngineError> {
         let mut admin: tokio_postgres::Config = server
             .parse()
-            .map_err(|e| EngineError::new(format!("bad server connection string: {e}")))?;
+            .map_err(|e| EngineError::failed(format!("bad server connection string: {e}")))?;
         // Never administer from inside the template: one session there blocks cloning.
         let dbname = match admin.get_dbname() {
             Some(db) if db != template => db.to_owned(),
@@ -180,7 +178,7 @@ impl DatabaseEngine {
             .ddl_slots
             .acquire()
             .await
-            .map_err(|_| EngineError::new("engine is shutting down"))?;
+            .map_err(|_| EngineError::failed("the engine is shutting down"))?;
         let client = self.upstream.pg_connect(&self.admin, "DDL").await?;
         Ok((client, permit))
     }
@@ -235,13 +233,10 @@ impl DatabaseEngine {
     /// Ensures the template exists, so a missing source gives a clear error.
     pub async fn check_template(&self) -> Result<(), EngineError> {
         if self.lookup(&self.template).await?.is_none() {
-            return Err(EngineError {
-                code: Some("3D000".into()),
-                message: format!(
-                    "source database \"{}\" does not exist on the server",
-                    self.template
-                ),
-            });
+            return Err(EngineError::NotFound(format!(
+                "source database \"{}\" does not exist on the server",
+                self.template
+            )));
         }
         Ok(())
     }
@@ -326,11 +321,13 @@ impl Engine for DatabaseEngine {
                     .await?;
                 Ok(Recovered::Complete)
             }
-            Some(other) => Err(EngineError::new(format!(
-                "database \"{}\" exists but belongs to something else (comment {other:?}); \
-                 leaving it alone",
-                rec.clone_name
-            ))),
+            Some(other) => Err(EngineError::conflict(
+                format!(
+                    "database \"{}\" exists but belongs to something else; leaving it alone",
+                    rec.clone_name
+                ),
+                Some(format!("comment {other:?}")),
+            )),
         }
     }
 
@@ -343,11 +340,13 @@ impl Engine for DatabaseEngine {
             None => return Ok(()),
             Some(c) if c == Self::marker(&rec.id()) => {}
             Some(c) => {
-                return Err(EngineError::new(format!(
-                    "refusing to drop database \"{}\": it does not carry offshoot's marker \
-                     (comment {c:?})",
-                    rec.clone_name
-                )))
+                return Err(EngineError::conflict(
+                    format!(
+                        "refusing to drop database \"{}\": it does not carry offshoot's marker",
+                        rec.clone_name
+                    ),
+                    Some(format!("comment {c:?}")),
+                ))
             }
         }
         let (client, _slot) = self.ddl_session().await?;
@@ -396,7 +395,7 @@ impl Engine for DatabaseEngine {
             .collect()
     }
 
-    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>, SnapshotError> {
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>, EngineError> {
         Ok(self
             .snapshot_dbs()
             .await?
@@ -405,7 +404,7 @@ impl Engine for DatabaseEngine {
             .collect())
     }
 
-    async fn take_snapshot(&self) -> Result<SnapshotInfo, SnapshotError> {
+    async fn take_snapshot(&self) -> Result<SnapshotInfo, EngineError> {
         let _one = self.taking.lock().await;
         let existing = self.snapshot_dbs().await?;
         let name = new_snapshot_name(self.clock.now(), |n| existing.iter().any(|s| s.name == n));
@@ -417,8 +416,7 @@ impl Engine for DatabaseEngine {
                 "CREATE DATABASE {db} TEMPLATE {}",
                 quote_ident(&self.template)
             ))
-            .await
-            .map_err(EngineError::from)?;
+            .await?;
         // Marked, and closed to clients: nobody's session can block a clone of it.
         let seal = format!(
             "COMMENT ON DATABASE {db} IS {}; ALTER DATABASE {db} ALLOW_CONNECTIONS false",
@@ -431,7 +429,7 @@ impl Engine for DatabaseEngine {
             {
                 warn!(database = %datname, error = %drop_err, "could not remove an unmarked snapshot");
             }
-            return Err(EngineError::from(e).into());
+            return Err(e.into());
         }
         let size_bytes = client
             .query_one(
@@ -449,18 +447,17 @@ impl Engine for DatabaseEngine {
         }))
     }
 
-    async fn delete_snapshot(&self, name: &str) -> Result<(), SnapshotError> {
+    async fn delete_snapshot(&self, name: &str) -> Result<(), EngineError> {
         let _one = self.taking.lock().await;
         let snapshots = self.snapshot_dbs().await?;
         let snap = snapshots
             .iter()
             .find(|s| s.name == name)
-            .ok_or_else(|| SnapshotError::NotFound(name.to_owned()))?;
+            .ok_or_else(|| snapshot_missing(&self.source, name))?;
         let (client, _slot) = self.ddl_session().await?;
         client
             .batch_execute(&format!("DROP DATABASE {}", quote_ident(&snap.datname)))
-            .await
-            .map_err(EngineError::from)?;
+            .await?;
         tracing::info!(source = %self.source, snapshot = name, "snapshot deleted");
         Ok(())
     }
