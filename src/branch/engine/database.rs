@@ -20,7 +20,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::Client;
 use tracing::warn;
 
-use super::naming::{fit_ident, new_snapshot_name, snapshot_time, valid_snapshot_name};
+use super::naming::{fit_ident, fnv64, new_snapshot_name, snapshot_time, valid_snapshot_name};
 use super::{snapshot_missing, Endpoint, Engine, Made, Recovered, ServerAddr, SnapshotInfo};
 use crate::branch::store::BranchRecord;
 use crate::clock::Clock;
@@ -51,6 +51,8 @@ pub struct DatabaseEngine {
     taking: Mutex<()>,
     /// Snapshot names.
     clock: Clock,
+    /// `server_version_num` of the source's server, read once.
+    server_version: tokio::sync::OnceCell<i32>,
 }
 
 /// A snapshot database found on the server.
@@ -100,6 +102,7 @@ impl DatabaseEngine {
             ddl_slots: tokio::sync::Semaphore::new(PARALLEL_DDL),
             taking: Mutex::new(()),
             clock,
+            server_version: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -230,6 +233,55 @@ impl DatabaseEngine {
         Ok(())
     }
 
+    /// `CREATE DATABASE` options after `TEMPLATE`: on PostgreSQL 15 and later the
+    /// file-by-file strategy (on failure, a full disk included, the server removes
+    /// what it copied; the WAL_LOG strategy of 15 can leave the copied files
+    /// behind); empty before 15, where that is the only way and `OID` is not taken.
+    async fn copy_options(&self) -> Result<&'static str, EngineError> {
+        let version = self
+            .server_version
+            .get_or_try_init(|| async {
+                let client = self.client().await?;
+                let row = client
+                    .query_one("SELECT current_setting('server_version_num')::int", &[])
+                    .await?;
+                Ok::<i32, EngineError>(row.get(0))
+            })
+            .await?;
+        Ok(if *version >= 150_000 {
+            " STRATEGY FILE_COPY"
+        } else {
+            ""
+        })
+    }
+
+    /// The OID of database `name`, if it exists.
+    async fn oid_of(&self, name: &str) -> Result<Option<u32>, EngineError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT oid FROM pg_database WHERE datname = $1", &[&name])
+            .await?;
+        Ok(row.map(|r| r.get::<_, u32>(0)))
+    }
+
+    /// A failed `CREATE DATABASE` of `rec`'s clone, in words for people.
+    fn create_error(&self, rec: &BranchRecord, e: tokio_postgres::Error) -> EngineError {
+        if e.as_db_error()
+            .is_some_and(|db| db.code() == &tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+        {
+            return EngineError::conflict(
+                format!(
+                    "a database named \"{}\" already exists, and the proxy did not make it; \
+                     drop or rename it to use branch {} (see /api/v1/orphans)",
+                    rec.clone_name,
+                    rec.id()
+                ),
+                None,
+            );
+        }
+        e.into()
+    }
+
     /// Ensures the template exists, so a missing source gives a clear error.
     pub async fn check_template(&self) -> Result<(), EngineError> {
         if self.lookup(&self.template).await?.is_none() {
@@ -240,6 +292,32 @@ impl DatabaseEngine {
         }
         Ok(())
     }
+}
+
+/// The OIDs a creation of `rec` gives its clone, in the order tried: derived from
+/// what the record held before `CREATE DATABASE` ran (the branch and the creation's
+/// time), so after a crash an unmarked database under that name is provably the
+/// proxy's exactly when its OID is one of these. Above the range initdb uses.
+fn clone_oids(rec: &BranchRecord) -> [u32; 3] {
+    const FIRST_NORMAL_OID: u64 = 16_384;
+    let span = u64::from(u32::MAX) - FIRST_NORMAL_OID;
+    let mut oids = [0; 3];
+    for (k, oid) in oids.iter_mut().enumerate() {
+        let h = fnv64(&format!(
+            "{}/{}@{}#{k}",
+            rec.source, rec.branch, rec.created_at
+        ));
+        *oid = (FIRST_NORMAL_OID + h % span) as u32;
+    }
+    oids
+}
+
+/// Whether a `CREATE DATABASE ... OID n` failed only because `n` is in use.
+fn oid_taken(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        db.code() == &tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE
+            && db.message().contains("OID")
+    })
 }
 
 /// `<template>@<snapshot>`, the template shortened with a hash when the whole is over
@@ -272,14 +350,45 @@ impl Engine for DatabaseEngine {
             None => snapshots.last(),
         };
         let template = from.map_or(self.template.as_str(), |s| s.datname.as_str());
+        let copy = self.copy_options().await?;
         let (client, _slot) = self.ddl_session().await?;
         let clone = quote_ident(&rec.clone_name);
-        client
-            .batch_execute(&format!(
-                "CREATE DATABASE {clone} TEMPLATE {}",
+        let create = |oid: Option<u32>| {
+            let oid = oid.map(|o| format!(" OID {o}")).unwrap_or_default();
+            format!(
+                "CREATE DATABASE {clone} TEMPLATE {}{copy}{oid}",
                 quote_ident(template)
-            ))
-            .await?;
+            )
+        };
+        // The OID is the proof of ownership until the marker is written: it is
+        // derived from the record, which was saved before this statement.
+        let mut made = false;
+        if copy.is_empty() {
+            client.batch_execute(&create(None)).await.map_err(|e| self.create_error(rec, e))?;
+            made = true;
+        } else {
+            for oid in clone_oids(rec) {
+                match client.batch_execute(&create(Some(oid))).await {
+                    Ok(()) => {
+                        made = true;
+                        break;
+                    }
+                    // Taken by another database (or its leftover directory): the next.
+                    Err(e) if oid_taken(&e) => continue,
+                    Err(e) => return Err(self.create_error(rec, e)),
+                }
+            }
+        }
+        if !made {
+            // Every derived OID is taken (vanishingly rare): made without one, the
+            // clone is provably ours once marked, and left alone if a crash comes
+            // first.
+            warn!(clone = %rec.clone_name, "every derived OID is taken; creating without one");
+            client
+                .batch_execute(&create(None))
+                .await
+                .map_err(|e| self.create_error(rec, e))?;
+        }
         let comment = format!(
             "COMMENT ON DATABASE {clone} IS {}",
             quote_literal(&Self::marker(&rec.id()))
@@ -309,8 +418,19 @@ impl Engine for DatabaseEngine {
             None => Ok(Recovered::Absent),
             Some(comment) if comment == Self::marker(&rec.id()) => Ok(Recovered::Complete),
             Some(comment) if comment.is_empty() => {
-                // CREATE DATABASE is atomic: it exists, so it is complete. The record
-                // was written before it, under a name that did not exist then.
+                // CREATE DATABASE is atomic: it exists, so it is complete. It is ours
+                // only if it has an OID this record's creation would have given it;
+                // a database someone else made under that name is left alone.
+                let oid = self.oid_of(&rec.clone_name).await?;
+                if !oid.is_some_and(|o| clone_oids(rec).contains(&o)) {
+                    warn!(
+                        clone = %rec.clone_name,
+                        oid,
+                        "an unmarked database holds the name of an interrupted creation, \
+                         and nothing proves the proxy made it: leaving it alone"
+                    );
+                    return Ok(Recovered::Absent);
+                }
                 let client = self.client().await?;
                 client
                     .batch_execute(&format!(
@@ -370,27 +490,30 @@ impl Engine for DatabaseEngine {
     }
 
     async fn strays(&self) -> Vec<(String, String)> {
-        // Snapshot databases whose marker never got written (a proxy killed during
-        // `snapshot create`): named like ours, but not provably ours.
+        // Databases named like this source's snapshots or clones whose marker never
+        // got written (a proxy killed mid-creation, or someone else's): not provably
+        // ours, so reported and left alone.
         let Ok(client) = self.client().await else {
             return Vec::new();
         };
         let rows = client
             .query(
-                "SELECT datname::text FROM pg_database \
-                 WHERE coalesce(shobj_description(oid, 'pg_database'), '') \
-                       NOT LIKE 'offshoot-snapshot:%' \
-                   AND starts_with(datname::text, $1)",
-                &[&format!("{}@", self.template)],
+                "SELECT datname::text, starts_with(datname::text, $1) FROM pg_database \
+                 WHERE coalesce(shobj_description(oid, 'pg_database'), '') NOT LIKE 'offshoot%' \
+                   AND (starts_with(datname::text, $1) OR starts_with(datname::text, $2))",
+                &[&format!("{}@", self.template), &format!("{}__", self.template)],
             )
             .await
             .unwrap_or_default();
         rows.iter()
             .map(|r| {
-                (
-                    r.get::<_, String>(0),
-                    "named like a snapshot of this source but not marked as one".to_owned(),
-                )
+                let reason = if r.get::<_, bool>(1) {
+                    "named like a snapshot of this source but not marked as one"
+                } else {
+                    "named like a clone of this source but not marked as one: the proxy \
+                     cannot prove it made it"
+                };
+                (r.get::<_, String>(0), reason.to_owned())
             })
             .collect()
     }
@@ -410,10 +533,11 @@ impl Engine for DatabaseEngine {
         let name = new_snapshot_name(self.clock.now(), |n| existing.iter().any(|s| s.name == n));
         let datname = snapshot_db_name(&self.template, &name);
         let db = quote_ident(&datname);
+        let copy = self.copy_options().await?;
         let (client, _slot) = self.ddl_session().await?;
         client
             .batch_execute(&format!(
-                "CREATE DATABASE {db} TEMPLATE {}",
+                "CREATE DATABASE {db} TEMPLATE {}{copy}",
                 quote_ident(&self.template)
             ))
             .await?;
