@@ -22,13 +22,11 @@ use crate::branch::{CreateOptions, DeleteError, Registry, RemoveReason, Source};
 use crate::error::{mapping, EngineError, ErrorKind, ProvisionError};
 use crate::metrics::Metrics;
 use crate::names::{BranchId, BranchName, NameError, SourceName};
-use crate::proxy::Proxy;
 
 #[derive(Clone)]
 struct AppState {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    proxy: Arc<Proxy>,
     provision_timeout: Duration,
 }
 
@@ -165,7 +163,7 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
     Json(json!({
         "status": "ok",
         "branches": s.registry.list().len(),
-        "client_connections": s.proxy.open_connections(),
+        "client_connections": s.metrics.connections_open.get(),
     }))
 }
 
@@ -373,14 +371,12 @@ pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    proxy: Arc<Proxy>,
     provision_timeout: Duration,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let state = AppState {
         registry,
         metrics,
-        proxy,
         provision_timeout,
     };
     axum::serve(listener, router(state))

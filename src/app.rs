@@ -20,7 +20,7 @@ use crate::config::{Config, EngineKind, RouteBy, TlsConfig};
 use crate::embedded::Embedded;
 use crate::metrics::Metrics;
 use crate::names::SourceName;
-use crate::proxy::{listener, tls, Proxy};
+use crate::proxy::{listener, tls, Access, AuthMethods, ClientTls, Proxy};
 
 /// Runs the proxy until `shutdown` is cancelled, then drains and stops.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
@@ -132,13 +132,8 @@ async fn serve(
         cfg.proxy.clone(),
         registry.clone(),
         metrics.clone(),
-        tls,
-        &cfg.tls,
-        crate::proxy::Access {
-            credentials,
-            method: cfg.auth.method,
-            upstream: upstreams,
-        },
+        ClientTls::new(tls, &cfg.tls),
+        Access::new(credentials, AuthMethods::from_config(cfg), upstreams),
     )?);
 
     let tasks = CancellationToken::new();
@@ -151,7 +146,6 @@ async fn serve(
                 admin,
                 registry.clone(),
                 metrics.clone(),
-                proxy.clone(),
                 cfg.proxy.provision_timeout,
                 tasks.clone(),
             ))
@@ -183,7 +177,7 @@ async fn serve(
             "grace period over; closing remaining connections"
         );
         // Closing a socket does not stop a statement the server is busy with.
-        let cancelled = proxy.cancels.cancel_all().await;
+        let cancelled = proxy.cancel_all().await;
         info!(
             cancelled,
             "cancelled running statements of the remaining sessions"
@@ -209,7 +203,7 @@ async fn reload_on_sighup(tls_cfg: TlsConfig, proxy: Arc<Proxy>) {
         Err(e) => return warn!(error = %e, "cannot watch SIGHUP; reload disabled"),
     };
     while hup.recv().await.is_some() {
-        proxy.credentials.reload();
+        proxy.reload_credentials();
         let (Some(cert), Some(key)) = (&tls_cfg.cert, &tls_cfg.key) else {
             continue;
         };
@@ -218,7 +212,7 @@ async fn reload_on_sighup(tls_cfg: TlsConfig, proxy: Arc<Proxy>) {
         }
         match tls::load(cert, key) {
             Ok(loaded) => {
-                *proxy.tls.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(loaded));
+                proxy.replace_certificate(loaded);
                 info!(cert = %cert.display(), "TLS certificate reloaded");
             }
             Err(e) => {
