@@ -22,6 +22,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The PostgreSQL server binaries the tests run: `OFFSHOOT_TEST_PG_BIN` (the version
+/// matrix in `.ci/run` points it at another major's `bin` directory), else the ones
+/// the proxy itself would find.
+pub fn pg_bin_dir() -> Option<PathBuf> {
+    std::env::var_os("OFFSHOOT_TEST_PG_BIN")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+pub fn pg_bin() -> PgBin {
+    PgBin::find(pg_bin_dir().as_deref()).expect("PostgreSQL server binaries")
+}
+
 /// An initdb'd data directory made once per test run and copied for each cluster.
 fn template_data() -> &'static Path {
     static TEMPLATE: OnceLock<(TempDir, PathBuf)> = OnceLock::new();
@@ -29,7 +42,7 @@ fn template_data() -> &'static Path {
         .get_or_init(|| {
             let dir = world_readable_tempdir();
             let cluster = Cluster {
-                bin: PgBin::find(None).expect("PostgreSQL binaries"),
+                bin: pg_bin(),
                 data: dir.path().join("data"),
                 socket_dir: dir.path().join("run"),
                 port: 5432,
@@ -85,7 +98,7 @@ impl PgServer {
             std::fs::write(data.join("pg_hba.conf"), hba.join("\n") + "\n").unwrap();
         }
         let mut cluster = Cluster {
-            bin: PgBin::find(None).unwrap(),
+            bin: pg_bin(),
             data,
             socket_dir: dir.path().join("run"),
             port: 0,
@@ -197,6 +210,20 @@ impl ProxyProc {
         } else {
             "[auth]\nmethod = \"trust\"\n"
         };
+        // Servers the proxy starts itself (instance branches, the embedded server)
+        // are of the version under test.
+        let (embedded, body) = match pg_bin_dir() {
+            Some(dir) if !body.contains("bin_dir") => {
+                let line = format!("[embedded]\nbin_dir = \"{}\"\n", dir.display());
+                if body.contains("[embedded]\n") {
+                    (String::new(), body.replacen("[embedded]\n", &line, 1))
+                } else {
+                    (line, body.to_owned())
+                }
+            }
+            _ => (String::new(), body.to_owned()),
+        };
+        let body = body.as_str();
         let dir = world_readable_tempdir();
         let mut p = Self {
             port: 0,
@@ -212,7 +239,7 @@ impl ProxyProc {
             let config = format!(
                 "[proxy]\nlisten = \"127.0.0.1:{}\"\nrelay_threads = 2\n{}\n\
                  [admin]\nlisten = \"127.0.0.1:{}\"\n\
-                 [state]\ndir = \"{}\"\n{auth}{}",
+                 [state]\ndir = \"{}\"\n{auth}{embedded}{}",
                 p.port,
                 proxy_extra(body),
                 p.admin,

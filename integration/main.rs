@@ -12,3 +12,4 @@ mod lifecycle;
 mod protocol;
 mod routing;
 mod snapshots;
+mod versions;
