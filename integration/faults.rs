@@ -704,8 +704,7 @@ async fn a_disk_full_mid_copy_reports_the_servers_error_and_leaves_no_branch() {
         assert_eq!(d.disk.inodes_used(), inodes, "no files left");
     }
     assert_eq!(
-        d.proxy
-            .metric("offshoot_errors_total{kind=\"disk_full\"}"),
+        d.proxy.metric("offshoot_errors_total{kind=\"disk_full\"}"),
         2.0
     );
 }

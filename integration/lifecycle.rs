@@ -227,7 +227,9 @@ async fn interrupted_creation_is_settled_on_restart() {
     let msg = err.as_db_error().unwrap().message().to_owned();
     assert!(msg.contains("did not make it"), "{msg}");
     assert!(pg.databases().await.contains(&"shop__half".to_string()));
-    c.batch_execute("DROP DATABASE \"shop__half\"").await.unwrap();
+    c.batch_execute("DROP DATABASE \"shop__half\"")
+        .await
+        .unwrap();
     let s = proxy.connect("shop.half").await.unwrap();
     s.simple_query("SELECT 1").await.unwrap();
     drop(s);

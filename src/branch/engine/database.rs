@@ -364,7 +364,10 @@ impl Engine for DatabaseEngine {
         // derived from the record, which was saved before this statement.
         let mut made = false;
         if copy.is_empty() {
-            client.batch_execute(&create(None)).await.map_err(|e| self.create_error(rec, e))?;
+            client
+                .batch_execute(&create(None))
+                .await
+                .map_err(|e| self.create_error(rec, e))?;
             made = true;
         } else {
             for oid in clone_oids(rec) {
@@ -501,7 +504,10 @@ impl Engine for DatabaseEngine {
                 "SELECT datname::text, starts_with(datname::text, $1) FROM pg_database \
                  WHERE coalesce(shobj_description(oid, 'pg_database'), '') NOT LIKE 'offshoot%' \
                    AND (starts_with(datname::text, $1) OR starts_with(datname::text, $2))",
-                &[&format!("{}@", self.template), &format!("{}__", self.template)],
+                &[
+                    &format!("{}@", self.template),
+                    &format!("{}__", self.template),
+                ],
             )
             .await
             .unwrap_or_default();
