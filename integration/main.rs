@@ -8,6 +8,7 @@ mod auth;
 mod embedded;
 mod faults;
 mod instance;
+mod invariants;
 mod lifecycle;
 mod protocol;
 mod routing;
