@@ -17,7 +17,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::branch::engine::snapshot_in_use;
 use crate::branch::{CreateOptions, DeleteError, Registry, RemoveReason, Source};
 use crate::error::{mapping, EngineError, ErrorKind, ProvisionError};
 use crate::metrics::Metrics;
@@ -301,11 +300,8 @@ async fn delete_snapshot(
     Path((source, name)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
     let src = source_of(&s, &source)?;
-    let users = s.registry.snapshot_users(&src.name, &name);
-    if !users.is_empty() {
-        return Err(snapshot_in_use(&name, &users).into());
-    }
-    src.engine.delete_snapshot(&name).await?;
+    // The registry refuses a snapshot in use, under the lock that starts creations.
+    s.registry.delete_snapshot(&src.name, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -16,6 +16,7 @@ use crate::branch::engine::Engine;
 use crate::branch::reaper;
 use crate::branch::store::Store;
 use crate::branch::{Registry, Source};
+use crate::clock::Clock;
 use crate::config::{Config, EngineKind, RouteBy, TlsConfig};
 use crate::embedded::Embedded;
 use crate::metrics::Metrics;
@@ -56,10 +57,11 @@ async fn serve(
     embedded: Option<&Embedded>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    // The one clock of the control plane: the registry, the reaper and the engines.
+    let clock = Clock::system();
     let mut sources = Vec::new();
     let mut auth_servers = Vec::new();
     let mut upstreams = std::collections::HashMap::new();
-    let clock = crate::clock::Clock::system();
     for (name, scfg) in &cfg.sources {
         let upstream = crate::upstream::Upstream::new(scfg.server_tls, scfg.server_ca.as_deref())
             .with_context(|| format!("sources.{name}"))?;
@@ -113,7 +115,12 @@ async fn serve(
     }
 
     let store = Store::open(state_dir).context("state.dir: branch records")?;
-    let registry = Arc::new(Registry::new(sources, store, metrics.clone()));
+    let registry = Arc::new(Registry::new(
+        sources,
+        store,
+        metrics.clone(),
+        clock.clone(),
+    ));
     registry.adopt().await.context("reading branch records")?;
 
     let tls = match (&cfg.tls.cert, &cfg.tls.key) {

@@ -32,6 +32,9 @@ pub enum EngineError {
         message: String,
         detail: Option<String>,
     },
+    /// A snapshot still has branches made from it.
+    #[error("snapshot {name} is used by branch(es) {}; delete them first", .branches.join(", "))]
+    SnapshotInUse { name: String, branches: Vec<String> },
     /// The database server refused a statement: its SQLSTATE and its words.
     #[error("{message}")]
     Sql { code: String, message: String },
@@ -117,7 +120,7 @@ impl EngineError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             EngineError::NotFound(_) => ErrorKind::NotFound,
-            EngineError::Conflict { .. } => ErrorKind::Conflict,
+            EngineError::Conflict { .. } | EngineError::SnapshotInUse { .. } => ErrorKind::Conflict,
             EngineError::Sql { code, .. } if code == DISK_FULL => ErrorKind::DiskFull,
             EngineError::Sql { .. } => ErrorKind::ServerError,
             EngineError::Unreachable { .. } => ErrorKind::Unreachable,
@@ -146,6 +149,7 @@ impl EngineError {
                 message.clone()
             }
             EngineError::Sql { message, .. } => message.clone(),
+            EngineError::SnapshotInUse { .. } => self.to_string(),
             EngineError::Unreachable { .. } => {
                 "the source's database server cannot be reached right now".into()
             }

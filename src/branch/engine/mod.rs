@@ -103,13 +103,10 @@ pub(crate) fn snapshot_missing(source: &str, name: &str) -> EngineError {
 
 /// The one "snapshot is in use" error.
 pub(crate) fn snapshot_in_use(name: &str, branches: &[String]) -> EngineError {
-    EngineError::conflict(
-        format!(
-            "snapshot {name} is used by branch(es) {}; delete them first",
-            branches.join(", ")
-        ),
-        None,
-    )
+    EngineError::SnapshotInUse {
+        name: name.to_owned(),
+        branches: branches.to_vec(),
+    }
 }
 
 fn no_snapshots(source: &str) -> EngineError {
