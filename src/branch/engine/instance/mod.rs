@@ -32,7 +32,7 @@ use crate::branch::store::{unix_ms, BranchRecord};
 use crate::clock::Clock;
 use crate::config::SourceConfig;
 use crate::error::EngineError;
-use crate::fsutil::{read_json, remove_tree, write_json_atomic};
+use crate::fsutil::{read_json, remove_tree, sync_dir, write_json_atomic};
 use crate::names::{BranchId, SourceName};
 use crate::pg::PgBin;
 
@@ -97,6 +97,12 @@ impl InstanceEngine {
             mode: std::sync::Mutex::new(None),
         };
         engine.clear_interrupted_snapshots();
+        for dir in engine
+            .layout
+            .settle_interrupted_creations(engine.source.as_str())
+        {
+            info!(dir = %dir.display(), "removed what an interrupted creation left");
+        }
         Ok(engine)
     }
 
@@ -144,6 +150,8 @@ impl InstanceEngine {
         }
     }
 
+    /// Builds the clone of `rec` in `dir` (which must not exist): `branch.json`
+    /// first, so the directory is provably the proxy's, then the copy.
     async fn make_clone(
         &self,
         rec: &BranchRecord,
@@ -217,9 +225,23 @@ impl Engine for InstanceEngine {
                 ))
             }
         }
+        // Left by an earlier failed creation of this branch (one creation of a branch
+        // runs at a time).
+        let staging = self.layout.staging_dir(rec);
+        remove_tree(&staging)
+            .map_err(|e| EngineError::io("could not clear an earlier creation", e))?;
         let (snapshot, _in_use) = self.pick_snapshot(rec.snapshot.as_deref()).await?;
         let started = self.clock.instant();
-        match self.make_clone(rec, &dir, &snapshot).await {
+        let made = match self.make_clone(rec, &staging, &snapshot).await {
+            // Claim the branch's name in one rename: its directory appears complete
+            // or not at all, whenever a crash comes.
+            Ok(mode) => fs::rename(&staging, &dir)
+                .and_then(|()| sync_dir(&self.layout.branches()))
+                .map(|()| mode)
+                .map_err(|e| EngineError::io(format!("could not claim branch {}", rec.id()), e)),
+            Err(e) => Err(e),
+        };
+        match made {
             Ok(mode) => {
                 info!(branch = %rec.id(), snapshot = %snapshot, mode = mode.as_str(),
                       ms = started.elapsed().as_millis() as u64, "clone made");
@@ -229,8 +251,8 @@ impl Engine for InstanceEngine {
                 })
             }
             Err(e) => {
-                if let Err(rm) = remove_tree(&dir) {
-                    warn!(dir = %dir.display(), error = %rm, "cannot remove a failed clone");
+                if let Err(rm) = remove_tree(&staging) {
+                    warn!(dir = %staging.display(), error = %rm, "cannot remove a failed clone");
                 }
                 Err(e)
             }
