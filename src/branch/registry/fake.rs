@@ -75,6 +75,8 @@ pub struct FakeEngine {
     pub clones: Mutex<BTreeSet<String>>,
     pub creates: AtomicUsize,
     pub fail_with: Mutex<Option<String>>,
+    /// The next creation panics (a bug in an engine), dropping its outcome unsent.
+    pub panic_create: std::sync::atomic::AtomicBool,
     pub servers: bool,
     pub running: Mutex<BTreeSet<String>>,
     pub starts: AtomicUsize,
@@ -110,6 +112,9 @@ impl Engine for FakeEngine {
             }
         };
         self.create_gate.pass().await;
+        if self.panic_create.swap(false, Ordering::SeqCst) {
+            panic!("engine bug");
+        }
         if let Some(msg) = self.fail_with.lock().unwrap().clone() {
             return Err(EngineError::failed(msg));
         }

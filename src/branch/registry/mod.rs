@@ -71,11 +71,7 @@ pub struct Source {
 
 impl Source {
     pub fn new(name: SourceName, config: SourceConfig, engine: Arc<dyn Engine>) -> Self {
-        let persistent = config
-            .persistent
-            .iter()
-            .filter_map(|b| BranchName::new(b).ok())
-            .collect();
+        let persistent = config.persistent.iter().cloned().collect();
         Self {
             name,
             config,
@@ -290,7 +286,7 @@ impl Registry {
                             Ok(v) => v.clone(),
                             // The sender is gone only if the task died (panic or
                             // runtime shutdown): report it rather than wait again.
-                            Err(_) => return Err(self.interrupted(id)),
+                            Err(_) => return Err(self.interrupted(id, "creation or start")),
                         },
                         _ = &mut expired => return Err(ProvisionError::Timeout(id.clone())),
                     };
@@ -302,7 +298,7 @@ impl Registry {
                     tokio::select! {
                         biased;
                         r = rx.wait_for(|ended| *ended) => if r.is_err() {
-                            return Err(self.interrupted(id));
+                            return Err(self.interrupted(id, "suspension or deletion"));
                         },
                         _ = &mut expired => return Err(ProvisionError::Deleting(id.clone())),
                     }
@@ -322,7 +318,7 @@ impl Registry {
     /// A task that died without publishing its outcome (a panic, or the runtime
     /// shutting down). A creation or start that died is forgotten, so the next
     /// connection starts afresh (its record, if any, is settled at the next start).
-    fn interrupted(&self, id: &BranchId) -> ProvisionError {
+    fn interrupted(&self, id: &BranchId, what: &str) -> ProvisionError {
         let mut book = self.lock();
         let dead = matches!(
             book.branches.get(id).map(Branch::state),
@@ -334,7 +330,7 @@ impl Registry {
         }
         ProvisionError::Engine {
             id: id.clone(),
-            err: EngineError::failed("the creation was interrupted; try again"),
+            err: EngineError::failed(format!("the branch's {what} was interrupted; try again")),
         }
     }
 
@@ -385,7 +381,7 @@ impl Registry {
         let record = BranchRecord {
             source: id.source.clone(),
             branch: id.branch.clone(),
-            engine: source.config.engine,
+            engine: source.config.engine.kind(),
             clone_name: source.engine.clone_name(id),
             state: RecordState::Provisioning,
             created_at: now,

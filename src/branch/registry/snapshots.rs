@@ -119,7 +119,7 @@ impl Registry {
                 Pending::Creation(id, mut done) => {
                     if done.wait_for(Option::is_some).await.is_err() {
                         // Its task died: forget it, as a waiting connection would.
-                        let _ = self.interrupted(&id);
+                        let _ = self.interrupted(&id, "creation");
                     }
                 }
                 Pending::Deletion(mut ended) => {

@@ -10,7 +10,7 @@ use super::fake::{clock, id, registry, registry_on, FakeEngine};
 use super::*;
 use crate::branch::engine::CopyMode;
 use crate::branch::store::{RecordState, Store};
-use crate::config::SourceConfig;
+use crate::config::{EngineConfig, InstanceConfig, SourceConfig};
 use crate::error::EngineError;
 use crate::error::ProvisionError;
 
@@ -89,6 +89,23 @@ async fn failures_reach_every_waiter_and_leave_no_record() {
     // The next attempt tries again.
     *engine.fail_with.lock().unwrap() = None;
     reg.acquire(&x, WAIT).await.map(drop).unwrap();
+    assert_eq!(engine.creates.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_creation_that_dies_is_reported_and_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Arc::new(FakeEngine::default());
+    engine.panic_create.store(true, Ordering::SeqCst);
+    let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
+    let Err(e) = reg.acquire(&id("x"), WAIT).await else {
+        panic!("the creation died")
+    };
+    assert!(e.to_string().contains("interrupted"), "{e}");
+    assert!(reg.list().is_empty());
+    assert_eq!(gauges(&reg), [0; 5]);
+    // The next connection starts afresh.
+    reg.acquire(&id("x"), WAIT).await.map(drop).unwrap();
     assert_eq!(engine.creates.load(Ordering::SeqCst), 2);
 }
 
@@ -399,8 +416,11 @@ async fn suspended_branches_expire_but_persistent_ones_only_suspend() {
     let engine = Arc::new(with_servers());
     let config = SourceConfig {
         idle_expire: Some(Duration::from_secs(600)),
-        suspend_after: Some(Duration::from_secs(60)),
-        persistent: vec!["qa".into()],
+        persistent: vec![crate::names::BranchName::new("qa").unwrap()],
+        engine: EngineConfig::Instance(InstanceConfig {
+            suspend_after: Some(Duration::from_secs(60)),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let clock = clock();

@@ -30,7 +30,7 @@ pub use self::snapshots::Origin;
 use super::{CopyMode, Endpoint, Engine, Made, Recovered, ServerAddr, Servers, SnapshotInfo};
 use crate::branch::store::{unix_ms, BranchRecord};
 use crate::clock::Clock;
-use crate::config::SourceConfig;
+use crate::config::InstanceConfig;
 use crate::error::EngineError;
 use crate::fsutil::{read_json, remove_tree, sync_dir, write_json_atomic};
 use crate::names::{BranchId, SourceName};
@@ -44,7 +44,7 @@ pub struct InstanceEngine {
     bin: PgBin,
     layout: Layout,
     /// Sizes and `-c` settings of branch servers.
-    config: SourceConfig,
+    config: InstanceConfig,
     /// Snapshot names and metadata times.
     clock: Clock,
     /// Shared while cloning from a snapshot, exclusive while deleting one.
@@ -65,7 +65,8 @@ impl InstanceEngine {
     /// left. Blocking.
     pub fn open(
         source: SourceName,
-        config: SourceConfig,
+        database: String,
+        config: InstanceConfig,
         origin: Origin,
         bin: PgBin,
         root: PathBuf,
@@ -85,7 +86,7 @@ impl InstanceEngine {
             fs::create_dir_all(root.join(sub))?;
         }
         let engine = Self {
-            database: config.database_name(source.as_str()).to_owned(),
+            database,
             source,
             origin,
             bin,
@@ -340,7 +341,8 @@ impl Engine for InstanceEngine {
 /// Builds the engine of an `instance` source. Blocking (it may clear leftovers).
 pub fn build(
     name: &SourceName,
-    config: &SourceConfig,
+    database: &str,
+    config: &InstanceConfig,
     embedded_conn: Option<String>,
     bin: PgBin,
     state_dir: &Path,
@@ -360,6 +362,7 @@ pub fn build(
     };
     Ok(Arc::new(InstanceEngine::open(
         name.clone(),
+        database.to_owned(),
         config.clone(),
         origin,
         bin,
