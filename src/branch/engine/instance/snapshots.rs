@@ -55,6 +55,98 @@ impl Origin {
     }
 }
 
+/// A libpq connection string without its password, and the password. Both forms
+/// are handled: `postgres://user:password@host/db?password=...` and
+/// `host=... password='...'`.
+pub(super) fn without_password(conn: &str) -> (String, Option<String>) {
+    let password = conn.parse::<tokio_postgres::Config>().ok().and_then(|c| {
+        c.get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+    });
+    let stripped = if let Some(after) = ["postgresql://", "postgres://"]
+        .iter()
+        .find_map(|scheme| conn.strip_prefix(scheme).map(|rest| (*scheme, rest)))
+    {
+        let (scheme, rest) = after;
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let authority = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+                format!("{user}@{hosts}")
+            }
+            None => authority.to_owned(),
+        };
+        let tail = match tail.split_once('?') {
+            Some((path, query)) => {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|kv| kv.split('=').next() != Some("password"))
+                    .collect();
+                if kept.is_empty() {
+                    path.to_owned()
+                } else {
+                    format!("{path}?{}", kept.join("&"))
+                }
+            }
+            None => tail.to_owned(),
+        };
+        format!("{scheme}{authority}{tail}")
+    } else {
+        keyword_pairs(conn)
+            .into_iter()
+            .filter(|(key, _)| key != "password")
+            .map(|(_, pair)| pair)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    (stripped, password)
+}
+
+/// The `key = value` pairs of a keyword/value connection string, each with its key
+/// and its text as written (quotes and escapes kept).
+fn keyword_pairs(conn: &str) -> Vec<(String, String)> {
+    let chars: Vec<char> = conn.chars().collect();
+    let mut pairs = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        let start = i;
+        while i < chars.len() && chars[i] != '=' && !chars[i].is_whitespace() {
+            i += 1;
+        }
+        let key: String = chars[start..i].iter().collect();
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        if i < chars.len() && chars[i] == '=' {
+            i += 1;
+        }
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        if i < chars.len() && chars[i] == '\'' {
+            i += 1;
+            while i < chars.len() && chars[i] != '\'' {
+                i += if chars[i] == '\\' { 2 } else { 1 };
+            }
+            i += 1;
+        } else {
+            while i < chars.len() && !chars[i].is_whitespace() {
+                i += if chars[i] == '\\' { 2 } else { 1 };
+            }
+        }
+        let end = i.min(chars.len());
+        if !key.is_empty() {
+            let value: String = chars[start..end].iter().collect();
+            pairs.push((key, value));
+        }
+    }
+    pairs
+}
+
 impl InstanceEngine {
     pub(super) fn info(&self, m: &SnapshotMeta, users: &[BranchMeta]) -> SnapshotInfo {
         let ms = std::time::Duration::from_millis(m.created_at);
@@ -189,10 +281,17 @@ impl InstanceEngine {
         match &self.origin {
             Origin::Upstream(conn) => {
                 let mut cmd = self.bin.command("pg_basebackup");
+                // The password goes through the environment (readable only by the
+                // process's own user), never on a command line anyone can list.
+                let (conninfo, password) = without_password(conn);
                 cmd.arg("-D")
                     .arg(&data)
                     .args(["-X", "stream", "-c", "fast", "--no-password", "-d"])
-                    .arg(conn);
+                    .arg(conninfo)
+                    .env_remove("PGPASSWORD");
+                if let Some(password) = password {
+                    cmd.env("PGPASSWORD", password);
+                }
                 let out = tokio::process::Command::from(cmd)
                     .output()
                     .await
@@ -325,6 +424,33 @@ impl InstanceEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_leave_the_connection_string() {
+        let cases = [
+            (
+                "postgres://rep:s3cret@db.internal:5433/postgres?sslmode=require",
+                "postgres://rep@db.internal:5433/postgres?sslmode=require",
+            ),
+            (
+                "postgresql://rep@db/postgres?password=s3cret&sslmode=require",
+                "postgresql://rep@db/postgres?sslmode=require",
+            ),
+            (
+                "host=db port=5433 user=rep password='s3 cret\\' x' sslmode=require",
+                "host=db port=5433 user=rep sslmode=require",
+            ),
+            ("host=db user=rep password = s3cret", "host=db user=rep"),
+        ];
+        for (conn, want) in cases {
+            let (stripped, password) = without_password(conn);
+            assert_eq!(stripped, want, "{conn}");
+            assert!(!stripped.contains("s3"), "{stripped}");
+            assert!(password.is_some_and(|p| p.starts_with("s3")), "{conn}");
+        }
+        let (stripped, password) = without_password("host=db user=rep");
+        assert_eq!((stripped.as_str(), password), ("host=db user=rep", None));
+    }
 
     #[test]
     fn origins_never_show_passwords() {

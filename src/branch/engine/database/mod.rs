@@ -12,6 +12,8 @@
 //! snapshots, branches are cloned from the newest (or the one asked for), so a session
 //! on the live source no longer blocks them; without any, they clone the live source.
 
+mod snapshots;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -20,7 +22,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::Client;
 use tracing::warn;
 
-use super::naming::{fit_ident, fnv64, new_snapshot_name, snapshot_time, valid_snapshot_name};
+use super::naming::{fit_ident, fnv64};
 use super::{snapshot_missing, Endpoint, Engine, Made, Recovered, ServerAddr, SnapshotInfo};
 use crate::branch::store::BranchRecord;
 use crate::clock::Clock;
@@ -53,13 +55,6 @@ pub struct DatabaseEngine {
     clock: Clock,
     /// `server_version_num` of the source's server, read once.
     server_version: tokio::sync::OnceCell<i32>,
-}
-
-/// A snapshot database found on the server.
-struct SnapshotDb {
-    name: String,
-    datname: String,
-    size_bytes: u64,
 }
 
 impl DatabaseEngine {
@@ -110,51 +105,6 @@ impl DatabaseEngine {
     pub fn for_source(mut self, source: &str) -> Self {
         self.source = source.to_owned();
         self
-    }
-
-    fn snapshot_marker(&self, name: &str) -> String {
-        format!("{SNAPSHOT_PREFIX}{}/{name}", self.source)
-    }
-
-    /// This source's snapshot databases, oldest first.
-    async fn snapshot_dbs(&self) -> Result<Vec<SnapshotDb>, EngineError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT datname::text, shobj_description(oid, 'pg_database'), \
-                 pg_database_size(oid) FROM pg_database \
-                 WHERE shobj_description(oid, 'pg_database') LIKE 'offshoot-snapshot:%'",
-                &[],
-            )
-            .await?;
-        let prefix = format!("{SNAPSHOT_PREFIX}{}/", self.source);
-        let mut list: Vec<SnapshotDb> = rows
-            .iter()
-            .filter_map(|r| {
-                let comment: String = r.get(1);
-                let name = comment.strip_prefix(&prefix)?.to_owned();
-                valid_snapshot_name(&name).then(|| SnapshotDb {
-                    name,
-                    datname: r.get(0),
-                    size_bytes: r.get::<_, i64>(2).max(0) as u64,
-                })
-            })
-            .collect();
-        list.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(list)
-    }
-
-    fn snapshot_info(&self, s: &SnapshotDb) -> SnapshotInfo {
-        SnapshotInfo {
-            name: s.name.clone(),
-            created_at: snapshot_time(&s.name).unwrap_or_default(),
-            origin: format!(
-                "CREATE DATABASE ... TEMPLATE {}",
-                quote_ident(&self.template)
-            ),
-            size_bytes: s.size_bytes,
-            branches: Vec::new(),
-        }
     }
 
     /// The administrative session, reconnected when it has dropped.
@@ -318,12 +268,6 @@ fn oid_taken(e: &tokio_postgres::Error) -> bool {
         db.code() == &tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE
             && db.message().contains("OID")
     })
-}
-
-/// `<template>@<snapshot>`, the template shortened with a hash when the whole is over
-/// PostgreSQL's 63 bytes.
-fn snapshot_db_name(template: &str, name: &str) -> String {
-    fit_ident(template, &format!("@{name}"), template)
 }
 
 /// `<template>__<branch>`, shortened with a hash when over PostgreSQL's 63 bytes.
@@ -511,6 +455,10 @@ impl Engine for DatabaseEngine {
             )
             .await
             .unwrap_or_default();
+        let impostors = match self.marked_snapshots().await {
+            Ok((_, impostors)) => impostors,
+            Err(_) => Vec::new(),
+        };
         rows.iter()
             .map(|r| {
                 let reason = if r.get::<_, bool>(1) {
@@ -521,6 +469,7 @@ impl Engine for DatabaseEngine {
                 };
                 (r.get::<_, String>(0), reason.to_owned())
             })
+            .chain(impostors)
             .collect()
     }
 
@@ -534,62 +483,11 @@ impl Engine for DatabaseEngine {
     }
 
     async fn take_snapshot(&self) -> Result<SnapshotInfo, EngineError> {
-        let _one = self.taking.lock().await;
-        let existing = self.snapshot_dbs().await?;
-        let name = new_snapshot_name(self.clock.now(), |n| existing.iter().any(|s| s.name == n));
-        let datname = snapshot_db_name(&self.template, &name);
-        let db = quote_ident(&datname);
-        let copy = self.copy_options().await?;
-        let (client, _slot) = self.ddl_session().await?;
-        client
-            .batch_execute(&format!(
-                "CREATE DATABASE {db} TEMPLATE {}{copy}",
-                quote_ident(&self.template)
-            ))
-            .await?;
-        // Marked, and closed to clients: nobody's session can block a clone of it.
-        let seal = format!(
-            "COMMENT ON DATABASE {db} IS {}; ALTER DATABASE {db} ALLOW_CONNECTIONS false",
-            quote_literal(&self.snapshot_marker(&name))
-        );
-        if let Err(e) = client.batch_execute(&seal).await {
-            if let Err(drop_err) = client
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
-                .await
-            {
-                warn!(database = %datname, error = %drop_err, "could not remove an unmarked snapshot");
-            }
-            return Err(e.into());
-        }
-        let size_bytes = client
-            .query_one(
-                "SELECT pg_database_size(oid) FROM pg_database WHERE datname = $1",
-                &[&datname],
-            )
-            .await
-            .map(|r| r.get::<_, i64>(0).max(0) as u64)
-            .unwrap_or(0);
-        tracing::info!(source = %self.source, snapshot = %name, database = %datname, "snapshot taken");
-        Ok(self.snapshot_info(&SnapshotDb {
-            name,
-            datname,
-            size_bytes,
-        }))
+        self.take().await
     }
 
     async fn delete_snapshot(&self, name: &str) -> Result<(), EngineError> {
-        let _one = self.taking.lock().await;
-        let snapshots = self.snapshot_dbs().await?;
-        let snap = snapshots
-            .iter()
-            .find(|s| s.name == name)
-            .ok_or_else(|| snapshot_missing(&self.source, name))?;
-        let (client, _slot) = self.ddl_session().await?;
-        client
-            .batch_execute(&format!("DROP DATABASE {}", quote_ident(&snap.datname)))
-            .await?;
-        tracing::info!(source = %self.source, snapshot = name, "snapshot deleted");
-        Ok(())
+        self.drop_snapshot(name).await
     }
 
     fn source_label(&self) -> String {
@@ -639,18 +537,6 @@ mod tests {
         assert!(name.len() <= MAX_IDENT_LEN, "{name}");
         assert_eq!(name, clone_db_name(&long, &id(&"b".repeat(40))));
         assert_ne!(name, clone_db_name(&long, &id(&"c".repeat(40))));
-    }
-
-    #[test]
-    fn snapshot_names_fit_postgres_limit() {
-        assert_eq!(
-            snapshot_db_name("shop", "20261125T031532Z"),
-            "shop@20261125T031532Z"
-        );
-        let long = "t".repeat(60);
-        let name = snapshot_db_name(&long, "20261125T031532Z-2");
-        assert!(name.len() <= MAX_IDENT_LEN, "{name}");
-        assert!(name.ends_with("@20261125T031532Z-2"), "{name}");
     }
 
     #[test]
