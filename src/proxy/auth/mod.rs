@@ -260,7 +260,7 @@ async fn md5_exchange<C: AsyncRead + AsyncWrite + Unpin>(
 
 /// Runs CPU-heavy work (PBKDF2) on tokio's blocking pool, so no relay thread, and
 /// no session on it, waits for it.
-pub(crate) async fn off_thread<T: Send + 'static>(
+async fn off_thread<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ClientError> {
     tokio::task::spawn_blocking(work)
