@@ -20,9 +20,12 @@ async function api(method, url, body) {
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (_) { /* not JSON */ }
   if (!res.ok) {
+    // {"error": "...", "kind"?: "...", "hint"?: "..."}: the message and what to do.
     const err = data && data.error;
-    const msg = (err && (err.message || err)) || text || res.statusText;
-    const e = new Error(typeof msg === "string" ? msg : JSON.stringify(msg));
+    let msg = (err && (err.message || err)) || text || res.statusText;
+    if (typeof msg !== "string") msg = JSON.stringify(msg);
+    if (data && data.hint) msg += ` (${data.hint})`;
+    const e = new Error(msg);
     e.status = res.status;
     throw e;
   }
