@@ -10,6 +10,7 @@
 //! | Starting     | server started                                   | Ready        |
 //! | Starting     | server of a suspended branch did not start       | Suspended    |
 //! | Ready        | suspension (idle or API), no connection open     | Suspending   |
+//! | Ready        | its server was found dead by a connection        | Suspended    |
 //! | Suspending   | server stopped / could not be stopped            | Suspended / Ready |
 //! | Suspended    | first connection                                 | Starting     |
 //! | Ready, Suspended | deletion (idle or API), unused or forced     | Expiring     |
@@ -367,6 +368,15 @@ impl Branch {
             State::Suspending { .. } if ok => (State::Suspended, ()),
             State::Suspending { .. } => (State::Ready, ()),
             other => (other, ()),
+        })
+    }
+
+    /// Ready → Suspended: its server was found dead (killed, or crashed); the next
+    /// connection starts it again. Returns whether the state changed.
+    pub(super) fn lost(&mut self) -> bool {
+        self.step(|old| match old {
+            State::Ready => (State::Suspended, true),
+            other => (other, false),
         })
     }
 

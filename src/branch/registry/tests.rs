@@ -350,6 +350,27 @@ async fn a_suspension_whose_request_is_dropped_still_ends() {
 }
 
 #[tokio::test]
+async fn a_dead_server_is_noticed_and_started_by_the_next_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Arc::new(with_servers());
+    let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
+    drop(reg.acquire(&id("a"), WAIT).await.unwrap());
+    // A live server is left alone.
+    assert!(!reg.server_lost(&id("a")).await);
+    assert_eq!(phase(&reg, "a"), Phase::Ready);
+    // The server dies.
+    engine.running.lock().unwrap().clear();
+    assert!(reg.server_lost(&id("a")).await);
+    assert_eq!(phase(&reg, "a"), Phase::Suspended);
+    assert_eq!(gauges(&reg), [0, 0, 0, 1, 0]);
+    assert!(!reg.server_lost(&id("a")).await, "noticed once");
+    reg.acquire(&id("a"), WAIT).await.map(drop).unwrap();
+    assert_eq!(phase(&reg, "a"), Phase::Ready);
+    assert_eq!(engine.starts.load(Ordering::SeqCst), 2);
+    assert!(engine.running.lock().unwrap().contains("shop__a"));
+}
+
+#[tokio::test]
 async fn concurrent_connections_to_a_suspended_branch_share_one_start() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(with_servers());
