@@ -5,6 +5,7 @@ mod harness;
 
 mod admin;
 mod auth;
+mod config;
 mod embedded;
 mod faults;
 mod instance;

@@ -267,12 +267,12 @@ async fn sources(State(s): State<AppState>) -> impl IntoResponse {
         .map(|src| {
             json!({
                 "name": src.name.as_str(),
-                "engine": src.config.engine,
+                "engine": src.config.engine.kind(),
                 "database": src.config.database_name(src.name.as_str()),
                 "default_branch": src.config.default_branch,
                 "idle_expire": src.config.idle_expire.map(|d| humantime::format_duration(d).to_string()),
                 "max_branches": src.config.max_branches,
-                "suspend_after": src.engine.servers().is_some().then(|| src.config.suspend_after.map(|d| humantime::format_duration(d).to_string())).flatten(),
+                "suspend_after": src.engine.servers().is_some().then(|| src.config.suspend_after().map(|d| humantime::format_duration(d).to_string())).flatten(),
                 "persistent": src.config.persistent,
             })
         })

@@ -17,10 +17,9 @@ use crate::branch::reaper;
 use crate::branch::store::Store;
 use crate::branch::{Registry, Source};
 use crate::clock::Clock;
-use crate::config::{Config, EngineKind, RouteBy, TlsConfig};
+use crate::config::{Config, EngineConfig, RouteBy, TlsConfig};
 use crate::embedded::Embedded;
 use crate::metrics::Metrics;
-use crate::names::SourceName;
 use crate::proxy::{listener, tls, Access, AuthMethods, ClientTls, Proxy};
 
 /// Runs the proxy until `shutdown` is cancelled, then drains and stops.
@@ -65,9 +64,9 @@ async fn serve(
     for (name, scfg) in &cfg.sources {
         let upstream = crate::upstream::Upstream::new(scfg.server_tls, scfg.server_ca.as_deref())
             .with_context(|| format!("sources.{name}"))?;
-        let db = scfg.database_name(name).to_owned();
-        let server = match (&scfg.server, embedded) {
-            (Some(s), _) => s.clone(),
+        let db = scfg.database_name(name.as_str()).to_owned();
+        let server = match (scfg.server(), embedded) {
+            (Some(s), _) => s.to_owned(),
             (None, Some(e)) if scfg.uses_embedded() => {
                 e.ensure_database(&db, scfg.seed_demo)
                     .await
@@ -78,40 +77,39 @@ async fn serve(
             (None, _) => unreachable!("the embedded server runs when a source needs it"),
         };
         auth_servers.push((
-            name.clone(),
+            name.to_string(),
             // Roles of an instance source are those of the server its snapshots
             // come from.
             scfg.auth_server
                 .clone()
-                .or_else(|| scfg.upstream.clone())
+                .or_else(|| scfg.upstream().map(str::to_owned))
                 .unwrap_or_else(|| server.clone()),
             upstream.clone(),
         ));
-        let engine: Arc<dyn Engine> = match scfg.engine {
-            EngineKind::Instance => {
-                let source = SourceName::new(name).map_err(|e| anyhow!("sources.{name}: {e}"))?;
+        let engine: Arc<dyn Engine> = match &scfg.engine {
+            EngineConfig::Instance(icfg) => {
                 let embedded_conn = scfg.uses_embedded().then(|| server.clone());
                 let bin = crate::pg::PgBin::find(cfg.embedded.bin_dir.as_deref())?;
-                let (scfg, state_dir) = (scfg.clone(), state_dir.to_path_buf());
+                let (source, db, icfg) = (name.clone(), db.clone(), icfg.clone());
+                let state_dir = state_dir.to_path_buf();
                 let clock = clock.clone();
                 tokio::task::spawn_blocking(move || {
-                    instance::build(&source, &scfg, embedded_conn, bin, &state_dir, clock)
+                    instance::build(&source, &db, &icfg, embedded_conn, bin, &state_dir, clock)
                 })
                 .await??
             }
-            EngineKind::Database => {
+            EngineConfig::Database(_) => {
                 let engine = DatabaseEngine::new(&server, &db, &upstream, clock.clone())
                     .map_err(|e| anyhow!("sources.{name}.server: {e}"))?
-                    .for_source(name);
+                    .for_source(name.as_str());
                 if let Err(e) = engine.check_template().await {
                     warn!(source = %name, error = %e, "source is not usable yet; clients will get this error");
                 }
                 Arc::new(engine)
             }
         };
-        let name = SourceName::new(name).map_err(|e| anyhow!("sources.{name}: {e}"))?;
         upstreams.insert(name.to_string(), upstream);
-        sources.push(Source::new(name, scfg.clone(), engine));
+        sources.push(Source::new(name.clone(), scfg.clone(), engine));
     }
 
     let store = Store::open(state_dir).context("state.dir: branch records")?;

@@ -127,7 +127,8 @@ mod tests {
     use super::*;
     use crate::branch::registry::fake::{id, registry, FakeEngine};
     use crate::branch::Phase;
-    use crate::config::SourceConfig;
+    use crate::config::{EngineConfig, InstanceConfig, SourceConfig};
+    use crate::names::BranchName;
 
     const WAIT: Duration = Duration::from_secs(5);
 
@@ -137,7 +138,7 @@ mod tests {
         let engine = Arc::new(FakeEngine::default());
         let config = SourceConfig {
             idle_expire: Some(Duration::from_secs(60)),
-            persistent: vec!["qa".into()],
+            persistent: vec![BranchName::new("qa").unwrap()],
             ..Default::default()
         };
         let reg = registry(engine.clone(), config, dir.path());
@@ -179,7 +180,10 @@ mod tests {
             ..Default::default()
         });
         let config = SourceConfig {
-            suspend_after: Some(Duration::from_secs(60)),
+            engine: EngineConfig::Instance(InstanceConfig {
+                suspend_after: Some(Duration::from_secs(60)),
+                ..Default::default()
+            }),
             idle_expire: Some(Duration::from_secs(600)),
             ..Default::default()
         };

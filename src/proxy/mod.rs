@@ -98,7 +98,7 @@ impl AuthMethods {
             by_source: cfg
                 .sources
                 .keys()
-                .map(|name| (name.to_string(), cfg.auth_method(Some(name))))
+                .map(|name| (name.to_string(), cfg.auth_method(Some(name.as_str()))))
                 .collect(),
             default: cfg.auth_method(None),
         }

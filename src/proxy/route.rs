@@ -105,7 +105,7 @@ pub fn route(
     let branch = match branch {
         Some(b) => BranchName::new(b)?,
         None => match &source.config.default_branch {
-            Some(b) => BranchName::new(b)?,
+            Some(b) => b.clone(),
             None => {
                 return Err(RouteError::NoBranch {
                     name: match cfg.route_by {

@@ -71,11 +71,7 @@ pub struct Source {
 
 impl Source {
     pub fn new(name: SourceName, config: SourceConfig, engine: Arc<dyn Engine>) -> Self {
-        let persistent = config
-            .persistent
-            .iter()
-            .filter_map(|b| BranchName::new(b).ok())
-            .collect();
+        let persistent = config.persistent.iter().cloned().collect();
         Self {
             name,
             config,
@@ -385,7 +381,7 @@ impl Registry {
         let record = BranchRecord {
             source: id.source.clone(),
             branch: id.branch.clone(),
-            engine: source.config.engine,
+            engine: source.config.engine.kind(),
             clone_name: source.engine.clone_name(id),
             state: RecordState::Provisioning,
             created_at: now,

@@ -100,7 +100,7 @@ impl Registry {
             .iter()
             .filter_map(|(id, b)| {
                 let source = self.sources.get(&id.source)?;
-                let limit = source.config.suspend_after?;
+                let limit = source.config.suspend_after()?;
                 if source.engine.servers().is_none()
                     || b.phase() != Phase::Ready
                     || b.activity.connections() > 0

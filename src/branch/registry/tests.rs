@@ -10,7 +10,7 @@ use super::fake::{clock, id, registry, registry_on, FakeEngine};
 use super::*;
 use crate::branch::engine::{CopyMode, SnapshotError};
 use crate::branch::store::{RecordState, Store};
-use crate::config::SourceConfig;
+use crate::config::{EngineConfig, InstanceConfig, SourceConfig};
 use crate::error::ProvisionError;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -436,8 +436,11 @@ async fn suspended_branches_expire_but_persistent_ones_only_suspend() {
     let engine = Arc::new(with_servers());
     let config = SourceConfig {
         idle_expire: Some(Duration::from_secs(600)),
-        suspend_after: Some(Duration::from_secs(60)),
-        persistent: vec!["qa".into()],
+        persistent: vec![crate::names::BranchName::new("qa").unwrap()],
+        engine: EngineConfig::Instance(InstanceConfig {
+            suspend_after: Some(Duration::from_secs(60)),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let clock = clock();

@@ -32,7 +32,7 @@ use super::{
 };
 use crate::branch::store::{unix_ms, BranchRecord};
 use crate::clock::Clock;
-use crate::config::SourceConfig;
+use crate::config::InstanceConfig;
 use crate::error::EngineError;
 use crate::fsutil::{read_json, remove_tree, write_json_atomic};
 use crate::names::{BranchId, SourceName};
@@ -46,7 +46,7 @@ pub struct InstanceEngine {
     bin: PgBin,
     layout: Layout,
     /// Sizes and `-c` settings of branch servers.
-    config: SourceConfig,
+    config: InstanceConfig,
     /// Snapshot names and metadata times.
     clock: Clock,
     /// Shared while cloning from a snapshot, exclusive while deleting one.
@@ -66,7 +66,8 @@ impl InstanceEngine {
     /// left. Blocking.
     pub fn open(
         source: SourceName,
-        config: SourceConfig,
+        database: String,
+        config: InstanceConfig,
         origin: Origin,
         bin: PgBin,
         root: PathBuf,
@@ -86,7 +87,7 @@ impl InstanceEngine {
             fs::create_dir_all(root.join(sub))?;
         }
         let engine = Self {
-            database: config.database_name(source.as_str()).to_owned(),
+            database,
             source,
             origin,
             bin,
@@ -309,7 +310,8 @@ impl Engine for InstanceEngine {
 /// Builds the engine of an `instance` source. Blocking (it may clear leftovers).
 pub fn build(
     name: &SourceName,
-    config: &SourceConfig,
+    database: &str,
+    config: &InstanceConfig,
     embedded_conn: Option<String>,
     bin: PgBin,
     state_dir: &Path,
@@ -329,6 +331,7 @@ pub fn build(
     };
     Ok(Arc::new(InstanceEngine::open(
         name.clone(),
+        database.to_owned(),
         config.clone(),
         origin,
         bin,
