@@ -330,17 +330,24 @@ impl Branch {
         })
     }
 
-    /// Provisioning or Starting → Ready: the clone serves.
+    /// Provisioning or Starting → Ready: the clone serves. The start counts as
+    /// activity, so the reaper cannot suspend the branch again before the
+    /// connections that waited for it have taken their leases.
     pub(super) fn started(&mut self) {
+        self.activity.touch();
         self.step(|old| match old {
             State::Provisioning { .. } | State::Starting { .. } => (State::Ready, ()),
             other => (other, ()),
         })
     }
 
-    /// Starting → Ready when a suspended branch's server started, back to Suspended
-    /// when it did not (the next connection tries again).
+    /// Starting → Ready when a suspended branch's server started (activity, as in
+    /// [`Branch::started`]), back to Suspended when it did not (the next connection
+    /// tries again).
     pub(super) fn resumed(&mut self, ok: bool) {
+        if ok {
+            self.activity.touch();
+        }
         self.step(|old| match old {
             State::Starting { .. } if ok => (State::Ready, ()),
             State::Starting { .. } => (State::Suspended, ()),
