@@ -1,4 +1,5 @@
-//! The HTTP side: `/metrics`, `/healthz` and the branch API under `/api/v1`.
+//! The HTTP side: `/metrics`, `/healthz` and the branch API under `/api/v1`; the
+//! web console (`crate::console`) is mounted beside them, behind the same gate.
 //!
 //! It has no authentication of its own: bind it to loopback or a private network.
 
@@ -319,6 +320,7 @@ pub async fn serve(
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     provision_timeout: Duration,
+    console: Arc<crate::console::Console>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let state = AppState {
@@ -326,7 +328,11 @@ pub async fn serve(
         metrics,
         provision_timeout,
     };
-    axum::serve(listener, router(state))
+    let gate = console.gate.clone();
+    let app = router(state).merge(crate::console::router(console)).layer(
+        axum::middleware::from_fn_with_state(gate, crate::console::session::check),
+    );
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
