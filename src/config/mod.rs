@@ -24,7 +24,8 @@ mod source;
 use keys::{invalid, located};
 pub use sections::*;
 pub use source::{
-    DatabaseConfig, EngineConfig, EngineKind, InstanceConfig, ServerTls, SourceConfig,
+    CloneStrategy, DatabaseConfig, EngineConfig, EngineKind, InstanceConfig, ServerTls,
+    SourceConfig,
 };
 
 /// Prefix of environment overrides: `OFFSHOOT__PROXY__LISTEN=0.0.0.0:6432`.
