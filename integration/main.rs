@@ -11,6 +11,7 @@ mod faults;
 mod instance;
 mod invariants;
 mod lifecycle;
+mod preauth;
 mod protocol;
 mod routing;
 mod snapshots;

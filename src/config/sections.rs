@@ -46,6 +46,10 @@ pub struct ProxyConfig {
     /// CancelRequests accepted per second from one client address (bursts of twice
     /// that); more are dropped, so cancel keys cannot be guessed at speed. 0: no limit.
     pub cancel_rate: u32,
+    /// Connections from one client address that may be open without having
+    /// finished authenticating; further ones get 53300, so silent sockets from one
+    /// address cannot lock others out. 0: no limit.
+    pub max_unauthenticated_per_address: usize,
     /// On SIGTERM/Ctrl-C, how long open connections may take to finish before the
     /// proxy exits anyway.
     #[serde(with = "humantime_serde")]
@@ -63,6 +67,7 @@ impl Default for ProxyConfig {
             max_connections: 10_000,
             relay_threads: 0,
             cancel_rate: 10,
+            max_unauthenticated_per_address: 64,
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -146,11 +151,15 @@ pub struct AuthConfig {
     /// Looks up a role's stored password (`SCRAM-SHA-256$...` or `md5...`) on the
     /// source's server. `$1` is the role name. Optional second and third columns:
     /// whether the role may log in, and until when its password is valid. Runs on a
-    /// dedicated connection with `search_path = pg_catalog`.
+    /// small pool of dedicated connections with `search_path = pg_catalog`.
     pub query: String,
     /// Optional file of `"role" "verifier"` lines (PgBouncer's userlist format),
     /// consulted before `query`. Re-read on SIGHUP.
     pub users_file: Option<PathBuf>,
+    /// Stored SCRAM verifiers with more PBKDF2 iterations than this are refused (the
+    /// role fails like a wrong password, and the log says why): a role could
+    /// otherwise make every login cost the proxy, or a client, hours of hashing.
+    pub max_scram_iterations: u32,
 }
 
 impl Default for AuthConfig {
@@ -159,6 +168,7 @@ impl Default for AuthConfig {
             method: AuthMethod::ScramSha256,
             query: DEFAULT_AUTH_QUERY.into(),
             users_file: None,
+            max_scram_iterations: 100_000,
         }
     }
 }

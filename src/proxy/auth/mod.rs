@@ -9,8 +9,6 @@
 //! fail at the same step with the same message; messages before authentication are
 //! capped at [`MAX_AUTH_MESSAGE`]; secrets are compared in constant time.
 
-use std::time::SystemTime;
-
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
@@ -154,8 +152,9 @@ pub async fn exchange<C: AsyncRead + AsyncWrite + Unpin>(
             return Err(ClientError::AuthUnavailable);
         }
     };
-    let now = SystemTime::now();
-    let secret = role.as_ref().and_then(|r| r.usable_secret(now));
+    let secret = role
+        .as_ref()
+        .and_then(|r| credentials.usable_secret(user, r));
     let proven = match method {
         AuthMethod::ScramSha256 => {
             scram_exchange(client, user, secret, credentials, tls, binding).await?
@@ -195,26 +194,40 @@ async fn password_exchange<C: AsyncRead + AsyncWrite + Unpin>(
         .filter(|p| !p.contains(&0))
         .and_then(|p| std::str::from_utf8(p).ok())
         .ok_or_else(|| protocol("invalid password packet"))?;
-    let Some(secret) = secret else {
-        // The same work as for a known role, so timing does not tell them apart.
-        let _ = credentials.mock(user).check_password(password);
-        return Ok(None);
+    // An unknown role costs the same work as a known one, so timing does not tell
+    // them apart.
+    let known = secret.is_some();
+    let secret = match secret {
+        Some(s) => s.clone(),
+        None => Secret::Scram(credentials.mock(user)),
     };
-    if !secret.check_password(user, password) || password.is_empty() {
+    let (pw, role) = (password.to_owned(), user.to_owned());
+    // PBKDF2 runs off the relay thread: the sessions sharing it carry on meanwhile.
+    let checked = off_thread(move || match &secret {
+        Secret::Scram(v) => v
+            .keys_for_password(&pw)
+            .map(|key| (Some(key), Some(v.server_key))),
+        Secret::Md5(_) => secret.check_password(&role, &pw).then_some((None, None)),
+    })
+    .await?;
+    let Some((client_key, server_key)) = checked.filter(|_| known && !password.is_empty()) else {
         return Ok(None);
-    }
-    let (client_key, server_key) = match secret {
-        Secret::Scram(v) => {
-            let salted = scram::salted_password(password.as_bytes(), &v.salt, v.iterations);
-            (Some(scram::client_key(&salted)), Some(v.server_key))
-        }
-        Secret::Md5(_) => (None, None),
     };
     Ok(Some(Proven {
         client_key,
         server_key,
         password: Some(password.to_owned()),
     }))
+}
+
+/// Runs CPU-heavy work (PBKDF2) on tokio's blocking pool, so no relay thread, and
+/// no session on it, waits for it.
+pub(crate) async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ClientError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| ClientError::AuthUnavailable)
 }
 
 /// SCRAM-SHA-256[-PLUS]. `Ok(None)`: the proof is wrong (or the role cannot log in
