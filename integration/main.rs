@@ -11,6 +11,7 @@ mod faults;
 mod instance;
 mod invariants;
 mod lifecycle;
+mod md5;
 mod preauth;
 mod protocol;
 mod routing;

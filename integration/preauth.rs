@@ -146,7 +146,7 @@ async fn huge_iteration_counts_are_refused_and_hashing_never_stalls_other_sessio
     pg.make_source("side").await;
     // Stored verifiers a role can set for itself: one far beyond any cap, one
     // within a raised cap but costly (seconds of PBKDF2).
-    const COSTLY: u32 = 2_000_000;
+    const COSTLY: u32 = 4_000_000;
     let costly = tokio::task::spawn_blocking(|| verifier("slow-secret", COSTLY))
         .await
         .unwrap();

@@ -72,8 +72,14 @@ pub fn md5_password(password: &str, salt: &str) -> String {
 
 /// The answer to an AuthenticationMD5Password challenge.
 pub fn md5_challenge(password: &str, role: &str, salt: [u8; 4]) -> String {
-    let inner = md5_password(password, role);
-    md5_hex(&[&inner.as_bytes()[3..], &salt])
+    md5_challenge_from_hash(&md5_password(password, role), salt)
+}
+
+/// The answer to an md5 challenge from the stored hash (`md5` + 32 hex digits)
+/// alone: what the proxy sends a branch server for a client that proved it knows
+/// the password behind that hash.
+pub fn md5_challenge_from_hash(stored: &str, salt: [u8; 4]) -> String {
+    md5_hex(&[&stored.as_bytes()[3..], &salt])
 }
 
 fn md5_hex(parts: &[&[u8]]) -> String {
@@ -522,6 +528,20 @@ mod tests {
             creds.mock("nobody").iterations,
             5_000,
             "mock verifiers follow the real ones"
+        );
+    }
+
+    #[test]
+    fn md5_challenges_from_the_hash_match_the_password() {
+        let stored = md5_password("secret", "app");
+        let salt = [1, 2, 3, 4];
+        assert_eq!(
+            md5_challenge_from_hash(&stored, salt),
+            md5_challenge("secret", "app", salt)
+        );
+        assert_ne!(
+            md5_challenge_from_hash(&stored, salt),
+            md5_challenge("secret", "app", [4, 3, 2, 1])
         );
     }
 

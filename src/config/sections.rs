@@ -127,6 +127,11 @@ pub enum AuthMethod {
     #[default]
     #[serde(rename = "scram-sha-256")]
     ScramSha256,
+    /// PostgreSQL's `md5` method: an md5 challenge for roles whose stored password
+    /// is an md5 hash, SCRAM for the others. md5 is deprecated; opt in per source
+    /// for clusters upgraded from older releases.
+    #[serde(rename = "md5")]
+    Md5,
 }
 
 impl AuthMethod {
@@ -135,6 +140,7 @@ impl AuthMethod {
             AuthMethod::Trust => "trust",
             AuthMethod::Password => "password",
             AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::Md5 => "md5",
         }
     }
 }

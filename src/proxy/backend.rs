@@ -257,17 +257,22 @@ where
                         server.write_all(&password_message(&b)).await?;
                     }
                     5 => {
-                        let pw = proven.password.as_deref().ok_or_else(|| {
-                            login_error(
-                                "the branch server asks for md5, which the proxy cannot answer \
-                                 without the password; let the server use scram-sha-256",
-                            )
-                        })?;
                         let salt: [u8; 4] = data
                             .get(..4)
                             .and_then(|s| s.try_into().ok())
                             .ok_or_else(|| login_error("short md5 request"))?;
-                        let mut b = crate::auth::md5_challenge(pw, user, salt).into_bytes();
+                        let answer = match (&proven.password, &proven.md5_hash) {
+                            (Some(pw), _) => crate::auth::md5_challenge(pw, user, salt),
+                            (None, Some(hash)) => crate::auth::md5_challenge_from_hash(hash, salt),
+                            (None, None) => {
+                                return Err(login_error(
+                                    "the branch server asks for md5, which the proxy cannot \
+                                     answer for a role that logged in with SCRAM; let the \
+                                     server use scram-sha-256",
+                                ))
+                            }
+                        };
+                        let mut b = answer.into_bytes();
                         b.push(0);
                         server.write_all(&password_message(&b)).await?;
                     }
@@ -428,6 +433,7 @@ mod tests {
             client_key: Some([1; scram::KEY_LEN]),
             server_key: Some([2; scram::KEY_LEN]),
             password: None,
+            md5_hash: None,
         };
         let script = vec![
             auth_request(10, b"SCRAM-SHA-256\0\0"),
@@ -446,6 +452,7 @@ mod tests {
             client_key: None,
             server_key: None,
             password: Some("app-secret".into()),
+            md5_hash: None,
         };
         let script = || {
             vec![
@@ -469,6 +476,7 @@ mod tests {
             client_key: None,
             server_key: None,
             password: Some("app-secret".into()),
+            md5_hash: None,
         };
         // The nonce cannot be known in advance; the check comes before it is used.
         let script = vec![

@@ -26,6 +26,7 @@ pub const MAX_AUTH_MESSAGE: usize = 8 * 1024;
 
 const AUTH_OK: u32 = 0;
 const AUTH_CLEARTEXT: u32 = 3;
+const AUTH_MD5: u32 = 5;
 const AUTH_SASL: u32 = 10;
 const AUTH_SASL_CONTINUE: u32 = 11;
 const AUTH_SASL_FINAL: u32 = 12;
@@ -39,6 +40,9 @@ pub struct Proven {
     pub server_key: Option<Key>,
     /// The password, under `password`: answers cleartext and md5 servers too.
     pub password: Option<String>,
+    /// The role's stored md5 hash, after an md5 exchange: answers the branch
+    /// server's md5 challenge.
+    pub md5_hash: Option<String>,
 }
 
 impl std::fmt::Debug for Proven {
@@ -47,6 +51,7 @@ impl std::fmt::Debug for Proven {
         f.debug_struct("Proven")
             .field("client_key", &self.client_key.is_some())
             .field("password", &self.password.is_some())
+            .field("md5_hash", &self.md5_hash.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -160,6 +165,12 @@ pub async fn exchange<C: AsyncRead + AsyncWrite + Unpin>(
             scram_exchange(client, user, secret, credentials, tls, binding).await?
         }
         AuthMethod::Password => password_exchange(client, user, secret, credentials, tls).await?,
+        // As PostgreSQL's `md5`: roles stored as md5 get its challenge; the others,
+        // unknown roles included, SCRAM.
+        AuthMethod::Md5 => match secret {
+            Some(Secret::Md5(hash)) => md5_exchange(client, user, hash).await?,
+            _ => scram_exchange(client, user, secret, credentials, tls, binding).await?,
+        },
         AuthMethod::Trust => unreachable!("trust is relayed, not checked"),
     };
     match (proven, &role) {
@@ -217,12 +228,39 @@ async fn password_exchange<C: AsyncRead + AsyncWrite + Unpin>(
         client_key,
         server_key,
         password: Some(password.to_owned()),
+        md5_hash: None,
+    }))
+}
+
+/// PostgreSQL's md5 challenge for a role stored as `hash`. `Ok(None)`: the answer
+/// is wrong.
+async fn md5_exchange<C: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut C,
+    user: &str,
+    hash: &str,
+) -> Result<Option<Proven>, ClientError> {
+    let salt: [u8; 4] = rand::random();
+    send(client, &encode_auth(AUTH_MD5, &salt)).await?;
+    let body = read_password_message(client).await?;
+    let answer = body
+        .strip_suffix(&[0])
+        .ok_or_else(|| protocol("invalid password packet"))?;
+    let expected = crate::auth::md5_challenge_from_hash(hash, salt);
+    if !scram::secure_eq(answer, expected.as_bytes()) {
+        debug!(role = user, "md5 answer does not match");
+        return Ok(None);
+    }
+    Ok(Some(Proven {
+        client_key: None,
+        server_key: None,
+        password: None,
+        md5_hash: Some(hash.to_owned()),
     }))
 }
 
 /// Runs CPU-heavy work (PBKDF2) on tokio's blocking pool, so no relay thread, and
 /// no session on it, waits for it.
-pub(crate) async fn off_thread<T: Send + 'static>(
+async fn off_thread<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ClientError> {
     tokio::task::spawn_blocking(work)
@@ -333,6 +371,7 @@ async fn scram_exchange<C: AsyncRead + AsyncWrite + Unpin>(
         client_key: Some(client_key),
         server_key: Some(verifier.server_key),
         password: None,
+        md5_hash: None,
     }))
 }
 
