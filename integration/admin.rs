@@ -194,6 +194,8 @@ async fn the_cli_drives_the_api() {
             .arg("branch")
             .args(args)
             .args(["--admin", &admin])
+            .arg("--config")
+            .arg(proxy.dir.path().join("offshoot.toml"))
             .output()
             .unwrap();
         (

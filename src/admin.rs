@@ -1,8 +1,8 @@
 //! The HTTP side: `/metrics`, `/healthz` and the branch API under `/api/v1`.
 //!
-//! It has no authentication of its own: bind it to loopback or a private network.
+//! Every request passes [`guard`] first: allowed `Host`, no cross-site browser
+//! requests, the bearer token ([`token`]), JSON on writes.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +15,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+mod guard;
+pub mod token;
 
 use crate::branch::engine::SnapshotError;
 use crate::branch::{CreateOptions, DeleteError, Registry, RemoveReason, Source};
@@ -315,16 +318,38 @@ fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Binds the admin address (so a taken port fails the start, not later).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
+/// The bound admin listener and the access rules it serves under.
+pub struct Bound {
+    listener: TcpListener,
+    guard: Arc<guard::Guard>,
+}
+
+/// Reads (or makes) the token and binds the admin address, so a bad token file or
+/// a taken port fails the start, not later.
+pub async fn bind(cfg: &crate::config::Config) -> anyhow::Result<Bound> {
+    let (secret, path) = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || token::load_or_create(&cfg)).await??
+    };
+    tracing::info!(path = %path.display(), "admin API token");
+    eprintln!(
+        "admin API token: {} (the offshoot CLI reads it from there)",
+        path.display()
+    );
+    let guard = guard::Guard::new(&cfg.admin, token::AdminToken::new(&secret));
+    let addr = cfg.admin.listen;
+    let listener = TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("admin.listen: cannot bind {addr}: {e}"))
+        .map_err(|e| anyhow::anyhow!("admin.listen: cannot bind {addr}: {e}"))?;
+    Ok(Bound {
+        listener,
+        guard: Arc::new(guard),
+    })
 }
 
 /// Serves until `shutdown`.
 pub async fn serve(
-    listener: TcpListener,
+    bound: Bound,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     proxy: Arc<Proxy>,
@@ -337,7 +362,11 @@ pub async fn serve(
         proxy,
         provision_timeout,
     };
-    axum::serve(listener, router(state))
+    let guarded = router(state).layer(axum::middleware::from_fn_with_state(
+        bound.guard,
+        guard::check,
+    ));
+    axum::serve(bound.listener, guarded)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

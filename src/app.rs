@@ -142,7 +142,7 @@ async fn serve(
     let tasks = CancellationToken::new();
     let mut handles = Vec::new();
     if cfg.admin.enabled {
-        let admin = crate::admin::bind(cfg.admin.listen).await?;
+        let admin = crate::admin::bind(cfg).await?;
         info!(addr = %cfg.admin.listen, "admin HTTP listening");
         handles.push(
             tokio::spawn(crate::admin::serve(
