@@ -12,13 +12,28 @@
 # It sets BENCH_TMP, PG_BIN, PSQL, PG_PORT, PGDATA_DIR, OFFSHOOT_BIN, OFFSHOOT_PID,
 # PROXY_PORT and ADMIN_PORT. On exit it stops the proxy (SIGTERM), then
 # PostgreSQL, then removes the temp dir (KEEP_TMP=1 keeps it); when the script
-# failed it prints the tail of every log first. A script that starts more
-# processes defines harness_on_exit, which runs first.
+# failed it prints the tail of every log in HARNESS_LOGS first (names in the temp
+# dir; scripts add their own). A script that starts more processes defines
+# harness_on_exit, which runs first.
+#
+# One benchmark runs at a time: harness_init takes a lock (BENCH_LOCK, default
+# $TMPDIR/offshoot-bench.lock, holding the owner's pid) and refuses to start while a
+# live process holds it, since figures taken beside another benchmark measure both.
+# The load average at the start and at the end goes into every report.
 
 # Checks the tools, finds or builds offshoot (OFFSHOOT_BIN skips the build), makes
 # the temp dir and installs the clean-up trap. $1 names the script in the temp dir.
 harness_init() {
     local name=$1
+    OFFSHOOT_PID=""
+    PG_STARTED=0
+    BENCH_TMP=""
+    HARNESS_LOCKED=0
+    HARNESS_LOGS=(offshoot.log postgres.log)
+    trap _harness_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    _harness_lock "$name"
     HARNESS_LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || true)
     PG_BIN=$(find_pg_bin)
     local tool
@@ -50,18 +65,38 @@ harness_init() {
     export PGSSLMODE=disable PGGSSENCMODE=disable
     export RUST_LOG=${RUST_LOG:-info}
 
-    OFFSHOOT_PID=""
-    PG_STARTED=0
-    BENCH_TMP=""
-    trap _harness_cleanup EXIT
-    trap 'exit 130' INT
-    trap 'exit 143' TERM
     BENCH_TMP=$(mktemp -d -t "offshoot-$name.XXXXXX")
     # A Unix socket path must fit in 107 bytes.
     ((${#BENCH_TMP} < 80)) || die "temp dir path $BENCH_TMP is too long for a Unix socket; set TMPDIR=/tmp"
     mkdir -p "$BENCH_TMP/sock"
     [[ $EUID -eq 0 ]] && chown -R postgres: "$BENCH_TMP"
     log "Temp dir: $BENCH_TMP"
+}
+
+HARNESS_LOCK=${BENCH_LOCK:-${TMPDIR:-/tmp}/offshoot-bench.lock}
+
+# Writes "<pid> <name>" to the lock file, which must not exist yet.
+_harness_claim() {
+    (
+        set -o noclobber
+        echo "$$ $1" >"$HARNESS_LOCK"
+    ) 2>/dev/null
+}
+
+# Takes the benchmark lock for script $1, or dies naming the benchmark that holds
+# it. A lock whose process is gone (a script killed with -9) is taken over.
+_harness_lock() {
+    local holder="" what=""
+    if ! _harness_claim "$1"; then
+        read -r holder what <"$HARNESS_LOCK" 2>/dev/null || true
+        if [[ -n $holder ]] && kill -0 "$holder" 2>/dev/null; then
+            die "another benchmark is running (${what:-?}, pid $holder, lock $HARNESS_LOCK); figures taken beside it would measure both"
+        fi
+        warn "taking over the lock $HARNESS_LOCK of pid ${holder:-?}, which is gone"
+        rm -f "$HARNESS_LOCK"
+        _harness_claim "$1" || die "could not take the benchmark lock $HARNESS_LOCK"
+    fi
+    HARNESS_LOCKED=1
 }
 
 _harness_show_log() {
@@ -93,14 +128,19 @@ _harness_cleanup() {
     fi
     if [[ -n $BENCH_TMP ]]; then
         if ((rc != 0)); then
-            _harness_show_log "$BENCH_TMP/offshoot.log"
-            _harness_show_log "$BENCH_TMP/postgres.log"
+            local name
+            for name in "${HARNESS_LOGS[@]}"; do
+                _harness_show_log "$BENCH_TMP/$name"
+            done
         fi
         if [[ ${KEEP_TMP:-0} == 1 ]]; then
             log "Kept $BENCH_TMP (KEEP_TMP=1)"
         else
             rm -rf "$BENCH_TMP"
         fi
+    fi
+    if ((HARNESS_LOCKED)) && [[ $(cut -d' ' -f1 "$HARNESS_LOCK" 2>/dev/null) == "$$" ]]; then
+        rm -f "$HARNESS_LOCK"
     fi
     exit "$rc"
 }
@@ -217,6 +257,6 @@ harness_describe() {
     ((HARNESS_PREBUILT)) && git_rev=""
     echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "- Machine: $(nproc) CPUs, ${cpu_model:-$(uname -m)}, ${mem_total:-? GiB} RAM, Linux $(uname -r)"
-    echo "- Load average when the script started: ${HARNESS_LOADAVG:-?} (1, 5, 15 min; anything else running on the machine skews the figures)"
+    echo "- Load average (1, 5, 15 min) when the script started: ${HARNESS_LOADAVG:-?}; at the report: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?') (anything else running on the machine skews the figures)"
     echo "- $("$PG_BIN/postgres" --version); $("$OFFSHOOT_BIN" --version 2>/dev/null || echo offshoot)${git_rev:+ built at $git_rev}$( ((HARNESS_PREBUILT)) && echo " (OFFSHOOT_BIN=$OFFSHOOT_BIN)")"
 }

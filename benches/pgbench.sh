@@ -8,6 +8,8 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$BENCH_DIR")
 # shellcheck source=benches/lib.sh
 source "$BENCH_DIR/lib.sh"
+# shellcheck source=benches/harness.sh
+source "$BENCH_DIR/harness.sh"
 
 usage() {
     cat <<'EOF'
@@ -207,30 +209,15 @@ for wl in "${WL_LIST[@]}"; do
     [[ -n ${WL_ARGS[$wl]+set} ]] || die "unknown workload '$wl' in WORKLOADS (known: select prepared latency connect tpcb)"
 done
 
-# Connection settings come from the command line only; TLS and GSS negotiation are
-# off for all three targets alike (none of them offers encryption here).
-while read -r var; do unset "$var"; done < <(compgen -e | grep -E '^PG[A-Z]+$' || true)
-export PGSSLMODE=disable PGGSSENCMODE=disable
+# --- Tools, cluster, proxy (benches/harness.sh) ------------------------------
 
-# --- Tools ------------------------------------------------------------------
-
-if [[ -z ${PG_BIN:-} ]]; then
-    if command -v pg_config >/dev/null 2>&1 && [[ -x "$(pg_config --bindir)/initdb" ]]; then
-        PG_BIN=$(pg_config --bindir)
-    else
-        PG_BIN=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
-    fi
-fi
-for tool in initdb pg_ctl postgres pgbench psql; do
-    [[ -x "$PG_BIN/$tool" ]] || die "$tool not found in PG_BIN='$PG_BIN'; set PG_BIN to PostgreSQL's bin directory"
-done
+# Takes the benchmark lock, finds PostgreSQL, builds Offshoot, makes the temp dir
+# and installs the clean-up trap (which also stops PgBouncer, below).
+harness_init bench
+[[ -x "$PG_BIN/pgbench" ]] || die "pgbench not found in PG_BIN='$PG_BIN'; set PG_BIN to PostgreSQL's bin directory"
 PGBENCH="$PG_BIN/pgbench"
-PSQL="$PG_BIN/psql"
-
-if [[ $EUID -eq 0 ]]; then
-    id postgres >/dev/null 2>&1 || die "running as root, but there is no 'postgres' user to run PostgreSQL as"
-    command -v runuser >/dev/null 2>&1 || die "running as root, but runuser (util-linux) is missing"
-fi
+mkdir -p "$BENCH_TMP/runs"
+HARNESS_LOGS+=(pgbench-init.log pgbouncer.log)
 
 find_pgbouncer() {
     if [[ -n ${PGBOUNCER:-} ]]; then
@@ -250,11 +237,8 @@ else
     PGBOUNCER_BIN=$(find_pgbouncer)
     if [[ -z $PGBOUNCER_BIN ]]; then
         if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-            log "PgBouncer: not installed; installing it with apt-get"
-            if DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 &&
-                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >&2; then
-                PGBOUNCER_BIN=$(find_pgbouncer)
-            fi
+            apt_install_missing pgbouncer pgbouncer || true
+            PGBOUNCER_BIN=$(find_pgbouncer)
             [[ -n $PGBOUNCER_BIN ]] || die "could not install pgbouncer; set SKIP_PGBOUNCER=1 to run without it"
         else
             log "PgBouncer: not installed and not root, so not installing it; the PgBouncer columns are skipped"
@@ -266,138 +250,22 @@ fi
 TARGETS=(direct offshoot)
 [[ -n $PGBOUNCER_BIN ]] && TARGETS+=(pgbouncer)
 
-if [[ -n ${OFFSHOOT_BIN:-} ]]; then
-    [[ -x $OFFSHOOT_BIN ]] || die "OFFSHOOT_BIN=$OFFSHOOT_BIN is not an executable"
-    log "Offshoot: using $OFFSHOOT_BIN (not building)"
-else
-    command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust or set OFFSHOOT_BIN"
-    log "Offshoot: cargo build --release"
-    (cd "$REPO_DIR" && cargo build --release >&2) || die "cargo build --release failed"
-    OFFSHOOT_BIN="$REPO_DIR/target/release/offshoot"
-    [[ -x $OFFSHOOT_BIN ]] || die "the build did not produce $OFFSHOOT_BIN"
-fi
-
-# --- Clean-up ---------------------------------------------------------------
-
-BENCH_TMP=""
-PGDATA_DIR=""
-PG_STARTED=0
-OFFSHOOT_PID=""
 BOUNCER_PID=""
-
-show_log() {
-    [[ -s $1 ]] || return 0
-    log "---- last lines of $1 ----"
-    tail -n 25 "$1" >&2
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    set +e
-    if [[ -n $OFFSHOOT_PID ]]; then
-        if kill -0 "$OFFSHOOT_PID" 2>/dev/null; then
-            stop_process "$OFFSHOOT_PID" TERM 20 offshoot
-            wait "$OFFSHOOT_PID"
-            local status=$?
-            ((status == 0)) || warn "offshoot exited with status $status after SIGTERM"
-        else
-            wait "$OFFSHOOT_PID"
-            warn "offshoot had already exited (status $?)"
-        fi
-    fi
+harness_on_exit() {
     [[ -n $BOUNCER_PID ]] && stop_process "$BOUNCER_PID" TERM 10 pgbouncer
-    if ((PG_STARTED)); then
-        as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -m fast -w -t 30 stop >/dev/null 2>&1 ||
-            as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -m immediate -w stop >/dev/null 2>&1
-    fi
-    if [[ -n $BENCH_TMP ]]; then
-        if ((rc != 0)); then
-            show_log "$BENCH_TMP/offshoot.log"
-            show_log "$BENCH_TMP/pgbouncer.log"
-            show_log "$BENCH_TMP/postgres.log"
-        fi
-        if [[ $KEEP_TMP == 1 ]]; then
-            log "Kept $BENCH_TMP (KEEP_TMP=1)"
-        else
-            rm -rf "$BENCH_TMP"
-        fi
-    fi
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
-BENCH_TMP=$(mktemp -d -t offshoot-bench.XXXXXX)
-# A Unix socket path must fit in 107 bytes.
-((${#BENCH_TMP} < 80)) || die "temp dir path $BENCH_TMP is too long for a Unix socket; set TMPDIR=/tmp"
-mkdir -p "$BENCH_TMP/sock" "$BENCH_TMP/runs"
-[[ $EUID -eq 0 ]] && chown -R postgres: "$BENCH_TMP"
-log "Temp dir: $BENCH_TMP"
-
-# --- PostgreSQL -------------------------------------------------------------
-
-PG_PORT=$(free_port)
-PGDATA_DIR="$BENCH_TMP/data"
-log "PostgreSQL: initdb, listening on 127.0.0.1:$PG_PORT"
-as_pg "$PG_BIN/initdb" -D "$PGDATA_DIR" --auth=trust -U postgres -E UTF8 --no-locale --no-sync \
-    >"$BENCH_TMP/initdb.log" 2>&1 || {
-    show_log "$BENCH_TMP/initdb.log"
-    die "initdb failed"
-}
-cat >>"$PGDATA_DIR/postgresql.conf" <<EOF
-
-# offshoot benches/pgbench.sh
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$BENCH_TMP/sock'
-max_connections = 200
-shared_buffers = '$PG_SHARED_BUFFERS'
-fsync = off
-EOF
-PG_STARTED=1
-as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -l "$BENCH_TMP/postgres.log" -w -t 60 start >/dev/null ||
-    die "PostgreSQL did not start (see $BENCH_TMP/postgres.log)"
-
-"$PSQL" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres \
-    -c 'CREATE DATABASE bench' || die "cannot create database bench"
+harness_start_pg "max_connections = 200" "shared_buffers = '$PG_SHARED_BUFFERS'" ||
+    die "PostgreSQL did not start"
+harness_psql postgres -c 'CREATE DATABASE bench' || die "cannot create database bench"
 log "PostgreSQL: pgbench -i -s $SCALE bench"
 "$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U postgres bench \
-    >"$BENCH_TMP/pgbench-init.log" 2>&1 || {
-    show_log "$BENCH_TMP/pgbench-init.log"
-    die "pgbench -i failed"
-}
+    >"$BENCH_TMP/pgbench-init.log" 2>&1 || die "pgbench -i failed"
 
-# --- Offshoot ---------------------------------------------------------------
-
-PROXY_PORT=$(free_port)
-ADMIN_PORT=$(free_port)
-OFFSHOOT_CONF="$BENCH_TMP/offshoot.toml"
-cat >"$OFFSHOOT_CONF" <<EOF
-[proxy]
-listen = "127.0.0.1:$PROXY_PORT"
-
-[admin]
-listen = "127.0.0.1:$ADMIN_PORT"
-
-[state]
-dir = "$BENCH_TMP/state"
-
-# The benchmark clusters trust local connections, as PgBouncer's set-up does.
-[auth]
-method = "trust"
-
-[sources.bench]
-server = "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres"
-database = "bench"
-idle_expire = "1h"
-EOF
-"$OFFSHOOT_BIN" check --config "$OFFSHOOT_CONF" >/dev/null || die "offshoot rejected the generated configuration $OFFSHOOT_CONF"
-log "Offshoot: listening on 127.0.0.1:$PROXY_PORT (admin 127.0.0.1:$ADMIN_PORT)"
-"$OFFSHOOT_BIN" serve --config "$OFFSHOOT_CONF" >"$BENCH_TMP/offshoot.log" 2>&1 &
-OFFSHOOT_PID=$!
-wait_for_port "$PROXY_PORT" 30 "$OFFSHOOT_PID" offshoot || die "offshoot did not start (see its log below)"
+harness_start_offshoot "[sources.bench]
+server = \"host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres\"
+database = \"bench\"
+idle_expire = \"1h\""
 
 # The first connection to bench.b1 clones bench; the direct and PgBouncer runs then
 # use the same clone so that all three targets read the same data.
@@ -609,29 +477,18 @@ tables() {
 
 TABLES=$(tables)
 
-cpu_model=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)
-[[ -n $cpu_model ]] || cpu_model=$(uname -m)
-mem_total=$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo 2>/dev/null || true)
-pg_version=$("$PG_BIN/postgres" --version)
-bouncer_version="not run"
-[[ -n $PGBOUNCER_BIN ]] && bouncer_version=$("$PGBOUNCER_BIN" --version 2>&1 | head -n 1)
-offshoot_version=$("$OFFSHOOT_BIN" --version 2>/dev/null || echo offshoot)
-git_rev=$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || true)
-if [[ -n $git_rev ]] && [[ -n $(git -C "$REPO_DIR" status --porcelain --untracked-files=no 2>/dev/null) ]]; then
-    git_rev+=" (with uncommitted changes)"
-fi
+bouncer_line="not run"
+[[ -n $PGBOUNCER_BIN ]] && bouncer_line="$("$PGBOUNCER_BIN" --version 2>&1 | head -n 1): pool_mode=session, default_pool_size=32, max_client_conn=1000, auth_type=trust, connection logging off"
 overrides=$(compgen -e | grep '^OFFSHOOT__' | while read -r v; do printf '%s=%s ' "$v" "${!v}"; done || true)
 
 REPORT=$(
     cat <<EOF
 # Offshoot pgbench benchmark
 
-- Date: $(date -u '+%Y-%m-%d %H:%M UTC')
-- Machine: $(nproc) CPUs, $cpu_model, ${mem_total:-? GiB} RAM, Linux $(uname -r)
-- PostgreSQL: $pg_version; PgBouncer: $bouncer_version; $offshoot_version${git_rev:+ at $git_rev}
+$(harness_describe)
+- PgBouncer: $bouncer_line
 - Settings: ROUNDS=$ROUNDS DURATION=${DURATION}s WARMUP=${WARMUP}s SCALE=$SCALE CLIENTS=$CLIENTS CONNECT_CLIENTS=$CONNECT_CLIENTS THREADS=$THREADS${overrides:+; Offshoot overrides: $overrides}
 - PostgreSQL: max_connections=200, shared_buffers=$PG_SHARED_BUFFERS, **fsync=off** (durability off: the benchmark measures the proxies, not the disk)
-- PgBouncer: pool_mode=session, default_pool_size=32, max_client_conn=1000, auth_type=trust, connection logging off
 - Offshoot: source \`bench\`, clients use \`bench.b1\` (database $CLONE_DB); direct and PgBouncer runs use $CLONE_DB too
 - All traffic is TCP over 127.0.0.1 with sslmode=disable; pgbench, PostgreSQL and the proxies share the same CPUs.
 - Every pgbench run uses \`-n -T $DURATION\`; targets are interleaved within each round. Values are medians over the rounds.

@@ -6,9 +6,7 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn branches_are_managed_through_the_api() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { pg, proxy } = Fixture::start(Engine::Database, "").await;
 
     let (status, body) = proxy.api(
         "POST",
@@ -61,9 +59,7 @@ async fn branches_are_managed_through_the_api() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_valid_prometheus_text() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { pg: _pg, proxy } = Fixture::start(Engine::Database, "").await;
     let c = proxy.connect("shop.m").await.unwrap();
     c.simple_query("SELECT 1").await.unwrap();
 
@@ -185,9 +181,7 @@ fn bad_configuration_names_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_drives_the_api() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { pg, proxy } = Fixture::start(Engine::Database, "").await;
     let admin = format!("127.0.0.1:{}", proxy.admin);
     let cli = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_offshoot"))

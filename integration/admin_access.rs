@@ -114,7 +114,10 @@ async fn cross_site_and_rebinding_requests_are_refused_and_change_nothing() {
     let (status, text) = raw(
         proxy.admin,
         "GET /api/v1/branches",
-        &[("Host", "rebind.attacker.example:9187"), ("Authorization", &auth)],
+        &[
+            ("Host", "rebind.attacker.example:9187"),
+            ("Authorization", &auth),
+        ],
         "",
     );
     assert_eq!(status, 421, "{text}");
@@ -163,19 +166,39 @@ async fn the_token_is_required_and_compared() {
     pg.make_source("shop").await;
     let proxy = ProxyProc::start(&source("shop", &pg, ""));
     let token = admin_token(proxy.admin).unwrap();
-    for path in ["/api/v1/branches", "/metrics", "/healthz", "/api/v1/sources"] {
-        let (status, text) = raw(proxy.admin, &format!("GET {path}"), &[("Host", "localhost")], "");
+    for path in [
+        "/api/v1/branches",
+        "/metrics",
+        "/healthz",
+        "/api/v1/sources",
+    ] {
+        let (status, text) = raw(
+            proxy.admin,
+            &format!("GET {path}"),
+            &[("Host", "localhost")],
+            "",
+        );
         assert_eq!(status, 401, "{path}: {text}");
         assert!(
-            text.to_ascii_lowercase().contains("www-authenticate: bearer"),
+            text.to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
             "{text}"
         );
-        assert!(text.contains("Authorization: Bearer"), "says what to send: {text}");
-        assert!(!text.contains(proxy.dir.path().to_str().unwrap()), "no server path: {text}");
+        assert!(
+            text.contains("Authorization: Bearer"),
+            "says what to send: {text}"
+        );
+        assert!(
+            !text.contains(proxy.dir.path().to_str().unwrap()),
+            "no server path: {text}"
+        );
     }
     let wrong = bearer(&format!("{}x", &token[..token.len() - 1]));
     for (line, headers) in [
-        ("GET /api/v1/branches", vec![("Host", "localhost"), ("Authorization", wrong.as_str())]),
+        (
+            "GET /api/v1/branches",
+            vec![("Host", "localhost"), ("Authorization", wrong.as_str())],
+        ),
         (
             "POST /api/v1/branches",
             vec![
@@ -193,7 +216,12 @@ async fn the_token_is_required_and_compared() {
             ],
         ),
     ] {
-        let (status, text) = raw(proxy.admin, line, &headers, r#"{"source":"shop","branch":"x"}"#);
+        let (status, text) = raw(
+            proxy.admin,
+            line,
+            &headers,
+            r#"{"source":"shop","branch":"x"}"#,
+        );
         assert_eq!(status, 401, "{line} {headers:?}: {text}");
     }
     assert!(proxy.branch_names().is_empty());
@@ -250,8 +278,16 @@ impl Serve {
     fn wait_up(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", self.admin)).is_err() {
-            assert!(self.child.try_wait().unwrap().is_none(), "serve exited: {}", self.log());
-            assert!(Instant::now() < deadline, "serve did not start: {}", self.log());
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "serve exited: {}",
+                self.log()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "serve did not start: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -283,7 +319,12 @@ impl Serve {
     fn cli(&self, cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_offshoot"))
             .current_dir(cwd)
-            .args(["branch", "list", "--admin", &format!("127.0.0.1:{}", self.admin)])
+            .args([
+                "branch",
+                "list",
+                "--admin",
+                &format!("127.0.0.1:{}", self.admin),
+            ])
             .args(args)
             .env_remove("OFFSHOOT_ADMIN_TOKEN")
             .env_remove("OFFSHOOT_CONFIG")
@@ -314,7 +355,9 @@ fn serve_makes_a_private_token_that_the_cli_finds() {
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     assert!(
-        serve.log().contains(&format!("admin API token: {}", path.display())),
+        serve
+            .log()
+            .contains(&format!("admin API token: {}", path.display())),
         "serve says where the token is: {}",
         serve.log()
     );
@@ -331,11 +374,18 @@ fn serve_makes_a_private_token_that_the_cli_finds() {
     assert!(ok, "{out}");
     let (ok, out) = serve.cli(elsewhere.path(), &[], &[("OFFSHOOT_ADMIN_TOKEN", &token)]);
     assert!(ok, "{out}");
-    let (ok, out) = serve.cli(elsewhere.path(), &["--token-file", path.to_str().unwrap()], &[]);
+    let (ok, out) = serve.cli(
+        elsewhere.path(),
+        &["--token-file", path.to_str().unwrap()],
+        &[],
+    );
     assert!(ok, "{out}");
     // Without any of them the API says what it needs; a wrong token is named.
     let (ok, out) = serve.cli(elsewhere.path(), &[], &[]);
-    assert!(!ok && out.contains("needs its token") && out.contains("401"), "{out}");
+    assert!(
+        !ok && out.contains("needs its token") && out.contains("401"),
+        "{out}"
+    );
     let (ok, out) = serve.cli(
         elsewhere.path(),
         &[],
@@ -353,8 +403,18 @@ fn serve_makes_a_private_token_that_the_cli_finds() {
 #[test]
 fn public_read_lets_reads_through_but_not_writes() {
     let serve = Serve::start("public_read = true");
-    for path in ["/healthz", "/metrics", "/api/v1/branches", "/api/v1/sources"] {
-        let (status, text) = raw(serve.admin, &format!("GET {path}"), &[("Host", "localhost")], "");
+    for path in [
+        "/healthz",
+        "/metrics",
+        "/api/v1/branches",
+        "/api/v1/sources",
+    ] {
+        let (status, text) = raw(
+            serve.admin,
+            &format!("GET {path}"),
+            &[("Host", "localhost")],
+            "",
+        );
         assert_eq!(status, 200, "{path}: {text}");
     }
     // Host and cross-site checks still apply to reads.
@@ -393,7 +453,10 @@ fn a_reachable_listener_without_the_token_is_refused_at_start() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{cmd}: {err}");
-        assert!(err.contains("admin.public_read") && err.contains("not a loopback"), "{err}");
+        assert!(
+            err.contains("admin.public_read") && err.contains("not a loopback"),
+            "{err}"
+        );
     }
     // The allowed names are checked too.
     std::fs::write(&path, "[admin]\nallowed_hosts = [\"evil:80\"]\n").unwrap();

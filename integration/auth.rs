@@ -6,11 +6,13 @@ use crate::harness::*;
 use crate::protocol::{make_cert, psql};
 
 /// The source's server: `postgres` is trusted over TCP (the proxy's administrative
-/// and auth-query connection), every other role must use SCRAM, as on a real server.
-async fn scram_server() -> PgServer {
+/// and auth-query connection, and the `instance` engine's base backups), every other
+/// role must use SCRAM, as on a real server.
+pub async fn scram_server() -> PgServer {
     let pg = PgServer::start_with(&[
         "local all all trust",
         "host all postgres 127.0.0.1/32 trust",
+        "host replication postgres 127.0.0.1/32 trust",
         "host all all 127.0.0.1/32 scram-sha-256",
     ]);
     pg.make_source("shop").await;
@@ -51,8 +53,8 @@ async fn refused(conn: &str) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scram_logs_in_as_the_same_role_and_every_failure_looks_alike() {
-    let pg = scram_server().await;
-    let proxy = ProxyProc::start(&format!("[auth]\n{}", source("shop", &pg, "")));
+    let Fixture { pg, proxy } =
+        Fixture::over(scram_server().await, Engine::Database, "[auth]\n", "");
 
     // The right password: the session on the clone runs as the client's own role,
     // which the proxy logged in as without knowing the password.
@@ -128,7 +130,7 @@ async fn channel_binding_and_cleartext_over_tls() {
         cert.display(),
         key.display()
     );
-    let proxy = ProxyProc::start(&format!("{tls}[auth]\n{}", source("shop", &pg, "")));
+    let Fixture { pg, proxy } = Fixture::over(pg, Engine::Database, &format!("{tls}[auth]\n"), "");
     let verify = format!(
         "host=localhost port={} user=app password=app-secret sslmode=verify-full sslrootcert={}",
         proxy.port,
@@ -217,16 +219,13 @@ async fn roles_quotas_and_the_users_file() {
     let users = dir.path().join("users.txt");
     // `other` comes from the file; its auth query is never needed.
     std::fs::write(&users, format!("; roles\n\"other\" \"{verifier}\"\n")).unwrap();
-    let proxy = ProxyProc::start(&format!(
-        "[auth]\nusers_file = \"{}\"\n{}",
-        users.display(),
-        source(
-            "shop",
-            &pg,
-            "connect_roles = [\"app\", \"other\"]\ncreate_roles = [\"app\"]\n\
-             max_branches_per_role = 2\n"
-        )
-    ));
+    let Fixture { pg, proxy } = Fixture::over(
+        pg,
+        Engine::Database,
+        &format!("[auth]\nusers_file = \"{}\"\n", users.display()),
+        "connect_roles = [\"app\", \"other\"]\ncreate_roles = [\"app\"]\n\
+         max_branches_per_role = 2\n",
+    );
     let app = |db: &str| url(&proxy, "app", "app-secret", db);
 
     // `app` may create, up to two branches.
@@ -361,14 +360,11 @@ async fn tls_to_the_source_server_is_verified() {
     pg.make_source("shop").await;
     let dir = tempfile::tempdir().unwrap();
     let ca = enable_server_tls(&pg, dir.path()).await;
-    let proxy = ProxyProc::start(&source(
-        "shop",
-        &pg,
-        &format!(
-            "server_tls = \"verify-full\"\nserver_ca = \"{}\"\n",
-            ca.display()
-        ),
-    ));
+    let extra = format!(
+        "server_tls = \"verify-full\"\nserver_ca = \"{}\"\n",
+        ca.display()
+    );
+    let Fixture { pg, proxy } = Fixture::over(pg, Engine::Database, "", &extra);
     let c = proxy.connect("shop.tls").await.expect("session over TLS");
     let ssl: bool = c
         .query_one(
@@ -402,7 +398,15 @@ async fn tls_to_the_source_server_is_verified() {
         ),
     ));
     let err = strict.connect("shop.tls2").await.unwrap_err();
-    assert!(!sqlstate(&err).is_empty());
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {err}"));
+    assert_eq!(db.code().code(), "58000", "{db:?}");
+    assert!(
+        db.message().contains("tls2"),
+        "names the branch: {}",
+        db.message()
+    );
     assert!(strict.log().contains("certificate"), "{}", strict.log());
     assert!(!pg.databases().await.contains(&"shop__tls2".to_owned()));
 }

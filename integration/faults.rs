@@ -110,14 +110,10 @@ async fn assert_no_connections_counted(proxy: &ProxyProc) {
     );
 }
 
-async fn item_count(c: &Client) -> Result<i64, tokio_postgres::Error> {
-    Ok(c.query_one("SELECT count(*) FROM items", &[]).await?.get(0))
-}
-
 /// Whether a fresh connection through the proxy to `db` can run a query.
 async fn usable(proxy: &ProxyProc, db: &str) -> bool {
     match proxy.connect(db).await {
-        Ok(c) => item_count(&c).await.is_ok(),
+        Ok(c) => try_count(&c).await.is_ok(),
         Err(_) => false,
     }
 }
@@ -176,9 +172,7 @@ const VICTIM_QUERY: &str = "SELECT pg_sleep(30) /* victim */";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_backend_fails_only_its_own_client() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { pg, proxy } = Fixture::start(Engine::Database, "").await;
     let victim = proxy.connect("shop.a").await.unwrap();
     let sibling = proxy.connect("shop.a").await.unwrap();
     let neighbour = proxy.connect("shop.b").await.unwrap();
@@ -201,10 +195,10 @@ async fn a_terminated_backend_fails_only_its_own_client() {
     assert_eq!(sqlstate(&err), "57P01", "{err}");
 
     // Another session on the same branch and a session on another branch carry on.
-    assert_eq!(item_count(&sibling).await.unwrap(), 3);
-    assert_eq!(item_count(&neighbour).await.unwrap(), 3);
+    assert_eq!(count(&sibling).await, 3);
+    assert_eq!(count(&neighbour).await, 3);
     let again = proxy.connect("shop.a").await.unwrap();
-    assert_eq!(item_count(&again).await.unwrap(), 3);
+    assert_eq!(count(&again).await, 3);
     // The victim's connection is no longer counted (it would keep the branch alive).
     assert!(
         eventually(10, || connections(&proxy, "a") == Some(2)).await,
@@ -216,9 +210,7 @@ async fn a_terminated_backend_fails_only_its_own_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_killed_with_sigkill_ends_every_session_and_the_proxy_recovers() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { pg, proxy } = Fixture::start(Engine::Database, "").await;
     let victim = proxy.connect("shop.a").await.unwrap();
     let sibling = proxy.connect("shop.a").await.unwrap();
     let neighbour = proxy.connect("shop.b").await.unwrap();
@@ -262,9 +254,7 @@ async fn a_backend_killed_with_sigkill_ends_every_session_and_the_proxy_recovers
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn existing_branches_work_after_the_server_restarts() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { pg, proxy } = Fixture::start(Engine::Database, "").await;
     let idle = proxy.connect("shop.a").await.unwrap();
     idle.batch_execute("INSERT INTO items VALUES (4, 'four')")
         .await
@@ -309,9 +299,9 @@ async fn existing_branches_work_after_the_server_restarts() {
         proxy.log()
     );
     let a = proxy.connect("shop.a").await.unwrap();
-    assert_eq!(item_count(&a).await.unwrap(), 4);
+    assert_eq!(count(&a).await, 4);
     let c = proxy.connect("shop.c").await.unwrap();
-    assert_eq!(item_count(&c).await.unwrap(), 3);
+    assert_eq!(count(&c).await, 3);
     drop((a, c));
     assert_no_connections_counted(proxy).await;
 }
@@ -345,12 +335,10 @@ async fn creating(pg: &PgServer) -> i64 {
 }
 
 async fn interrupt_a_creation() -> Interrupted {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
+    let Fixture { pg, mut proxy } = Fixture::start(Engine::Database, "").await;
     add_bulk(&pg, 120_000, None).await;
     let source_digest = digest(&pg.direct("shop").await).await;
     wait_until_unused(&pg, "shop").await;
-    let mut proxy = ProxyProc::start(&source("shop", &pg, ""));
 
     // Timing cannot catch a creation reliably, a lock can: COMMENT ON DATABASE takes a
     // ShareUpdateExclusiveLock on the database until commit, and CREATE DATABASE waits
@@ -541,17 +529,18 @@ struct SmallDisk {
 
 const BULK_ROWS: i64 = 100_000;
 
-/// `None` (after saying why) where a tmpfs cannot be mounted.
-async fn small_disk() -> Option<SmallDisk> {
+/// `None` where a tmpfs cannot be mounted, after [`skip`] said why (under CI that
+/// fails the test instead).
+async fn small_disk(test: &str) -> Option<SmallDisk> {
     if !Uid::effective().is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root");
+        skip(test, "mounting a small tmpfs needs root");
         return None;
     }
     let owner = User::from_name("postgres").unwrap().expect("postgres user");
     let disk = match Tmpfs::mount("40m", &owner) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("skipped: cannot mount a tmpfs here: {e}");
+            skip(test, &format!("cannot mount a tmpfs here: {}", e.trim()));
             return None;
         }
     };
@@ -572,7 +561,7 @@ async fn small_disk() -> Option<SmallDisk> {
     let disk_size = 40 << 20;
     assert!(2 * one < disk_size && 3 * one > disk_size, "{one} bytes");
 
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { proxy, pg } = Fixture::over(pg, Engine::Database, "", "");
     let fits = proxy.connect("shop.fits").await.unwrap();
     let rows: i64 = fits
         .query_one("SELECT count(*) FROM bulk", &[])
@@ -608,7 +597,7 @@ async fn assert_nothing_left(d: &SmallDisk) {
         .join("state/branches/shop/full.json")
         .exists());
     assert_eq!(d.proxy.branch_names(), vec!["fits"]);
-    assert_eq!(item_count(&d.fits).await.unwrap(), 3);
+    assert_eq!(count(&d.fits).await, 3);
     let again = d.proxy.connect("shop.fits").await.unwrap();
     let rows: i64 = again
         .query_one("SELECT count(*) FROM bulk", &[])
@@ -620,7 +609,9 @@ async fn assert_nothing_left(d: &SmallDisk) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_room_for_the_clones_files_fails_with_53100_and_leaves_nothing() {
-    let Some(d) = small_disk().await else { return };
+    let Some(d) = small_disk("no_room_for_the_clones_files").await else {
+        return;
+    };
     // Bytes are left, but no file or directory can be created any more (ENOSPC).
     let inodes = d.disk.inodes_used();
     d.disk.cap_inodes(inodes);
@@ -672,7 +663,9 @@ async fn no_room_for_the_clones_files_fails_with_53100_and_leaves_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_full_mid_copy_reports_the_servers_error_and_leaves_no_branch() {
-    let Some(d) = small_disk().await else { return };
+    let Some(d) = small_disk("a_disk_full_mid_copy").await else {
+        return;
+    };
     let server_log = d.pg.cluster.data.with_extension("log");
 
     for attempt in 0..2 {
@@ -715,9 +708,7 @@ async fn a_disk_full_mid_copy_reports_the_servers_error_and_leaves_no_branch() {
 /// Opens a session to `shop.v` on a socket the test controls, takes a row lock in an
 /// open transaction, and goes without a Terminate: with a RST if `reset`, else a FIN.
 async fn vanish_mid_transaction(reset: bool) {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { pg, proxy } = Fixture::start(Engine::Database, "").await;
 
     let socket = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
     socket.set_nonblocking(true).unwrap();
@@ -810,12 +801,8 @@ async fn a_client_closed_mid_transaction_releases_its_session_and_locks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_refuses_new_clients_and_exits_within_the_grace() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let mut proxy = ProxyProc::start(&format!(
-        "shutdown_grace = \"2s\"\n{}",
-        source("shop", &pg, "")
-    ));
+    let Fixture { pg, mut proxy } =
+        Fixture::start_with(Engine::Database, "shutdown_grace = \"2s\"\n", "").await;
     let busy = proxy.connect("shop.t").await.unwrap();
     let idle = proxy.connect("shop.t").await.unwrap();
     let sleeping =

@@ -5,8 +5,9 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -22,14 +23,32 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The PostgreSQL server binaries the tests run: `OFFSHOOT_TEST_PG_BIN` (the version
+/// matrix in `.ci/run` points it at another major's `bin` directory), else the ones
+/// the proxy itself would find.
+pub fn pg_bin_dir() -> Option<PathBuf> {
+    std::env::var_os("OFFSHOOT_TEST_PG_BIN")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+pub fn pg_bin() -> PgBin {
+    PgBin::find(pg_bin_dir().as_deref()).expect("PostgreSQL server binaries")
+}
+
 /// An initdb'd data directory made once per test run and copied for each cluster.
+///
+/// A `static` is never dropped, so the directory cannot be removed by a `Drop`: a
+/// small clean-up process removes it when the test process ends, however it ends
+/// (see [`remove_at_exit`]).
 fn template_data() -> &'static Path {
-    static TEMPLATE: OnceLock<(TempDir, PathBuf)> = OnceLock::new();
+    static TEMPLATE: OnceLock<(TempDir, PathBuf, ChildStdin)> = OnceLock::new();
     &TEMPLATE
         .get_or_init(|| {
             let dir = world_readable_tempdir();
+            let exit_guard = remove_at_exit(dir.path());
             let cluster = Cluster {
-                bin: PgBin::find(None).expect("PostgreSQL binaries"),
+                bin: pg_bin(),
                 data: dir.path().join("data"),
                 socket_dir: dir.path().join("run"),
                 port: 5432,
@@ -38,9 +57,29 @@ fn template_data() -> &'static Path {
             };
             cluster.init("postgres", false).expect("initdb");
             let data = cluster.data.clone();
-            (dir, data)
+            (dir, data, exit_guard)
         })
         .1
+}
+
+/// Removes `dir` once this process has ended. A child shell waits for the end of its
+/// standard input, whose only writer is the returned handle: the kernel closes it
+/// when the process exits, whether it returns, panics, aborts or is killed, and the
+/// shell then removes the directory. The child has a process group of its own, so a
+/// Ctrl-C aimed at the test run does not stop it before its work is done.
+// The shell outlives this process by design (its parent becomes init), so it is
+// never waited for.
+#[allow(clippy::zombie_processes)]
+fn remove_at_exit(dir: &Path) -> ChildStdin {
+    let mut cleaner = Command::new("sh")
+        .args(["-c", "cat >/dev/null; rm -rf -- \"$1\"", "sh"])
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("start the clean-up process");
+    cleaner.stdin.take().expect("piped stdin")
 }
 
 /// A temp dir the `postgres` user can enter (tests run as root).
@@ -85,7 +124,7 @@ impl PgServer {
             std::fs::write(data.join("pg_hba.conf"), hba.join("\n") + "\n").unwrap();
         }
         let mut cluster = Cluster {
-            bin: PgBin::find(None).unwrap(),
+            bin: pg_bin(),
             data,
             socket_dir: dir.path().join("run"),
             port: 0,
@@ -197,6 +236,20 @@ impl ProxyProc {
         } else {
             "[auth]\nmethod = \"trust\"\n"
         };
+        // Servers the proxy starts itself (instance branches, the embedded server)
+        // are of the version under test.
+        let (embedded, body) = match pg_bin_dir() {
+            Some(dir) if !body.contains("bin_dir") => {
+                let line = format!("[embedded]\nbin_dir = \"{}\"\n", dir.display());
+                if body.contains("[embedded]\n") {
+                    (String::new(), body.replacen("[embedded]\n", &line, 1))
+                } else {
+                    (line, body.to_owned())
+                }
+            }
+            _ => (String::new(), body.to_owned()),
+        };
+        let body = body.as_str();
         let dir = world_readable_tempdir();
         let mut p = Self {
             port: 0,
@@ -213,7 +266,7 @@ impl ProxyProc {
             let config = format!(
                 "[proxy]\nlisten = \"127.0.0.1:{}\"\nrelay_threads = 2\n{}\n\
                  [admin]\nlisten = \"127.0.0.1:{}\"\n\
-                 [state]\ndir = \"{}\"\n{auth}{}",
+                 [state]\ndir = \"{}\"\n{auth}{embedded}{}",
                 p.port,
                 proxy_extra(body),
                 p.admin,
@@ -500,4 +553,130 @@ impl ProxyProc {
         assert!(self.child.is_none(), "offshoot is still running");
         self.spawn();
     }
+}
+
+/// How a source makes its branches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// `CREATE DATABASE ... TEMPLATE` on the source's server.
+    Database,
+    /// A copy of the whole server, one postmaster per branch.
+    Instance,
+}
+
+impl Engine {
+    /// A `[sources.<name>]` section on this engine for database `<name>` on `pg`;
+    /// `extra` goes inside the section and may end with further sections.
+    pub fn source(self, name: &str, pg: &PgServer, extra: &str) -> String {
+        match self {
+            Engine::Database => source(name, pg, extra),
+            Engine::Instance => instance_source(name, pg, extra),
+        }
+    }
+}
+
+/// A `[sources.<name>]` section on the `instance` engine, copying `pg` (database
+/// `<name>` made with [`PgServer::make_source`]).
+pub fn instance_source(name: &str, pg: &PgServer, extra: &str) -> String {
+    format!(
+        "[sources.{name}]\nengine = \"instance\"\n\
+         upstream = \"host=127.0.0.1 port={} user=postgres\"\n\
+         database = \"{name}\"\nshared_buffers = \"16MB\"\n{extra}\n",
+        pg.port
+    )
+}
+
+/// A source server holding database `shop` (table `items`, 3 rows) and a proxy
+/// serving it as source `shop`: what most tests start from. The fields drop in
+/// order, so the proxy stops before the server.
+pub struct Fixture {
+    pub proxy: ProxyProc,
+    pub pg: PgServer,
+}
+
+impl Fixture {
+    /// Source `shop` on `engine`; `extra` goes into its `[sources.shop]` section and
+    /// may end with further sections (`[reaper]` ...).
+    pub async fn start(engine: Engine, extra: &str) -> Self {
+        Self::start_with(engine, "", extra).await
+    }
+
+    /// As [`Fixture::start`], with `head` before the source section: `[proxy]` keys
+    /// first (`shutdown_grace = "2s"`), then whole sections.
+    pub async fn start_with(engine: Engine, head: &str, extra: &str) -> Self {
+        let pg = PgServer::start();
+        pg.make_source("shop").await;
+        Self::over(pg, engine, head, extra)
+    }
+
+    /// A proxy over `pg`, on which the caller made database `shop`.
+    pub fn over(pg: PgServer, engine: Engine, head: &str, extra: &str) -> Self {
+        let sep = if head.is_empty() || head.ends_with('\n') {
+            ""
+        } else {
+            "\n"
+        };
+        let proxy = ProxyProc::start(&format!("{head}{sep}{}", engine.source("shop", &pg, extra)));
+        Self { proxy, pg }
+    }
+}
+
+/// Rows in table `items` (3 in the source `make_source` made).
+pub async fn count(c: &Client) -> i64 {
+    try_count(c).await.expect("SELECT count(*) FROM items")
+}
+
+/// [`count`] for a session that may have been ended.
+pub async fn try_count(c: &Client) -> Result<i64, tokio_postgres::Error> {
+    Ok(c.query_one("SELECT count(*) FROM items", &[]).await?.get(0))
+}
+
+/// Where an `instance` source keeps its snapshots and branches.
+pub fn instance_storage(proxy: &ProxyProc, source: &str) -> PathBuf {
+    proxy.dir.path().join("state/instances").join(source)
+}
+
+/// The data directory of an `instance` branch.
+pub fn branch_data(proxy: &ProxyProc, source: &str, branch: &str) -> PathBuf {
+    instance_storage(proxy, source)
+        .join("branches")
+        .join(branch)
+        .join("data")
+}
+
+/// Pids of live processes working below `dir` (a postmaster and its children
+/// `chdir` into their data directory).
+pub fn processes_in(dir: &Path) -> Vec<i32> {
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&dir))
+        })
+        .collect()
+}
+
+/// The postmaster pid a data directory's `postmaster.pid` names.
+pub fn postmaster_pid(data: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(data.join("postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// Whether this run must not skip a test: under CI (`CI=true`) every test runs, so
+/// a missing prerequisite is a failure there, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Says loudly that `test` cannot run here and why; under CI it fails instead.
+pub fn skip(test: &str, reason: &str) {
+    assert!(
+        !in_ci(),
+        "{test} cannot run: {reason} (CI=true: every test must run; .ci/run installs what they need)"
+    );
+    eprintln!("SKIPPED {test}: {reason}");
 }

@@ -2,54 +2,32 @@
 //! postmaster per branch, suspension, expiry and restarts. Data is kept small (a
 //! fresh cluster), so plain copies on ext4 are fast enough.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 
 use crate::harness::*;
 
-/// A `[sources.<name>]` section on the `instance` engine, copying `pg` (database
-/// `<name>` made with [`PgServer::make_source`]).
-fn instance_source(name: &str, pg: &PgServer, extra: &str) -> String {
-    format!(
-        "[sources.{name}]\nengine = \"instance\"\n\
-         upstream = \"host=127.0.0.1 port={} user=postgres\"\n\
-         database = \"{name}\"\nshared_buffers = \"16MB\"\n{extra}\n",
-        pg.port
-    )
-}
-
-fn storage(proxy: &ProxyProc, source: &str) -> PathBuf {
-    proxy.dir.path().join("state/instances").join(source)
-}
-
-fn branch_data(proxy: &ProxyProc, source: &str, branch: &str) -> PathBuf {
-    storage(proxy, source)
-        .join("branches")
-        .join(branch)
-        .join("data")
-}
-
-/// Pids of live processes working below `dir` (a postmaster and its children
-/// `chdir` into their data directory).
-fn processes_in(dir: &Path) -> Vec<i32> {
-    let Ok(dir) = dir.canonicalize() else {
-        return Vec::new();
-    };
-    std::fs::read_dir("/proc")
+/// The copy mode the engine must choose for storage in `dir`: `reflink` where the
+/// filesystem clones a file (`cp --reflink=always` succeeds), else `copy`.
+fn reflink_or_copy(dir: &Path) -> &'static str {
+    let (probe, clone) = (dir.join("reflink-probe"), dir.join("reflink-probe.clone"));
+    std::fs::write(&probe, b"probe").unwrap();
+    let cloned = std::process::Command::new("cp")
+        .arg("--reflink=always")
+        .arg(&probe)
+        .arg(&clone)
+        .stderr(std::process::Stdio::null())
+        .status()
         .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&dir))
-        })
-        .collect()
-}
-
-/// The postmaster pid a data directory's `postmaster.pid` names.
-fn postmaster_pid(data: &Path) -> Option<i32> {
-    let text = std::fs::read_to_string(data.join("postmaster.pid")).ok()?;
-    text.lines().next()?.trim().parse().ok()
+        .success();
+    let _ = std::fs::remove_file(&probe);
+    let _ = std::fs::remove_file(&clone);
+    if cloned {
+        "reflink"
+    } else {
+        "copy"
+    }
 }
 
 fn branch<'a>(list: &'a Value, name: &str) -> &'a Value {
@@ -67,18 +45,9 @@ fn state(proxy: &ProxyProc, name: &str) -> String {
         .to_owned()
 }
 
-async fn count(c: &tokio_postgres::Client) -> i64 {
-    c.query_one("SELECT count(*) FROM items", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clones_are_isolated_from_each_other_and_the_source() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let mut proxy = ProxyProc::start(&instance_source("shop", &pg, ""));
+    let Fixture { pg, mut proxy } = Fixture::start(Engine::Instance, "").await;
     let a = proxy.connect("shop.a").await.unwrap();
     a.batch_execute("INSERT INTO items VALUES (4, 'four')")
         .await
@@ -112,7 +81,11 @@ async fn clones_are_isolated_from_each_other_and_the_source() {
     assert_eq!(va["engine"], "instance");
     assert_eq!(va["state"], "ready");
     let mode = va["copy_mode"].as_str().unwrap().to_owned();
-    assert!(mode == "copy" || mode == "reflink", "{mode}");
+    assert_eq!(
+        mode,
+        reflink_or_copy(proxy.dir.path()),
+        "the copy mode fits the disk"
+    );
     assert_eq!(va["snapshot"], vb["snapshot"]);
     assert_eq!(
         proxy.metric(&format!(
@@ -131,19 +104,17 @@ async fn clones_are_isolated_from_each_other_and_the_source() {
     // A clean shutdown stops every branch server; the data stays.
     drop((a, b));
     assert!(proxy.terminate());
-    assert!(processes_in(&storage(&proxy, "shop")).is_empty());
+    assert!(processes_in(&instance_storage(&proxy, "shop")).is_empty());
     assert!(branch_data(&proxy, "shop", "a").join("PG_VERSION").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_branch_is_suspended_and_resumed_with_its_data() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&instance_source(
-        "shop",
-        &pg,
+    let Fixture { pg: _pg, proxy } = Fixture::start(
+        Engine::Instance,
         "suspend_after = \"1s\"\n[reaper]\ninterval = \"200ms\"",
-    ));
+    )
+    .await;
     let c = proxy.connect("shop.s").await.unwrap();
     c.batch_execute("INSERT INTO items VALUES (4, 'four')")
         .await
@@ -191,16 +162,14 @@ async fn an_idle_branch_is_suspended_and_resumed_with_its_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_removes_the_directory_and_the_server() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&instance_source(
-        "shop",
-        &pg,
+    let Fixture { pg: _pg, proxy } = Fixture::start(
+        Engine::Instance,
         "idle_expire = \"2s\"\nsuspend_after = \"1h\"\n[reaper]\ninterval = \"200ms\"",
-    ));
+    )
+    .await;
     let c = proxy.connect("shop.gone").await.unwrap();
     count(&c).await;
-    let dir = storage(&proxy, "shop").join("branches/gone");
+    let dir = instance_storage(&proxy, "shop").join("branches/gone");
     let pids = processes_in(&dir);
     assert!(!pids.is_empty());
     drop(c);
@@ -215,63 +184,12 @@ async fn expiry_removes_the_directory_and_the_server() {
             }
         );
     }
-    assert!(processes_in(&storage(&proxy, "shop")).is_empty());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_first_connections_make_one_instance() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&instance_source("shop", &pg, ""));
-    let url = proxy.url("shop.race");
-    let tasks: Vec<_> = (0..10)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move {
-                let c = connect(&url).await?;
-                c.query_one("SHOW data_directory", &[])
-                    .await
-                    .map(|r| r.get::<_, String>(0))
-            })
-        })
-        .collect();
-    let mut dirs = Vec::new();
-    for t in tasks {
-        dirs.push(t.await.unwrap().unwrap());
-    }
-    dirs.dedup();
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    assert_eq!(
-        proxy.metric("offshoot_branches_created_total{source=\"shop\"}"),
-        1.0
-    );
-    let entries = std::fs::read_dir(storage(&proxy, "shop").join("branches"))
-        .unwrap()
-        .count();
-    assert_eq!(entries, 1);
-    // One postmaster: every server process descends from the one the pid file names.
-    let data = branch_data(&proxy, "shop", "race");
-    let pm = postmaster_pid(&data).unwrap();
-    for pid in processes_in(&data) {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid: i32 = stat
-            .rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().nth(1))
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
-        assert!(
-            pid == pm || ppid == pm,
-            "{pid} (parent {ppid}) is not of {pm}"
-        );
-    }
+    assert!(processes_in(&instance_storage(&proxy, "shop")).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_proxy_readopts_running_suspended_and_crashed_branches() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let mut proxy = ProxyProc::start(&instance_source("shop", &pg, ""));
+    let Fixture { pg: _pg, mut proxy } = Fixture::start(Engine::Instance, "").await;
     for b in ["up", "down", "crashed"] {
         let c = proxy.connect(&format!("shop.{b}")).await.unwrap();
         c.batch_execute(&format!("INSERT INTO items VALUES (10, '{b}')"))
@@ -295,7 +213,7 @@ async fn a_killed_proxy_readopts_running_suspended_and_crashed_branches() {
     assert!(eventually(20, || processes_in(&crashed).is_empty()).await);
     assert!(crashed.join("postmaster.pid").exists());
     // Something the proxy did not make, next to its clones.
-    let junk = storage(&proxy, "shop").join("branches/junk");
+    let junk = instance_storage(&proxy, "shop").join("branches/junk");
     std::fs::create_dir_all(&junk).unwrap();
 
     proxy.restart();
@@ -327,9 +245,7 @@ async fn a_killed_proxy_readopts_running_suspended_and_crashed_branches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_are_chosen_and_cannot_be_deleted_while_used() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&instance_source("shop", &pg, ""));
+    let Fixture { pg, proxy } = Fixture::start(Engine::Instance, "").await;
     let take = || {
         let (status, body) = proxy.api("POST", "/api/v1/sources/shop/snapshots", None);
         assert_eq!(status, 201, "{body}");
@@ -381,7 +297,7 @@ async fn snapshots_are_chosen_and_cannot_be_deleted_while_used() {
     let (_, text) = proxy.api("GET", "/api/v1/sources/shop/snapshots", None);
     let left: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(left.as_array().unwrap().len(), 1);
-    assert!(!storage(&proxy, "shop")
+    assert!(!instance_storage(&proxy, "shop")
         .join("snapshots")
         .join(&old)
         .exists());
@@ -389,13 +305,11 @@ async fn snapshots_are_chosen_and_cannot_be_deleted_while_used() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_cannot_start_fails_clearly_and_leaves_nothing() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&instance_source(
-        "shop",
-        &pg,
+    let Fixture { pg: _pg, proxy } = Fixture::start(
+        Engine::Instance,
         "[sources.shop.settings]\nno_such_setting = \"1\"",
-    ));
+    )
+    .await;
     for _ in 0..2 {
         let err = proxy.connect("shop.bad").await.unwrap_err();
         let msg = err
@@ -415,7 +329,7 @@ async fn a_server_that_cannot_start_fails_clearly_and_leaves_nothing() {
         .path()
         .join("state/branches/shop/bad.json")
         .exists());
-    let branches = storage(&proxy, "shop").join("branches");
+    let branches = instance_storage(&proxy, "shop").join("branches");
     assert_eq!(std::fs::read_dir(&branches).unwrap().count(), 0);
-    assert!(processes_in(&storage(&proxy, "shop")).is_empty());
+    assert!(processes_in(&instance_storage(&proxy, "shop")).is_empty());
 }

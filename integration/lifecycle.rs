@@ -4,44 +4,105 @@ use std::time::Duration;
 
 use crate::harness::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_first_connections_make_one_clone() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+/// Sixteen first connections to one new name at once, on either engine: one branch
+/// is made, once, and every client is served by it.
+async fn concurrent_first_connections_make_one_branch(engine: Engine) {
+    let Fixture { pg, proxy } = Fixture::start(engine, "").await;
     let url = proxy.url("shop.race");
-    let tasks: Vec<_> = (0..20)
+    let tasks: Vec<_> = (0..16)
         .map(|_| {
             let url = url.clone();
             tokio::spawn(async move {
                 let c = connect(&url).await?;
-                c.query_one("SELECT count(*) FROM items", &[])
-                    .await
-                    .map(|r| r.get::<_, i64>(0))
+                let row = c
+                    .query_one(
+                        "SELECT count(*), current_database()::text, \
+                         current_setting('data_directory') FROM items",
+                        &[],
+                    )
+                    .await?;
+                Ok::<_, tokio_postgres::Error>((row.get(0), row.get(1), row.get(2)))
             })
         })
         .collect();
+    let mut served = std::collections::BTreeSet::new();
     for t in tasks {
-        assert_eq!(t.await.unwrap().unwrap(), 3);
+        let (rows, db, dir): (i64, String, String) = t.await.unwrap().expect("served");
+        assert_eq!(rows, 3, "a copy of the source");
+        served.insert((db, dir));
     }
+    assert_eq!(
+        served.len(),
+        1,
+        "every client on the same branch: {served:?}"
+    );
+    let (db, dir) = served.pop_first().unwrap();
+    assert_eq!(proxy.branch_names(), vec!["race"]);
+    assert_eq!(
+        proxy.metric("offshoot_branches_created_total{source=\"shop\"}"),
+        1.0
+    );
     let clones: Vec<String> = pg
         .databases()
         .await
         .into_iter()
         .filter(|d| d.starts_with("shop__"))
         .collect();
-    assert_eq!(clones, vec!["shop__race".to_string()]);
-    assert_eq!(
-        proxy.metric("offshoot_branches_created_total{source=\"shop\"}"),
-        1.0
-    );
+    match engine {
+        Engine::Database => {
+            assert_eq!(db, "shop__race");
+            assert_eq!(clones, vec!["shop__race".to_string()]);
+        }
+        Engine::Instance => {
+            assert_eq!(db, "shop", "the whole server is copied");
+            assert!(clones.is_empty(), "nothing made on the source: {clones:?}");
+            let data = branch_data(&proxy, "shop", "race");
+            assert_eq!(std::path::Path::new(&dir), data.canonicalize().unwrap());
+            let entries = std::fs::read_dir(instance_storage(&proxy, "shop").join("branches"))
+                .unwrap()
+                .count();
+            assert_eq!(entries, 1, "one branch directory");
+            // One postmaster: every server process working there is the one the pid
+            // file names, or one of its children.
+            let pm = postmaster_pid(&data).expect("postmaster.pid");
+            let pids = processes_in(&data);
+            assert!(pids.contains(&pm), "postmaster {pm} not among {pids:?}");
+            for pid in pids {
+                let ppid = parent_pid(pid);
+                assert!(
+                    pid == pm || ppid == Some(pm),
+                    "{pid} (parent {ppid:?}) is not of {pm}"
+                );
+            }
+        }
+    }
+}
+
+/// The parent of process `pid`, from `/proc/<pid>/stat`; `None` once it has gone.
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from the last ')'.
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_connections_make_one_database_clone() {
+    concurrent_first_connections_make_one_branch(Engine::Database).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_connections_make_one_instance() {
+    concurrent_first_connections_make_one_branch(Engine::Instance).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_creation_reports_the_reason_and_leaves_nothing() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { pg, proxy } = Fixture::start(Engine::Database, "").await;
     // Someone is connected to the source: PostgreSQL cannot copy it (55006).
     let holder = pg.direct("shop").await;
     let url = proxy.url("shop.busy");
@@ -77,12 +138,12 @@ async fn connect_owned(url: String) -> Result<tokio_postgres::Client, tokio_post
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_branches_expire_but_not_while_connected_or_persistent() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&format!(
-        "[reaper]\ninterval = \"100ms\"\n{}",
-        source("shop", &pg, "idle_expire = \"1s\"\npersistent = [\"qa\"]")
-    ));
+    let Fixture { pg, proxy } = Fixture::start_with(
+        Engine::Database,
+        "[reaper]\ninterval = \"100ms\"\n",
+        "idle_expire = \"1s\"\npersistent = [\"qa\"]",
+    )
+    .await;
     let held = proxy.connect("shop.held").await.unwrap();
     let brief = proxy.connect("shop.brief").await.unwrap();
     let qa = proxy.connect("shop.qa").await.unwrap();
@@ -117,8 +178,9 @@ async fn idle_branches_expire_but_not_while_connected_or_persistent() {
     // Once the last connection closes, `held` expires too.
     drop(held);
     assert!(
-        eventually(15, || proxy.branches().as_array().unwrap().len() == 1).await,
-        "only the persistent branch should remain"
+        eventually(15, || proxy.branch_names() == ["qa"]).await,
+        "only the persistent branch should remain: {:?}",
+        proxy.branch_names()
     );
     // A new connection to an expired name makes a fresh clone from the source.
     let again = proxy.connect("shop.brief").await.unwrap();
@@ -132,9 +194,7 @@ async fn idle_branches_expire_but_not_while_connected_or_persistent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_restart_keeps_every_branch() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let mut proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { pg, mut proxy } = Fixture::start(Engine::Database, "").await;
     for b in ["k1", "k2"] {
         let c = proxy.connect(&format!("shop.{b}")).await.unwrap();
         c.execute(&format!("INSERT INTO items VALUES (10, '{b}')"), &[])
@@ -163,9 +223,7 @@ async fn kill_9_and_restart_keeps_every_branch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_creation_is_settled_on_restart() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let mut proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { pg, mut proxy } = Fixture::start(Engine::Database, "").await;
     proxy.kill9();
     // A crash right after CREATE DATABASE: the clone exists, unmarked, and its record
     // still says `provisioning`. Another crash came before anything was made.
@@ -218,12 +276,8 @@ async fn interrupted_creation_is_settled_on_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_cleanly() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let mut proxy = ProxyProc::start(&format!(
-        "shutdown_grace = \"2s\"\n{}",
-        source("shop", &pg, "")
-    ));
+    let Fixture { pg: _pg, mut proxy } =
+        Fixture::start_with(Engine::Database, "shutdown_grace = \"2s\"\n", "").await;
     let c = proxy.connect("shop.t").await.unwrap();
     c.simple_query("SELECT 1").await.unwrap();
     let started = std::time::Instant::now();
@@ -234,13 +288,9 @@ async fn sigterm_drains_and_exits_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_past_the_provision_timeout_gets_57p03_and_creation_goes_on() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
     // No clone can be made in a millisecond: the client gives up, the creation does not.
-    let proxy = ProxyProc::start(&format!(
-        "provision_timeout = \"1ms\"\n{}",
-        source("shop", &pg, "")
-    ));
+    let Fixture { pg: _pg, proxy } =
+        Fixture::start_with(Engine::Database, "provision_timeout = \"1ms\"\n", "").await;
     let err = proxy.connect("shop.slow").await.unwrap_err();
     assert_eq!(sqlstate(&err), "57P03");
     assert!(

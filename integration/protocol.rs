@@ -51,12 +51,8 @@ fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_startup_packets_are_refused_and_others_still_served() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&format!(
-        "startup_timeout = \"500ms\"\n{}",
-        source("shop", &pg, "")
-    ));
+    let Fixture { pg: _pg, proxy } =
+        Fixture::start_with(Engine::Database, "startup_timeout = \"500ms\"\n", "").await;
     // Someone connected throughout: bad clients must not disturb them.
     let steady = proxy.connect("shop.steady").await.unwrap();
 
@@ -168,9 +164,7 @@ fn read_msg(s: &mut TcpStream) -> (u8, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_3_2_sessions_get_long_cancel_keys_that_work() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { pg: _pg, proxy } = Fixture::start(Engine::Database, "").await;
     let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s.write_all(&startup_packet(
@@ -235,9 +229,7 @@ async fn protocol_3_2_sessions_get_long_cancel_keys_that_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_requests_reach_the_right_backend() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { pg: _pg, proxy } = Fixture::start(Engine::Database, "").await;
     let sleeper = proxy.connect("shop.c").await.unwrap();
     let other = proxy.connect("shop.c").await.unwrap();
     let token = sleeper.cancel_token();
@@ -263,13 +255,24 @@ async fn cancel_requests_reach_the_right_backend() {
         proxy.metric("offshoot_cancel_requests_total{outcome=\"forwarded\"}"),
         1.0
     );
-    // A made-up key is ignored.
+    // A made-up key is ignored: no answer (a cancel never gets one), counted as such.
+    let ignored = "offshoot_cancel_requests_total{outcome=\"ignored\"}";
+    assert_eq!(proxy.metric(ignored), 0.0);
     let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
     s.write_all(&[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 1, 0, 0, 0, 2])
         .unwrap();
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     assert!(out.is_empty());
+    assert!(
+        eventually(5, || proxy.metric(ignored) == 1.0).await,
+        "the made-up key is counted as ignored"
+    );
+    assert_eq!(
+        proxy.metric("offshoot_cancel_requests_total{outcome=\"forwarded\"}"),
+        1.0,
+        "and not forwarded"
+    );
     // Guessing keys at speed is rate-limited per address (cancel_rate = 10/s).
     for guess in 0..40u8 {
         let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
@@ -309,23 +312,19 @@ pub fn make_cert(dir: &std::path::Path, cn: &str) -> (std::path::PathBuf, std::p
     (cert, key)
 }
 
-/// A proxy for source `shop` on `pg` with TLS from a fresh certificate for `cn`;
-/// `tls_extra` holds further `[tls]` lines. Returns the certificate's directory
-/// (keep it alive) and path, for tests that rewrite it.
-fn tls_proxy(
-    pg: &PgServer,
-    cn: &str,
-    tls_extra: &str,
-) -> (ProxyProc, tempfile::TempDir, std::path::PathBuf) {
+/// The [`Fixture`] with TLS from a fresh certificate for `cn`; `tls_extra` holds
+/// further `[tls]` lines. Returns the certificate's directory (keep it alive) and
+/// path, for tests that rewrite it.
+async fn tls_proxy(cn: &str, tls_extra: &str) -> (Fixture, tempfile::TempDir, std::path::PathBuf) {
     let certs = tempfile::tempdir().unwrap();
     let (cert, key) = make_cert(certs.path(), cn);
-    let proxy = ProxyProc::start(&format!(
-        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n{tls_extra}{}",
+    let tls = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n{tls_extra}",
         cert.display(),
         key.display(),
-        source("shop", pg, "")
-    ));
-    (proxy, certs, cert)
+    );
+    let fixture = Fixture::start_with(Engine::Database, &tls, "").await;
+    (fixture, certs, cert)
 }
 
 /// The subject the proxy's certificate shows to a TLS client right now.
@@ -357,9 +356,7 @@ pub fn psql(conninfo: &str, sql: &str) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_handshake_with_a_test_certificate() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let (proxy, _certs, _) = tls_proxy(&pg, "localhost", "");
+    let (Fixture { pg: _pg, proxy }, _certs, _) = tls_proxy("localhost", "").await;
     let out = Command::new("psql")
         .arg(format!(
             "host=127.0.0.1 port={} user=postgres dbname=shop.tls sslmode=require",
@@ -389,9 +386,8 @@ async fn tls_handshake_with_a_test_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_required_refuses_plaintext_and_certificates_reload_on_sighup() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let (proxy, certs, cert) = tls_proxy(&pg, "first.example", "mode = \"require\"\n");
+    let (Fixture { pg: _pg, proxy }, certs, cert) =
+        tls_proxy("first.example", "mode = \"require\"\n").await;
     let base = format!(
         "host=127.0.0.1 port={} user=postgres dbname=shop.req",
         proxy.port
@@ -453,13 +449,8 @@ async fn replication_connections_are_refused_unless_allowed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_names_the_branch() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let (proxy, _certs, _) = tls_proxy(
-        &pg,
-        "*.shop.db.example.com",
-        "sni_suffix = \"db.example.com\"\n",
-    );
+    let (Fixture { pg: _pg, proxy }, _certs, _) =
+        tls_proxy("*.shop.db.example.com", "sni_suffix = \"db.example.com\"\n").await;
     // libpq sends the host name as SNI; hostaddr skips the DNS look-up.
     let conninfo = |host: &str| {
         format!(
@@ -526,9 +517,7 @@ async fn until_ready<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<(u8, Vec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_tls_needs_alpn_postgresql() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let (proxy, _certs, _) = tls_proxy(&pg, "localhost", "");
+    let (Fixture { pg: _pg, proxy }, _certs, _) = tls_proxy("localhost", "").await;
 
     let mut s = direct_tls(proxy.port, &[b"postgresql"])
         .await
@@ -566,9 +555,7 @@ async fn direct_tls_needs_alpn_postgresql() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_sent_with_an_sslrequest_is_never_used() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let (proxy, _certs, _) = tls_proxy(&pg, "localhost", "");
+    let (Fixture { pg, proxy }, _certs, _) = tls_proxy("localhost", "").await;
     // SSLRequest and a plaintext startup in one write (the CVE-2021-23214 pattern):
     // the bytes behind the SSLRequest must not be taken as the session's start.
     let mut bytes = vec![0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];

@@ -2,18 +2,9 @@
 
 use crate::harness::*;
 
-async fn count(c: &tokio_postgres::Client) -> i64 {
-    c.query_one("SELECT count(*) FROM items", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn branches_are_isolated_from_each_other_and_the_source() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { pg, proxy } = Fixture::start(Engine::Database, "").await;
 
     let a = proxy.connect("shop.pr-1").await.unwrap();
     let b = proxy.connect("shop.pr-2").await.unwrap();
@@ -48,9 +39,7 @@ async fn branches_are_isolated_from_each_other_and_the_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_that_do_not_resolve_are_refused_and_nothing_is_created() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&source("shop", &pg, "max_branches = 2"));
+    let Fixture { pg, proxy } = Fixture::start(Engine::Database, "max_branches = 2").await;
     let before = pg.databases().await;
 
     let err = proxy.connect("nosuch.pr-1").await.unwrap_err();
@@ -101,12 +90,12 @@ async fn names_that_do_not_resolve_are_refused_and_nothing_is_created() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_branch_and_user_routing() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&format!(
-        "route_by = \"user\"\nseparator = \"@\"\n{}",
-        source("shop", &pg, "default_branch = \"main\"")
-    ));
+    let Fixture { pg: _pg, proxy } = Fixture::start_with(
+        Engine::Database,
+        "route_by = \"user\"\nseparator = \"@\"\n",
+        "default_branch = \"main\"",
+    )
+    .await;
     // user "postgres@pr-7" → role postgres on branch pr-7 of source shop.
     let c = connect(&proxy.url_as("postgres@pr-7", "shop"))
         .await
@@ -129,31 +118,16 @@ async fn default_branch_and_user_routing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_still_authenticates_every_client() {
-    let pg = PgServer::start_with(&[
-        "local all all trust",
-        "host all postgres 127.0.0.1/32 trust",
-        "host all all 127.0.0.1/32 scram-sha-256",
-    ]);
-    pg.make_source("shop").await;
-    let admin = pg.direct("postgres").await;
-    admin
-        .batch_execute(
-            "SET password_encryption = 'scram-sha-256'; \
-             CREATE ROLE app LOGIN PASSWORD 'right horse battery'; \
-             GRANT ALL ON DATABASE shop TO app;",
-        )
-        .await
-        .unwrap();
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    // The proxy checks nobody (`auth.method = "trust"`); the server asks `app` for
+    // its SCRAM password.
+    let Fixture { pg: _pg, proxy } =
+        Fixture::over(crate::auth::scram_server().await, Engine::Database, "", "");
 
     let wrong = format!("{} password=wrong", proxy.url_as("app", "shop.auth"));
     let err = connect(&wrong).await.unwrap_err();
     assert_eq!(sqlstate(&err), "28P01");
 
-    let right = format!(
-        "{} password='right horse battery'",
-        proxy.url_as("app", "shop.auth")
-    );
+    let right = format!("{} password=app-secret", proxy.url_as("app", "shop.auth"));
     let c = connect(&right).await.unwrap();
     let who: String = c
         .query_one("SELECT current_user::text", &[])

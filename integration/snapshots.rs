@@ -5,13 +5,6 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-async fn count(c: &tokio_postgres::Client) -> i64 {
-    c.query_one("SELECT count(*) FROM items", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 fn take(proxy: &ProxyProc) -> (u16, Value) {
     let (status, body) = proxy.api("POST", "/api/v1/sources/shop/snapshots", None);
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
@@ -19,9 +12,7 @@ fn take(proxy: &ProxyProc) -> (u16, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_branches_clone_a_snapshot_not_the_live_source() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { pg, proxy } = Fixture::start(Engine::Database, "").await;
     let (status, snap) = take(&proxy);
     assert_eq!(status, 201, "{snap}");
     let old = snap["name"].as_str().unwrap().to_owned();

@@ -24,13 +24,11 @@ use crate::branch::{CreateOptions, DeleteError, Registry, RemoveReason, Source};
 use crate::error::ProvisionError;
 use crate::metrics::Metrics;
 use crate::names::{BranchId, BranchName, NameError, SourceName};
-use crate::proxy::Proxy;
 
 #[derive(Clone)]
 struct AppState {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    proxy: Arc<Proxy>,
     provision_timeout: Duration,
 }
 
@@ -106,7 +104,7 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
     Json(json!({
         "status": "ok",
         "branches": s.registry.list().len(),
-        "client_connections": s.proxy.open_connections(),
+        "client_connections": s.metrics.connections_open.get(),
     }))
 }
 
@@ -256,15 +254,8 @@ async fn delete_snapshot(
     Path((source, name)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
     let src = source_of(&s, &source)?;
-    let users = s.registry.snapshot_users(&src.name, &name);
-    if !users.is_empty() {
-        return Err(SnapshotError::InUse {
-            name,
-            branches: users.join(", "),
-        }
-        .into());
-    }
-    src.engine.delete_snapshot(&name).await?;
+    // The registry refuses a snapshot in use, under the lock that starts creations.
+    s.registry.delete_snapshot(&src.name, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -352,14 +343,12 @@ pub async fn serve(
     bound: Bound,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    proxy: Arc<Proxy>,
     provision_timeout: Duration,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let state = AppState {
         registry,
         metrics,
-        proxy,
         provision_timeout,
     };
     let guarded = router(state).layer(axum::middleware::from_fn_with_state(

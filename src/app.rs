@@ -16,10 +16,11 @@ use crate::branch::engine::Engine;
 use crate::branch::reaper;
 use crate::branch::store::Store;
 use crate::branch::{Registry, Source};
+use crate::clock::Clock;
 use crate::config::{Config, EngineConfig, RouteBy, TlsConfig};
 use crate::embedded::Embedded;
 use crate::metrics::Metrics;
-use crate::proxy::{listener, tls, Proxy};
+use crate::proxy::{listener, tls, Access, AuthMethods, ClientTls, Proxy};
 
 /// Runs the proxy until `shutdown` is cancelled, then drains and stops.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
@@ -55,10 +56,11 @@ async fn serve(
     embedded: Option<&Embedded>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    // The one clock of the control plane: the registry, the reaper and the engines.
+    let clock = Clock::system();
     let mut sources = Vec::new();
     let mut auth_servers = Vec::new();
     let mut upstreams = std::collections::HashMap::new();
-    let clock = crate::clock::Clock::system();
     for (name, scfg) in &cfg.sources {
         let upstream = crate::upstream::Upstream::new(scfg.server_tls, scfg.server_ca.as_deref())
             .with_context(|| format!("sources.{name}"))?;
@@ -111,7 +113,12 @@ async fn serve(
     }
 
     let store = Store::open(state_dir).context("state.dir: branch records")?;
-    let registry = Arc::new(Registry::new(sources, store, metrics.clone()));
+    let registry = Arc::new(Registry::new(
+        sources,
+        store,
+        metrics.clone(),
+        clock.clone(),
+    ));
     registry.adopt().await.context("reading branch records")?;
 
     let tls = match (&cfg.tls.cert, &cfg.tls.key) {
@@ -130,13 +137,8 @@ async fn serve(
         cfg.proxy.clone(),
         registry.clone(),
         metrics.clone(),
-        tls,
-        &cfg.tls,
-        crate::proxy::Access {
-            credentials,
-            method: cfg.auth.method,
-            upstream: upstreams,
-        },
+        ClientTls::new(tls, &cfg.tls),
+        Access::new(credentials, AuthMethods::from_config(cfg), upstreams),
     )?);
 
     let tasks = CancellationToken::new();
@@ -149,7 +151,6 @@ async fn serve(
                 admin,
                 registry.clone(),
                 metrics.clone(),
-                proxy.clone(),
                 cfg.proxy.provision_timeout,
                 tasks.clone(),
             ))
@@ -181,7 +182,7 @@ async fn serve(
             "grace period over; closing remaining connections"
         );
         // Closing a socket does not stop a statement the server is busy with.
-        let cancelled = proxy.cancels.cancel_all().await;
+        let cancelled = proxy.cancel_all().await;
         info!(
             cancelled,
             "cancelled running statements of the remaining sessions"
@@ -207,7 +208,7 @@ async fn reload_on_sighup(tls_cfg: TlsConfig, proxy: Arc<Proxy>) {
         Err(e) => return warn!(error = %e, "cannot watch SIGHUP; reload disabled"),
     };
     while hup.recv().await.is_some() {
-        proxy.credentials.reload();
+        proxy.reload_credentials();
         let (Some(cert), Some(key)) = (&tls_cfg.cert, &tls_cfg.key) else {
             continue;
         };
@@ -216,7 +217,7 @@ async fn reload_on_sighup(tls_cfg: TlsConfig, proxy: Arc<Proxy>) {
         }
         match tls::load(cert, key) {
             Ok(loaded) => {
-                *proxy.tls.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(loaded));
+                proxy.replace_certificate(loaded);
                 info!(cert = %cert.display(), "TLS certificate reloaded");
             }
             Err(e) => {

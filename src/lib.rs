@@ -36,6 +36,8 @@ pub mod config;
 pub mod embedded;
 pub mod error;
 pub mod fsutil;
+#[cfg(test)]
+mod layering;
 pub mod metrics;
 pub mod names;
 pub mod pg;

@@ -2,8 +2,8 @@
 //! kinds and states from enums; no metric is labelled by branch.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -12,6 +12,8 @@ pub struct Metrics {
     pub client_connections: IntGaugeVec,
     /// Client connections accepted.
     pub connections_total: IntCounter,
+    /// Client connections open: in startup or relayed (what `/healthz` reports).
+    pub connections_open: IntGauge,
     /// Time to create a branch, by source.
     pub provision_seconds: HistogramVec,
     /// Branches by source and state.
@@ -48,6 +50,11 @@ impl Metrics {
         let connections_total = IntCounter::new(
             "offshoot_connections_total",
             "Client connections accepted by the proxy",
+        )
+        .expect("valid metric");
+        let connections_open = IntGauge::new(
+            "offshoot_connections_open",
+            "Client connections open, in startup or relayed",
         )
         .expect("valid metric");
         let provision_seconds = HistogramVec::new(
@@ -130,6 +137,7 @@ impl Metrics {
         for c in [
             Box::new(client_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
+            Box::new(connections_open.clone()),
             Box::new(provision_seconds.clone()),
             Box::new(branches.clone()),
             Box::new(branches_created_total.clone()),
@@ -151,6 +159,7 @@ impl Metrics {
             registry,
             client_connections,
             connections_total,
+            connections_open,
             provision_seconds,
             branches,
             branches_created_total,

@@ -10,7 +10,8 @@
 # ~/.cache/offshoot-drivers, never into the repository). Set OFFSHOOT_DRIVERS_KEEP=1
 # to keep the temp dir (cluster, proxy config and logs) for a look afterwards.
 # Prints a line per driver and closes with "N passed, M failed[, K skipped]";
-# exits non-zero when a driver failed or the set-up did.
+# exits non-zero when a driver failed, the set-up did, no driver ran, or (with
+# CI=true) a driver was skipped because its runtime could not be installed.
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -394,4 +395,13 @@ fi
 summary="$passed passed, $failed failed"
 ((skipped > 0)) && summary+=", $skipped skipped"
 echo "$summary"
+# A run in which no driver ran proves nothing; under CI every driver must run.
+if ((passed == 0)); then
+    echo "no driver ran" >&2
+    exit 1
+fi
+if [[ ${CI:-} == true ]] && ((skipped > 0)); then
+    echo "CI=true: every driver must run, and $skipped did not (see SKIP above)" >&2
+    exit 1
+fi
 ((failed == 0))

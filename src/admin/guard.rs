@@ -78,7 +78,7 @@ fn authority(text: &str) -> Option<(String, Option<u16>)> {
     (!host.is_empty()).then_some((host, port))
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: header::HeaderName) -> Option<&'a str> {
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -145,8 +145,7 @@ impl Guard {
                 ));
             }
         }
-        if let Some(site) = header_str(headers, header::HeaderName::from_static("sec-fetch-site"))
-        {
+        if let Some(site) = header_str(headers, header::HeaderName::from_static("sec-fetch-site")) {
             if site.eq_ignore_ascii_case("cross-site") || site.eq_ignore_ascii_case("same-site") {
                 return Err(refuse(
                     StatusCode::FORBIDDEN,
@@ -258,10 +257,23 @@ mod tests {
             "offshoot:9187",
             "127.0.0.2",
         ] {
-            assert_eq!(status(&g, Method::GET, &[("host", host), AUTH]), 200, "{host}");
+            assert_eq!(
+                status(&g, Method::GET, &[("host", host), AUTH]),
+                200,
+                "{host}"
+            );
         }
-        for host in ["evil:9187", "evil.localhost", "127.0.0.1.evil.com", "10.0.0.1"] {
-            assert_eq!(status(&g, Method::GET, &[("host", host), AUTH]), 421, "{host}");
+        for host in [
+            "evil:9187",
+            "evil.localhost",
+            "127.0.0.1.evil.com",
+            "10.0.0.1",
+        ] {
+            assert_eq!(
+                status(&g, Method::GET, &[("host", host), AUTH]),
+                421,
+                "{host}"
+            );
         }
         assert_eq!(status(&g, Method::GET, &[AUTH]), 400);
     }
@@ -312,7 +324,11 @@ mod tests {
         let host = ("host", "localhost");
         assert_eq!(status(&g, Method::POST, &[host, AUTH]), 415);
         assert_eq!(
-            status(&g, Method::POST, &[host, AUTH, ("content-type", "text/plain")]),
+            status(
+                &g,
+                Method::POST,
+                &[host, AUTH, ("content-type", "text/plain")]
+            ),
             415
         );
         assert_eq!(status(&g, Method::DELETE, &[host, AUTH]), 415);
@@ -320,7 +336,11 @@ mod tests {
             status(
                 &g,
                 Method::POST,
-                &[host, AUTH, ("content-type", "application/json; charset=utf-8")]
+                &[
+                    host,
+                    AUTH,
+                    ("content-type", "application/json; charset=utf-8")
+                ]
             ),
             200
         );

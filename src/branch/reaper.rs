@@ -4,7 +4,7 @@
 //! whose clones run one); past `idle_expire` it is removed altogether.
 //!
 //! The step takes the time as an argument, so tests can ask "what expires at T?"
-//! without sleeping. The registry re-checks every condition under its lock when the
+//! without sleeping; the loop reads it from the registry's clock. The registry re-checks every condition under its lock when the
 //! deletion starts, so a connection arriving between the scan and the deletion wins.
 
 use std::sync::Arc;
@@ -44,7 +44,7 @@ const PARALLEL_EXPIRIES: usize = 4;
 
 /// Expires every branch idle past its policy at `now`, suspends those idle past
 /// `suspend_after`, and saves activity stamps.
-pub async fn reap_once(registry: &Registry, now: SystemTime) -> Vec<Outcome> {
+pub async fn reap_once(registry: &Arc<Registry>, now: SystemTime) -> Vec<Outcome> {
     registry.flush_activity();
     let mut out: Vec<Outcome> = stream::iter(registry.idle_candidates(now))
         .map(|(id, idle)| expire(registry, id, idle))
@@ -61,7 +61,7 @@ pub async fn reap_once(registry: &Registry, now: SystemTime) -> Vec<Outcome> {
     out
 }
 
-async fn suspend(registry: &Registry, id: BranchId, idle: Duration) -> Option<Outcome> {
+async fn suspend(registry: &Arc<Registry>, id: BranchId, idle: Duration) -> Option<Outcome> {
     match registry.suspend(&id).await {
         Ok(true) => {
             info!(branch = %id, idle = %humantime::format_duration(trunc(idle)), "branch server stopped while idle");
@@ -76,7 +76,7 @@ async fn suspend(registry: &Registry, id: BranchId, idle: Duration) -> Option<Ou
     }
 }
 
-async fn expire(registry: &Registry, id: BranchId, idle: Duration) -> Outcome {
+async fn expire(registry: &Arc<Registry>, id: BranchId, idle: Duration) -> Outcome {
     match registry.delete(&id, false, RemoveReason::Idle).await {
         Ok(()) => {
             info!(branch = %id, idle = %humantime::format_duration(trunc(idle)), reason = "idle", "branch expired");
@@ -113,7 +113,7 @@ pub async fn run(registry: Arc<Registry>, interval: Duration, shutdown: Cancella
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                reap_once(&registry, SystemTime::now()).await;
+                reap_once(&registry, registry.clock().now()).await;
             }
         }
     }
@@ -125,9 +125,12 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::branch::registry::tests::{id, registry, FakeEngine};
-    use crate::config::SourceConfig;
+    use crate::branch::registry::fake::{id, registry, FakeEngine};
+    use crate::branch::Phase;
+    use crate::config::{EngineConfig, InstanceConfig, SourceConfig};
     use crate::names::BranchName;
+
+    const WAIT: Duration = Duration::from_secs(5);
 
     #[tokio::test]
     async fn expires_only_idle_unused_non_persistent_branches() {
@@ -139,17 +142,18 @@ mod tests {
             ..Default::default()
         };
         let reg = registry(engine.clone(), config, dir.path());
-        let wait = Duration::from_secs(5);
+        let clock = reg.clock().clone();
         for b in ["idle", "busy", "qa"] {
-            drop(reg.acquire(&id(b), wait).await.unwrap());
+            drop(reg.acquire(&id(b), WAIT).await.unwrap());
         }
-        let _open = reg.acquire(&id("busy"), wait).await.unwrap();
+        let _open = reg.acquire(&id("busy"), WAIT).await.unwrap();
 
         // Nothing is idle long enough yet.
-        assert!(reap_once(&reg, SystemTime::now()).await.is_empty());
+        clock.advance(Duration::from_secs(59));
+        assert!(reap_once(&reg, clock.now()).await.is_empty());
 
-        let later = SystemTime::now() + Duration::from_secs(61);
-        let out = reap_once(&reg, later).await;
+        clock.advance(Duration::from_secs(2));
+        let out = reap_once(&reg, clock.now()).await;
         assert_eq!(out.len(), 1, "{out:?}");
         match &out[0] {
             Outcome::Expired {
@@ -159,12 +163,52 @@ mod tests {
             } => {
                 assert_eq!(gone, &id("idle"));
                 assert_eq!(*reason, ExpireReason::Idle);
-                assert!(*idle >= Duration::from_secs(60));
+                assert_eq!(*idle, Duration::from_secs(61));
             }
             other => panic!("unexpected {other:?}"),
         }
         let left: Vec<String> = reg.list().into_iter().map(|b| b.branch).collect();
         assert_eq!(left, vec!["busy".to_string(), "qa".to_string()]);
         assert_eq!(engine.clones.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn suspends_when_idle_then_expires_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(FakeEngine {
+            servers: true,
+            ..Default::default()
+        });
+        let config = SourceConfig {
+            engine: EngineConfig::Instance(InstanceConfig {
+                suspend_after: Some(Duration::from_secs(60)),
+                ..Default::default()
+            }),
+            idle_expire: Some(Duration::from_secs(600)),
+            ..Default::default()
+        };
+        let reg = registry(engine.clone(), config, dir.path());
+        let clock = reg.clock().clone();
+        drop(reg.acquire(&id("a"), WAIT).await.unwrap());
+
+        clock.advance(Duration::from_secs(60));
+        let out = reap_once(&reg, clock.now()).await;
+        assert!(
+            matches!(&out[..], [Outcome::Suspended { id: s, idle }] if s == &id("a") && *idle == Duration::from_secs(60)),
+            "{out:?}"
+        );
+        assert_eq!(reg.view(&id("a")).unwrap().state, Phase::Suspended);
+        assert!(engine.running.lock().unwrap().is_empty());
+        // Suspended, it is not suspended again.
+        assert!(reap_once(&reg, clock.now()).await.is_empty());
+
+        clock.advance(Duration::from_secs(540));
+        let out = reap_once(&reg, clock.now()).await;
+        assert!(
+            matches!(&out[..], [Outcome::Expired { id: e, .. }] if e == &id("a")),
+            "{out:?}"
+        );
+        assert!(reg.list().is_empty());
+        assert!(engine.clones.lock().unwrap().is_empty());
     }
 }

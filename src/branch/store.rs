@@ -7,7 +7,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -63,12 +62,8 @@ impl BranchRecord {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_millis() as u64
-}
+/// Milliseconds since the Unix epoch (the clock's own conversion).
+pub use crate::clock::unix_ms;
 
 /// A record file that could not be used, and why.
 pub type Unreadable = (PathBuf, String);

@@ -189,8 +189,7 @@ impl Config {
         if !self.auth.query.contains("$1") {
             return Err(invalid("auth.query", "must take the role name as $1"));
         }
-        if self.admin.enabled && self.admin.public_read && !self.admin.listen.ip().is_loopback()
-        {
+        if self.admin.enabled && self.admin.public_read && !self.admin.listen.ip().is_loopback() {
             return Err(invalid(
                 "admin.public_read",
                 format!(

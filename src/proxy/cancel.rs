@@ -14,9 +14,10 @@ use std::time::Instant;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpStream, UnixStream};
 
+use super::backend::ServerStream;
 use super::protocol::encode_cancel;
+use super::Proxy;
 use crate::branch::engine::ServerAddr;
 
 /// Where a proxy key leads.
@@ -48,34 +49,36 @@ impl Drop for KeyGuard {
     }
 }
 
-/// Delivers the server's own cancel key to the server.
+/// Delivers the server's own cancel key to the server, over a connection opened the
+/// way sessions open theirs (TLS when the session used it).
 async fn send(target: &Target) -> bool {
     let msg = encode_cancel(target.backend_pid, &target.backend_secret.to_be_bytes());
-    let sent = match &target.addr {
-        ServerAddr::Tcp { host, port } => match TcpStream::connect((host.as_str(), *port)).await {
-            Ok(s) => match &target.tls {
-                None => {
-                    let mut s = s;
-                    s.write_all(&msg).await.is_ok()
-                }
-                Some(config) => {
-                    match crate::upstream::connect_server(config.clone(), host, s).await {
-                        Ok(mut t) => t.write_all(&msg).await.is_ok() && t.flush().await.is_ok(),
-                        Err(_) => false,
-                    }
-                }
-            },
-            Err(_) => false,
-        },
-        ServerAddr::Unix(path) => match UnixStream::connect(path).await {
-            Ok(mut s) => s.write_all(&msg).await.is_ok(),
-            Err(_) => false,
-        },
+    let sent = match ServerStream::connect(&target.addr, target.tls.as_ref()).await {
+        Ok(mut s) => s.write_all(&msg).await.is_ok() && s.flush().await.is_ok(),
+        Err(_) => false,
     };
     if !sent {
         tracing::warn!(server = %target.addr, "could not deliver a cancel request");
     }
     sent
+}
+
+/// Answers a client's CancelRequest: forwarded when its key is live, otherwise
+/// dropped; rate-limited per client address, since guessing secrets costs a
+/// connection each. The client is never told which.
+pub(super) async fn answer(proxy: &Proxy, ip: IpAddr, pid: u32, secret: &[u8]) {
+    let outcome = if !proxy.limits.cancels.allow(ip) {
+        "rate_limited"
+    } else if proxy.cancels.forward(pid, secret).await {
+        "forwarded"
+    } else {
+        "ignored"
+    };
+    proxy
+        .metrics
+        .cancel_requests_total
+        .with_label_values(&[outcome])
+        .inc();
 }
 
 impl CancelMap {

@@ -3,13 +3,38 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::IntGauge;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{startup, Proxy};
+use super::{connection, Proxy};
 use crate::error::ClientError;
+
+/// A client connection's place under `proxy.max_connections`, counted in
+/// `offshoot_connections_open` for as long as it is held.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: IntGauge,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, open: &IntGauge) -> Self {
+        open.inc();
+        Self {
+            _permit: permit,
+            open: open.clone(),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
 
 /// Accepts clients until `shutdown`; connections already accepted carry on.
 pub async fn run(proxy: Arc<Proxy>, listener: TcpListener, shutdown: CancellationToken) {
@@ -23,14 +48,14 @@ pub async fn run(proxy: Arc<Proxy>, listener: TcpListener, shutdown: Cancellatio
         match accepted {
             Ok((tcp, peer)) => {
                 proxy.metrics.connections_total.inc();
-                match proxy.conn_limit.clone().try_acquire_owned() {
+                match proxy.limits.connections.clone().try_acquire_owned() {
                     Ok(permit) => match tcp.into_std() {
                         // The connection moves to a relay thread for the rest of its life.
-                        Ok(tcp) => proxy.relays.spawn(Box::pin(startup::serve(
+                        Ok(tcp) => proxy.relays.spawn(Box::pin(connection::serve(
                             proxy.clone(),
                             tcp,
                             peer,
-                            permit,
+                            Slot::new(permit, &proxy.metrics.connections_open),
                         ))),
                         Err(e) => warn!(%peer, error = %e, "cannot detach accepted socket"),
                     },

@@ -1,12 +1,22 @@
 //! The connection path, in the order a connection meets it: [`listener`] accepts,
-//! [`startup`] negotiates and routes ([`route`]), the registry supplies the branch,
-//! [`backend`] opens the server session, and [`relay`] pumps bytes until the end.
-//! [`cancel`] maps the proxy's cancel keys to server sessions.
+//! and [`connection::serve`] takes it through its phases, one module each:
+//!
+//! 1. `negotiate`: direct TLS or SSLRequest, GSSENCRequest, CancelRequest (handed to
+//!    [`cancel`]), the StartupMessage and the protocol version;
+//! 2. [`auth`]: the client proves who it is, against the role's stored password;
+//! 3. [`route`]: the names in the packet become a source and a branch;
+//! 4. `authorize`: the source's policies (replication, role lists);
+//! 5. `connect`: the registry leases the branch, [`backend`] logs in to its server;
+//! 6. [`relay`]: bytes are pumped until either side closes.
+//!
+//! [`Proxy`] is what every connection shares.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::Semaphore;
 
+use crate::auth::Credentials;
 use crate::branch::Registry;
 
 /// Implements tokio's AsyncRead and AsyncWrite for an enum of streams by
@@ -56,61 +66,137 @@ macro_rules! either_stream {
         }
     };
 }
-use crate::config::ProxyConfig;
+use crate::config::{AuthMethod, Config, ProxyConfig, TlsConfig, TlsMode};
 use crate::metrics::Metrics;
+use crate::upstream::Upstream;
 
 pub mod auth;
+mod authorize;
 pub mod backend;
 pub mod cancel;
+mod connect;
+pub mod connection;
 pub mod listener;
+mod negotiate;
 pub mod protocol;
 pub mod relay;
 pub mod route;
-pub mod startup;
 pub mod tls;
+
+pub use negotiate::ClientStream;
+
+/// The authentication method of each source, as [`Config::auth_method`] decides it.
+pub struct AuthMethods {
+    by_source: HashMap<String, AuthMethod>,
+    /// `auth.method`: for names that are no source.
+    default: AuthMethod,
+}
+
+impl AuthMethods {
+    pub fn from_config(cfg: &Config) -> Self {
+        Self {
+            by_source: cfg
+                .sources
+                .keys()
+                .map(|name| (name.to_string(), cfg.auth_method(Some(name.as_str()))))
+                .collect(),
+            default: cfg.auth_method(None),
+        }
+    }
+
+    /// The method for a source name taken from a startup packet (maybe no source).
+    fn for_name(&self, source: &str) -> AuthMethod {
+        self.by_source.get(source).copied().unwrap_or(self.default)
+    }
+}
 
 /// Who may connect, and how the proxy reaches the sources' servers.
 pub struct Access {
-    pub credentials: Arc<crate::auth::Credentials>,
-    /// `auth.method`.
-    pub method: crate::config::AuthMethod,
+    credentials: Arc<Credentials>,
+    methods: AuthMethods,
     /// `server_tls` of each source, by name.
-    pub upstream: std::collections::HashMap<String, crate::upstream::Upstream>,
+    upstream: HashMap<String, Upstream>,
+}
+
+impl Access {
+    pub fn new(
+        credentials: Arc<Credentials>,
+        methods: AuthMethods,
+        upstream: HashMap<String, Upstream>,
+    ) -> Self {
+        Self {
+            credentials,
+            methods,
+            upstream,
+        }
+    }
+
+    /// The TLS settings towards a source's server.
+    fn upstream(&self, source: &str) -> Option<Arc<rustls::ClientConfig>> {
+        self.upstream.get(source).and_then(|u| u.config.clone())
+    }
+}
+
+/// TLS towards clients.
+pub struct ClientTls {
+    /// The loaded certificate; swappable so it can be reloaded without a restart.
+    current: RwLock<Option<Arc<tls::Tls>>>,
+    /// `tls.mode = "require"`: plaintext sessions are refused.
+    required: bool,
+    /// `tls.sni_suffix`: TLS server names under it name the branch.
+    sni_suffix: Option<String>,
+}
+
+impl ClientTls {
+    pub fn new(loaded: Option<tls::Tls>, cfg: &TlsConfig) -> Self {
+        Self {
+            current: RwLock::new(loaded.map(Arc::new)),
+            required: cfg.mode == TlsMode::Require,
+            sni_suffix: cfg.sni_suffix.clone(),
+        }
+    }
+
+    /// The certificate new sessions get.
+    fn current(&self) -> Option<Arc<tls::Tls>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// What bounds the resources clients can hold.
+struct Limits {
+    /// One permit per open client connection (`proxy.max_connections`).
+    connections: Arc<Semaphore>,
+    /// `proxy.cancel_rate`: CancelRequests per second per client address.
+    cancels: cancel::CancelLimit,
 }
 
 /// Everything a connection needs, shared by all of them.
 pub struct Proxy {
-    pub config: ProxyConfig,
-    pub registry: Arc<Registry>,
-    pub metrics: Arc<Metrics>,
-    pub cancels: Arc<cancel::CancelMap>,
-    /// `proxy.cancel_rate`: CancelRequests per second per client address.
-    pub cancel_limit: cancel::CancelLimit,
-    /// Swappable so certificates can be reloaded without a restart.
-    pub tls: RwLock<Option<Arc<tls::Tls>>>,
-    /// Roles' stored passwords, for sources that authenticate at the proxy.
-    pub credentials: Arc<crate::auth::Credentials>,
-    /// `auth.method`: for sources without their own, and names that are no source.
-    pub auth_method: crate::config::AuthMethod,
-    /// TLS towards each source's server (`server_tls`), by source name.
-    pub upstream: std::collections::HashMap<String, crate::upstream::Upstream>,
-    pub relays: relay::RelayPool,
-    pub counters: relay::Counters,
-    /// One permit per open client connection (`proxy.max_connections`).
-    pub conn_limit: Arc<Semaphore>,
-    /// `tls.mode = "require"`: plaintext sessions are refused.
-    pub tls_required: bool,
-    /// `tls.sni_suffix`: TLS server names under it name the branch.
-    pub sni_suffix: Option<String>,
+    /// `[proxy]`: timeouts and routing.
+    config: ProxyConfig,
+    /// The control plane's branch state: routing looks sources up, connections
+    /// lease branches.
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    access: Access,
+    tls: ClientTls,
+    limits: Limits,
+    /// Live cancel keys.
+    cancels: Arc<cancel::CancelMap>,
+    relays: relay::RelayPool,
+    counters: relay::Counters,
 }
 
 impl Proxy {
+    /// Starts the relay threads; connections come from [`listener::run`].
     pub fn new(
         config: ProxyConfig,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
-        tls: Option<tls::Tls>,
-        tls_config: &crate::config::TlsConfig,
+        tls: ClientTls,
         access: Access,
     ) -> std::io::Result<Self> {
         let threads = match config.relay_threads {
@@ -122,33 +208,39 @@ impl Proxy {
             to_client: metrics.bytes_total.with_label_values(&["server_to_client"]),
         };
         Ok(Self {
-            conn_limit: Arc::new(Semaphore::new(config.max_connections)),
-            cancel_limit: cancel::CancelLimit::new(config.cancel_rate),
+            limits: Limits {
+                connections: Arc::new(Semaphore::new(config.max_connections)),
+                cancels: cancel::CancelLimit::new(config.cancel_rate),
+            },
             config,
             registry,
             metrics,
+            access,
+            tls,
             cancels: Arc::new(cancel::CancelMap::default()),
-            tls: RwLock::new(tls.map(Arc::new)),
-            credentials: access.credentials,
-            auth_method: access.method,
-            upstream: access.upstream,
             relays: relay::RelayPool::start(threads)?,
             counters,
-            tls_required: tls_config.mode == crate::config::TlsMode::Require,
-            sni_suffix: tls_config.sni_suffix.clone(),
         })
-    }
-
-    /// The authentication method for a source name (which may be no source).
-    pub fn auth_method_for(&self, source: &str) -> crate::config::AuthMethod {
-        self.registry
-            .source(source)
-            .and_then(|s| s.config.auth_method)
-            .unwrap_or(self.auth_method)
     }
 
     /// Client connections open right now (in startup or relayed).
     pub fn open_connections(&self) -> usize {
-        self.config.max_connections - self.conn_limit.available_permits()
+        self.config.max_connections - self.limits.connections.available_permits()
+    }
+
+    /// Cancels the running statement of every open session (the end of the
+    /// shutdown grace); returns how many cancels were delivered.
+    pub async fn cancel_all(&self) -> usize {
+        self.cancels.cancel_all().await
+    }
+
+    /// Re-reads the users file (on SIGHUP).
+    pub fn reload_credentials(&self) {
+        self.access.credentials.reload();
+    }
+
+    /// Serves new TLS sessions with `loaded`; open sessions keep theirs.
+    pub fn replace_certificate(&self, loaded: tls::Tls) {
+        *self.tls.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(loaded));
     }
 }

@@ -189,6 +189,22 @@ pub async fn pump<C: RawSocket, S: RawSocket>(
     .await
 }
 
+/// Relays an open session until either side closes: plain client sockets go
+/// through the [`pump`], TLS on either side through tokio's generic [`copy`].
+pub async fn run(
+    client: super::ClientStream,
+    server: super::backend::ServerStream,
+    counters: &Counters,
+) -> io::Result<()> {
+    use super::backend::ServerStream;
+    use super::ClientStream;
+    match (client, server) {
+        (ClientStream::Plain(c), ServerStream::Tcp(s)) => pump(&c, &s, counters.clone()).await,
+        (ClientStream::Plain(c), ServerStream::Unix(s)) => pump(&c, &s, counters.clone()).await,
+        (mut client, mut server) => copy(&mut client, &mut server, counters).await,
+    }
+}
+
 /// Generic relay for streams the pump cannot drive directly (TLS).
 pub async fn copy<C, S>(client: &mut C, server: &mut S, counters: &Counters) -> io::Result<()>
 where

@@ -1,0 +1,107 @@
+//! The version matrix: `.ci/run` runs a part of this suite once per PostgreSQL major,
+//! with `OFFSHOOT_TEST_PG_BIN` naming that major's binaries and
+//! `OFFSHOOT_TEST_PG_MAJOR` the major it expects. This test proves the run really
+//! talked to that major, both directly and through the proxy (a clone is made on
+//! the server under test).
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn the_servers_under_test_are_the_expected_major() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let direct = pg.direct("postgres").await;
+    let via_proxy = proxy
+        .connect("shop.pr-1")
+        .await
+        .expect("connect through the proxy");
+    let num = |row: tokio_postgres::Row| row.get::<_, String>(0).parse::<u32>().unwrap();
+    let direct_num = num(direct
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .unwrap());
+    let proxied_num = num(via_proxy
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .unwrap());
+    assert_eq!(
+        direct_num, proxied_num,
+        "the proxy routed to another server"
+    );
+    match std::env::var("OFFSHOOT_TEST_PG_MAJOR") {
+        Ok(major) if !major.is_empty() => {
+            let major: u32 = major.parse().expect("OFFSHOOT_TEST_PG_MAJOR is a number");
+            assert_eq!(
+                direct_num / 10_000,
+                major,
+                "server_version_num {direct_num}"
+            );
+        }
+        // Without a pinned major, the default binaries are whatever is installed.
+        _ => assert!(direct_num >= 150_000, "server_version_num {direct_num}"),
+    }
+}
+
+/// The `instance` engine from a stopped data directory: the way it runs on majors
+/// whose `pg_basebackup` is not installed. Each branch runs a server of the major
+/// under test, on its own copy.
+#[tokio::test]
+async fn an_instance_source_copies_a_stopped_data_directory() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let direct = pg.direct("shop").await;
+    direct
+        .batch_execute("CREATE TABLE item (id int); INSERT INTO item SELECT generate_series(1, 7)")
+        .await
+        .unwrap();
+    let version: String = direct
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .unwrap()
+        .get(0);
+    drop(direct);
+    pg.cluster.stop().expect("stop the source server");
+    let proxy = ProxyProc::start(&format!(
+        "[sources.shop]\nengine = \"instance\"\ndata_dir = \"{}\"\n\
+         database = \"shop\"\nshared_buffers = \"16MB\"\n",
+        pg.cluster.data.display()
+    ));
+    let a = proxy.connect("shop.a").await.expect("first branch");
+    let b = proxy.connect("shop.b").await.expect("second branch");
+    a.batch_execute("DELETE FROM item").await.unwrap();
+    assert_eq!(count(&a).await, 0);
+    assert_eq!(count(&b).await, 7, "branches share nothing");
+    let branch_version: String = b
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        branch_version, version,
+        "the branch runs the source's major"
+    );
+    let mut dirs = Vec::new();
+    for c in [&a, &b] {
+        let d: String = c
+            .query_one("SHOW data_directory", &[])
+            .await
+            .unwrap()
+            .get(0);
+        dirs.push(std::path::PathBuf::from(d));
+    }
+    assert_ne!(dirs[0], dirs[1], "each branch has its own server");
+    for d in &dirs {
+        assert_ne!(
+            d, &pg.cluster.data,
+            "a branch never runs on the source's files"
+        );
+    }
+}
+
+async fn count(c: &tokio_postgres::Client) -> i64 {
+    c.query_one("SELECT count(*) FROM item", &[])
+        .await
+        .unwrap()
+        .get(0)
+}

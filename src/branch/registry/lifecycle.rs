@@ -1,0 +1,307 @@
+//! The work behind the transitions: making a clone and starting its server,
+//! stopping it, removing it. Each runs as a task on the control-plane runtime and
+//! announces its end to the connections waiting in the branch's state, so a request
+//! dropped halfway (a client that hangs up) never leaves a branch stuck in flight.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use super::state::{Outcome, Refusal};
+use super::{DeleteError, Registry, RemoveReason};
+use crate::branch::store::{BranchRecord, RecordState};
+use crate::error::{EngineError, ProvisionError};
+use crate::names::BranchId;
+
+impl Registry {
+    /// Runs one creation (and the first start of the clone's server) to its end and
+    /// publishes the outcome.
+    pub(super) async fn provision(
+        self: Arc<Self>,
+        mut record: BranchRecord,
+        tx: watch::Sender<Outcome>,
+    ) {
+        let id = record.id();
+        let source = &self.sources[&id.source];
+        let started = self.clock.instant();
+        info!(branch = %id, clone = %record.clone_name, "creating branch");
+        let result = match self.store.save(&record) {
+            Err(e) => Err(EngineError::new(format!("cannot write branch record: {e}"))),
+            Ok(()) => source.engine.create(&record).await,
+        };
+        let mut made = false;
+        let result = result.and_then(|m| {
+            made = true;
+            if let Some(mode) = &m.copy_mode {
+                self.metrics
+                    .clones_total
+                    .with_label_values(&[id.source.as_str(), mode.as_str()])
+                    .inc();
+            }
+            record.snapshot = m.snapshot;
+            record.copy_mode = m.copy_mode;
+            record.state = RecordState::Ready;
+            self.store
+                .save(&record)
+                .map_err(|e| EngineError::new(format!("cannot write branch record: {e}")))
+        });
+        // The clone exists: start its server (engines without one are done).
+        let result = match (result, source.engine.servers()) {
+            (Ok(()), Some(servers)) => {
+                if let Some(b) = self.lock().branches.get_mut(&id) {
+                    b.made(record.clone());
+                }
+                servers.start(&record).await
+            }
+            (other, _) => other,
+        };
+        let outcome = match result {
+            Ok(()) => {
+                let secs = (self.clock.instant() - started).as_secs_f64();
+                self.metrics
+                    .provision_seconds
+                    .with_label_values(&[id.source.as_str()])
+                    .observe(secs);
+                self.metrics
+                    .branches_created_total
+                    .with_label_values(&[id.source.as_str()])
+                    .inc();
+                info!(branch = %id, ms = (secs * 1000.0) as u64, "branch ready");
+                if let Some(b) = self.lock().branches.get_mut(&id) {
+                    b.record = record;
+                    b.started();
+                }
+                Ok(())
+            }
+            Err(err) => {
+                error!(branch = %id, error = %err, "branch creation failed");
+                // If the clone was made but its record could not be marked ready or
+                // its server did not start, take the clone down again: nothing
+                // half-made stays behind.
+                if made {
+                    if let Err(e) = source.engine.destroy(&record, true).await {
+                        error!(branch = %id, error = %e, "could not remove clone after failure");
+                    }
+                }
+                if let Err(e) = self.store.remove(&id) {
+                    error!(branch = %id, error = %e, "could not remove branch record");
+                }
+                self.lock().branches.remove(&id);
+                Err(ProvisionError::Engine {
+                    id: id.clone(),
+                    err,
+                })
+            }
+        };
+        let _ = tx.send(Some(outcome));
+    }
+
+    /// Starts the server of a suspended branch and publishes the outcome.
+    pub(super) async fn resume(self: Arc<Self>, record: BranchRecord, tx: watch::Sender<Outcome>) {
+        let id = record.id();
+        let source = &self.sources[&id.source];
+        let started = self.clock.instant();
+        let result = match source.engine.servers() {
+            Some(servers) => servers.start(&record).await,
+            None => Ok(()),
+        };
+        let outcome = match result {
+            Ok(()) => {
+                let secs = (self.clock.instant() - started).as_secs_f64();
+                self.metrics
+                    .start_seconds
+                    .with_label_values(&[id.source.as_str()])
+                    .observe(secs);
+                info!(branch = %id, ms = (secs * 1000.0) as u64, "branch resumed");
+                Ok(())
+            }
+            Err(err) => {
+                error!(branch = %id, error = %err, "branch server did not start; it stays suspended");
+                Err(ProvisionError::Start {
+                    id: id.clone(),
+                    err,
+                })
+            }
+        };
+        if let Some(b) = self.lock().branches.get_mut(&id) {
+            b.resumed(outcome.is_ok());
+        }
+        let _ = tx.send(Some(outcome));
+    }
+
+    /// Stops the server of a Ready branch nobody is connected to; its data stays and
+    /// the next connection starts it again. Returns false (and does nothing) when the
+    /// branch is not in that state or its engine has no server to stop.
+    pub async fn suspend(self: &Arc<Self>, id: &BranchId) -> Result<bool, EngineError> {
+        let Some(source) = self.sources.get(&id.source) else {
+            return Ok(false);
+        };
+        if source.engine.servers().is_none() {
+            return Ok(false);
+        }
+        let (record, tx) = {
+            let mut book = self.lock();
+            let Some(branch) = book.branches.get_mut(id) else {
+                return Ok(false);
+            };
+            let Some(tx) = branch.suspend() else {
+                return Ok(false);
+            };
+            (branch.record.clone(), tx)
+        };
+        let this = self.clone();
+        self.runtime
+            .spawn(async move { this.stop(record, tx).await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(EngineError::new(format!(
+                    "the suspension was interrupted: {e}"
+                )))
+            })
+            .map(|()| true)
+    }
+
+    async fn stop(
+        self: Arc<Self>,
+        record: BranchRecord,
+        tx: watch::Sender<bool>,
+    ) -> Result<(), EngineError> {
+        let id = record.id();
+        let result = match self.sources[&id.source].engine.servers() {
+            Some(servers) => servers.stop(&record).await,
+            None => Ok(()),
+        };
+        match &result {
+            Ok(()) => {
+                self.metrics
+                    .suspensions_total
+                    .with_label_values(&[id.source.as_str()])
+                    .inc();
+                info!(branch = %id, "branch suspended");
+            }
+            // The server may still run: keep serving it.
+            Err(err) => {
+                warn!(branch = %id, error = %err, "could not stop the branch's server; it stays ready")
+            }
+        }
+        if let Some(b) = self.lock().branches.get_mut(&id) {
+            b.stopped(result.is_ok());
+        }
+        let _ = tx.send(true);
+        result
+    }
+
+    /// Suspends every Ready branch with no connection (on shutdown), a few at once.
+    pub async fn suspend_all(self: &Arc<Self>) {
+        use futures_util::stream::{self, StreamExt};
+        let ids: Vec<BranchId> = {
+            let book = self.lock();
+            book.branches
+                .iter()
+                .filter(|(_, b)| b.phase() == super::Phase::Ready)
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        stream::iter(ids)
+            .for_each_concurrent(8, |id| async move {
+                if let Err(e) = self.suspend(&id).await {
+                    warn!(branch = %id, error = %e, "left running");
+                }
+            })
+            .await;
+    }
+
+    /// Removes a settled branch. Connections wait for the outcome meanwhile;
+    /// afterwards a new connection makes a fresh clone.
+    pub async fn delete(
+        self: &Arc<Self>,
+        id: &BranchId,
+        force: bool,
+        reason: RemoveReason,
+    ) -> Result<(), DeleteError> {
+        let (record, tx) = {
+            let mut book = self.lock();
+            let branch = book
+                .branches
+                .get_mut(id)
+                .ok_or_else(|| DeleteError::NotFound(id.clone()))?;
+            let tx = branch.expire(force).map_err(|r| match r {
+                Refusal::Busy => DeleteError::Busy(id.clone()),
+                Refusal::InUse(conns) => DeleteError::InUse {
+                    id: id.clone(),
+                    conns,
+                },
+            })?;
+            (branch.record.clone(), tx)
+        };
+        let this = self.clone();
+        self.runtime
+            .spawn(async move { this.remove(record, force, reason, tx).await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(DeleteError::Engine {
+                    id: id.clone(),
+                    err: EngineError::new(format!("the deletion was interrupted: {e}")),
+                })
+            })
+    }
+
+    async fn remove(
+        self: Arc<Self>,
+        record: BranchRecord,
+        force: bool,
+        reason: RemoveReason,
+        tx: watch::Sender<bool>,
+    ) -> Result<(), DeleteError> {
+        let id = record.id();
+        let source = &self.sources[&id.source];
+        let result = source.engine.destroy(&record, force).await;
+        let mut book = self.lock();
+        let out = match result {
+            Ok(()) => {
+                if let Err(e) = self.store.remove(&id) {
+                    error!(branch = %id, error = %e, "could not remove branch record");
+                }
+                book.branches.remove(&id);
+                self.metrics
+                    .branches_expired_total
+                    .with_label_values(&[id.source.as_str(), reason.as_str()])
+                    .inc();
+                info!(branch = %id, reason = reason.as_str(), "branch removed");
+                Ok(())
+            }
+            Err(err) => {
+                warn!(branch = %id, error = %err, "branch removal failed; it stays");
+                if let Some(b) = book.branches.get_mut(&id) {
+                    b.expire_failed(source.engine.servers().is_some());
+                }
+                Err(DeleteError::Engine { id, err })
+            }
+        };
+        drop(book);
+        let _ = tx.send(true);
+        out
+    }
+
+    /// Writes changed activity stamps to the records, so a restart keeps them.
+    pub fn flush_activity(&self) {
+        let dirty: Vec<BranchRecord> = {
+            let mut book = self.lock();
+            book.branches
+                .values_mut()
+                .filter(|b| matches!(b.phase(), super::Phase::Ready | super::Phase::Suspended))
+                .filter(|b| b.activity.take_dirty())
+                .map(|b| {
+                    b.record.last_active = b.activity.last_active_ms();
+                    b.record.clone()
+                })
+                .collect()
+        };
+        for rec in dirty {
+            if let Err(e) = self.store.save(&rec) {
+                warn!(branch = %rec.id(), error = %e, "could not save activity");
+            }
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! A branch as the API shows it. The JSON is part of the API: field names and the
+//! `state` strings do not change.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use super::state::{Branch, Phase};
+use super::Registry;
+use crate::branch::engine::CopyMode;
+use crate::config::EngineKind;
+use crate::names::BranchId;
+
+/// A branch as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BranchView {
+    pub source: String,
+    pub branch: String,
+    pub state: Phase,
+    pub engine: EngineKind,
+    pub clone_name: String,
+    pub created_at: String,
+    pub last_active: String,
+    pub connections: usize,
+    pub persistent: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    /// The snapshot the clone was made from (engines with snapshots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// `reflink` or `copy` (engines that copy files).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_mode: Option<CopyMode>,
+}
+
+fn rfc3339(ms: u64) -> String {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl Registry {
+    pub fn view(&self, id: &BranchId) -> Option<BranchView> {
+        let book = self.lock();
+        book.branches.get(id).map(|b| self.view_of(b))
+    }
+
+    pub fn list(&self) -> Vec<BranchView> {
+        let book = self.lock();
+        book.branches.values().map(|b| self.view_of(b)).collect()
+    }
+
+    fn view_of(&self, b: &Branch) -> BranchView {
+        BranchView {
+            source: b.record.source.to_string(),
+            branch: b.record.branch.to_string(),
+            state: b.phase(),
+            engine: b.record.engine,
+            clone_name: b.record.clone_name.clone(),
+            created_at: rfc3339(b.record.created_at),
+            last_active: rfc3339(b.activity.last_active_ms()),
+            connections: b.activity.connections(),
+            persistent: self.is_persistent(&b.record),
+            created_by: b.record.created_by.clone(),
+            snapshot: b.record.snapshot.clone(),
+            copy_mode: b.record.copy_mode,
+        }
+    }
+}

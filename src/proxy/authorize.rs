@@ -1,0 +1,83 @@
+//! The source's policies, applied once the client is authenticated and routed:
+//! whether replication sessions are allowed, and which roles may connect to and
+//! create branches.
+
+use super::protocol::Startup;
+use super::route::Route;
+use super::Proxy;
+use crate::branch::registry::Creator;
+use crate::error::ClientError;
+
+/// Checks `route` against its source's policies. `authenticated`: the proxy
+/// checked the client's password (not `trust`); only then do role rules apply, and
+/// only then is there a [`Creator`] to count branches against.
+pub(super) fn authorize(
+    proxy: &Proxy,
+    startup: &Startup,
+    route: &Route,
+    authenticated: bool,
+) -> Result<Option<Creator>, ClientError> {
+    let source = proxy
+        .registry
+        .source(route.id.source.as_str())
+        .ok_or_else(|| ClientError::Protocol("the source is no longer configured".into()))?;
+    let cfg = &source.config;
+    // Replication sessions would stream the clone's WAL and bypass its policies.
+    if wants_replication(startup) && !cfg.allow_replication {
+        return Err(ClientError::Replication(route.id.source.to_string()));
+    }
+    if !authenticated {
+        return Ok(None);
+    }
+    let listed = |roles: &[String]| roles.is_empty() || roles.contains(&route.user);
+    if !listed(&cfg.connect_roles) {
+        return Err(ClientError::Forbidden(format!(
+            "role \"{}\" may not connect to branches of source {} (sources.{}.connect_roles)",
+            route.user, route.id.source, route.id.source
+        )));
+    }
+    Ok(Some(Creator {
+        role: route.user.clone(),
+        may_create: listed(&cfg.create_roles),
+        max_branches: cfg.max_branches_per_role,
+    }))
+}
+
+/// Whether the startup packet asks for a replication session (`replication` set to
+/// anything PostgreSQL reads as true, or `database`).
+fn wants_replication(startup: &Startup) -> bool {
+    startup.get("replication").is_some_and(|v| {
+        !matches!(
+            v.to_ascii_lowercase().as_str(),
+            "false" | "off" | "no" | "0"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup(replication: Option<&str>) -> Startup {
+        let mut params = vec![("user".to_owned(), "app".to_owned())];
+        if let Some(r) = replication {
+            params.push(("replication".to_owned(), r.to_owned()));
+        }
+        Startup {
+            major: 3,
+            minor: 0,
+            params,
+        }
+    }
+
+    #[test]
+    fn replication_values() {
+        assert!(!wants_replication(&startup(None)));
+        for off in ["false", "OFF", "no", "0"] {
+            assert!(!wants_replication(&startup(Some(off))), "{off}");
+        }
+        for on in ["true", "on", "yes", "1", "database"] {
+            assert!(wants_replication(&startup(Some(on))), "{on}");
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The branch and its server: the registry leases the branch (creating or waking it
+//! first if needed, with progress notices to an authenticated client), then the
+//! proxy connects to the branch's server and carries the startup through it.
+
+use tokio::io::AsyncWriteExt;
+use tracing::{debug, warn};
+
+use super::auth::Proven;
+use super::backend::{self, ServerStream};
+use super::cancel::KeyGuard;
+use super::negotiate::ClientStream;
+use super::protocol::{self, Startup};
+use super::route::{server_params, Route};
+use super::Proxy;
+use crate::branch::registry::{ConnGuard, Creator};
+use crate::branch::{Lease, Phase};
+use crate::error::{ClientError, ProvisionError};
+
+/// A server session ready for the relay.
+pub(super) struct Session {
+    pub server: ServerStream,
+    /// Held until the session ends: the branch's connection count and the cancel key.
+    pub hold: (ConnGuard, Option<KeyGuard>),
+}
+
+/// Leases the branch and opens its server session, logged in as the route's role.
+/// `proven`: what the client proved to the proxy (`None` under `trust`, where the
+/// server's own authentication is relayed). `Ok(None)`: the session ended with
+/// nothing left to tell the client.
+pub(super) async fn connect(
+    proxy: &Proxy,
+    client: &mut ClientStream,
+    startup: &Startup,
+    route: &Route,
+    creator: Option<&Creator>,
+    proven: Option<&Proven>,
+    key_len: usize,
+) -> Result<Option<Session>, ClientError> {
+    let Some(lease) = acquire(proxy, client, route, creator).await? else {
+        return Ok(None);
+    };
+    let upstream = proxy.access.upstream(route.id.source.as_str());
+    let addr = lease.endpoint.addr.clone();
+    let mut server = ServerStream::connect(&addr, upstream.as_ref())
+        .await
+        .map_err(|e| {
+            warn!(server = %addr, error = %e, "cannot reach branch server");
+            ClientError::Backend {
+                id: route.id.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+
+    let params = server_params(startup, &route.user, &lease.endpoint.database);
+    let startup_msg = protocol::encode_startup(&params);
+    let mut key_guard = None;
+    let cancels = proxy.cancels.clone();
+    let key = |pid, secret| {
+        let (ppid, psecret, guard) =
+            cancels.issue(addr.clone(), upstream.clone(), pid, secret, key_len);
+        key_guard = Some(guard);
+        protocol::encode_backend_key(ppid, &psecret)
+    };
+    let outcome = match proven {
+        None => backend::authenticate(client, &mut server, &startup_msg, key).await,
+        Some(p) => backend::login(client, &mut server, &startup_msg, &route.user, p, key).await,
+    };
+    match outcome {
+        Ok(backend::Outcome::Ready) => Ok(Some(Session {
+            server,
+            hold: (lease.guard, key_guard),
+        })),
+        Ok(backend::Outcome::Refused) => {
+            proxy
+                .metrics
+                .errors_total
+                .with_label_values(&["server_refused"])
+                .inc();
+            debug!("server refused the session");
+            Ok(None)
+        }
+        Ok(backend::Outcome::ClientGone) => {
+            debug!("client left before the session opened");
+            Ok(None)
+        }
+        Err(e) => {
+            // The server closed or broke protocol mid-startup; tell the client why
+            // its connection ends (it may already be gone, which is fine).
+            warn!(server = %addr, error = %e, "server failed during startup");
+            Err(ClientError::Backend {
+                id: route.id.clone(),
+                reason: format!("server ended the startup: {e}"),
+            })
+        }
+    }
+}
+
+/// Gets the branch from the registry. When it has to be made (or woken) first, a
+/// client that is already authenticated is told so in NoticeResponses, and told
+/// again when it is ready. `Ok(None)`: the client left meanwhile.
+async fn acquire(
+    proxy: &Proxy,
+    client: &mut ClientStream,
+    route: &Route,
+    creator: Option<&Creator>,
+) -> Result<Option<Lease>, ProvisionError> {
+    let (branch, source) = (&route.id.branch, &route.id.source);
+    // Notices only go to clients past AuthenticationOk: under `trust` the server's
+    // own authentication is still to come, and nothing may precede it.
+    let notice = match (creator, proxy.registry.view(&route.id).map(|v| v.state)) {
+        (None, _) | (_, Some(Phase::Ready)) => None,
+        (Some(c), None) if c.may_create => {
+            Some(format!("creating branch {branch} of source {source}"))
+        }
+        (Some(_), None) => None,
+        (Some(_), Some(Phase::Provisioning)) => Some(format!(
+            "branch {branch} of source {source} is being created; waiting for it"
+        )),
+        (Some(_), Some(Phase::Suspended | Phase::Starting)) => Some(format!(
+            "starting branch {branch} of source {source} (it was suspended)"
+        )),
+        (Some(_), Some(_)) => Some(format!("waiting for branch {branch} of source {source}")),
+    };
+    let announce = notice.is_some();
+    let started = std::time::Instant::now();
+    if let Some(msg) = notice {
+        if client
+            .write_all(&protocol::encode_notice(&msg))
+            .await
+            .is_err()
+        {
+            return Ok(None);
+        }
+    }
+    let lease = proxy
+        .registry
+        .acquire_as(&route.id, proxy.config.provision_timeout, creator)
+        .await?;
+    if announce {
+        let msg = format!(
+            "branch {} ready in {} ms",
+            route.id,
+            started.elapsed().as_millis()
+        );
+        if client
+            .write_all(&protocol::encode_notice(&msg))
+            .await
+            .is_err()
+        {
+            return Ok(None);
+        }
+    }
+    Ok(Some(lease))
+}

@@ -1,0 +1,160 @@
+//! One client connection from its first byte to its last: the phases in order.
+//!
+//! Each phase lives in its own module and returns what the next one needs; this
+//! file only sequences them, holds the one startup deadline, and turns a phase's
+//! error into the client's ErrorResponse.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{debug, info, Instrument};
+
+use super::listener::Slot;
+use super::negotiate::{self, ClientStream, Hello};
+use super::{auth, authorize, connect, relay, route, Proxy};
+use crate::error::{ClientError, ErrorKind};
+
+/// Serves one accepted client connection from its first byte to its last.
+pub async fn serve(proxy: Arc<Proxy>, tcp: std::net::TcpStream, peer: SocketAddr, slot: Slot) {
+    let tcp = match TcpStream::from_std(tcp) {
+        Ok(t) => t,
+        Err(e) => return debug!(%peer, error = %e, "cannot register socket"),
+    };
+    let span = tracing::info_span!(
+        "conn",
+        %peer,
+        source = tracing::field::Empty,
+        branch = tracing::field::Empty
+    );
+    run(proxy, tcp, peer, span.clone(), slot)
+        .instrument(span)
+        .await
+}
+
+async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, span: tracing::Span, slot: Slot) {
+    let _ = tcp.set_nodelay(true);
+    // One deadline for everything before authentication is settled: TLS, the
+    // negotiation and the authentication exchange together.
+    let deadline = Instant::now() + proxy.config.startup_timeout;
+    let hello = match tokio::time::timeout_at(deadline, negotiate::negotiate(&proxy, tcp)).await {
+        Err(_) => return timed_out(&proxy),
+        Ok(Ok(None)) => return,
+        Ok(Err((stream, err))) => {
+            match stream {
+                Some(mut s) => refuse(&proxy, &mut s, &err).await,
+                None => debug!(error = %err, "refused"),
+            }
+            return;
+        }
+        Ok(Ok(Some(negotiate::Negotiated::Cancel { pid, secret }))) => {
+            return super::cancel::answer(&proxy, peer.ip(), pid, &secret).await;
+        }
+        Ok(Ok(Some(negotiate::Negotiated::Startup(hello)))) => hello,
+    };
+    let Hello {
+        mut client,
+        startup,
+        end_point,
+    } = hello;
+    let opened = startup_phases(&proxy, &mut client, &startup, end_point, deadline, &span).await;
+    let session = match opened {
+        Ok(Some(s)) => s,
+        Ok(None) => return,
+        Err(e) => return refuse(&proxy, &mut client, &e).await,
+    };
+    debug!("session open");
+    // Held until the session ends: the branch's connection count, the cancel key,
+    // and the connection's slot under the connection limit.
+    let _hold = (session.hold, slot);
+    match relay::run(client, session.server, &proxy.counters).await {
+        Ok(()) => debug!("connection closed"),
+        Err(e) => debug!(error = %e, "connection ended"),
+    }
+}
+
+/// From the StartupMessage to an open server session: version, authentication,
+/// routing, authorization, the branch and its server. `Ok(None)`: the connection
+/// ended with nothing more to tell the client (it left, or the server's own
+/// refusal was relayed).
+async fn startup_phases(
+    proxy: &Proxy,
+    client: &mut ClientStream,
+    startup: &super::protocol::Startup,
+    end_point: Option<Arc<[u8]>>,
+    deadline: Instant,
+    span: &tracing::Span,
+) -> Result<Option<connect::Session>, ClientError> {
+    if proxy.tls.required && matches!(client, ClientStream::Plain(_)) {
+        return Err(ClientError::TlsRequired);
+    }
+    let Some(key_len) = negotiate::protocol_version(client, startup).await else {
+        return Ok(None);
+    };
+    let server_name = client.server_name();
+    let sni = match (&server_name, &proxy.tls.sni_suffix) {
+        (Some(name), Some(suffix)) => route::from_server_name(name, suffix),
+        _ => None,
+    };
+    let names = route::names(startup, &proxy.config, sni)?;
+
+    // Authentication comes before the names are checked any further: a client
+    // without the right password learns nothing about sources or branches, and
+    // makes none.
+    let proven = match tokio::time::timeout_at(
+        deadline,
+        auth::authenticate(proxy, client, &names, end_point.as_deref()),
+    )
+    .await
+    {
+        Ok(p) => p?,
+        Err(_) => return Err(ClientError::Protocol("authentication timed out".into())),
+    };
+
+    let route = route::route(startup, &proxy.config, &proxy.registry, sni)?;
+    span.record("source", route.id.source.as_str());
+    span.record("branch", route.id.branch.as_str());
+    let creator = authorize::authorize(proxy, startup, &route, proven.is_some())?;
+    if proven.is_some() && client.write_all(&auth::auth_ok()).await.is_err() {
+        return Ok(None);
+    }
+    connect::connect(
+        proxy,
+        client,
+        startup,
+        &route,
+        creator.as_ref(),
+        proven.as_ref(),
+        key_len,
+    )
+    .await
+}
+
+/// A client that said too little before the startup deadline: dropped without a
+/// word, as PostgreSQL does.
+fn timed_out(proxy: &Proxy) {
+    debug!("startup timeout; dropping silent client");
+    proxy
+        .metrics
+        .errors_total
+        .with_label_values(&["startup_timeout"])
+        .inc();
+}
+
+/// Sends `err` to the client (best effort) and counts it.
+pub(super) async fn refuse(proxy: &Proxy, stream: &mut ClientStream, err: &ClientError) {
+    proxy
+        .metrics
+        .errors_total
+        .with_label_values(&[err.kind().as_str()])
+        .inc();
+    match err.kind() {
+        ErrorKind::Protocol => debug!(error = %err, "refused"),
+        _ => info!(sqlstate = err.sqlstate(), error = %err, "refused"),
+    }
+    let _ = stream.write_all(&err.response()).await;
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+}
