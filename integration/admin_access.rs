@@ -234,8 +234,9 @@ async fn the_token_is_required_and_compared() {
     assert_eq!(status, 200, "{text}");
 }
 
-/// `offshoot serve` run directly on a config with no sources: the admin API and the
-/// token, without a PostgreSQL server.
+/// `offshoot serve` run the way the quick start runs it: from a directory holding
+/// `conf/offshoot.toml` (here with no sources, so no PostgreSQL is needed) and a
+/// relative `state.dir`.
 struct Serve {
     child: Child,
     dir: tempfile::TempDir,
@@ -248,11 +249,11 @@ impl Serve {
         let admin = free_port();
         let config = format!(
             "[proxy]\nlisten = \"127.0.0.1:{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             {admin_section}\n[state]\ndir = \"{}\"\n",
+             {admin_section}\n[state]\ndir = \".offshoot\"\n",
             free_port(),
-            dir.path().join("state").display()
         );
-        std::fs::write(dir.path().join("offshoot.toml"), config).unwrap();
+        std::fs::create_dir(dir.path().join("conf")).unwrap();
+        std::fs::write(dir.path().join("conf/offshoot.toml"), config).unwrap();
         let child = Self::spawn(dir.path());
         let mut s = Self { child, dir, admin };
         s.wait_up();
@@ -266,8 +267,9 @@ impl Serve {
             .open(dir.join("serve.log"))
             .unwrap();
         Command::new(env!("CARGO_BIN_EXE_offshoot"))
-            .args(["serve", "--config"])
-            .arg(dir.join("offshoot.toml"))
+            .current_dir(dir)
+            .arg("serve")
+            .env_remove("OFFSHOOT_CONFIG")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -299,11 +301,11 @@ impl Serve {
     }
 
     fn config(&self) -> PathBuf {
-        self.dir.path().join("offshoot.toml")
+        self.dir.path().join("conf/offshoot.toml")
     }
 
     fn token_path(&self) -> PathBuf {
-        self.dir.path().join("state/admin.token")
+        self.dir.path().join(".offshoot/admin.token")
     }
 
     fn log(&self) -> String {
@@ -354,24 +356,25 @@ fn serve_makes_a_private_token_that_the_cli_finds() {
     assert!(token.len() >= 32, "{token}");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let log = serve.log();
     assert!(
-        serve
-            .log()
-            .contains(&format!("admin API token: {}", path.display())),
-        "serve says where the token is: {}",
-        serve.log()
+        log.contains("admin API token: .offshoot/admin.token"),
+        "serve says where the token is: {log}"
     );
 
-    // The CLI with the same configuration finds it: no extra step.
-    let elsewhere = tempfile::tempdir().unwrap();
-    let config = config.to_str().unwrap();
-    let (ok, out) = serve.cli(elsewhere.path(), &["--config", config], &[]);
+    // The quick start: the CLI run where serve runs, with no flag, finds it.
+    let (ok, out) = serve.cli(serve.dir.path(), &[], &[]);
     assert!(ok, "{out}");
     assert!(out.contains("SOURCE"), "{out}");
-    // Also through OFFSHOOT_CONFIG, and from OFFSHOOT_ADMIN_TOKEN or --token-file
-    // with no configuration at hand.
-    let (ok, out) = serve.cli(elsewhere.path(), &[], &[("OFFSHOOT_CONFIG", config)]);
+    // The configuration named by --config or OFFSHOOT_CONFIG; its relative
+    // state.dir is found from the same directory, as `serve` found it.
+    let config = config.to_str().unwrap();
+    let (ok, out) = serve.cli(serve.dir.path(), &["--config", config], &[]);
     assert!(ok, "{out}");
+    let (ok, out) = serve.cli(serve.dir.path(), &[], &[("OFFSHOOT_CONFIG", config)]);
+    assert!(ok, "{out}");
+    // Elsewhere, with no configuration at hand: OFFSHOOT_ADMIN_TOKEN or --token-file.
+    let elsewhere = tempfile::tempdir().unwrap();
     let (ok, out) = serve.cli(elsewhere.path(), &[], &[("OFFSHOOT_ADMIN_TOKEN", &token)]);
     assert!(ok, "{out}");
     let (ok, out) = serve.cli(
@@ -396,7 +399,7 @@ fn serve_makes_a_private_token_that_the_cli_finds() {
     // A restart keeps the token, so scripts and the CLI keep working.
     serve.restart();
     assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), token);
-    let (ok, out) = serve.cli(elsewhere.path(), &["--config", config], &[]);
+    let (ok, out) = serve.cli(serve.dir.path(), &[], &[]);
     assert!(ok, "{out}");
 }
 
