@@ -25,6 +25,19 @@ pub struct AdminApi {
     pub token: Option<String>,
 }
 
+impl AdminApi {
+    /// The API at `addr`, with the token [`find_token`] finds; `config` is the
+    /// configuration asked for (`--config`), else the default one if it exists.
+    pub fn connect(addr: &str, token_file: Option<&Path>, config: Option<&Path>) -> Result<Self> {
+        let default = Path::new(crate::config::DEFAULT_PATH);
+        let token = find_token(token_file, config.unwrap_or(default), config.is_some())?;
+        Ok(Self {
+            addr: addr.to_owned(),
+            token,
+        })
+    }
+}
+
 /// The token to send: from `--token-file`, else `OFFSHOOT_ADMIN_TOKEN`, else the
 /// file `serve` uses with the configuration at `config` (`admin.token_file` or
 /// `<state.dir>/admin.token`). `config_given`: the path was asked for, so a

@@ -20,14 +20,11 @@ struct Cli {
     command: Command,
 }
 
-/// The configuration `serve` and `check` read unless told otherwise.
-const DEFAULT_CONFIG: &str = "conf/offshoot.toml";
-
 #[derive(clap::Args)]
 struct ConfigArg {
     /// Configuration file (TOML). Environment variables `OFFSHOOT__SECTION__KEY`
     /// override its values.
-    #[arg(long, short, default_value = DEFAULT_CONFIG, env = "OFFSHOOT_CONFIG")]
+    #[arg(long, short, default_value = offshoot::config::DEFAULT_PATH, env = "OFFSHOOT_CONFIG")]
     config: PathBuf,
 }
 
@@ -77,15 +74,11 @@ struct ApiArgs {
 
 impl ApiArgs {
     fn connect(&self) -> anyhow::Result<offshoot::cli::AdminApi> {
-        let (config, given) = match &self.config {
-            Some(c) => (c.clone(), true),
-            None => (PathBuf::from(DEFAULT_CONFIG), false),
-        };
-        let token = offshoot::cli::find_token(self.token_file.as_deref(), &config, given)?;
-        Ok(offshoot::cli::AdminApi {
-            addr: self.admin.clone(),
-            token,
-        })
+        offshoot::cli::AdminApi::connect(
+            &self.admin,
+            self.token_file.as_deref(),
+            self.config.as_deref(),
+        )
     }
 }
 

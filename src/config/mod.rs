@@ -27,6 +27,9 @@ pub use source::{
     DatabaseConfig, EngineConfig, EngineKind, InstanceConfig, ServerTls, SourceConfig,
 };
 
+/// The configuration file read unless `--config` or `OFFSHOOT_CONFIG` names another.
+pub const DEFAULT_PATH: &str = "conf/offshoot.toml";
+
 /// Prefix of environment overrides: `OFFSHOOT__PROXY__LISTEN=0.0.0.0:6432`.
 pub const ENV_PREFIX: &str = "OFFSHOOT";
 
