@@ -4,12 +4,8 @@
 # `bash benches/cold_start.sh --help` explains it.
 set -euo pipefail
 
-BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_DIR=$(dirname "$BENCH_DIR")
-# shellcheck source=benches/lib.sh
-source "$BENCH_DIR/lib.sh"
 # shellcheck source=benches/harness.sh
-source "$BENCH_DIR/harness.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/harness.sh"
 
 usage() {
     cat <<'EOF2'
@@ -28,7 +24,7 @@ Environment:
   OFFSHOOT_BIN  use this binary instead of building target/release/offshoot
 EOF2
 }
-[[ ${1:-} == --help || ${1:-} == -h ]] && { usage; exit 0; }
+harness_args "$@"
 
 SIZES_MB=${SIZES_MB:-"10 100 1000"}
 REPEAT=${REPEAT:-5}

@@ -1,14 +1,22 @@
 # shellcheck shell=bash
-# A throw-away PostgreSQL cluster with Offshoot in front of it, for the benchmark
-# scripts that need just that (load.sh, idle_conns.sh, prometheus.sh). Source it
-# after lib.sh, then:
+# What every benchmark script starts with: a throw-away PostgreSQL cluster with
+# Offshoot in front of it, the clean-up, and the report's header. A script begins
 #
+#   set -euo pipefail
+#   source "$(dirname "${BASH_SOURCE[0]}")/harness.sh"   sets BENCH_DIR, REPO_DIR; sources lib.sh
+#
+# defines usage(), then:
+#
+#   harness_args "$@"                  --help prints usage(); any other argument is an error
 #   harness_init                       tools, the offshoot binary, temp dir, clean-up trap
 #   harness_start_pg "key = value"...  initdb + start on a free 127.0.0.1 port
 #   harness_psql DB -c SQL             psql straight to that cluster
 #   harness_start_offshoot TOML        start the proxy; TOML holds [sources.*] etc.
 #   harness_admin PATH                 GET from the admin HTTP endpoint
 #   harness_api METHOD PATH [curl...]  a write to the admin API (token, JSON)
+#   harness_metric NAME LABEL...       a metric's value from /metrics
+#   harness_describe                   machine, versions, load average: the report's header
+#   harness_report TEXT                write RESULTS_FILE, print it, show the proxy's warnings
 #
 # It sets BENCH_TMP, PG_BIN, PSQL, PG_PORT, PGDATA_DIR, OFFSHOOT_BIN, OFFSHOOT_PID,
 # PROXY_PORT and ADMIN_PORT. On exit it stops the proxy (SIGTERM), then
@@ -21,6 +29,26 @@
 # $TMPDIR/offshoot-bench.lock, holding the owner's pid) and refuses to start while a
 # live process holds it, since figures taken beside another benchmark measure both.
 # The load average at the start and at the end goes into every report.
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(dirname "$BENCH_DIR")
+# shellcheck source=benches/lib.sh
+source "$BENCH_DIR/lib.sh"
+
+# The scripts take no arguments but --help (settings come from the environment).
+harness_args() {
+    case "${1:-}" in
+    -h | --help)
+        usage
+        exit 0
+        ;;
+    "") ;;
+    *)
+        usage >&2
+        die "unknown argument: $1"
+        ;;
+    esac
+}
 
 # Checks the tools, finds or builds offshoot (OFFSHOOT_BIN skips the build), makes
 # the temp dir and installs the clean-up trap. $1 names the script in the temp dir.
@@ -257,6 +285,20 @@ harness_metric() {
             sum += $2; found = 1
         }
         END { if (found) print sum }'
+}
+
+# Writes report $1 to RESULTS_FILE (whole or not at all) and stdout, then shows
+# the proxy's warnings and errors, if it logged any.
+harness_report() {
+    mkdir -p "$(dirname "$RESULTS_FILE")"
+    printf '%s\n' "$1" >"$RESULTS_FILE.tmp"
+    mv "$RESULTS_FILE.tmp" "$RESULTS_FILE"
+    echo "$1"
+    log "Report written to $RESULTS_FILE"
+    if grep -q -E '\b(WARN|ERROR)\b' "$BENCH_TMP/offshoot.log"; then
+        log "---- WARN/ERROR lines of the proxy's log ----"
+        grep -m 20 -E '\b(WARN|ERROR)\b' "$BENCH_TMP/offshoot.log" >&2 || true
+    fi
 }
 
 # Prints machine, PostgreSQL and offshoot versions as Markdown list items.

@@ -28,15 +28,7 @@ from collections import Counter
 
 import psycopg
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def error_text(e: BaseException) -> str:
-    sqlstate = getattr(e, "sqlstate", None)
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}{f' [{sqlstate}]' if sqlstate else ''}: {first}"
+from client_common import error_text, log
 
 
 def proc_status(pid: int) -> dict[str, int]:

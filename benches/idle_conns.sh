@@ -3,12 +3,8 @@
 # 10,000 idle sessions to one branch. `bash benches/idle_conns.sh --help` explains it.
 set -euo pipefail
 
-BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_DIR=$(dirname "$BENCH_DIR")
-# shellcheck source=benches/lib.sh
-source "$BENCH_DIR/lib.sh"
 # shellcheck source=benches/harness.sh
-source "$BENCH_DIR/harness.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/harness.sh"
 
 usage() {
     cat <<'EOF'
@@ -57,17 +53,7 @@ Example: LEVELS="0 100 500" bash benches/idle_conns.sh
 EOF
 }
 
-case "${1:-}" in
--h | --help)
-    usage
-    exit 0
-    ;;
-"") ;;
-*)
-    usage >&2
-    die "unknown argument: $1"
-    ;;
-esac
+harness_args "$@"
 
 LEVELS=${LEVELS:-"0 1000 10000"}
 FALLBACK_LEVELS=${FALLBACK_LEVELS:-"0 1000 2000"}
@@ -183,12 +169,4 @@ WARN/ERROR lines in the proxy's log: $warn_lines.
 EOF
 )
 
-mkdir -p "$(dirname "$RESULTS_FILE")"
-printf '%s\n' "$REPORT" >"$RESULTS_FILE.tmp"
-mv "$RESULTS_FILE.tmp" "$RESULTS_FILE"
-echo "$REPORT"
-log "Report written to $RESULTS_FILE"
-if ((warn_lines > 0)); then
-    log "---- WARN/ERROR lines of the proxy's log ----"
-    grep -m 20 -E '\b(WARN|ERROR)\b' "$BENCH_TMP/offshoot.log" >&2 || true
-fi
+harness_report "$REPORT"

@@ -13,6 +13,16 @@ die() {
 # True when $1 is a non-negative integer.
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
+# Dies unless each variable named is a positive integer.
+require_positive() {
+    local var
+    for var in "$@"; do
+        if ! is_uint "${!var}" || ((${!var} == 0)); then
+            die "$var must be a positive integer, got '${!var}'"
+        fi
+    done
+}
+
 # Runs a command as the `postgres` system user when we are root (PostgreSQL and
 # PgBouncer refuse to run as root), otherwise as ourselves. It runs in $BENCH_TMP
 # so that the user can always read its working directory.
@@ -69,17 +79,25 @@ wait_for_port() {
     return 1
 }
 
-# Prints the user+system CPU time of process $1 (all of its threads), in clock
-# ticks: fields 14 and 15 of /proc/<pid>/stat. The command name (field 2) may hold
-# spaces and parentheses, so fields are counted from the last ')'.
-proc_cpu_ticks() {
+# Prints the user and the system (kernel) CPU time of process $1 (all of its
+# threads), in clock ticks, as "USER SYSTEM": fields 14 and 15 of /proc/<pid>/stat.
+# The command name (field 2) may hold spaces and parentheses, so fields are counted
+# from the last ')'.
+proc_cpu_split() {
     local stat rest
     { stat=$(<"/proc/$1/stat"); } 2>/dev/null || return 1
     rest=${stat##*) }
     local -a f
     read -ra f <<<"$rest"
     # f[0] is field 3 (state), so field 14 is f[11] and field 15 is f[12].
-    echo $((f[11] + f[12]))
+    echo "${f[11]} ${f[12]}"
+}
+
+# Prints the user+system CPU time of process $1, in clock ticks.
+proc_cpu_ticks() {
+    local split
+    split=$(proc_cpu_split "$1") || return 1
+    echo $((${split% *} + ${split#* }))
 }
 
 # Prints the median of the numeric arguments; prints nothing when there are none.

@@ -4,12 +4,8 @@
 # `bash benches/load.sh --help` explains it.
 set -euo pipefail
 
-BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_DIR=$(dirname "$BENCH_DIR")
-# shellcheck source=benches/lib.sh
-source "$BENCH_DIR/lib.sh"
 # shellcheck source=benches/harness.sh
-source "$BENCH_DIR/harness.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/harness.sh"
 
 usage() {
     cat <<'EOF'
@@ -59,17 +55,7 @@ Example: DURATION=10 bash benches/load.sh
 EOF
 }
 
-case "${1:-}" in
--h | --help)
-    usage
-    exit 0
-    ;;
-"") ;;
-*)
-    usage >&2
-    die "unknown argument: $1"
-    ;;
-esac
+harness_args "$@"
 
 DURATION=${DURATION:-60}
 CLIENTS=${CLIENTS:-1000}
@@ -79,11 +65,7 @@ ROWS=${ROWS:-1000}
 IDLE_EXPIRE=${IDLE_EXPIRE:-20}
 REAPER_INTERVAL=${REAPER_INTERVAL:-1}
 RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/results/load.md}
-for var in DURATION CLIENTS BRANCHES WORKERS ROWS IDLE_EXPIRE REAPER_INTERVAL; do
-    if ! is_uint "${!var}" || ((${!var} == 0)); then
-        die "$var must be a positive integer, got '${!var}'"
-    fi
-done
+require_positive DURATION CLIENTS BRANCHES WORKERS ROWS IDLE_EXPIRE REAPER_INTERVAL
 ((BRANCHES <= 50)) || die "BRANCHES must be at most 50 (the source's max_branches)"
 ((BRANCHES <= CLIENTS)) || die "BRANCHES ($BRANCHES) must not exceed CLIENTS ($CLIENTS)"
 MAX_BRANCHES=50
@@ -250,13 +232,5 @@ $PASSED passed, $FAILED failed
 EOF
 )
 
-mkdir -p "$(dirname "$RESULTS_FILE")"
-printf '%s\n' "$REPORT" >"$RESULTS_FILE.tmp"
-mv "$RESULTS_FILE.tmp" "$RESULTS_FILE"
-echo "$REPORT"
-log "Report written to $RESULTS_FILE"
-if ((warn_lines > 0)); then
-    log "---- WARN/ERROR lines of the proxy's log ----"
-    grep -m 20 -E '\b(WARN|ERROR)\b' "$BENCH_TMP/offshoot.log" >&2 || true
-fi
+harness_report "$REPORT"
 ((FAILED == 0)) || die "$FAILED check(s) failed"

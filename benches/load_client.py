@@ -37,16 +37,7 @@ from collections import Counter
 
 import psycopg
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def error_text(e: BaseException) -> str:
-    """One line naming an error: SQLSTATE (when the server sent one) and message."""
-    sqlstate = getattr(e, "sqlstate", None)
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}{f' [{sqlstate}]' if sqlstate else ''}: {first}"
+from client_common import error_text, log
 
 
 def cpu_ticks() -> tuple[int, int]:

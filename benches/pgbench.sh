@@ -4,12 +4,8 @@
 # Markdown table of the medians. `bash benches/pgbench.sh --help` explains it.
 set -euo pipefail
 
-BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_DIR=$(dirname "$BENCH_DIR")
-# shellcheck source=benches/lib.sh
-source "$BENCH_DIR/lib.sh"
 # shellcheck source=benches/harness.sh
-source "$BENCH_DIR/harness.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/harness.sh"
 
 usage() {
     cat <<'EOF'
@@ -33,7 +29,8 @@ workload against direct, offshoot and pgbouncer in turn, each for DURATION secon
 
 Every run uses -n (no vacuum) and -T DURATION. For each Offshoot and PgBouncer run
 the proxy process's user+system CPU time (/proc/<pid>/stat) is divided by the
-transactions pgbench processed. The table shows medians over the rounds; it is
+transactions pgbench processed, and the share of it spent in the kernel (system
+time) is reported too. The table shows medians over the rounds; it is
 printed on stdout and written, with the machine and the settings, to RESULTS_FILE.
 The medians also go to a CSV beside it (latest.csv), and gnuplot draws them as a
 PNG (latest.png): TPS relative to direct per workload, and the proxies' CPU
@@ -106,11 +103,7 @@ KEEP_TMP=${KEEP_TMP:-0}
 RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/results/latest.md}
 export RUST_LOG=${RUST_LOG:-info}
 
-for var in ROUNDS DURATION SCALE CLIENTS CONNECT_CLIENTS THREADS; do
-    if ! is_uint "${!var}" || ((${!var} == 0)); then
-        die "$var must be a positive integer, got '${!var}'"
-    fi
-done
+require_positive ROUNDS DURATION SCALE CLIENTS CONNECT_CLIENTS THREADS
 is_uint "$WARMUP" || die "WARMUP must be a non-negative integer, got '$WARMUP'"
 
 # --- Chart --------------------------------------------------------------------
@@ -341,7 +334,7 @@ check_alive() {
 }
 
 # Results, keyed "workload|target|round".
-declare -A TPS LAT TXN CPU
+declare -A TPS LAT TXN CPU SYS
 FAILURES=()
 
 # Runs pgbench once. $1 target, $2 workload, $3 round (or "warmup"); $4 seconds.
@@ -353,10 +346,10 @@ run_pgbench() {
     read -ra args <<<"${WL_ARGS[$wl]}"
     check_alive "$target"
     pid=$(target_pid "$target")
-    [[ -n $pid ]] && before=$(proc_cpu_ticks "$pid")
+    [[ -n $pid ]] && before=$(proc_cpu_split "$pid")
     timeout -k 10 "$RUN_TIMEOUT" "$PGBENCH" -h 127.0.0.1 -p "$(target_port "$target")" -U postgres \
         -n -T "$secs" "${args[@]}" "$(target_db "$target")" >"$out" 2>&1 || rc=$?
-    [[ -n $pid ]] && after=$(proc_cpu_ticks "$pid" || true)
+    [[ -n $pid ]] && after=$(proc_cpu_split "$pid" || true)
 
     local tps lat txn failed
     tps=$(awk '/^tps = / { print $3; exit }' "$out")
@@ -378,9 +371,14 @@ run_pgbench() {
     TXN[$key]=$txn
     local cpu_note=""
     if [[ -n $before && -n $after ]]; then
-        CPU[$key]=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$txn" \
+        local user=$((${after% *} - ${before% *})) sys=$((${after#* } - ${before#* }))
+        CPU[$key]=$(awk -v t=$((user + sys)) -v hz="$CLK_TCK" -v n="$txn" \
             'BEGIN { printf "%.2f", t * 1e6 / hz / n }')
         cpu_note="  ${CPU[$key]} µs CPU/txn"
+        if ((user + sys > 0)); then
+            SYS[$key]=$((100 * sys / (user + sys)))
+            cpu_note+=", ${SYS[$key]}% in the kernel"
+        fi
     fi
     log "$(printf '  %-8s %-9s %10.0f tps  %8.3f ms%s' "$wl" "$target" "$tps" "$lat" "$cpu_note")"
 }
@@ -475,7 +473,23 @@ tables() {
     fi
 }
 
+# The median share of target $1's CPU time spent in the kernel, over all runs.
+kernel_share() {
+    local -a vals=()
+    local k
+    for k in "${!SYS[@]}"; do
+        [[ $k == *"|$1|"* && $k != *"|warmup" ]] && vals+=("${SYS[$k]}")
+    done
+    median "${vals[@]}"
+}
+
 TABLES=$(tables)
+shares=""
+for target in offshoot pgbouncer; do
+    share=$(kernel_share "$target")
+    [[ -n $share ]] && shares+="${shares:+, }$target $share%"
+done
+[[ -n $shares ]] && TABLES+=$'\n\n'"Share of each proxy's CPU time spent in the kernel (system / user+system time, median over all runs): $shares."
 
 bouncer_line="not run"
 [[ -n $PGBOUNCER_BIN ]] && bouncer_line="$("$PGBOUNCER_BIN" --version 2>&1 | head -n 1): pool_mode=session, default_pool_size=32, max_client_conn=1000, auth_type=trust, connection logging off"
@@ -494,7 +508,7 @@ $(harness_describe)
 - Every pgbench run uses \`-n -T $DURATION\`; targets are interleaved within each round. Values are medians over the rounds.
 - The -C row: pgbench uses one thread per client (it connects synchronously). Direct and Offshoot start a new PostgreSQL backend per transaction; PgBouncer (session mode) reuses its server connections, so only the client connection is new.
 - Latency is pgbench's "latency average" (printed to 1 µs).
-- CPU µs/txn: the proxy process's user+system CPU time during the run (/proc/<pid>/stat, ${CLK_TCK} ticks/s) divided by the transactions pgbench processed.
+- CPU µs/txn: the proxy process's user+system CPU time during the run (/proc/<pid>/stat, ${CLK_TCK} ticks/s) divided by the transactions pgbench processed; "in the kernel" is the system part of that time.
 
 $TABLES
 EOF
@@ -504,15 +518,15 @@ if ((${#FAILURES[@]} > 0)); then
     for f in "${FAILURES[@]}"; do REPORT+="- $f"$'\n'; done
 fi
 
-RAW=$'\n<details><summary>All runs</summary>\n\n| round | workload | target | TPS | latency ms | transactions | CPU µs/txn |\n|---:|---|---|---:|---:|---:|---:|\n'
+RAW=$'\n<details><summary>All runs</summary>\n\n| round | workload | target | TPS | latency ms | transactions | CPU µs/txn | CPU in the kernel % |\n|---:|---|---|---:|---:|---:|---:|---:|\n'
 for ((round = 1; round <= ROUNDS; round++)); do
     for wl in "${WL_LIST[@]}"; do
         for target in "${TARGETS[@]}"; do
             key="$wl|$target|$round"
             if [[ -n ${TPS[$key]+set} ]]; then
-                RAW+="| $round | $wl | $target | $(fmt_tps "${TPS[$key]}") | ${LAT[$key]} | ${TXN[$key]} | ${CPU[$key]:-} |"$'\n'
+                RAW+="| $round | $wl | $target | $(fmt_tps "${TPS[$key]}") | ${LAT[$key]} | ${TXN[$key]} | ${CPU[$key]:-} | ${SYS[$key]:-} |"$'\n'
             else
-                RAW+="| $round | $wl | $target | failed | | | |"$'\n'
+                RAW+="| $round | $wl | $target | failed | | | | |"$'\n'
             fi
         done
     done

@@ -3,12 +3,8 @@
 # stored. `bash benches/prometheus.sh --help` explains it.
 set -euo pipefail
 
-BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_DIR=$(dirname "$BENCH_DIR")
-# shellcheck source=benches/lib.sh
-source "$BENCH_DIR/lib.sh"
 # shellcheck source=benches/harness.sh
-source "$BENCH_DIR/harness.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/harness.sh"
 
 usage() {
     cat <<'EOF'
@@ -45,25 +41,11 @@ Environment:
 EOF
 }
 
-case "${1:-}" in
--h | --help)
-    usage
-    exit 0
-    ;;
-"") ;;
-*)
-    usage >&2
-    die "unknown argument: $1"
-    ;;
-esac
+harness_args "$@"
 
 CONNECTIONS=${CONNECTIONS:-5}
 SCRAPE_WAIT=${SCRAPE_WAIT:-5}
-for var in CONNECTIONS SCRAPE_WAIT; do
-    if ! is_uint "${!var}" || ((${!var} == 0)); then
-        die "$var must be a positive integer, got '${!var}'"
-    fi
-done
+require_positive CONNECTIONS SCRAPE_WAIT
 command -v python3 >/dev/null 2>&1 || die "python3 is needed to read Prometheus's JSON answers"
 
 if [[ -n ${PROMETHEUS:-} ]]; then

@@ -169,8 +169,8 @@ async fn the_token_is_required_and_compared() {
     for path in [
         "/api/v1/branches",
         "/metrics",
-        "/healthz",
         "/api/v1/sources",
+        "/api/v1/orphans",
     ] {
         let (status, text) = raw(
             proxy.admin,
@@ -193,6 +193,13 @@ async fn the_token_is_required_and_compared() {
             "no server path: {text}"
         );
     }
+    // Only the health probe (and the console's login page) answer without it.
+    let (status, _) = raw(proxy.admin, "GET /healthz", &[("Host", "localhost")], "");
+    assert_eq!(status, 200);
+    // A console page sends a person to the login form instead.
+    let (status, text) = raw(proxy.admin, "GET /branches", &[("Host", "localhost")], "");
+    assert_eq!(status, 303, "{text}");
+    assert!(text.contains("/login"), "{text}");
     let wrong = bearer(&format!("{}x", &token[..token.len() - 1]));
     for (line, headers) in [
         (
@@ -386,7 +393,7 @@ fn serve_makes_a_private_token_that_the_cli_finds() {
     // Without any of them the API says what it needs; a wrong token is named.
     let (ok, out) = serve.cli(elsewhere.path(), &[], &[]);
     assert!(
-        !ok && out.contains("needs its token") && out.contains("401"),
+        !ok && out.contains("needs the admin token") && out.contains("401"),
         "{out}"
     );
     let (ok, out) = serve.cli(
@@ -394,7 +401,7 @@ fn serve_makes_a_private_token_that_the_cli_finds() {
         &[],
         &[("OFFSHOOT_ADMIN_TOKEN", "0000000000000000000000")],
     );
-    assert!(!ok && out.contains("wrong admin token"), "{out}");
+    assert!(!ok && out.contains("admin token is wrong"), "{out}");
 
     // A restart keeps the token, so scripts and the CLI keep working.
     serve.restart();

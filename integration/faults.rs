@@ -143,15 +143,6 @@ async fn digest(c: &Client) -> String {
     .get(0)
 }
 
-/// Databases whose name starts with `shop__`.
-async fn clones(pg: &PgServer) -> Vec<String> {
-    pg.databases()
-        .await
-        .into_iter()
-        .filter(|d| d.starts_with("shop__"))
-        .collect()
-}
-
 /// The comment (ownership marker) of database `name`.
 async fn db_comment(pg: &PgServer, name: &str) -> Option<String> {
     pg.direct("postgres")
@@ -170,33 +161,64 @@ async fn db_comment(pg: &PgServer, name: &str) -> Option<String> {
 
 const VICTIM_QUERY: &str = "SELECT pg_sleep(30) /* victim */";
 
+/// Three sessions through the proxy: the victim and its sibling on branch `a`, a
+/// neighbour on branch `b`. The victim is running [`VICTIM_QUERY`].
+struct Victim {
+    /// The victim's query, still running.
+    sleeping: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    /// The server process running it.
+    pid: i32,
+    sibling: Client,
+    neighbour: Client,
+}
+
+impl Victim {
+    async fn start(pg: &PgServer, proxy: &ProxyProc) -> Self {
+        let victim = proxy.connect("shop.a").await.unwrap();
+        let sibling = proxy.connect("shop.a").await.unwrap();
+        let neighbour = proxy.connect("shop.b").await.unwrap();
+        let sleeping =
+            tokio::spawn(async move { victim.simple_query(VICTIM_QUERY).await.map(drop) });
+        let pid = active_backend(pg, VICTIM_QUERY).await;
+        Self {
+            sleeping,
+            pid,
+            sibling,
+            neighbour,
+        }
+    }
+}
+
+/// The error the victim's query ends with, within 5 s.
+async fn victim_fails(
+    sleeping: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) -> tokio_postgres::Error {
+    tokio::time::timeout(Duration::from_secs(5), sleeping)
+        .await
+        .expect("the victim hears of it promptly")
+        .unwrap()
+        .expect_err("the victim's query cannot succeed")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_backend_fails_only_its_own_client() {
     let Fixture { pg, proxy } = Fixture::start(Engine::Database, "").await;
-    let victim = proxy.connect("shop.a").await.unwrap();
-    let sibling = proxy.connect("shop.a").await.unwrap();
-    let neighbour = proxy.connect("shop.b").await.unwrap();
-    let sleeping = tokio::spawn(async move { victim.simple_query(VICTIM_QUERY).await.map(drop) });
-    let pid = active_backend(&pg, VICTIM_QUERY).await;
+    let v = Victim::start(&pg, &proxy).await;
 
     let admin = pg.direct("postgres").await;
     let signalled: bool = admin
-        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .query_one("SELECT pg_terminate_backend($1)", &[&v.pid])
         .await
         .unwrap()
         .get(0);
     assert!(signalled);
-    let err = tokio::time::timeout(Duration::from_secs(5), sleeping)
-        .await
-        .expect("the victim hears of it promptly")
-        .unwrap()
-        .expect_err("the victim's query cannot succeed");
+    let err = victim_fails(v.sleeping).await;
     // The server's own FATAL reaches the client through the relay.
     assert_eq!(sqlstate(&err), "57P01", "{err}");
 
     // Another session on the same branch and a session on another branch carry on.
-    assert_eq!(count(&sibling).await, 3);
-    assert_eq!(count(&neighbour).await, 3);
+    assert_eq!(count(&v.sibling).await, 3);
+    assert_eq!(count(&v.neighbour).await, 3);
     let again = proxy.connect("shop.a").await.unwrap();
     assert_eq!(count(&again).await, 3);
     // The victim's connection is no longer counted (it would keep the branch alive).
@@ -211,22 +233,14 @@ async fn a_terminated_backend_fails_only_its_own_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_killed_with_sigkill_ends_every_session_and_the_proxy_recovers() {
     let Fixture { pg, proxy } = Fixture::start(Engine::Database, "").await;
-    let victim = proxy.connect("shop.a").await.unwrap();
-    let sibling = proxy.connect("shop.a").await.unwrap();
-    let neighbour = proxy.connect("shop.b").await.unwrap();
-    let sleeping = tokio::spawn(async move { victim.simple_query(VICTIM_QUERY).await.map(drop) });
-    let pid = active_backend(&pg, VICTIM_QUERY).await;
+    let v = Victim::start(&pg, &proxy).await;
 
-    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), sleeping)
-        .await
-        .expect("the victim hears of it promptly")
-        .unwrap()
-        .expect_err("the victim's query cannot succeed");
+    kill(Pid::from_raw(v.pid), Signal::SIGKILL).unwrap();
+    victim_fails(v.sleeping).await;
 
     // A crashed backend makes the postmaster end every session and reinitialize:
     // the other clients lose their sessions too, by PostgreSQL's doing.
-    for (name, c) in [("sibling", &sibling), ("neighbour", &neighbour)] {
+    for (name, c) in [("sibling", &v.sibling), ("neighbour", &v.neighbour)] {
         assert!(
             until(
                 10,
@@ -245,7 +259,7 @@ async fn a_backend_killed_with_sigkill_ends_every_session_and_the_proxy_recovers
             "{db} unusable after the crash restart"
         );
     }
-    drop((sibling, neighbour));
+    drop((v.sibling, v.neighbour));
     assert_no_connections_counted(proxy).await;
 }
 

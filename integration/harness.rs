@@ -1,7 +1,10 @@
 //! Throw-away PostgreSQL clusters and proxy processes for the integration tests.
 //!
 //! Every test gets its own cluster (initdb into a temp dir, a free port) and its own
-//! `offshoot` process, and talks to both with real clients.
+//! `offshoot` process, and talks to both with real clients. Most start from
+//! [`Fixture`]: a server holding database `shop` and a proxy serving it as source
+//! `shop` on either [`Engine`]. Nothing outlives the test process: each test's
+//! directories go with it, the shared template when the process ends.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -619,6 +622,30 @@ impl Fixture {
         let proxy = ProxyProc::start(&format!("{head}{sep}{}", engine.source("shop", &pg, extra)));
         Self { proxy, pg }
     }
+}
+
+/// The clones of source `shop` on `pg` (databases named `shop__*`), by name.
+pub async fn clones(pg: &PgServer) -> Vec<String> {
+    pg.databases()
+        .await
+        .into_iter()
+        .filter(|d| d.starts_with("shop__"))
+        .collect()
+}
+
+/// Writes `note` as row 10 of `items`: a mark to recognise a branch's data by.
+pub async fn mark(c: &Client, note: &str) {
+    c.execute("INSERT INTO items VALUES (10, $1)", &[&note])
+        .await
+        .unwrap();
+}
+
+/// The note [`mark`] wrote on this branch.
+pub async fn mark_of(c: &Client) -> String {
+    c.query_one("SELECT note FROM items WHERE id = 10", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// Rows in table `items` (3 in the source `make_source` made).

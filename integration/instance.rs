@@ -191,10 +191,7 @@ async fn expiry_removes_the_directory_and_the_server() {
 async fn a_killed_proxy_readopts_running_suspended_and_crashed_branches() {
     let Fixture { pg: _pg, mut proxy } = Fixture::start(Engine::Instance, "").await;
     for b in ["up", "down", "crashed"] {
-        let c = proxy.connect(&format!("shop.{b}")).await.unwrap();
-        c.batch_execute(&format!("INSERT INTO items VALUES (10, '{b}')"))
-            .await
-            .unwrap();
+        mark(&proxy.connect(&format!("shop.{b}")).await.unwrap(), b).await;
     }
     let (status, body) = proxy.api("POST", "/api/v1/branches/shop/down/suspend", None);
     assert_eq!(status, 200, "{body}");
@@ -229,12 +226,7 @@ async fn a_killed_proxy_readopts_running_suspended_and_crashed_branches() {
     assert_eq!(postmaster_pid(&up), Some(up_pid));
     for b in ["up", "down", "crashed"] {
         let c = proxy.connect(&format!("shop.{b}")).await.unwrap();
-        let note: String = c
-            .query_one("SELECT note FROM items WHERE id = 10", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(note, b);
+        assert_eq!(mark_of(&c).await, b, "data survives the restart");
     }
     assert_eq!(postmaster_pid(&up), Some(up_pid));
     // Unexplained directories are reported and left alone.

@@ -7,6 +7,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use crate::harness::*;
+use crate::protocol::{read_msg, startup_packet};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suspended_branch_is_not_woken_before_authentication() {
@@ -73,33 +74,8 @@ async fn a_suspended_branch_is_not_woken_before_authentication() {
     assert_eq!(proxy.metric(starts), 1.0);
 }
 
-/// A StartupMessage for protocol `version` with `params`.
-fn startup_version(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = version.to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut pkt = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    pkt.extend(body);
-    pkt
-}
-
 fn startup(params: &[(&str, &str)]) -> Vec<u8> {
-    startup_version(3 << 16, params)
-}
-
-/// Reads one backend message: (type, body).
-fn read_msg(s: &mut TcpStream) -> (u8, Vec<u8>) {
-    let mut head = [0u8; 5];
-    s.read_exact(&mut head).expect("message header");
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).expect("message body");
-    (head[0], body)
+    startup_packet(3 << 16, params)
 }
 
 /// Opens a session to `db` speaking protocol `version`; returns the socket, ready
@@ -107,7 +83,7 @@ fn read_msg(s: &mut TcpStream) -> (u8, Vec<u8>) {
 fn session_with_key(port: u16, version: u32, db: &str) -> (TcpStream, Vec<u8>) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(&startup_version(
+    s.write_all(&startup_packet(
         version,
         &[("user", "postgres"), ("database", db)],
     ))
@@ -290,11 +266,5 @@ async fn a_connection_during_a_deletion_waits_and_gets_a_fresh_branch() {
         proxy.metric("offshoot_branches_expired_total{reason=\"api\",source=\"shop\"}"),
         1.0
     );
-    let clones: Vec<String> = pg
-        .databases()
-        .await
-        .into_iter()
-        .filter(|d| d.starts_with("shop__"))
-        .collect();
-    assert_eq!(clones, vec!["shop__gone".to_string()]);
+    assert_eq!(clones(&pg).await, vec!["shop__gone".to_string()]);
 }

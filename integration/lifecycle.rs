@@ -42,12 +42,7 @@ async fn concurrent_first_connections_make_one_branch(engine: Engine) {
         proxy.metric("offshoot_branches_created_total{source=\"shop\"}"),
         1.0
     );
-    let clones: Vec<String> = pg
-        .databases()
-        .await
-        .into_iter()
-        .filter(|d| d.starts_with("shop__"))
-        .collect();
+    let clones = clones(&pg).await;
     match engine {
         Engine::Database => {
             assert_eq!(db, "shop__race");
@@ -184,41 +179,26 @@ async fn idle_branches_expire_but_not_while_connected_or_persistent() {
     );
     // A new connection to an expired name makes a fresh clone from the source.
     let again = proxy.connect("shop.brief").await.unwrap();
-    let n: i64 = again
-        .query_one("SELECT count(*) FROM items", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 3);
+    assert_eq!(count(&again).await, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_restart_keeps_every_branch() {
     let Fixture { pg, mut proxy } = Fixture::start(Engine::Database, "").await;
     for b in ["k1", "k2"] {
-        let c = proxy.connect(&format!("shop.{b}")).await.unwrap();
-        c.execute(&format!("INSERT INTO items VALUES (10, '{b}')"), &[])
-            .await
-            .unwrap();
+        mark(&proxy.connect(&format!("shop.{b}")).await.unwrap(), b).await;
     }
     proxy.kill9_and_restart();
     assert_eq!(proxy.branch_names(), vec!["k1", "k2"]);
     for b in ["k1", "k2"] {
         let c = proxy.connect(&format!("shop.{b}")).await.unwrap();
-        let note: String = c
-            .query_one("SELECT note FROM items WHERE id = 10", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(note, b, "data survives the restart");
+        assert_eq!(mark_of(&c).await, b, "data survives the restart");
     }
-    let clones = pg
-        .databases()
-        .await
-        .into_iter()
-        .filter(|d| d.starts_with("shop__"))
-        .count();
-    assert_eq!(clones, 2, "no duplicate clone after restart");
+    assert_eq!(
+        clones(&pg).await.len(),
+        2,
+        "no duplicate clone after restart"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,7 @@ fn error_code(reply: &[u8]) -> Option<String> {
     None
 }
 
-fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
+pub fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
     let mut body = version.to_be_bytes().to_vec();
     for (k, v) in params {
         body.extend_from_slice(k.as_bytes());
@@ -153,7 +153,7 @@ async fn malformed_startup_packets_are_refused_and_others_still_served() {
 }
 
 /// Reads one backend message from a blocking socket: (type, body).
-fn read_msg(s: &mut TcpStream) -> (u8, Vec<u8>) {
+pub fn read_msg(s: &mut TcpStream) -> (u8, Vec<u8>) {
     let mut head = [0u8; 5];
     s.read_exact(&mut head).expect("message header");
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;

@@ -1,7 +1,9 @@
-//! The HTTP side: `/metrics`, `/healthz` and the branch API under `/api/v1`.
+//! The HTTP side: `/metrics`, `/healthz` and the branch API under `/api/v1`; the
+//! web console (`crate::console`) is mounted beside them, behind the same gate.
 //!
-//! Every request passes [`guard`] first: allowed `Host`, no cross-site browser
-//! requests, the bearer token ([`token`]), JSON on writes.
+//! Every request passes [`guard`] first (allowed `Host`, no cross-site browser
+//! requests, JSON on API writes), then the console's gate, which checks the token
+//! ([`token`]) as a bearer header or a console session.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -313,6 +315,14 @@ fn router(state: AppState) -> Router {
 pub struct Bound {
     listener: TcpListener,
     guard: Arc<guard::Guard>,
+    gate: Arc<crate::console::Gate>,
+}
+
+impl Bound {
+    /// The token check (bearer header or console session), for the console.
+    pub fn gate(&self) -> Arc<crate::console::Gate> {
+        self.gate.clone()
+    }
 }
 
 /// Reads (or makes) the token and binds the admin address, so a bad token file or
@@ -327,14 +337,17 @@ pub async fn bind(cfg: &crate::config::Config) -> anyhow::Result<Bound> {
         "admin API token: {} (the offshoot CLI reads it from there)",
         path.display()
     );
-    let guard = guard::Guard::new(&cfg.admin, token::AdminToken::new(&secret));
     let addr = cfg.admin.listen;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("admin.listen: cannot bind {addr}: {e}"))?;
     Ok(Bound {
         listener,
-        guard: Arc::new(guard),
+        guard: Arc::new(guard::Guard::new(&cfg.admin)),
+        gate: Arc::new(crate::console::Gate::new(
+            Some(secret),
+            cfg.admin.public_read,
+        )),
     })
 }
 
@@ -344,6 +357,7 @@ pub async fn serve(
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     provision_timeout: Duration,
+    console: Arc<crate::console::Console>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let state = AppState {
@@ -351,11 +365,20 @@ pub async fn serve(
         metrics,
         provision_timeout,
     };
-    let guarded = router(state).layer(axum::middleware::from_fn_with_state(
-        bound.guard,
-        guard::check,
-    ));
-    axum::serve(bound.listener, guarded)
+    // The guard (Host, cross-site, JSON writes) runs first; then the console's gate
+    // checks the token (bearer header, or the console's session cookie).
+    let gate = console.gate.clone();
+    let app = router(state)
+        .merge(crate::console::router(console))
+        .layer(axum::middleware::from_fn_with_state(
+            gate,
+            crate::console::session::check,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            bound.guard,
+            guard::check,
+        ));
+    axum::serve(bound.listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

@@ -145,6 +145,23 @@ async fn serve(
     let mut handles = Vec::new();
     if cfg.admin.enabled {
         let admin = crate::admin::bind(cfg).await?;
+        let history = Arc::new(crate::history::History::new(HISTORY_SAMPLES));
+        handles.push(
+            tokio::spawn(crate::console::record_history(
+                registry.clone(),
+                metrics.clone(),
+                history.clone(),
+                HISTORY_EVERY,
+                tasks.clone(),
+            ))
+            .abort_handle(),
+        );
+        let console = Arc::new(crate::console::Console {
+            registry: registry.clone(),
+            history,
+            reach: reach(cfg, embedded),
+            gate: admin.gate(),
+        });
         info!(addr = %cfg.admin.listen, "admin HTTP listening");
         handles.push(
             tokio::spawn(crate::admin::serve(
@@ -152,6 +169,7 @@ async fn serve(
                 registry.clone(),
                 metrics.clone(),
                 cfg.proxy.provision_timeout,
+                console,
                 tasks.clone(),
             ))
             .abort_handle(),
@@ -227,6 +245,33 @@ async fn reload_on_sighup(tls_cfg: TlsConfig, proxy: Arc<Proxy>) {
     }
 }
 
+/// The console's charts: one sample every 10 s, an hour of them.
+const HISTORY_EVERY: Duration = Duration::from_secs(10);
+const HISTORY_SAMPLES: usize = 360;
+
+/// Where clients reach the proxy, for the console's connection strings.
+fn reach(cfg: &Config, embedded: Option<&Embedded>) -> crate::console::Reach {
+    crate::console::Reach {
+        addr: client_addr(cfg.proxy.listen),
+        route_by: cfg.proxy.route_by,
+        separator: cfg.proxy.separator.clone(),
+        user: embedded.map_or("postgres", |e| e.user.as_str()).to_owned(),
+    }
+}
+
+/// A wildcard listener is reached through some concrete address; loopback works
+/// on the machine itself.
+fn client_addr(mut addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    addr
+}
+
 /// Tells a new user how to connect.
 fn announce(cfg: &Config, embedded: Option<&Embedded>) {
     let Some((name, _)) = cfg.sources.iter().next() else {
@@ -235,16 +280,7 @@ fn announce(cfg: &Config, embedded: Option<&Embedded>) {
     };
     let user = embedded.map_or("postgres", |e| e.user.as_str());
     let sep = &cfg.proxy.separator;
-    // A wildcard listener is reached through some concrete address; loopback works
-    // on the machine itself.
-    let mut addr = cfg.proxy.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
+    let addr = client_addr(cfg.proxy.listen);
     let url = match cfg.proxy.route_by {
         RouteBy::Database => format!("postgres://{user}@{addr}/{name}{sep}pr-42"),
         RouteBy::User => format!("postgres://{user}{sep}pr-42@{addr}/{name}"),

@@ -14,6 +14,8 @@
 //!   records, reaper: suspension and expiry).
 //! - [`admin`]: HTTP: metrics, health, the branch and snapshot API; [`cli`] is its
 //!   client.
+//! - [`console`]: the web console the admin listener serves at `/`, and the login
+//!   that guards the listener; [`history`]: the in-memory samples its charts draw.
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
 //! - [`error`]: error kinds and the one mapping to SQLSTATE.
 //! - [`fsutil`]: atomic file replacement and the other crash-safe file helpers.
@@ -33,9 +35,11 @@ pub mod branch;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod embedded;
 pub mod error;
 pub mod fsutil;
+pub mod history;
 #[cfg(test)]
 mod layering;
 pub mod metrics;

@@ -1,16 +1,19 @@
-//! Who may use the admin API: the check every request passes before its handler.
+//! The first check every request to the admin listener passes, before the token.
 //!
-//! A browser on the operator's machine can reach a loopback port, so the API
+//! A browser on the operator's machine can reach a loopback port, so the listener
 //! assumes any web page may send it requests. In order:
 //!
 //! 1. `Host` must be a loopback name or address, the `listen` address, or one of
 //!    `admin.allowed_hosts` (421 otherwise). A DNS-rebound page sends its own name.
 //! 2. A request a browser sends on behalf of another site is refused (403): an
-//!    `Origin` that is not this Host, or `Sec-Fetch-Site: cross-site`/`same-site`.
-//! 3. The bearer token: every write, and every read unless `admin.public_read`
-//!    (401, compared in constant time).
-//! 4. Writes carry `Content-Type: application/json` (415), which a page cannot send
-//!    to another origin without a preflight, and the API answers no preflight.
+//!    `Origin` that is not this Host, or `Sec-Fetch-Site: cross-site`/`same-site`
+//!    (except a plain link followed to a console page, which changes nothing).
+//! 3. API writes carry `Content-Type: application/json` (415), which a page cannot
+//!    send to another origin without a CORS preflight, and none is ever answered.
+//!
+//! The token itself (every write, and reads unless `admin.public_read`) is checked
+//! next by the console's gate, which also knows the console's login sessions; a 401
+//! it gives leaves here with `WWW-Authenticate: Bearer`.
 
 use std::net::IpAddr;
 
@@ -21,13 +24,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::token::AdminToken;
 use crate::config::AdminConfig;
 
-/// The admin API's access rules, built once from `[admin]`.
+/// The admin listener's Host and cross-site rules, built once from `[admin]`.
 pub struct Guard {
-    token: AdminToken,
-    public_read: bool,
     /// Lowercase names (and addresses) accepted in `Host`, besides loopback ones.
     hosts: Vec<String>,
 }
@@ -38,14 +38,7 @@ pub struct Refusal(pub StatusCode, pub String);
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        let mut resp = (self.0, Json(json!({ "error": self.1 }))).into_response();
-        if self.0 == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"offshoot\""),
-            );
-        }
-        resp
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
     }
 }
 
@@ -83,7 +76,7 @@ fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
 }
 
 impl Guard {
-    pub fn new(cfg: &AdminConfig, token: AdminToken) -> Self {
+    pub fn new(cfg: &AdminConfig) -> Self {
         let mut hosts: Vec<String> = cfg
             .allowed_hosts
             .iter()
@@ -92,11 +85,7 @@ impl Guard {
         if !cfg.listen.ip().is_unspecified() {
             hosts.push(cfg.listen.ip().to_string());
         }
-        Self {
-            token,
-            public_read: cfg.public_read,
-            hosts,
-        }
+        Self { hosts }
     }
 
     fn host_allowed(&self, host: &str) -> bool {
@@ -105,8 +94,8 @@ impl Guard {
             || self.hosts.iter().any(|h| h == host)
     }
 
-    /// Decides whether a request with `method` and `headers` may reach its handler.
-    pub fn admit(&self, method: &Method, headers: &HeaderMap) -> Result<(), Refusal> {
+    /// Decides whether a request may go on to the token check and its handler.
+    pub fn admit(&self, method: &Method, path: &str, headers: &HeaderMap) -> Result<(), Refusal> {
         let host_header = header_str(headers, header::HOST).unwrap_or("");
         let Some((host, port)) = authority(host_header) else {
             return Err(refuse(
@@ -145,36 +134,23 @@ impl Guard {
                 ));
             }
         }
-        if let Some(site) = header_str(headers, header::HeaderName::from_static("sec-fetch-site")) {
-            if site.eq_ignore_ascii_case("cross-site") || site.eq_ignore_ascii_case("same-site") {
-                return Err(refuse(
-                    StatusCode::FORBIDDEN,
-                    "cross-site request refused (Sec-Fetch-Site)",
-                ));
-            }
-        }
         let read = method == Method::GET || method == Method::HEAD;
-        if !(read && self.public_read) {
-            let presented = header_str(headers, header::AUTHORIZATION)
-                .and_then(|v| v.split_once(' '))
-                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                .map(|(_, t)| t.trim());
-            match presented {
-                None => {
-                    return Err(refuse(
-                        StatusCode::UNAUTHORIZED,
-                        "the admin API needs its token: send `Authorization: Bearer <token>` \
-                         (the token is in admin.token_file, or <state.dir>/admin.token; the \
-                         CLI reads it from there, from --token-file or OFFSHOOT_ADMIN_TOKEN)",
-                    ))
-                }
-                Some(t) if !self.token.matches(t) => {
-                    return Err(refuse(StatusCode::UNAUTHORIZED, "wrong admin token"))
-                }
-                Some(_) => {}
-            }
+        let api = path.starts_with("/api/");
+        let navigation = read
+            && !api
+            && header_str(headers, header::HeaderName::from_static("sec-fetch-mode"))
+                .is_some_and(|m| m.eq_ignore_ascii_case("navigate"));
+        let other_site = header_str(headers, header::HeaderName::from_static("sec-fetch-site"))
+            .is_some_and(|s| {
+                s.eq_ignore_ascii_case("cross-site") || s.eq_ignore_ascii_case("same-site")
+            });
+        if other_site && !navigation {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "cross-site request refused (Sec-Fetch-Site)",
+            ));
         }
-        if !read {
+        if !read && api {
             let json = header_str(headers, header::CONTENT_TYPE)
                 .map(|v| v.split(';').next().unwrap_or("").trim())
                 .is_some_and(|m| m.eq_ignore_ascii_case("application/json"));
@@ -189,14 +165,23 @@ impl Guard {
     }
 }
 
-/// The axum middleware around every route.
+/// The axum middleware around every route (outside the console's token gate).
 pub async fn check(
     State(guard): State<std::sync::Arc<Guard>>,
     req: Request,
     next: Next,
 ) -> Response {
-    match guard.admit(req.method(), req.headers()) {
-        Ok(()) => next.run(req).await,
+    match guard.admit(req.method(), req.uri().path(), req.headers()) {
+        Ok(()) => {
+            let mut resp = next.run(req).await;
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"offshoot\""),
+                );
+            }
+            resp
+        }
         Err(refusal) => {
             tracing::info!(
                 method = %req.method(),
@@ -214,15 +199,12 @@ pub async fn check(
 mod tests {
     use super::*;
 
-    const TOKEN: &str = "0123456789abcdef0123456789abcdef";
-
-    fn guard(public_read: bool, allowed: &[&str]) -> Guard {
+    fn guard(allowed: &[&str]) -> Guard {
         let cfg = AdminConfig {
-            public_read,
             allowed_hosts: allowed.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         };
-        Guard::new(&cfg, AdminToken::new(TOKEN))
+        Guard::new(&cfg)
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -236,19 +218,19 @@ mod tests {
         h
     }
 
-    fn status(g: &Guard, method: Method, pairs: &[(&str, &str)]) -> u16 {
-        match g.admit(&method, &headers(pairs)) {
+    fn status(g: &Guard, method: Method, path: &str, pairs: &[(&str, &str)]) -> u16 {
+        match g.admit(&method, path, &headers(pairs)) {
             Ok(()) => 200,
             Err(r) => r.0.as_u16(),
         }
     }
 
-    const AUTH: (&str, &str) = ("authorization", "Bearer 0123456789abcdef0123456789abcdef");
     const JSON: (&str, &str) = ("content-type", "application/json");
+    const API: &str = "/api/v1/branches";
 
     #[test]
     fn hosts_are_loopback_listen_or_configured() {
-        let g = guard(false, &["offshoot"]);
+        let g = guard(&["offshoot"]);
         for host in [
             "localhost:9187",
             "127.0.0.1:9187",
@@ -258,7 +240,7 @@ mod tests {
             "127.0.0.2",
         ] {
             assert_eq!(
-                status(&g, Method::GET, &[("host", host), AUTH]),
+                status(&g, Method::GET, API, &[("host", host)]),
                 200,
                 "{host}"
             );
@@ -270,79 +252,80 @@ mod tests {
             "10.0.0.1",
         ] {
             assert_eq!(
-                status(&g, Method::GET, &[("host", host), AUTH]),
+                status(&g, Method::GET, API, &[("host", host)]),
+                421,
+                "{host}"
+            );
+            assert_eq!(
+                status(&g, Method::GET, "/", &[("host", host)]),
                 421,
                 "{host}"
             );
         }
-        assert_eq!(status(&g, Method::GET, &[AUTH]), 400);
+        assert_eq!(status(&g, Method::GET, API, &[]), 400);
     }
 
     #[test]
     fn cross_site_requests_are_refused() {
-        let g = guard(false, &[]);
-        let base = [("host", "127.0.0.1:9187"), AUTH, JSON];
-        let with = |extra: (&'static str, &'static str)| {
-            let mut v = base.to_vec();
-            v.push(extra);
-            status(&g, Method::POST, &v)
+        let g = guard(&[]);
+        let with = |method: Method, path: &str, extra: &[(&'static str, &'static str)]| {
+            let mut v = vec![("host", "127.0.0.1:9187"), JSON];
+            v.extend_from_slice(extra);
+            status(&g, method, path, &v)
         };
-        assert_eq!(with(("origin", "http://evil")), 403);
-        assert_eq!(with(("origin", "null")), 403);
-        assert_eq!(with(("origin", "http://127.0.0.1:8080")), 403);
-        assert_eq!(with(("origin", "http://127.0.0.1:9187")), 200);
-        assert_eq!(with(("sec-fetch-site", "cross-site")), 403);
-        assert_eq!(with(("sec-fetch-site", "same-site")), 403);
-        assert_eq!(with(("sec-fetch-site", "same-origin")), 200);
-        assert_eq!(with(("sec-fetch-site", "none")), 200);
-    }
-
-    #[test]
-    fn the_token_guards_writes_and_reads_unless_public() {
-        let host = ("host", "localhost");
-        let g = guard(false, &[]);
-        assert_eq!(status(&g, Method::GET, &[host]), 401);
+        assert_eq!(with(Method::POST, API, &[("origin", "http://evil")]), 403);
+        assert_eq!(with(Method::GET, API, &[("origin", "http://evil")]), 403);
+        assert_eq!(with(Method::POST, API, &[("origin", "null")]), 403);
         assert_eq!(
-            status(&g, Method::GET, &[host, ("authorization", "Bearer wrong")]),
-            401
+            with(Method::POST, API, &[("origin", "http://127.0.0.1:8080")]),
+            403
         );
         assert_eq!(
-            status(&g, Method::GET, &[host, ("authorization", TOKEN)]),
-            401,
-            "the Bearer scheme is required"
-        );
-        assert_eq!(status(&g, Method::GET, &[host, AUTH]), 200);
-        let public = guard(true, &[]);
-        assert_eq!(status(&public, Method::GET, &[host]), 200);
-        assert_eq!(status(&public, Method::POST, &[host, JSON]), 401);
-        assert_eq!(status(&public, Method::DELETE, &[host, JSON]), 401);
-    }
-
-    #[test]
-    fn writes_must_be_json() {
-        let g = guard(false, &[]);
-        let host = ("host", "localhost");
-        assert_eq!(status(&g, Method::POST, &[host, AUTH]), 415);
-        assert_eq!(
-            status(
-                &g,
-                Method::POST,
-                &[host, AUTH, ("content-type", "text/plain")]
-            ),
-            415
-        );
-        assert_eq!(status(&g, Method::DELETE, &[host, AUTH]), 415);
-        assert_eq!(
-            status(
-                &g,
-                Method::POST,
-                &[
-                    host,
-                    AUTH,
-                    ("content-type", "application/json; charset=utf-8")
-                ]
-            ),
+            with(Method::POST, API, &[("origin", "http://127.0.0.1:9187")]),
             200
         );
+        assert_eq!(
+            with(Method::POST, API, &[("sec-fetch-site", "cross-site")]),
+            403
+        );
+        assert_eq!(
+            with(Method::POST, API, &[("sec-fetch-site", "same-site")]),
+            403
+        );
+        assert_eq!(
+            with(Method::GET, API, &[("sec-fetch-site", "cross-site")]),
+            403
+        );
+        assert_eq!(
+            with(Method::POST, API, &[("sec-fetch-site", "same-origin")]),
+            200
+        );
+        assert_eq!(with(Method::POST, API, &[("sec-fetch-site", "none")]), 200);
+        // A link to a console page, followed from another site, only shows the page.
+        let link = [
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-mode", "navigate"),
+        ];
+        assert_eq!(with(Method::GET, "/branches", &link), 200);
+        assert_eq!(with(Method::GET, API, &link), 403);
+        assert_eq!(with(Method::POST, "/logout", &link), 403);
+    }
+
+    #[test]
+    fn api_writes_must_be_json() {
+        let g = guard(&[]);
+        let host = ("host", "localhost");
+        assert_eq!(status(&g, Method::POST, API, &[host]), 415);
+        let plain = ("content-type", "text/plain");
+        assert_eq!(status(&g, Method::POST, API, &[host, plain]), 415);
+        assert_eq!(
+            status(&g, Method::DELETE, "/api/v1/branches/s/b", &[host]),
+            415
+        );
+        let utf8 = ("content-type", "application/json; charset=utf-8");
+        assert_eq!(status(&g, Method::POST, API, &[host, utf8]), 200);
+        // The console's login form is a form; the gate and SameSite guard it.
+        let form = ("content-type", "application/x-www-form-urlencoded");
+        assert_eq!(status(&g, Method::POST, "/login", &[host, form]), 200);
     }
 }

@@ -1,4 +1,5 @@
-//! The admin API's bearer token: where it lives, how it is made, how it is compared.
+//! The admin API's bearer token: where it lives and how it is made (the console's
+//! gate compares it).
 //!
 //! With `admin.token_file` the operator provides the token. Without it, `serve`
 //! makes one at `<state.dir>/admin.token` on its first start (mode 0600, created
@@ -10,7 +11,6 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use subtle::ConstantTimeEq;
 
 use crate::config::Config;
 
@@ -19,31 +19,6 @@ pub const FILE_NAME: &str = "admin.token";
 
 /// Shortest token accepted from `admin.token_file` or the environment.
 pub const MIN_LEN: usize = 16;
-
-/// The token the API expects, kept only as its SHA-256 so that comparing takes the
-/// same time whatever a client sends (its length included).
-#[derive(Clone)]
-pub struct AdminToken {
-    digest: [u8; 32],
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    d.as_ref().try_into().expect("SHA-256 is 32 bytes")
-}
-
-impl AdminToken {
-    pub fn new(token: &str) -> Self {
-        Self {
-            digest: sha256(token.as_bytes()),
-        }
-    }
-
-    /// Whether `presented` is the token, in constant time.
-    pub fn matches(&self, presented: &str) -> bool {
-        sha256(presented.as_bytes()).ct_eq(&self.digest).into()
-    }
-}
 
 /// Where the token of `cfg` is: `admin.token_file`, or the generated one.
 pub fn path(cfg: &Config) -> PathBuf {
@@ -181,14 +156,5 @@ mod tests {
         std::fs::write(&file, "0123456789abcdef0123\n").unwrap();
         assert_eq!(load_or_create(&cfg).unwrap().0, "0123456789abcdef0123");
         assert!(!dir.path().join(FILE_NAME).exists());
-    }
-
-    #[test]
-    fn tokens_compare_by_value_only() {
-        let t = AdminToken::new("0123456789abcdef");
-        assert!(t.matches("0123456789abcdef"));
-        assert!(!t.matches("0123456789abcdeF"));
-        assert!(!t.matches(""));
-        assert!(!t.matches("0123456789abcdef0"));
     }
 }
