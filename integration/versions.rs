@@ -8,9 +8,7 @@ use crate::harness::*;
 
 #[tokio::test]
 async fn the_servers_under_test_are_the_expected_major() {
-    let pg = PgServer::start();
-    pg.make_source("shop").await;
-    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+    let Fixture { pg, proxy } = Fixture::start(Engine::Database, "").await;
     let direct = pg.direct("postgres").await;
     let via_proxy = proxy
         .connect("shop.pr-1")

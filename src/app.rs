@@ -22,8 +22,10 @@ use crate::embedded::Embedded;
 use crate::metrics::Metrics;
 use crate::proxy::{listener, tls, Access, AuthMethods, ClientTls, Proxy};
 
-/// Runs the proxy until `shutdown` is cancelled, then drains and stops.
-pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
+/// Runs the proxy until `shutdown` is cancelled, then drains and stops. `banner`:
+/// tell a person on stderr where everything is once ready (off when the log is
+/// JSON, which must stay one object per line).
+pub async fn run(cfg: Config, banner: bool, shutdown: CancellationToken) -> Result<()> {
     std::fs::create_dir_all(&cfg.state.dir)
         .with_context(|| format!("state.dir: cannot create {}", cfg.state.dir.display()))?;
     let state_dir: PathBuf = cfg.state.dir.canonicalize()?;
@@ -40,7 +42,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     } else {
         None
     };
-    let result = serve(&cfg, &state_dir, metrics, embedded.as_ref(), shutdown).await;
+    let result = serve(
+        &cfg,
+        &state_dir,
+        metrics,
+        embedded.as_ref(),
+        banner,
+        shutdown,
+    )
+    .await;
     if let Some(e) = embedded {
         if let Err(err) = tokio::task::spawn_blocking(move || e.stop()).await? {
             error!(error = %err, "could not stop embedded PostgreSQL");
@@ -54,6 +64,7 @@ async fn serve(
     state_dir: &std::path::Path,
     metrics: Arc<Metrics>,
     embedded: Option<&Embedded>,
+    banner: bool,
     shutdown: CancellationToken,
 ) -> Result<()> {
     // The one clock of the control plane: the registry, the reaper and the engines.
@@ -182,7 +193,7 @@ async fn serve(
     ));
     let accept = tokio::spawn(listener::run(proxy.clone(), listener, tasks.clone()));
     handles.push(tokio::spawn(reload_on_sighup(cfg.tls.clone(), proxy.clone())).abort_handle());
-    announce(cfg, embedded);
+    announce(cfg, embedded, banner);
 
     shutdown.cancelled().await;
     info!("shutting down: no new connections");
@@ -272,8 +283,8 @@ fn client_addr(mut addr: std::net::SocketAddr) -> std::net::SocketAddr {
     addr
 }
 
-/// Tells a new user how to connect.
-fn announce(cfg: &Config, embedded: Option<&Embedded>) {
+/// Tells a new user how to connect, where the console is and what to try.
+fn announce(cfg: &Config, embedded: Option<&Embedded>, banner: bool) {
     let Some((name, _)) = cfg.sources.iter().next() else {
         warn!("no sources configured: every connection will be refused");
         return;
@@ -285,6 +296,34 @@ fn announce(cfg: &Config, embedded: Option<&Embedded>) {
         RouteBy::Database => format!("postgres://{user}@{addr}/{name}{sep}pr-42"),
         RouteBy::User => format!("postgres://{user}{sep}pr-42@{addr}/{name}"),
     };
-    info!("offshoot ready; try: psql \"{url}\"");
-    eprintln!("offshoot is ready. Try:\n  psql \"{url}\"");
+    let console = cfg
+        .admin
+        .enabled
+        .then(|| format!("http://{}/", client_addr(cfg.admin.listen)));
+    info!(proxy = %addr, console = console.as_deref().unwrap_or("off"), "offshoot ready; try: psql \"{url}\"");
+    if !banner {
+        return;
+    }
+    let mut text = format!("offshoot is ready.\n  proxy:    {addr}\n");
+    if let Some(console) = &console {
+        text.push_str(&format!("  console:  {console}\n"));
+    }
+    text.push_str(&format!("Try:\n  psql \"{url}\"\n"));
+    if cfg.admin.enabled {
+        // The CLI's default admin address is the shipped one.
+        let admin = if cfg.admin.listen == crate::config::AdminConfig::default().listen {
+            String::new()
+        } else {
+            format!(" --admin {}", client_addr(cfg.admin.listen))
+        };
+        text.push_str(&format!("  offshoot branch list{admin}\n"));
+        let instance = cfg
+            .sources
+            .iter()
+            .find(|(_, s)| s.engine.kind() == crate::config::EngineKind::Instance);
+        if let Some((name, _)) = instance {
+            text.push_str(&format!("  offshoot snapshot list {name}{admin}\n"));
+        }
+    }
+    eprint!("{text}");
 }

@@ -16,8 +16,18 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser)]
 #[command(name = "offshoot", version, about, long_about)]
 struct Cli {
+    /// Log lines as plain text, or as one JSON object per line (with the
+    /// connection's fields: client address, source, branch).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "OFFSHOOT_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -190,13 +200,21 @@ fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
     let config = match &cli.command {
         Command::Serve(ConfigArg { config }) | Command::Check(ConfigArg { config }) => config,
         Command::Branch { api, action } => return branch_command(api, action),
@@ -235,7 +253,7 @@ fn main() -> std::process::ExitCode {
             wait_for_signal().await;
             trigger.cancel();
         });
-        offshoot::app::run(cfg, shutdown).await
+        offshoot::app::run(cfg, matches!(cli.log_format, LogFormat::Text), shutdown).await
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

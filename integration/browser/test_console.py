@@ -71,13 +71,20 @@ class Offshoot:
                 "OFFSHOOT__STATE__DIR": str(self.state),
                 # The branch table shows idle branches; keep the reaper out of the way.
                 "OFFSHOOT__REAPER__INTERVAL": "1h",
-                "RUST_LOG": "info",
+                "RUST_LOG": "info,offshoot::proxy=debug",
             }
         )
         env.update(extra_env or {})
         self.log = open(Path(self.dir) / "offshoot.log", "w")
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--config", str(ROOT / "conf/offshoot.toml")],
+            [
+                str(BIN),
+                "--log-format",
+                "json",
+                "serve",
+                "--config",
+                str(ROOT / "conf/offshoot.toml"),
+            ],
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -94,9 +101,10 @@ class Offshoot:
                 time.sleep(0.2)
         raise RuntimeError(f"offshoot did not start in 120 s:\n{self.log_text()}")
 
-    def log_text(self):
+    def log_text(self, full=False):
         self.log.flush()
-        return (Path(self.dir) / "offshoot.log").read_text()[-4000:]
+        text = (Path(self.dir) / "offshoot.log").read_text()
+        return text if full else text[-4000:]
 
     def token(self):
         path = self.state / "admin.token"
@@ -300,6 +308,24 @@ class Suite:
         expect(page).to_have_url(re.compile(r"/login$"))
         self.go("/branches")
         expect(page).to_have_url(re.compile(r"/login\?next=/branches$"))
+
+    def test_log_is_one_json_object_per_line(self):
+        import json
+
+        lines = [l for l in self.proxy.log_text(full=True).splitlines() if l.strip()]
+        assert lines, "the log is empty"
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                raise AssertionError(f"not a JSON log line: {line!r}")
+        # A session's lines carry its connection's fields.
+        spans = [r.get("span", {}) for r in records]
+        assert any(
+            s.get("source") == "shop" and s.get("branch") == "pr-7" and "peer" in s
+            for s in spans
+        ), "no log line with the connection's source, branch and peer"
 
     def shot(self, name):
         SHOTS.mkdir(parents=True, exist_ok=True)
