@@ -12,6 +12,8 @@ mod faults;
 mod instance;
 mod invariants;
 mod lifecycle;
+mod md5;
+mod preauth;
 mod protocol;
 mod routing;
 mod snapshots;

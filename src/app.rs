@@ -136,10 +136,14 @@ async fn serve(
         (Some(cert), Some(key)) if cfg.tls.enabled() => Some(tls::load(cert, key)?),
         _ => None,
     };
+    let mock_key = crate::auth::load_secret(&state_dir.join("auth.key"))
+        .context("state.dir: the key of mock verifiers")?;
     let credentials = Arc::new(Credentials::new(
         cfg.auth.query.clone(),
         cfg.auth.users_file.clone(),
         auth_servers,
+        mock_key,
+        cfg.auth.max_scram_iterations,
     )?);
     let listener = TcpListener::bind(cfg.proxy.listen)
         .await
@@ -149,7 +153,11 @@ async fn serve(
         registry.clone(),
         metrics.clone(),
         ClientTls::new(tls, &cfg.tls),
-        Access::new(credentials, AuthMethods::from_config(cfg), upstreams),
+        Access::new(
+            credentials,
+            AuthMethods::from_config(cfg, &mock_key),
+            upstreams,
+        ),
     )?);
 
     let tasks = CancellationToken::new();

@@ -100,6 +100,11 @@ pub enum ClientError {
     Backend { id: BranchId, reason: String },
     #[error("sorry, too many clients already")]
     TooManyConnections,
+    #[error(
+        "too many connections from this address have not finished authenticating \
+         (proxy.max_unauthenticated_per_address)"
+    )]
+    TooManyUnauthenticated,
     #[error("this proxy requires TLS: connect with sslmode=require (or verify-full)")]
     TlsRequired,
     #[error("replication connections to source {0} are not allowed through the proxy (sources.{0}.allow_replication)")]
@@ -184,7 +189,9 @@ impl ClientError {
                 ProvisionError::ShuttingDown => ErrorKind::ShuttingDown,
             },
             ClientError::Backend { .. } => ErrorKind::Backend,
-            ClientError::TooManyConnections => ErrorKind::TooManyConnections,
+            ClientError::TooManyConnections | ClientError::TooManyUnauthenticated => {
+                ErrorKind::TooManyConnections
+            }
             ClientError::TlsRequired => ErrorKind::TlsRequired,
             ClientError::Replication(_) => ErrorKind::Routing,
             ClientError::AuthFailed(_)
@@ -215,7 +222,7 @@ impl ClientError {
                 ProvisionError::ShuttingDown => "57P01",
             },
             ClientError::Backend { .. } => "08006",
-            ClientError::TooManyConnections => "53300",
+            ClientError::TooManyConnections | ClientError::TooManyUnauthenticated => "53300",
             ClientError::TlsRequired => "28000",
             ClientError::Replication(_) => "0A000",
             ClientError::AuthFailed(_) => "28P01",

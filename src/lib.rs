@@ -6,8 +6,8 @@
 //!
 //! - [`config`]: the typed configuration tree; the only reader of files and env.
 //! - [`app`]: builds everything from a config, supervises tasks, drains on shutdown.
-//! - [`proxy`]: the connection path (listener, startup, auth, route, backend, relay,
-//!   cancel).
+//! - [`proxy`]: the connection path, one module per phase (listener, negotiate,
+//!   auth, route, authorize, connect with backend, relay; cancel, limits).
 //! - [`auth`]: roles' stored passwords and SCRAM; the proxy authenticates clients
 //!   before any branch is looked up or made.
 //! - [`branch`]: the life of a branch (registry, engines `database` and `instance`,

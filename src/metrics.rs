@@ -14,6 +14,8 @@ pub struct Metrics {
     pub connections_total: IntCounter,
     /// Client connections open: in startup or relayed (what `/healthz` reports).
     pub connections_open: IntGauge,
+    /// Client connections open that have not finished authenticating.
+    pub connections_unauthenticated: IntGauge,
     /// Time to create a branch, by source.
     pub provision_seconds: HistogramVec,
     /// Branches by source and state.
@@ -55,6 +57,11 @@ impl Metrics {
         let connections_open = IntGauge::new(
             "offshoot_connections_open",
             "Client connections open, in startup or relayed",
+        )
+        .expect("valid metric");
+        let connections_unauthenticated = IntGauge::new(
+            "offshoot_connections_unauthenticated",
+            "Client connections open that have not finished authenticating",
         )
         .expect("valid metric");
         let provision_seconds = HistogramVec::new(
@@ -138,6 +145,7 @@ impl Metrics {
             Box::new(client_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
             Box::new(connections_open.clone()),
+            Box::new(connections_unauthenticated.clone()),
             Box::new(provision_seconds.clone()),
             Box::new(branches.clone()),
             Box::new(branches_created_total.clone()),
@@ -160,6 +168,7 @@ impl Metrics {
             client_connections,
             connections_total,
             connections_open,
+            connections_unauthenticated,
             provision_seconds,
             branches,
             branches_created_total,

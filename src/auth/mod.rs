@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
@@ -71,8 +72,14 @@ pub fn md5_password(password: &str, salt: &str) -> String {
 
 /// The answer to an AuthenticationMD5Password challenge.
 pub fn md5_challenge(password: &str, role: &str, salt: [u8; 4]) -> String {
-    let inner = md5_password(password, role);
-    md5_hex(&[&inner.as_bytes()[3..], &salt])
+    md5_challenge_from_hash(&md5_password(password, role), salt)
+}
+
+/// The answer to an md5 challenge from the stored hash (`md5` + 32 hex digits)
+/// alone: what the proxy sends a branch server for a client that proved it knows
+/// the password behind that hash.
+pub fn md5_challenge_from_hash(stored: &str, salt: [u8; 4]) -> String {
+    md5_hex(&[&stored.as_bytes()[3..], &salt])
 }
 
 fn md5_hex(parts: &[&[u8]]) -> String {
@@ -115,12 +122,34 @@ impl Role {
 #[error("{0}")]
 pub struct LookupError(pub String);
 
-/// `auth.query` on one server, over one shared connection (queries from many
-/// clients are pipelined on it) that is reopened when it drops.
+/// Connections each source's `auth.query` runs on. Lookups go to the least busy
+/// one, so a slow lookup (a lock on the catalog, a slow function) delays the few
+/// logins that share its connection, not every login.
+pub const QUERY_CONNECTIONS: usize = 4;
+
+/// One connection of the pool: reopened when it drops; `busy` counts the lookups
+/// using it now.
+#[derive(Default)]
+struct PooledClient {
+    client: Mutex<Option<Arc<Client>>>,
+    busy: AtomicUsize,
+}
+
+/// Takes a lookup off its connection's count when it ends (even if cancelled).
+struct Busy<'a>(&'a AtomicUsize);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `auth.query` on one server, over a small pool of connections that never see
+/// client parameters.
 struct QueryLookup {
     config: tokio_postgres::Config,
     upstream: Upstream,
-    client: Mutex<Option<Arc<Client>>>,
+    pool: Vec<PooledClient>,
 }
 
 impl QueryLookup {
@@ -137,23 +166,33 @@ impl QueryLookup {
         Ok(Self {
             config,
             upstream: upstream.clone(),
-            client: Mutex::new(None),
+            pool: (0..QUERY_CONNECTIONS)
+                .map(|_| PooledClient::default())
+                .collect(),
         })
     }
 
-    async fn client(&self) -> Result<Arc<Client>, tokio_postgres::Error> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
+    /// The least busy connection of the pool (opened if needed), counted busy
+    /// until the returned guard drops.
+    async fn client(&self) -> Result<(Arc<Client>, Busy<'_>), tokio_postgres::Error> {
+        let slot = self
+            .pool
+            .iter()
+            .min_by_key(|p| p.busy.load(Ordering::Relaxed))
+            .expect("the pool is not empty");
+        slot.busy.fetch_add(1, Ordering::Relaxed);
+        let busy = Busy(&slot.busy);
+        let mut held = slot.client.lock().await;
+        if let Some(c) = held.as_ref().filter(|c| !c.is_closed()) {
+            return Ok((c.clone(), busy));
         }
-        let client = self.upstream.pg_connect(&self.config, "auth query").await?;
-        let client = Arc::new(client);
-        *slot = Some(client.clone());
-        Ok(client)
+        let client = Arc::new(self.upstream.pg_connect(&self.config, "auth query").await?);
+        *held = Some(client.clone());
+        Ok((client, busy))
     }
 
     async fn lookup(&self, query: &str, role: &str) -> Result<Option<Role>, LookupError> {
-        let client = self
+        let (client, _busy) = self
             .client()
             .await
             .map_err(|e| LookupError(format!("cannot connect for auth.query: {e}")))?;
@@ -198,17 +237,25 @@ pub struct Credentials {
     /// Where a name that is no source is checked (the first source), so that a
     /// right password learns the source does not exist and a wrong one does not.
     fallback: Option<String>,
-    /// Key of the mock verifiers: random per process.
+    /// Key of the mock verifiers, stable across restarts ([`load_secret`]), so an
+    /// unknown role's salt never changes.
     mock_key: [u8; 32],
+    /// `auth.max_scram_iterations`.
+    max_iterations: u32,
+    /// The iteration count of the last real verifier looked up: what mock
+    /// verifiers use, so the count does not tell unknown roles from known ones.
+    seen_iterations: AtomicU32,
 }
 
 impl Credentials {
     /// `servers` pairs each source with the connection string `auth.query` runs on
-    /// and the TLS to use there.
+    /// and the TLS to use there; `mock_key` keys the mock verifiers.
     pub fn new(
         query: String,
         users_file: Option<PathBuf>,
         servers: Vec<(String, String, Upstream)>,
+        mock_key: [u8; 32],
+        max_iterations: u32,
     ) -> anyhow::Result<Self> {
         let users = match &users_file {
             Some(p) => read_users_file(p)?,
@@ -227,7 +274,9 @@ impl Credentials {
             users: RwLock::new(users),
             servers: lookups,
             fallback,
-            mock_key: rand::random(),
+            mock_key,
+            max_iterations,
+            seen_iterations: AtomicU32::new(scram::DEFAULT_ITERATIONS),
         })
     }
 
@@ -258,7 +307,34 @@ impl Credentials {
 
     /// A verifier for a role that cannot log in, indistinguishable from a real one.
     pub fn mock(&self, role: &str) -> Verifier {
-        Verifier::mock(&self.mock_key, role)
+        let iterations = self.seen_iterations.load(Ordering::Relaxed);
+        Verifier::mock(&self.mock_key, role, iterations)
+    }
+
+    /// The secret `role` may log in with now: none when it is expired, or when it
+    /// is a SCRAM verifier with more iterations than `auth.max_scram_iterations`.
+    pub fn usable_secret<'a>(&self, name: &str, role: &'a Role) -> Option<&'a Secret> {
+        let secret = role.usable_secret(SystemTime::now())?;
+        if let Secret::Scram(v) = secret {
+            if v.iterations > self.max_iterations {
+                warn!(
+                    role = name,
+                    iterations = v.iterations,
+                    max = self.max_iterations,
+                    "the role's SCRAM verifier has more iterations than \
+                     auth.max_scram_iterations; its logins are refused"
+                );
+                return None;
+            }
+            self.seen_iterations.store(v.iterations, Ordering::Relaxed);
+        }
+        Some(secret)
+    }
+
+    /// `auth.max_scram_iterations`: also the most a branch server may ask of the
+    /// proxy when it logs in with a password.
+    pub fn max_iterations(&self) -> u32 {
+        self.max_iterations
     }
 
     /// Re-reads the users file (on SIGHUP). A file that does not load keeps the
@@ -276,6 +352,55 @@ impl Credentials {
             }
         }
     }
+}
+
+/// The key of the mock verifiers: 32 random bytes kept in `path` (mode 0600,
+/// created on first use), so unknown roles keep their mock salts across restarts.
+/// A file others may read, or a link, is refused.
+pub fn load_secret(path: &Path) -> anyhow::Result<[u8; 32]> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let nofollow = nix::fcntl::OFlag::O_NOFOLLOW.bits();
+    let shown = path.display();
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nofollow)
+        .open(path)
+    {
+        Ok(mut f) => {
+            let key: [u8; 32] = rand::random();
+            f.write_all(&key)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| anyhow::anyhow!("cannot write {shown}: {e}"))?;
+            return Ok(key);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(anyhow::anyhow!("cannot create {shown}: {e}")),
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nofollow)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot open {shown} (a link is refused): {e}"))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?;
+    if !meta.is_file() || meta.mode() & 0o077 != 0 {
+        return Err(anyhow::anyhow!(
+            "{shown} must be a regular file only its owner can read (chmod 600)"
+        ));
+    }
+    let mut key = [0u8; 32];
+    let mut rest = Vec::new();
+    f.read_exact(&mut key)
+        .and_then(|()| f.read_to_end(&mut rest))
+        .map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?;
+    if !rest.is_empty() {
+        return Err(anyhow::anyhow!("{shown} is not a key of 32 bytes"));
+    }
+    Ok(key)
 }
 
 /// Reads `"role" "verifier"` lines; `;` and `#` start comments. Doubled quotes
@@ -363,6 +488,61 @@ mod tests {
         assert!(s.check_password("app", "secret"));
         assert!(!s.check_password("app", "Secret"));
         assert!(!s.check_password("other", "secret"));
+    }
+
+    #[test]
+    fn the_mock_key_is_kept_private_and_stable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auth.key");
+        let first = load_secret(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(load_secret(&path).unwrap(), first, "stable across restarts");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(load_secret(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("chmod 600"));
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(load_secret(&link).is_err(), "a link is never followed");
+    }
+
+    #[test]
+    fn verifiers_over_the_iteration_cap_are_not_usable() {
+        let creds =
+            Credentials::new("SELECT $1".into(), None, Vec::new(), [7; 32], 10_000).unwrap();
+        let role = |iterations| Role {
+            secret: Some(Secret::Scram(Verifier::from_password(
+                "pw", b"salt", iterations,
+            ))),
+            can_login: true,
+            valid_until: None,
+        };
+        assert_eq!(creds.mock("nobody").iterations, scram::DEFAULT_ITERATIONS);
+        assert!(creds.usable_secret("big", &role(20_000)).is_none());
+        assert_eq!(creds.mock("nobody").iterations, scram::DEFAULT_ITERATIONS);
+        assert!(creds.usable_secret("ok", &role(5_000)).is_some());
+        assert_eq!(
+            creds.mock("nobody").iterations,
+            5_000,
+            "mock verifiers follow the real ones"
+        );
+    }
+
+    #[test]
+    fn md5_challenges_from_the_hash_match_the_password() {
+        let stored = md5_password("secret", "app");
+        let salt = [1, 2, 3, 4];
+        assert_eq!(
+            md5_challenge_from_hash(&stored, salt),
+            md5_challenge("secret", "app", salt)
+        );
+        assert_ne!(
+            md5_challenge_from_hash(&stored, salt),
+            md5_challenge("secret", "app", [4, 3, 2, 1])
+        );
     }
 
     #[test]

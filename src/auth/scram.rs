@@ -21,8 +21,9 @@ pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
 pub const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
 /// The only channel binding type PostgreSQL implements.
 pub const CB_TLS_SERVER_END_POINT: &str = "tls-server-end-point";
-/// Iterations of mock verifiers for unknown roles (PostgreSQL's default).
-pub const MOCK_ITERATIONS: u32 = 4096;
+/// PostgreSQL's default iteration count (`scram_iterations`): what mock verifiers
+/// use until a real verifier has been seen.
+pub const DEFAULT_ITERATIONS: u32 = 4096;
 
 pub type Key = [u8; KEY_LEN];
 
@@ -124,10 +125,12 @@ impl Verifier {
     /// A plausible verifier for a role that does not exist, derived from a secret
     /// and the role name so that repeated attempts see the same salt (as PostgreSQL
     /// does): an unknown role looks like a known one until the proof fails.
-    pub fn mock(secret: &[u8], role: &str) -> Verifier {
+    /// `iterations` should be what real verifiers use, so the count does not give
+    /// an unknown role away either.
+    pub fn mock(secret: &[u8], role: &str, iterations: u32) -> Verifier {
         let salt = hmac_sha256(secret, &[b"salt", role.as_bytes()])[..16].to_vec();
         Verifier {
-            iterations: MOCK_ITERATIONS,
+            iterations,
             salt,
             stored_key: hmac_sha256(secret, &[b"stored", role.as_bytes()]),
             server_key: hmac_sha256(secret, &[b"server", role.as_bytes()]),
@@ -136,8 +139,15 @@ impl Verifier {
 
     /// Whether `password` is the one this verifier was made from.
     pub fn check_password(&self, password: &str) -> bool {
+        self.keys_for_password(password).is_some()
+    }
+
+    /// The ClientKey of `password` when it is the one this verifier was made from:
+    /// one PBKDF2 run both checks the password and yields the key.
+    pub fn keys_for_password(&self, password: &str) -> Option<Key> {
         let salted = salted_password(password.as_bytes(), &self.salt, self.iterations);
-        secure_eq(&sha256(&client_key(&salted)), &self.stored_key)
+        let key = client_key(&salted);
+        secure_eq(&sha256(&key), &self.stored_key).then_some(key)
     }
 
     /// The ClientKey a client holds when `proof` is right for `auth_message`, or
@@ -558,10 +568,14 @@ mod tests {
 
     #[test]
     fn mock_verifiers_are_stable_per_role() {
-        assert_eq!(Verifier::mock(b"k", "a"), Verifier::mock(b"k", "a"));
+        assert_eq!(
+            Verifier::mock(b"k", "a", 4096),
+            Verifier::mock(b"k", "a", 4096)
+        );
+        assert_eq!(Verifier::mock(b"k", "a", 10_000).iterations, 10_000);
         assert_ne!(
-            Verifier::mock(b"k", "a").salt,
-            Verifier::mock(b"k", "b").salt
+            Verifier::mock(b"k", "a", 4096).salt,
+            Verifier::mock(b"k", "b", 4096).salt
         );
     }
 

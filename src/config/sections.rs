@@ -46,6 +46,10 @@ pub struct ProxyConfig {
     /// CancelRequests accepted per second from one client address (bursts of twice
     /// that); more are dropped, so cancel keys cannot be guessed at speed. 0: no limit.
     pub cancel_rate: u32,
+    /// Connections from one client address that may be open without having
+    /// finished authenticating; further ones get 53300, so silent sockets from one
+    /// address cannot lock others out. 0: no limit.
+    pub max_unauthenticated_per_address: usize,
     /// On SIGTERM/Ctrl-C, how long open connections may take to finish before the
     /// proxy exits anyway.
     #[serde(with = "humantime_serde")]
@@ -63,6 +67,7 @@ impl Default for ProxyConfig {
             max_connections: 10_000,
             relay_threads: 0,
             cancel_rate: 10,
+            max_unauthenticated_per_address: 64,
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -122,6 +127,11 @@ pub enum AuthMethod {
     #[default]
     #[serde(rename = "scram-sha-256")]
     ScramSha256,
+    /// PostgreSQL's `md5` method: an md5 challenge for roles whose stored password
+    /// is an md5 hash, SCRAM for the others. md5 is deprecated; opt in per source
+    /// for clusters upgraded from older releases.
+    #[serde(rename = "md5")]
+    Md5,
 }
 
 impl AuthMethod {
@@ -130,6 +140,7 @@ impl AuthMethod {
             AuthMethod::Trust => "trust",
             AuthMethod::Password => "password",
             AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::Md5 => "md5",
         }
     }
 }
@@ -146,11 +157,15 @@ pub struct AuthConfig {
     /// Looks up a role's stored password (`SCRAM-SHA-256$...` or `md5...`) on the
     /// source's server. `$1` is the role name. Optional second and third columns:
     /// whether the role may log in, and until when its password is valid. Runs on a
-    /// dedicated connection with `search_path = pg_catalog`.
+    /// small pool of dedicated connections with `search_path = pg_catalog`.
     pub query: String,
     /// Optional file of `"role" "verifier"` lines (PgBouncer's userlist format),
     /// consulted before `query`. Re-read on SIGHUP.
     pub users_file: Option<PathBuf>,
+    /// Stored SCRAM verifiers with more PBKDF2 iterations than this are refused (the
+    /// role fails like a wrong password, and the log says why): a role could
+    /// otherwise make every login cost the proxy, or a client, hours of hashing.
+    pub max_scram_iterations: u32,
 }
 
 impl Default for AuthConfig {
@@ -159,6 +174,7 @@ impl Default for AuthConfig {
             method: AuthMethod::ScramSha256,
             query: DEFAULT_AUTH_QUERY.into(),
             users_file: None,
+            max_scram_iterations: 100_000,
         }
     }
 }

@@ -136,6 +136,7 @@ fn every_enum_is_spelled_as_documented() {
         ("scram-sha-256", AuthMethod::ScramSha256),
         ("password", AuthMethod::Password),
         ("trust", AuthMethod::Trust),
+        ("md5", AuthMethod::Md5),
     ] {
         let cfg = Config::from_toml(&format!("[auth]\nmethod = \"{text}\"\n")).unwrap();
         assert_eq!(cfg.auth.method, method);

@@ -188,15 +188,29 @@ fn password_message(body: &[u8]) -> BytesMut {
     m
 }
 
+/// How the proxy logs in to a branch server.
+pub struct LoginPolicy {
+    /// The connection is encrypted or local (TLS, Unix socket): only then may a
+    /// cleartext password be sent over it.
+    pub secure: bool,
+    /// `auth.max_scram_iterations`: the most PBKDF2 work a server may ask for.
+    pub max_iterations: u32,
+}
+
 /// Logs in to the server as `user` with what the client proved, and forwards what
 /// follows authentication (ParameterStatus, notices, the proxy's BackendKeyData,
 /// ReadyForQuery) to the client, which has already been sent AuthenticationOk.
+///
+/// A server is believed only once it has proven itself: AuthenticationOk in the
+/// middle of a SCRAM exchange the proxy started (before the server's signature was
+/// checked) ends the login.
 pub async fn login<C, S>(
     client: &mut C,
     server: &mut S,
     startup: &[u8],
     user: &str,
     proven: &Proven,
+    policy: &LoginPolicy,
     mut key: impl FnMut(u32, u32) -> Vec<u8>,
 ) -> io::Result<Outcome>
 where
@@ -207,6 +221,7 @@ where
     let mut buf = BytesMut::with_capacity(4096);
     let mut out = BytesMut::with_capacity(1024);
     let mut exchange: Option<ClientExchange> = None;
+    let mut server_verified = false;
     loop {
         let msg = read_message(server, &mut buf).await?;
         let body = &msg[5..];
@@ -215,7 +230,20 @@ where
                 let code = auth_code(body).ok_or_else(|| login_error("short auth request"))?;
                 let data = &body[4..];
                 match code {
+                    0 if exchange.is_some() && !server_verified => {
+                        return Err(login_error(
+                            "the branch server sent AuthenticationOk before finishing the \
+                             SCRAM exchange (it never proved it holds the role's verifier)",
+                        ));
+                    }
                     0 => {}
+                    3 if !policy.secure => {
+                        return Err(login_error(
+                            "the branch server asks for a cleartext password over an \
+                             unencrypted connection, which the proxy never sends; let the \
+                             server use scram-sha-256, or set server_tls",
+                        ));
+                    }
                     3 => {
                         let pw = proven.password.as_deref().ok_or_else(|| {
                             login_error(
@@ -229,17 +257,22 @@ where
                         server.write_all(&password_message(&b)).await?;
                     }
                     5 => {
-                        let pw = proven.password.as_deref().ok_or_else(|| {
-                            login_error(
-                                "the branch server asks for md5, which the proxy cannot answer \
-                                 without the password; let the server use scram-sha-256",
-                            )
-                        })?;
                         let salt: [u8; 4] = data
                             .get(..4)
                             .and_then(|s| s.try_into().ok())
                             .ok_or_else(|| login_error("short md5 request"))?;
-                        let mut b = crate::auth::md5_challenge(pw, user, salt).into_bytes();
+                        let answer = match (&proven.password, &proven.md5_hash) {
+                            (Some(pw), _) => crate::auth::md5_challenge(pw, user, salt),
+                            (None, Some(hash)) => crate::auth::md5_challenge_from_hash(hash, salt),
+                            (None, None) => {
+                                return Err(login_error(
+                                    "the branch server asks for md5, which the proxy cannot \
+                                     answer for a role that logged in with SCRAM; let the \
+                                     server use scram-sha-256",
+                                ))
+                            }
+                        };
+                        let mut b = answer.into_bytes();
                         b.push(0);
                         server.write_all(&password_message(&b)).await?;
                     }
@@ -268,17 +301,37 @@ where
                         exchange = Some(ex);
                     }
                     11 => {
-                        let ex = exchange
-                            .as_mut()
+                        let mut ex = exchange
+                            .take()
                             .ok_or_else(|| login_error("SASL continue without a SASL start"))?;
                         let sf = std::str::from_utf8(data)
-                            .map_err(|_| login_error("server-first-message is not UTF-8"))?;
-                        // With a known password the server's own salt is used; with a
-                        // ClientKey the server must hold the verifier it came from.
-                        let pw = proven.password.as_deref();
-                        let fin = ex
-                            .client_final(sf, pw)
-                            .map_err(|e| login_error(e.to_string()))?;
+                            .map_err(|_| login_error("server-first-message is not UTF-8"))?
+                            .to_owned();
+                        // With a known password the server's own salt and iteration
+                        // count are used (bounded, and hashed off the relay thread);
+                        // with a ClientKey the server must hold the verifier it came
+                        // from.
+                        let pw = proven.password.clone();
+                        if pw.is_some() {
+                            let asked = scram::parse_server_first(&sf)
+                                .map_err(|e| login_error(e.to_string()))?
+                                .iterations;
+                            if asked > policy.max_iterations {
+                                return Err(login_error(format!(
+                                    "the branch server asks for {asked} SCRAM iterations, more \
+                                     than auth.max_scram_iterations ({})",
+                                    policy.max_iterations
+                                )));
+                            }
+                        }
+                        let (ex, fin) = tokio::task::spawn_blocking(move || {
+                            let fin = ex.client_final(&sf, pw.as_deref());
+                            (ex, fin)
+                        })
+                        .await
+                        .map_err(|_| login_error("the SCRAM computation failed"))?;
+                        let fin = fin.map_err(|e| login_error(e.to_string()))?;
+                        exchange = Some(ex);
                         server.write_all(&password_message(fin.as_bytes())).await?;
                     }
                     12 => {
@@ -290,6 +343,7 @@ where
                         ex.verify_server(sf).map_err(|e| {
                             login_error(format!("the branch server failed SCRAM: {e}"))
                         })?;
+                        server_verified = true;
                     }
                     other => {
                         return Err(login_error(format!(
@@ -305,5 +359,135 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::DuplexStream;
+
+    fn auth_request(code: u32, data: &[u8]) -> Vec<u8> {
+        let mut m = vec![b'R'];
+        m.extend_from_slice(&((8 + data.len()) as u32).to_be_bytes());
+        m.extend_from_slice(&code.to_be_bytes());
+        m.extend_from_slice(data);
+        m
+    }
+
+    /// Reads one length-prefixed message (after an optional type byte).
+    async fn read_frame(s: &mut DuplexStream, typed: bool) -> Option<Vec<u8>> {
+        let mut head = vec![0u8; if typed { 5 } else { 4 }];
+        s.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes(head[head.len() - 4..].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await.ok()?;
+        head.extend(body);
+        Some(head)
+    }
+
+    /// Runs `login` against a scripted server; returns its result and what the
+    /// server received after the startup packet.
+    async fn login_against(
+        script: Vec<Vec<u8>>,
+        proven: Proven,
+        secure: bool,
+    ) -> (io::Result<Outcome>, Vec<Vec<u8>>) {
+        let (mut proxy_side, mut server) = tokio::io::duplex(64 * 1024);
+        let server_task = tokio::spawn(async move {
+            read_frame(&mut server, false).await.expect("startup");
+            let mut received = Vec::new();
+            for msg in script {
+                server.write_all(&msg).await.unwrap();
+                if msg[0] == b'R' && matches!(msg[8], 3 | 5 | 10 | 11) {
+                    match read_frame(&mut server, true).await {
+                        Some(m) => received.push(m),
+                        None => break,
+                    }
+                }
+            }
+            received
+        });
+        let mut client = Vec::new();
+        let policy = LoginPolicy {
+            secure,
+            max_iterations: 10_000,
+        };
+        let result = login(
+            &mut client,
+            &mut proxy_side,
+            &[0, 0, 0, 8, 0, 3, 0, 0],
+            "app",
+            &proven,
+            &policy,
+            |_, _| Vec::new(),
+        )
+        .await;
+        drop(proxy_side);
+        (result, server_task.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn authentication_ok_before_the_scram_exchange_ends_is_refused() {
+        let proven = Proven {
+            client_key: Some([1; scram::KEY_LEN]),
+            server_key: Some([2; scram::KEY_LEN]),
+            password: None,
+            md5_hash: None,
+        };
+        let script = vec![
+            auth_request(10, b"SCRAM-SHA-256\0\0"),
+            auth_request(0, b""),
+            b"Z\0\0\0\x05I".to_vec(),
+        ];
+        let (result, received) = login_against(script, proven, true).await;
+        let err = result.err().expect("refused");
+        assert!(err.to_string().contains("before finishing"), "{err}");
+        assert_eq!(received.len(), 1, "only the SASLInitialResponse was sent");
+    }
+
+    #[tokio::test]
+    async fn cleartext_goes_only_over_a_secure_connection() {
+        let proven = || Proven {
+            client_key: None,
+            server_key: None,
+            password: Some("app-secret".into()),
+            md5_hash: None,
+        };
+        let script = || {
+            vec![
+                auth_request(3, b""),
+                auth_request(0, b""),
+                b"Z\0\0\0\x05I".to_vec(),
+            ]
+        };
+        let (result, received) = login_against(script(), proven(), false).await;
+        let err = result.err().expect("refused over plain TCP");
+        assert!(err.to_string().contains("unencrypted"), "{err}");
+        assert!(received.is_empty(), "the password was never sent");
+        let (result, received) = login_against(script(), proven(), true).await;
+        assert!(matches!(result, Ok(Outcome::Ready)));
+        assert_eq!(received[0][5..], *b"app-secret\0");
+    }
+
+    #[tokio::test]
+    async fn a_server_asking_for_too_many_iterations_is_refused() {
+        let proven = Proven {
+            client_key: None,
+            server_key: None,
+            password: Some("app-secret".into()),
+            md5_hash: None,
+        };
+        // The nonce cannot be known in advance; the check comes before it is used.
+        let script = vec![
+            auth_request(10, b"SCRAM-SHA-256\0\0"),
+            auth_request(11, b"r=x,s=c2FsdA==,i=2000000000"),
+        ];
+        let (result, _) = login_against(script, proven, true).await;
+        let err = result.err().expect("refused");
+        assert!(
+            err.to_string().contains("2000000000 SCRAM iterations"),
+            "{err}"
+        );
     }
 }

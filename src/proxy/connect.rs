@@ -61,9 +61,16 @@ pub(super) async fn connect(
         key_guard = Some(guard);
         protocol::encode_backend_key(ppid, &psecret)
     };
+    let policy = backend::LoginPolicy {
+        secure: !matches!(server, ServerStream::Tcp(_)),
+        max_iterations: proxy.access.credentials.max_iterations(),
+    };
     let outcome = match proven {
         None => backend::authenticate(client, &mut server, &startup_msg, key).await,
-        Some(p) => backend::login(client, &mut server, &startup_msg, &route.user, p, key).await,
+        Some(p) => {
+            let user = &route.user;
+            backend::login(client, &mut server, &startup_msg, user, p, &policy, key).await
+        }
     };
     match outcome {
         Ok(backend::Outcome::Ready) => Ok(Some(Session {

@@ -12,13 +12,20 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, Instrument};
 
+use super::limits::Pending;
 use super::listener::Slot;
 use super::negotiate::{self, ClientStream, Hello};
 use super::{auth, authorize, connect, relay, route, Proxy};
 use crate::error::{ClientError, ErrorKind};
 
 /// Serves one accepted client connection from its first byte to its last.
-pub async fn serve(proxy: Arc<Proxy>, tcp: std::net::TcpStream, peer: SocketAddr, slot: Slot) {
+pub(super) async fn serve(
+    proxy: Arc<Proxy>,
+    tcp: std::net::TcpStream,
+    peer: SocketAddr,
+    slot: Slot,
+    pending: Pending,
+) {
     let tcp = match TcpStream::from_std(tcp) {
         Ok(t) => t,
         Err(e) => return debug!(%peer, error = %e, "cannot register socket"),
@@ -29,12 +36,19 @@ pub async fn serve(proxy: Arc<Proxy>, tcp: std::net::TcpStream, peer: SocketAddr
         source = tracing::field::Empty,
         branch = tracing::field::Empty
     );
-    run(proxy, tcp, peer, span.clone(), slot)
+    run(proxy, tcp, peer, span.clone(), slot, pending)
         .instrument(span)
         .await
 }
 
-async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, span: tracing::Span, slot: Slot) {
+async fn run(
+    proxy: Arc<Proxy>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    span: tracing::Span,
+    slot: Slot,
+    pending: Pending,
+) {
     let _ = tcp.set_nodelay(true);
     // One deadline for everything before authentication is settled: TLS, the
     // negotiation and the authentication exchange together.
@@ -59,7 +73,16 @@ async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, span: tracing:
         startup,
         end_point,
     } = hello;
-    let opened = startup_phases(&proxy, &mut client, &startup, end_point, deadline, &span).await;
+    let opened = startup_phases(
+        &proxy,
+        &mut client,
+        pending,
+        &startup,
+        end_point,
+        deadline,
+        &span,
+    )
+    .await;
     let session = match opened {
         Ok(Some(s)) => s,
         Ok(None) => return,
@@ -76,12 +99,14 @@ async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, span: tracing:
 }
 
 /// From the StartupMessage to an open server session: version, authentication,
-/// routing, authorization, the branch and its server. `Ok(None)`: the connection
-/// ended with nothing more to tell the client (it left, or the server's own
-/// refusal was relayed).
+/// routing, authorization, the branch and its server. `pending` counts the
+/// connection as unauthenticated until the client has proven itself. `Ok(None)`:
+/// the connection ended with nothing more to tell the client (it left, or the
+/// server's own refusal was relayed).
 async fn startup_phases(
     proxy: &Proxy,
     client: &mut ClientStream,
+    pending: Pending,
     startup: &super::protocol::Startup,
     end_point: Option<Arc<[u8]>>,
     deadline: Instant,
@@ -116,6 +141,10 @@ async fn startup_phases(
     let route = route::route(startup, &proxy.config, &proxy.registry, sni)?;
     span.record("source", route.id.source.as_str());
     span.record("branch", route.id.branch.as_str());
+    if proven.is_some() {
+        // Under `trust` the server's own authentication is still to come.
+        drop(pending);
+    }
     let creator = authorize::authorize(proxy, startup, &route, proven.is_some())?;
     if proven.is_some() && client.write_all(&auth::auth_ok()).await.is_err() {
         return Ok(None);

@@ -5,17 +5,17 @@ use std::time::Duration;
 
 use prometheus::IntGauge;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{connection, Proxy};
 use crate::error::ClientError;
 
 /// A client connection's place under `proxy.max_connections`, counted in
 /// `offshoot_connections_open` for as long as it is held.
-pub struct Slot {
+pub(super) struct Slot {
     _permit: OwnedSemaphorePermit,
     open: IntGauge,
 }
@@ -36,6 +36,19 @@ impl Drop for Slot {
     }
 }
 
+/// Refuses a client at the door with `err` (counted), without waiting for it.
+fn refuse(proxy: &Proxy, tcp: TcpStream, err: ClientError) {
+    proxy
+        .metrics
+        .errors_total
+        .with_label_values(&[err.kind().as_str()])
+        .inc();
+    tokio::spawn(async move {
+        let mut tcp = tcp;
+        let _ = tcp.write_all(&err.response()).await;
+    });
+}
+
 /// Accepts clients until `shutdown`; connections already accepted carry on.
 pub async fn run(proxy: Arc<Proxy>, listener: TcpListener, shutdown: CancellationToken) {
     let mut last_warning: Option<std::time::Instant> = None;
@@ -48,30 +61,28 @@ pub async fn run(proxy: Arc<Proxy>, listener: TcpListener, shutdown: Cancellatio
         match accepted {
             Ok((tcp, peer)) => {
                 proxy.metrics.connections_total.inc();
-                match proxy.limits.connections.clone().try_acquire_owned() {
-                    Ok(permit) => match tcp.into_std() {
-                        // The connection moves to a relay thread for the rest of its life.
-                        Ok(tcp) => proxy.relays.spawn(Box::pin(connection::serve(
-                            proxy.clone(),
-                            tcp,
-                            peer,
-                            Slot::new(permit, &proxy.metrics.connections_open),
-                        ))),
-                        Err(e) => warn!(%peer, error = %e, "cannot detach accepted socket"),
-                    },
-                    Err(_) => {
-                        let err = ClientError::TooManyConnections;
-                        proxy
-                            .metrics
-                            .errors_total
-                            .with_label_values(&[err.kind().as_str()])
-                            .inc();
-                        warn!(%peer, "connection limit reached; refusing client");
-                        tokio::spawn(async move {
-                            let mut tcp = tcp;
-                            let _ = tcp.write_all(&err.response()).await;
-                        });
-                    }
+                let Ok(permit) = proxy.limits.connections.clone().try_acquire_owned() else {
+                    warn!(%peer, "connection limit reached; refusing client");
+                    refuse(&proxy, tcp, ClientError::TooManyConnections);
+                    continue;
+                };
+                let Some(pending) = proxy.limits.unauthenticated.enter(peer.ip()) else {
+                    // Not a warning each: this is what a flood from one address looks like.
+                    debug!(%peer, "too many unauthenticated connections from this address");
+                    refuse(&proxy, tcp, ClientError::TooManyUnauthenticated);
+                    continue;
+                };
+                let slot = Slot::new(permit, &proxy.metrics.connections_open);
+                match tcp.into_std() {
+                    // The connection moves to a relay thread for the rest of its life.
+                    Ok(tcp) => proxy.relays.spawn(Box::pin(connection::serve(
+                        proxy.clone(),
+                        tcp,
+                        peer,
+                        slot,
+                        pending,
+                    ))),
+                    Err(e) => warn!(%peer, error = %e, "cannot detach accepted socket"),
                 }
             }
             Err(e) => {

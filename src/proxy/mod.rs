@@ -1,5 +1,5 @@
 //! The connection path, in the order a connection meets it: [`listener`] accepts,
-//! and [`connection::serve`] takes it through its phases, one module each:
+//! and `connection::serve` takes it through its phases, one module each:
 //!
 //! 1. `negotiate`: direct TLS or SSLRequest, GSSENCRequest, CancelRequest (handed to
 //!    [`cancel`]), the StartupMessage and the protocol version;
@@ -75,7 +75,8 @@ mod authorize;
 pub mod backend;
 pub mod cancel;
 mod connect;
-pub mod connection;
+mod connection;
+mod limits;
 pub mod listener;
 mod negotiate;
 pub mod protocol;
@@ -86,27 +87,54 @@ pub mod tls;
 pub use negotiate::ClientStream;
 
 /// The authentication method of each source, as [`Config::auth_method`] decides it.
+///
+/// A name that is no source must not be told apart by its method before the
+/// client authenticates: it gets the method of a configured source, picked by a
+/// keyed hash of the name (stable for that name, across restarts too), as if it
+/// were one. `trust` sources are left out of the pick: they hide nothing.
 pub struct AuthMethods {
     by_source: HashMap<String, AuthMethod>,
-    /// `auth.method`: for names that are no source.
+    /// The methods of the sources that authenticate, in source-name order.
+    pick_from: Vec<AuthMethod>,
+    /// `auth.method`: for names that are no source when every source is `trust`.
     default: AuthMethod,
+    key: ring::hmac::Key,
 }
 
 impl AuthMethods {
-    pub fn from_config(cfg: &Config) -> Self {
+    /// `key` keys the pick for unknown names (the mock verifiers' key).
+    pub fn from_config(cfg: &Config, key: &[u8; 32]) -> Self {
+        let by_source: HashMap<String, AuthMethod> = cfg
+            .sources
+            .keys()
+            .map(|name| (name.to_string(), cfg.auth_method(Some(name.as_str()))))
+            .collect();
+        let mut named: Vec<(&String, &AuthMethod)> = by_source.iter().collect();
+        named.sort_by_key(|(name, _)| *name);
+        let pick_from = named
+            .into_iter()
+            .map(|(_, m)| *m)
+            .filter(|m| *m != AuthMethod::Trust)
+            .collect();
         Self {
-            by_source: cfg
-                .sources
-                .keys()
-                .map(|name| (name.to_string(), cfg.auth_method(Some(name.as_str()))))
-                .collect(),
+            by_source,
+            pick_from,
             default: cfg.auth_method(None),
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
         }
     }
 
     /// The method for a source name taken from a startup packet (maybe no source).
     fn for_name(&self, source: &str) -> AuthMethod {
-        self.by_source.get(source).copied().unwrap_or(self.default)
+        if let Some(m) = self.by_source.get(source) {
+            return *m;
+        }
+        if self.pick_from.is_empty() {
+            return self.default;
+        }
+        let tag = ring::hmac::sign(&self.key, source.as_bytes());
+        let n = u64::from_be_bytes(tag.as_ref()[..8].try_into().expect("8 bytes"));
+        self.pick_from[(n % self.pick_from.len() as u64) as usize]
     }
 }
 
@@ -165,14 +193,6 @@ impl ClientTls {
     }
 }
 
-/// What bounds the resources clients can hold.
-struct Limits {
-    /// One permit per open client connection (`proxy.max_connections`).
-    connections: Arc<Semaphore>,
-    /// `proxy.cancel_rate`: CancelRequests per second per client address.
-    cancels: cancel::CancelLimit,
-}
-
 /// Everything a connection needs, shared by all of them.
 pub struct Proxy {
     /// `[proxy]`: timeouts and routing.
@@ -183,7 +203,7 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     access: Access,
     tls: ClientTls,
-    limits: Limits,
+    limits: limits::Limits,
     /// Live cancel keys.
     cancels: Arc<cancel::CancelMap>,
     relays: relay::RelayPool,
@@ -208,8 +228,12 @@ impl Proxy {
             to_client: metrics.bytes_total.with_label_values(&["server_to_client"]),
         };
         Ok(Self {
-            limits: Limits {
+            limits: limits::Limits {
                 connections: Arc::new(Semaphore::new(config.max_connections)),
+                unauthenticated: limits::Unauthenticated::new(
+                    config.max_unauthenticated_per_address,
+                    metrics.connections_unauthenticated.clone(),
+                ),
                 cancels: cancel::CancelLimit::new(config.cancel_rate),
             },
             config,

@@ -59,7 +59,15 @@ async fn read_initial(stream: &mut ClientStream) -> Result<Option<Initial>, Clie
         // Truncated packet: the client is gone, there is nobody to tell.
         return Ok(None);
     }
-    protocol::parse_initial(&body).map(Some)
+    match protocol::parse_initial(&body) {
+        Ok(initial) => Ok(Some(initial)),
+        // A CancelRequest is never answered, even a malformed one (as PostgreSQL).
+        Err(_) if protocol::is_cancel_request(&body) => {
+            debug!("malformed CancelRequest; closing without a word");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// SSL and GSS negotiation up to the StartupMessage or CancelRequest. `Ok(None)`:
@@ -69,6 +77,9 @@ pub(super) async fn negotiate(
     tcp: TcpStream,
 ) -> Result<Option<Negotiated>, (Option<ClientStream>, ClientError)> {
     let (mut stream, mut end_point) = open(proxy, tcp).await?;
+    // Each request is answered once; asking again is a protocol violation, as in
+    // PostgreSQL (a client may still try GSS and then SSL, as libpq does).
+    let (mut ssl_answered, mut gss_answered) = (false, false);
     loop {
         let initial = match read_initial(&mut stream).await {
             Ok(Some(i)) => i,
@@ -83,7 +94,17 @@ pub(super) async fn negotiate(
                     ClientError::Protocol("SSL or GSS negotiation repeated inside TLS".into()),
                 ));
             }
+            Initial::SslRequest if ssl_answered => {
+                let err = ClientError::Protocol("SSLRequest repeated after it was answered".into());
+                return Err((Some(stream), err));
+            }
+            Initial::GssEncRequest if gss_answered => {
+                let err =
+                    ClientError::Protocol("GSSENCRequest repeated after it was answered".into());
+                return Err((Some(stream), err));
+            }
             Initial::SslRequest => {
+                ssl_answered = true;
                 let loaded = proxy.tls.current();
                 let ClientStream::Plain(mut tcp) = stream else {
                     unreachable!("checked above")
@@ -113,6 +134,7 @@ pub(super) async fn negotiate(
                 }
             }
             Initial::GssEncRequest => {
+                gss_answered = true;
                 if stream.write_all(b"N").await.is_err() {
                     return Ok(None);
                 }

@@ -89,6 +89,12 @@ pub fn initial_body_len(len: u32) -> Result<usize, ClientError> {
     Ok(len - 4)
 }
 
+/// Whether an initial packet's body carries the CancelRequest code, whatever its
+/// length: such a packet is never answered, even when malformed.
+pub fn is_cancel_request(body: &[u8]) -> bool {
+    body.get(..4) == Some(&CANCEL_REQUEST.to_be_bytes()[..])
+}
+
 /// Parses the body of an initial packet (everything after the length word).
 pub fn parse_initial(body: &[u8]) -> Result<Initial, ClientError> {
     if body.len() < 4 {
@@ -321,6 +327,13 @@ mod tests {
         );
         let too_long = encode_cancel(7, &[5u8; 257]);
         assert!(parse_initial(&too_long[4..]).is_err());
+        assert!(is_cancel_request(&too_long[4..]));
+        assert!(
+            is_cancel_request(&c[4..8]),
+            "no pid, no secret: still a cancel"
+        );
+        assert!(!is_cancel_request(&SSL_REQUEST.to_be_bytes()));
+        assert!(!is_cancel_request(&[]));
     }
 
     #[test]

@@ -9,8 +9,6 @@
 //! fail at the same step with the same message; messages before authentication are
 //! capped at [`MAX_AUTH_MESSAGE`]; secrets are compared in constant time.
 
-use std::time::SystemTime;
-
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
@@ -28,6 +26,7 @@ pub const MAX_AUTH_MESSAGE: usize = 8 * 1024;
 
 const AUTH_OK: u32 = 0;
 const AUTH_CLEARTEXT: u32 = 3;
+const AUTH_MD5: u32 = 5;
 const AUTH_SASL: u32 = 10;
 const AUTH_SASL_CONTINUE: u32 = 11;
 const AUTH_SASL_FINAL: u32 = 12;
@@ -41,6 +40,9 @@ pub struct Proven {
     pub server_key: Option<Key>,
     /// The password, under `password`: answers cleartext and md5 servers too.
     pub password: Option<String>,
+    /// The role's stored md5 hash, after an md5 exchange: answers the branch
+    /// server's md5 challenge.
+    pub md5_hash: Option<String>,
 }
 
 impl std::fmt::Debug for Proven {
@@ -49,6 +51,7 @@ impl std::fmt::Debug for Proven {
         f.debug_struct("Proven")
             .field("client_key", &self.client_key.is_some())
             .field("password", &self.password.is_some())
+            .field("md5_hash", &self.md5_hash.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -154,13 +157,20 @@ pub async fn exchange<C: AsyncRead + AsyncWrite + Unpin>(
             return Err(ClientError::AuthUnavailable);
         }
     };
-    let now = SystemTime::now();
-    let secret = role.as_ref().and_then(|r| r.usable_secret(now));
+    let secret = role
+        .as_ref()
+        .and_then(|r| credentials.usable_secret(user, r));
     let proven = match method {
         AuthMethod::ScramSha256 => {
             scram_exchange(client, user, secret, credentials, tls, binding).await?
         }
         AuthMethod::Password => password_exchange(client, user, secret, credentials, tls).await?,
+        // As PostgreSQL's `md5`: roles stored as md5 get its challenge; the others,
+        // unknown roles included, SCRAM.
+        AuthMethod::Md5 => match secret {
+            Some(Secret::Md5(hash)) => md5_exchange(client, user, hash).await?,
+            _ => scram_exchange(client, user, secret, credentials, tls, binding).await?,
+        },
         AuthMethod::Trust => unreachable!("trust is relayed, not checked"),
     };
     match (proven, &role) {
@@ -195,26 +205,67 @@ async fn password_exchange<C: AsyncRead + AsyncWrite + Unpin>(
         .filter(|p| !p.contains(&0))
         .and_then(|p| std::str::from_utf8(p).ok())
         .ok_or_else(|| protocol("invalid password packet"))?;
-    let Some(secret) = secret else {
-        // The same work as for a known role, so timing does not tell them apart.
-        let _ = credentials.mock(user).check_password(password);
-        return Ok(None);
+    // An unknown role costs the same work as a known one, so timing does not tell
+    // them apart.
+    let known = secret.is_some();
+    let secret = match secret {
+        Some(s) => s.clone(),
+        None => Secret::Scram(credentials.mock(user)),
     };
-    if !secret.check_password(user, password) || password.is_empty() {
+    let (pw, role) = (password.to_owned(), user.to_owned());
+    // PBKDF2 runs off the relay thread: the sessions sharing it carry on meanwhile.
+    let checked = off_thread(move || match &secret {
+        Secret::Scram(v) => v
+            .keys_for_password(&pw)
+            .map(|key| (Some(key), Some(v.server_key))),
+        Secret::Md5(_) => secret.check_password(&role, &pw).then_some((None, None)),
+    })
+    .await?;
+    let Some((client_key, server_key)) = checked.filter(|_| known && !password.is_empty()) else {
         return Ok(None);
-    }
-    let (client_key, server_key) = match secret {
-        Secret::Scram(v) => {
-            let salted = scram::salted_password(password.as_bytes(), &v.salt, v.iterations);
-            (Some(scram::client_key(&salted)), Some(v.server_key))
-        }
-        Secret::Md5(_) => (None, None),
     };
     Ok(Some(Proven {
         client_key,
         server_key,
         password: Some(password.to_owned()),
+        md5_hash: None,
     }))
+}
+
+/// PostgreSQL's md5 challenge for a role stored as `hash`. `Ok(None)`: the answer
+/// is wrong.
+async fn md5_exchange<C: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut C,
+    user: &str,
+    hash: &str,
+) -> Result<Option<Proven>, ClientError> {
+    let salt: [u8; 4] = rand::random();
+    send(client, &encode_auth(AUTH_MD5, &salt)).await?;
+    let body = read_password_message(client).await?;
+    let answer = body
+        .strip_suffix(&[0])
+        .ok_or_else(|| protocol("invalid password packet"))?;
+    let expected = crate::auth::md5_challenge_from_hash(hash, salt);
+    if !scram::secure_eq(answer, expected.as_bytes()) {
+        debug!(role = user, "md5 answer does not match");
+        return Ok(None);
+    }
+    Ok(Some(Proven {
+        client_key: None,
+        server_key: None,
+        password: None,
+        md5_hash: Some(hash.to_owned()),
+    }))
+}
+
+/// Runs CPU-heavy work (PBKDF2) on tokio's blocking pool, so no relay thread, and
+/// no session on it, waits for it.
+async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ClientError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| ClientError::AuthUnavailable)
 }
 
 /// SCRAM-SHA-256[-PLUS]. `Ok(None)`: the proof is wrong (or the role cannot log in
@@ -320,6 +371,7 @@ async fn scram_exchange<C: AsyncRead + AsyncWrite + Unpin>(
         client_key: Some(client_key),
         server_key: Some(verifier.server_key),
         password: None,
+        md5_hash: None,
     }))
 }
 

@@ -18,7 +18,7 @@ fn app_role() -> Role {
 }
 
 fn credentials() -> Credentials {
-    Credentials::new("SELECT $1".into(), None, Vec::new()).unwrap()
+    Credentials::new("SELECT $1".into(), None, Vec::new(), [1; 32], 100_000).unwrap()
 }
 
 async fn read_auth(s: &mut DuplexStream) -> (u32, Vec<u8>) {
