@@ -7,6 +7,7 @@ mod admin;
 mod admin_access;
 mod auth;
 mod config;
+mod crash;
 mod embedded;
 mod faults;
 mod instance;

@@ -27,7 +27,7 @@ impl Registry {
         let started = self.clock.instant();
         info!(branch = %id, clone = %record.clone_name, "creating branch");
         let result = match self.store.save(&record) {
-            Err(e) => Err(EngineError::new(format!("cannot write branch record: {e}"))),
+            Err(e) => Err(EngineError::io("cannot write the branch record", e)),
             Ok(()) => source.engine.create(&record).await,
         };
         let mut made = false;
@@ -44,7 +44,7 @@ impl Registry {
             record.state = RecordState::Ready;
             self.store
                 .save(&record)
-                .map_err(|e| EngineError::new(format!("cannot write branch record: {e}")))
+                .map_err(|e| EngineError::io("cannot write the branch record", e))
         });
         // The clone exists: start its server (engines without one are done).
         let result = match (result, source.engine.servers()) {
@@ -155,9 +155,10 @@ impl Registry {
             .spawn(async move { this.stop(record, tx).await })
             .await
             .unwrap_or_else(|e| {
-                Err(EngineError::new(format!(
-                    "the suspension was interrupted: {e}"
-                )))
+                Err(EngineError::failed_with(
+                    "the suspension was interrupted",
+                    e,
+                ))
             })
             .map(|()| true)
     }
@@ -242,7 +243,7 @@ impl Registry {
             .unwrap_or_else(|e| {
                 Err(DeleteError::Engine {
                     id: id.clone(),
-                    err: EngineError::new(format!("the deletion was interrupted: {e}")),
+                    err: EngineError::failed_with("the deletion was interrupted", e),
                 })
             })
     }

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use super::fake::{clock, id, registry, registry_on, FakeEngine};
 use super::*;
-use crate::branch::engine::{CopyMode, SnapshotError};
+use crate::branch::engine::CopyMode;
 use crate::branch::store::{RecordState, Store};
 use crate::config::{EngineConfig, InstanceConfig, SourceConfig};
+use crate::error::EngineError;
 use crate::error::ProvisionError;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -526,7 +527,7 @@ async fn a_snapshot_in_use_is_not_deleted() {
     assert_eq!(reg.view(&id("a")).unwrap().snapshot.as_deref(), Some("s2"));
     let err = reg.delete_snapshot(&shop, "s2").await.unwrap_err();
     assert!(
-        matches!(&err, SnapshotError::InUse { name, branches } if name == "s2" && branches == "a"),
+        matches!(&err, EngineError::SnapshotInUse { name, branches } if name == "s2" && branches == &["a"]),
         "{err}"
     );
     assert_eq!(
@@ -589,7 +590,7 @@ async fn a_snapshot_deletion_waits_for_a_creation_that_may_pick_it() {
     conn.await.unwrap().unwrap();
     // The creation took s2, so the deletion is refused.
     let err = deletion.await.unwrap().unwrap_err();
-    assert!(matches!(err, SnapshotError::InUse { .. }), "{err}");
+    assert!(matches!(err, EngineError::SnapshotInUse { .. }), "{err}");
     assert_eq!(engine.snapshot_deletes.load(Ordering::SeqCst), 0);
     assert!(engine.snapshots.lock().unwrap().contains("s2"));
 }
