@@ -326,3 +326,32 @@ async fn a_server_that_cannot_start_fails_clearly_and_leaves_nothing() {
     assert_eq!(std::fs::read_dir(&branches).unwrap().count(), 0);
     assert!(processes_in(&instance_storage(&proxy, "shop")).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_server_that_dies_is_started_again_by_the_next_connection() {
+    let Fixture { pg: _pg, proxy } = Fixture::start(Engine::Instance, "").await;
+    let c = proxy.connect("shop.k").await.unwrap();
+    c.batch_execute("INSERT INTO items VALUES (4, 'four')")
+        .await
+        .unwrap();
+    drop(c);
+    let data = branch_data(&proxy, "shop", "k");
+    let pid = postmaster_pid(&data).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(eventually(20, || processes_in(&data).is_empty()).await);
+    // Nothing has noticed yet.
+    assert_eq!(state(&proxy, "k"), "ready");
+    // The next connection finds the server gone and has it started again.
+    let c = proxy.connect("shop.k").await.unwrap();
+    assert_eq!(count(&c).await, 4);
+    assert_eq!(state(&proxy, "k"), "ready");
+    assert_ne!(postmaster_pid(&data).unwrap(), pid);
+    assert_eq!(
+        proxy.metric("offshoot_start_seconds_count{source=\"shop\"}"),
+        1.0
+    );
+}

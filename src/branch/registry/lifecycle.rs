@@ -193,6 +193,37 @@ impl Registry {
         result
     }
 
+    /// A connection could not reach the server of Ready branch `id`. If the server
+    /// is gone (killed, or crashed; the engine clears what it left), the branch
+    /// becomes Suspended, so the next connection starts it again instead of failing
+    /// until the branch is next suspended. Returns whether that happened.
+    pub async fn server_lost(self: &Arc<Self>, id: &BranchId) -> bool {
+        let Some(servers) = self
+            .sources
+            .get(&id.source)
+            .and_then(|s| s.engine.servers())
+        else {
+            return false;
+        };
+        let record = match self.lock().branches.get(id) {
+            Some(b) if b.phase() == super::Phase::Ready => b.record.clone(),
+            _ => return false,
+        };
+        match servers.running(&record).await {
+            Ok(false) => {}
+            Ok(true) => return false,
+            Err(e) => {
+                warn!(branch = %id, error = %e, "cannot tell whether the branch's server runs");
+                return false;
+            }
+        }
+        let lost = self.lock().branches.get_mut(id).is_some_and(|b| b.lost());
+        if lost {
+            warn!(branch = %id, "the branch's server is gone; the next connection starts it again");
+        }
+        lost
+    }
+
     /// Suspends every Ready branch with no connection (on shutdown), a few at once.
     pub async fn suspend_all(self: &Arc<Self>) {
         use futures_util::stream::{self, StreamExt};
