@@ -367,12 +367,18 @@ pub struct Bound {
     listener: TcpListener,
     guard: Arc<guard::Guard>,
     gate: Arc<crate::console::Gate>,
+    token_path: std::path::PathBuf,
 }
 
 impl Bound {
     /// The token check (bearer header or console session), for the console.
     pub fn gate(&self) -> Arc<crate::console::Gate> {
         self.gate.clone()
+    }
+
+    /// Where the token is, for the start-up banner.
+    pub fn token_path(&self) -> &std::path::Path {
+        &self.token_path
     }
 }
 
@@ -383,11 +389,9 @@ pub async fn bind(cfg: &crate::config::Config) -> anyhow::Result<Bound> {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || token::load_or_create(&cfg)).await??
     };
+    // `serve` repeats the path in its banner (text logs only: JSON logs stay one
+    // object per line).
     tracing::info!(path = %path.display(), "admin API token");
-    eprintln!(
-        "admin API token: {} (the offshoot CLI reads it from there)",
-        path.display()
-    );
     let addr = cfg.admin.listen;
     let listener = TcpListener::bind(addr)
         .await
@@ -399,6 +403,7 @@ pub async fn bind(cfg: &crate::config::Config) -> anyhow::Result<Bound> {
             Some(secret),
             cfg.admin.public_read,
         )),
+        token_path: path,
     })
 }
 

@@ -163,8 +163,10 @@ async fn serve(
 
     let tasks = CancellationToken::new();
     let mut handles = Vec::new();
+    let mut token_path = None;
     if cfg.admin.enabled {
         let admin = crate::admin::bind(cfg).await?;
+        token_path = Some(admin.token_path().to_owned());
         let history = Arc::new(crate::history::History::new(HISTORY_SAMPLES));
         handles.push(
             tokio::spawn(crate::console::record_history(
@@ -202,7 +204,7 @@ async fn serve(
     ));
     let accept = tokio::spawn(listener::run(proxy.clone(), listener, tasks.clone()));
     handles.push(tokio::spawn(reload_on_sighup(cfg.tls.clone(), proxy.clone())).abort_handle());
-    announce(cfg, embedded, banner);
+    announce(cfg, embedded, token_path.as_deref(), banner);
 
     shutdown.cancelled().await;
     info!("shutting down: no new connections");
@@ -293,23 +295,33 @@ fn client_addr(mut addr: std::net::SocketAddr) -> std::net::SocketAddr {
 }
 
 /// Tells a new user how to connect, where the console is and what to try.
-fn announce(cfg: &Config, embedded: Option<&Embedded>, banner: bool) {
-    let Some((name, _)) = cfg.sources.iter().next() else {
-        warn!("no sources configured: every connection will be refused");
-        return;
-    };
+fn announce(
+    cfg: &Config,
+    embedded: Option<&Embedded>,
+    token: Option<&std::path::Path>,
+    banner: bool,
+) {
     let user = embedded.map_or("postgres", |e| e.user.as_str());
     let sep = &cfg.proxy.separator;
     let addr = client_addr(cfg.proxy.listen);
-    let url = match cfg.proxy.route_by {
-        RouteBy::Database => format!("postgres://{user}@{addr}/{name}{sep}pr-42"),
-        RouteBy::User => format!("postgres://{user}{sep}pr-42@{addr}/{name}"),
-    };
+    let url = cfg
+        .sources
+        .keys()
+        .next()
+        .map(|name| match cfg.proxy.route_by {
+            RouteBy::Database => format!("postgres://{user}@{addr}/{name}{sep}pr-42"),
+            RouteBy::User => format!("postgres://{user}{sep}pr-42@{addr}/{name}"),
+        });
     let console = cfg
         .admin
         .enabled
         .then(|| format!("http://{}/", client_addr(cfg.admin.listen)));
-    info!(proxy = %addr, console = console.as_deref().unwrap_or("off"), "offshoot ready; try: psql \"{url}\"");
+    match &url {
+        Some(url) => {
+            info!(proxy = %addr, console = console.as_deref().unwrap_or("off"), "offshoot ready; try: psql \"{url}\"")
+        }
+        None => warn!("no sources configured: every connection will be refused"),
+    }
     if !banner {
         return;
     }
@@ -317,6 +329,16 @@ fn announce(cfg: &Config, embedded: Option<&Embedded>, banner: bool) {
     if let Some(console) = &console {
         text.push_str(&format!("  console:  {console}\n"));
     }
+    if let Some(path) = token {
+        text.push_str(&format!(
+            "  admin API token: {} (the console's login and the offshoot CLI read it from there)\n",
+            path.display()
+        ));
+    }
+    let Some(url) = url else {
+        eprint!("{text}");
+        return;
+    };
     text.push_str(&format!("Try:\n  psql \"{url}\"\n"));
     if cfg.admin.enabled {
         // The CLI's default admin address is the shipped one.
