@@ -127,3 +127,63 @@ async fn the_embedded_server_config_is_replaced_not_written_through() {
     assert_eq!(std::fs::read(&canary).unwrap(), b"precious");
     assert!(proxy.terminate());
 }
+
+/// (SQLSTATE, message) of a refused connection.
+async fn refusal(conn: &str) -> (String, String) {
+    match connect(conn).await {
+        Ok(_) => panic!("connected, but should have been refused: {conn}"),
+        Err(e) => (
+            sqlstate(&e),
+            e.as_db_error()
+                .map(|d| d.message().to_owned())
+                .unwrap_or_default(),
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn superusers_are_refused_where_the_source_says_so() {
+    // Under SCRAM: the right password of a superuser is not enough.
+    let pg = crate::auth::scram_server().await;
+    pg.direct("shop")
+        .await
+        .batch_execute("CREATE ROLE boss SUPERUSER LOGIN PASSWORD 'boss-secret'")
+        .await
+        .unwrap();
+    let Fixture { pg, proxy } =
+        Fixture::over(pg, Engine::Database, "[auth]\n", "allow_superuser = false");
+    let url = |user: &str, password: &str| {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname=shop.b1",
+            proxy.port
+        )
+    };
+    let (state, message) = refusal(&url("boss", "boss-secret")).await;
+    assert_eq!(state, "42501", "{message}");
+    assert!(message.contains("allow_superuser = false"), "{message}");
+    assert!(
+        clones(&pg).await.is_empty(),
+        "a refused superuser made a branch"
+    );
+    let c = connect(&url("app", "app-secret")).await.unwrap();
+    assert_eq!(count(&c).await, 3);
+    drop(c);
+    drop(proxy);
+
+    // Under trust, the role is read on the source's server before connecting.
+    let Fixture { pg, proxy } = Fixture::start(Engine::Database, "allow_superuser = false").await;
+    pg.direct("shop")
+        .await
+        .batch_execute("CREATE ROLE app LOGIN; GRANT SELECT ON items TO app")
+        .await
+        .unwrap();
+    let (state, message) = refusal(&proxy.url("shop.t1")).await;
+    assert_eq!(state, "42501", "{message}");
+    assert!(message.contains("superuser \"postgres\""), "{message}");
+    let c = connect(&proxy.url_as("app", "shop.t1")).await.unwrap();
+    assert_eq!(count(&c).await, 3);
+
+    // The default lets superusers in.
+    let Fixture { pg: _pg, proxy } = Fixture::start(Engine::Database, "").await;
+    proxy.connect("shop.t2").await.unwrap();
+}
