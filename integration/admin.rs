@@ -214,3 +214,64 @@ async fn the_cli_drives_the_api() {
     let (ok, out) = cli(&["delete", "shop.from-cli"]);
     assert!(!ok && out.contains("does not exist"), "{out}");
 }
+
+/// Runs `offshoot <args> --admin <proxy's admin address>`; returns success and stderr.
+fn cli(proxy: &ProxyProc, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_offshoot"))
+        .args(args)
+        .arg("--admin")
+        .arg(format!("127.0.0.1:{}", proxy.admin))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_written_for_people_in_the_cli_and_the_api() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    let proxy = ProxyProc::start(&source("shop", &pg, ""));
+
+    // An unknown source is named as typed, never as Rust debug text.
+    let (ok, err) = cli(&proxy, &["branch", "delete", "nope.x"]);
+    assert!(!ok);
+    assert!(err.contains(r#"source "nope" does not exist"#), "{err}");
+    assert!(err.contains("configured sources: shop"), "{err}");
+    assert!(!err.contains("SourceName"), "{err}");
+    let (status, body) = proxy.api("DELETE", "/api/v1/branches/nope/x", None);
+    assert_eq!(status, 404, "{body}");
+    assert!(!body.contains("SourceName"), "{body}");
+
+    // A branch in use: each interface names its own way to force.
+    let client = proxy.connect("shop.busy").await.unwrap();
+    let (status, body) = proxy.api("DELETE", "/api/v1/branches/shop/busy", None);
+    assert_eq!(status, 409, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["kind"], "conflict", "{body}");
+    assert!(
+        v["hint"].as_str().unwrap().contains("?force=true"),
+        "{body}"
+    );
+    let (ok, err) = cli(&proxy, &["branch", "delete", "shop.busy"]);
+    assert!(!ok);
+    assert!(err.contains("1 open connection(s)"), "{err}");
+    assert!(err.contains("use --force"), "{err}");
+    assert!(!err.contains("?force=true"), "{err}");
+
+    // A `database` source has no server per branch to stop.
+    let (status, body) = proxy.api("POST", "/api/v1/branches/shop/busy/suspend", None);
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("does not suspend branches"), "{body}");
+    assert!(body.contains(r#""kind":"unsupported""#), "{body}");
+    let (ok, err) = cli(&proxy, &["branch", "suspend", "shop.busy"]);
+    assert!(!ok);
+    assert!(err.contains("does not suspend branches"), "{err}");
+    assert!(!err.contains("instance source can be suspended"), "{err}");
+
+    let (ok, err) = cli(&proxy, &["branch", "delete", "shop.busy", "--force"]);
+    assert!(ok, "{err}");
+    drop(client);
+}

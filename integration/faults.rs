@@ -649,8 +649,7 @@ async fn no_room_for_the_clones_files_fails_with_53100_and_leaves_nothing() {
         assert_eq!(d.disk.inodes_used(), inodes, "no files left");
     }
     assert_eq!(
-        d.proxy
-            .metric("offshoot_errors_total{kind=\"provision_failed\"}"),
+        d.proxy.metric("offshoot_errors_total{kind=\"disk_full\"}"),
         2.0
     );
 
@@ -681,6 +680,8 @@ async fn a_disk_full_mid_copy_reports_the_servers_error_and_leaves_no_branch() {
         return;
     };
     let server_log = d.pg.cluster.data.with_extension("log");
+    let used = tablespace_size(&d.admin).await;
+    let inodes = d.disk.inodes_used();
 
     for attempt in 0..2 {
         let err = d
@@ -693,27 +694,26 @@ async fn a_disk_full_mid_copy_reports_the_servers_error_and_leaves_no_branch() {
         let reason = msg
             .strip_prefix("could not create branch shop/full: ")
             .unwrap_or_else(|| panic!("attempt {attempt}: names the branch: {msg}"));
-        // The client gets the server's own error, SQLSTATE and words, whatever it is.
-        // Expected is 53100 ("could not extend file ...: No space left on device");
-        // PostgreSQL 15's WAL_LOG copy instead fails its own clean-up with XX000
-        // "buffer is pinned in InvalidateBuffer" (and leaves the copied files behind).
+        // The client gets the server's own error, SQLSTATE and words: disk full.
         let log = std::fs::read_to_string(&server_log).unwrap();
         assert!(
             log.contains(&format!("ERROR:  {reason}")),
             "attempt {attempt}: {reason:?} is not what the server said:\n{log}"
         );
+        assert_eq!(db.code().code(), "53100", "attempt {attempt}: {err}");
         assert!(
-            matches!(db.code().code(), "53100" | "XX000"),
-            "attempt {attempt}: {err}"
+            reason.contains("No space left on device") || reason.contains("wrote only"),
+            "{reason}"
         );
-        if db.code().code() == "53100" {
-            assert!(
-                reason.contains("No space left on device") || reason.contains("wrote only"),
-                "{reason}"
-            );
-        }
         assert_nothing_left(&d).await;
+        // Nothing of the failed copy stays on the disk.
+        assert_eq!(tablespace_size(&d.admin).await, used, "no files left");
+        assert_eq!(d.disk.inodes_used(), inodes, "no files left");
     }
+    assert_eq!(
+        d.proxy.metric("offshoot_errors_total{kind=\"disk_full\"}"),
+        2.0
+    );
 }
 
 // ---------------------------------------------------------------------------------

@@ -262,8 +262,9 @@ async fn snapshots_are_chosen_and_cannot_be_deleted_while_used() {
     assert_eq!(branch(&proxy.branches(), "new")["snapshot"], new.as_str());
     let body = r#"{"source":"shop","branch":"x","snapshot":"20000101T000000Z"}"#;
     let (status, text) = proxy.api("POST", "/api/v1/branches", Some(body));
-    assert_eq!(status, 502, "{text}");
+    assert_eq!(status, 404, "{text}");
     assert!(text.contains("does not exist"), "{text}");
+    assert!(text.contains(r#""kind":"not_found""#), "{text}");
 
     let path = format!("/api/v1/sources/shop/snapshots/{old}");
     let (status, text) = proxy.api("DELETE", &path, None);
@@ -322,4 +323,33 @@ async fn a_server_that_cannot_start_fails_clearly_and_leaves_nothing() {
     let branches = instance_storage(&proxy, "shop").join("branches");
     assert_eq!(std::fs::read_dir(&branches).unwrap().count(), 0);
     assert!(processes_in(&instance_storage(&proxy, "shop")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_server_that_dies_is_started_again_by_the_next_connection() {
+    let Fixture { pg: _pg, proxy } = Fixture::start(Engine::Instance, "").await;
+    let c = proxy.connect("shop.k").await.unwrap();
+    c.batch_execute("INSERT INTO items VALUES (4, 'four')")
+        .await
+        .unwrap();
+    drop(c);
+    let data = branch_data(&proxy, "shop", "k");
+    let pid = postmaster_pid(&data).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(eventually(20, || processes_in(&data).is_empty()).await);
+    // Nothing has noticed yet.
+    assert_eq!(state(&proxy, "k"), "ready");
+    // The next connection finds the server gone and has it started again.
+    let c = proxy.connect("shop.k").await.unwrap();
+    assert_eq!(count(&c).await, 4);
+    assert_eq!(state(&proxy, "k"), "ready");
+    assert_ne!(postmaster_pid(&data).unwrap(), pid);
+    assert_eq!(
+        proxy.metric("offshoot_start_seconds_count{source=\"shop\"}"),
+        1.0
+    );
 }

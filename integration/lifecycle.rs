@@ -205,8 +205,10 @@ async fn kill_9_and_restart_keeps_every_branch() {
 async fn interrupted_creation_is_settled_on_restart() {
     let Fixture { pg, mut proxy } = Fixture::start(Engine::Database, "").await;
     proxy.kill9();
-    // A crash right after CREATE DATABASE: the clone exists, unmarked, and its record
-    // still says `provisioning`. Another crash came before anything was made.
+    // A `provisioning` record with an unmarked database under its clone's name, which
+    // someone else made (a crash of the proxy's own creation in that window is in
+    // faults.rs): nothing proves the proxy made it. Another crash came before
+    // anything was made.
     let c = pg.direct("postgres").await;
     c.batch_execute("CREATE DATABASE \"shop__half\" TEMPLATE shop")
         .await
@@ -232,8 +234,40 @@ async fn interrupted_creation_is_settled_on_restart() {
         .unwrap();
 
     proxy.kill9_and_restart();
-    assert_eq!(proxy.branch_names(), vec!["half"]);
+    // Neither is adopted; both records are settled; the database is left alone,
+    // unmarked, and reported.
+    assert!(proxy.branch_names().is_empty(), "{}", proxy.branches());
     assert!(!dir.join("never.json").exists());
+    assert!(!dir.join("half.json").exists());
+    assert!(pg.databases().await.contains(&"shop__half".to_string()));
+    let comment: Option<String> = c
+        .query_one(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database \
+             WHERE datname = 'shop__half'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(comment, None, "never marked as the proxy's");
+    let (_, orphans) = proxy.api("GET", "/api/v1/orphans", None);
+    let orphans: serde_json::Value = serde_json::from_str(&orphans).unwrap();
+    let locations: Vec<&str> = orphans
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["location"].as_str())
+        .collect();
+    assert!(locations.contains(&"shop__half"), "{orphans}");
+    // Its name stays refused, in words that say why, until a person settles it.
+    let err = proxy.connect("shop.half").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "55000", "{err}");
+    let msg = err.as_db_error().unwrap().message().to_owned();
+    assert!(msg.contains("did not make it"), "{msg}");
+    assert!(pg.databases().await.contains(&"shop__half".to_string()));
+    c.batch_execute("DROP DATABASE \"shop__half\"")
+        .await
+        .unwrap();
     let s = proxy.connect("shop.half").await.unwrap();
     s.simple_query("SELECT 1").await.unwrap();
     drop(s);
@@ -246,7 +280,8 @@ async fn interrupted_creation_is_settled_on_restart() {
     .unwrap();
     proxy.kill9_and_restart();
     let (status, body) = proxy.api("DELETE", "/api/v1/branches/shop/foreign?force=true", None);
-    assert_eq!(status, 502, "{body}");
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains(r#""kind":"conflict""#), "{body}");
     assert!(body.contains("marker"), "{body}");
     assert!(pg.databases().await.contains(&"shop__foreign".to_string()));
     let (status, _) = proxy.api("DELETE", "/api/v1/branches/shop/half", None);

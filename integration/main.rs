@@ -6,6 +6,7 @@ mod harness;
 mod admin;
 mod auth;
 mod config;
+mod crash;
 mod embedded;
 mod faults;
 mod instance;

@@ -35,6 +35,7 @@ async fn database_branches_clone_a_snapshot_not_the_live_source() {
     // ... but a new snapshot needs the source to itself.
     let (status, body) = take(&proxy);
     assert_eq!(status, 502, "{body}");
+    assert_eq!(body["kind"], "server_error", "{body}");
     assert!(body.to_string().contains("being accessed"), "{body}");
     drop(holder);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -62,4 +63,43 @@ async fn database_branches_clone_a_snapshot_not_the_live_source() {
     let snaps: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(snaps.as_array().unwrap().len(), 1);
     assert_eq!(snaps[0]["name"], new.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_marker_written_by_another_role_poisons_no_clone() {
+    let mut f = Fixture::start(Engine::Database, "").await;
+    // A role that may create databases can comment on its own: it writes the
+    // proxy's snapshot marker on one database with a free name, and on one named
+    // exactly by the snapshot rule. Neither holds the source's data.
+    let admin = f.pg.direct("postgres").await;
+    for sql in [
+        "CREATE ROLE mallory LOGIN CREATEDB",
+        "SET ROLE mallory",
+        "CREATE DATABASE evil",
+        "COMMENT ON DATABASE evil IS 'offshoot-snapshot:shop/29990101T000000Z'",
+        "CREATE DATABASE \"shop@29990101T000001Z\"",
+        "COMMENT ON DATABASE \"shop@29990101T000001Z\" \
+         IS 'offshoot-snapshot:shop/29990101T000001Z'",
+        "RESET ROLE",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    f.proxy.kill9_and_restart();
+
+    let (status, body) = f.proxy.api("GET", "/api/v1/sources/shop/snapshots", None);
+    assert_eq!((status, body.as_str()), (200, "[]"));
+    // Branches still clone the live source.
+    assert_eq!(count(&f.proxy.connect("shop.a").await.unwrap()).await, 3);
+    // Asked for by name, such a "snapshot" does not exist.
+    let body = r#"{"source":"shop","branch":"b","snapshot":"29990101T000001Z"}"#;
+    let (status, text) = f.proxy.api("POST", "/api/v1/branches", Some(body));
+    assert_eq!(status, 404, "{text}");
+    // Both are reported, and left alone.
+    let (_, orphans) = f.proxy.api("GET", "/api/v1/orphans", None);
+    assert!(orphans.contains("\"evil\""), "{orphans}");
+    assert!(orphans.contains("shop@29990101T000001Z"), "{orphans}");
+    let dbs = f.pg.databases().await;
+    assert!(
+        dbs.contains(&"evil".to_string()) && dbs.contains(&"shop@29990101T000001Z".to_string())
+    );
 }

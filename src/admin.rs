@@ -16,10 +16,10 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
-use crate::branch::engine::SnapshotError;
 use crate::branch::{CreateOptions, DeleteError, Registry, RemoveReason, Source};
-use crate::error::ProvisionError;
+use crate::error::{mapping, EngineError, ErrorKind, ProvisionError};
 use crate::metrics::Metrics;
 use crate::names::{BranchId, BranchName, NameError, SourceName};
 
@@ -30,57 +30,118 @@ struct AppState {
     provision_timeout: Duration,
 }
 
-/// An API error: status and a JSON body `{"error": "..."}`.
-struct ApiError(StatusCode, String);
+/// An API error: status and a JSON body `{"error": "...", "kind": "...", "hint":
+/// "..."}`. The message is the client's (never a path or an OS error); the log has
+/// the detail.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    /// The metric label of the failure's kind, for scripts.
+    kind: Option<ErrorKind>,
+    /// What to do about it, when there is something to do.
+    hint: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind: None,
+            hint: None,
+        }
+    }
+
+    /// An error of `kind`, answered with the status the one mapping gives it.
+    fn of_kind(kind: ErrorKind, message: impl Into<String>) -> Self {
+        let status =
+            StatusCode::from_u16(mapping(kind).status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Self {
+            status,
+            message: message.into(),
+            kind: Some(kind),
+            hint: None,
+        }
+    }
+
+    fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let mut body = json!({ "error": self.message });
+        if let Some(kind) = self.kind {
+            body["kind"] = kind.as_str().into();
+        }
+        if let Some(hint) = self.hint {
+            body["hint"] = hint.into();
+        }
+        (self.status, Json(body)).into_response()
     }
 }
 
 impl From<NameError> for ApiError {
     fn from(e: NameError) -> Self {
-        ApiError(StatusCode::BAD_REQUEST, e.to_string())
+        ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
     }
 }
 
 impl From<ProvisionError> for ApiError {
     fn from(e: ProvisionError) -> Self {
-        let status = match &e {
-            ProvisionError::Quota { .. } | ProvisionError::RoleQuota { .. } => StatusCode::CONFLICT,
-            ProvisionError::CreateForbidden { .. } => StatusCode::FORBIDDEN,
-            ProvisionError::Timeout(_) => StatusCode::ACCEPTED,
-            ProvisionError::Deleting(_) => StatusCode::CONFLICT,
-            ProvisionError::Engine { .. } | ProvisionError::Start { .. } => StatusCode::BAD_GATEWAY,
-            ProvisionError::Conflict(_) => StatusCode::CONFLICT,
-            ProvisionError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        ApiError(status, e.to_string())
+        ApiError::of_kind(e.kind(), e.client_message())
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        warn!(error = %e, "admin API request failed");
+        ApiError::of_kind(e.kind(), e.client_message())
     }
 }
 
 impl From<DeleteError> for ApiError {
     fn from(e: DeleteError) -> Self {
-        let status = match &e {
-            DeleteError::NotFound(_) => StatusCode::NOT_FOUND,
-            DeleteError::InUse { .. } | DeleteError::Busy(_) => StatusCode::CONFLICT,
-            DeleteError::Engine { .. } => StatusCode::BAD_GATEWAY,
-        };
-        ApiError(status, e.to_string())
+        match e {
+            DeleteError::NotFound(id) => {
+                ApiError::of_kind(ErrorKind::NotFound, format!("branch {id} does not exist"))
+            }
+            DeleteError::InUse { id, conns } => ApiError::of_kind(
+                ErrorKind::Conflict,
+                format!("branch {id} has {conns} open connection(s)"),
+            )
+            .hint("delete with ?force=true to terminate them"),
+            DeleteError::Busy(id) => ApiError::of_kind(
+                ErrorKind::Busy,
+                format!("branch {id} is being created, started, suspended or deleted; try again"),
+            ),
+            DeleteError::Engine { id, err } => {
+                warn!(branch = %id, error = %err, "deletion failed");
+                ApiError::of_kind(
+                    err.kind(),
+                    format!("could not delete branch {id}: {}", err.client_message()),
+                )
+            }
+        }
     }
+}
+
+fn unknown_source(state: &AppState, source: &str) -> ApiError {
+    ApiError::of_kind(
+        ErrorKind::NotFound,
+        format!(
+            "source \"{source}\" does not exist; configured sources: {}",
+            state.registry.source_names().join(", ")
+        ),
+    )
 }
 
 fn branch_id(state: &AppState, source: &str, branch: &str) -> Result<BranchId, ApiError> {
     let source = SourceName::new(source)?;
     if state.registry.source(source.as_str()).is_none() {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!(
-                "source {source:?} does not exist; configured sources: {}",
-                state.registry.source_names().join(", ")
-            ),
-        ));
+        return Err(unknown_source(state, source.as_str()));
     }
     Ok(BranchId {
         source,
@@ -115,10 +176,9 @@ async fn show(
     Path((source, branch)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = branch_id(&s, &source, &branch)?;
-    s.registry
-        .view(&id)
-        .map(Json)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("branch {id} does not exist")))
+    s.registry.view(&id).map(Json).ok_or_else(|| {
+        ApiError::of_kind(ErrorKind::NotFound, format!("branch {id} does not exist"))
+    })
 }
 
 #[derive(Deserialize)]
@@ -137,7 +197,7 @@ async fn create(
     State(s): State<AppState>,
     body: Result<Json<CreateBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Json(body) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let id = branch_id(&s, &body.source, &body.branch)?;
     let opts = CreateOptions {
         persistent: body.persistent,
@@ -174,21 +234,27 @@ async fn suspend(
     Path((source, branch)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = branch_id(&s, &source, &branch)?;
-    let suspended = s
-        .registry
-        .suspend(&id)
-        .await
-        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
-    let view = s
-        .registry
-        .view(&id)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("branch {id} does not exist")))?;
-    if !suspended && view.state != crate::branch::Phase::Suspended {
-        return Err(ApiError(
-            StatusCode::CONFLICT,
+    let src = source_of(&s, &source)?;
+    if src.engine.servers().is_none() {
+        return Err(ApiError::of_kind(
+            ErrorKind::Unsupported,
             format!(
-                "branch {id} is {} with {} connection(s); only an unused ready branch of an \
-                 `instance` source can be suspended",
+                "the engine of source {} does not suspend branches: its clones live on \
+                 the source's own server, with no server of their own to stop",
+                src.name
+            ),
+        ));
+    }
+    let suspended = s.registry.suspend(&id).await?;
+    let view = s.registry.view(&id).ok_or_else(|| {
+        ApiError::of_kind(ErrorKind::NotFound, format!("branch {id} does not exist"))
+    })?;
+    if !suspended && view.state != crate::branch::Phase::Suspended {
+        return Err(ApiError::of_kind(
+            ErrorKind::Conflict,
+            format!(
+                "branch {id} is {} with {} connection(s); only a ready branch nobody is \
+                 connected to can be suspended",
                 view.state.as_str(),
                 view.connections
             ),
@@ -197,29 +263,12 @@ async fn suspend(
     Ok(Json(view))
 }
 
-impl From<SnapshotError> for ApiError {
-    fn from(e: SnapshotError) -> Self {
-        let status = match &e {
-            SnapshotError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
-            SnapshotError::NotFound(_) => StatusCode::NOT_FOUND,
-            SnapshotError::InUse { .. } => StatusCode::CONFLICT,
-            SnapshotError::Engine(_) => StatusCode::BAD_GATEWAY,
-        };
-        ApiError(status, e.to_string())
-    }
-}
-
 fn source_of<'a>(state: &'a AppState, source: &str) -> Result<&'a Source, ApiError> {
     let name = SourceName::new(source)?;
-    state.registry.source(name.as_str()).ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!(
-                "source {source:?} does not exist; configured sources: {}",
-                state.registry.source_names().join(", ")
-            ),
-        )
-    })
+    state
+        .registry
+        .source(name.as_str())
+        .ok_or_else(|| unknown_source(state, source))
 }
 
 async fn list_snapshots(

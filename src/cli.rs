@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde_json::Value;
 
 /// Sends one request; returns the status and the body.
@@ -60,6 +60,28 @@ fn dechunk(mut rest: &str) -> Result<String> {
     }
 }
 
+/// A refusal from the admin API, in the words it gave.
+#[derive(Debug)]
+pub struct ApiRefusal {
+    pub status: u16,
+    pub message: String,
+    /// The kind of failure (`not_found`, `conflict`, ...), when the API named one.
+    pub kind: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for ApiRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.message)?;
+        if let Some(hint) = &self.hint {
+            write!(f, "; {hint}")?;
+        }
+        write!(f, " (HTTP {})", self.status)
+    }
+}
+
+impl std::error::Error for ApiRefusal {}
+
 fn api(admin: &str, method: &str, path: &str, body: Option<&str>) -> Result<Value> {
     let (status, text) = request(admin, method, path, body)?;
     let value: Value = if text.trim().is_empty() {
@@ -68,8 +90,14 @@ fn api(admin: &str, method: &str, path: &str, body: Option<&str>) -> Result<Valu
         serde_json::from_str(&text).with_context(|| format!("unexpected answer: {text}"))?
     };
     if !(200..300).contains(&status) {
-        let msg = value["error"].as_str().unwrap_or(text.as_str());
-        bail!("{msg} (HTTP {status})");
+        let field = |k: &str| value[k].as_str().map(str::to_owned);
+        return Err(ApiRefusal {
+            status,
+            message: field("error").unwrap_or(text),
+            kind: field("kind"),
+            hint: field("hint"),
+        }
+        .into());
     }
     Ok(value)
 }
@@ -190,7 +218,26 @@ pub fn delete(admin: &str, source: &str, branch: &str, force: bool) -> Result<()
         "/api/v1/branches/{source}/{branch}{}",
         if force { "?force=true" } else { "" }
     );
-    api(admin, "DELETE", &path, None)?;
+    match api(admin, "DELETE", &path, None) {
+        Ok(_) => {}
+        // The API's hint names its query parameter; here the flag is --force.
+        Err(e) => {
+            return Err(match e.downcast::<ApiRefusal>() {
+                Ok(r)
+                    if r.status == 409
+                        && r.hint.as_deref().is_some_and(|h| h.contains("force")) =>
+                {
+                    anyhow!(
+                        "{} (HTTP {}); use --force to terminate them",
+                        r.message,
+                        r.status
+                    )
+                }
+                Ok(r) => r.into(),
+                Err(e) => e,
+            })
+        }
+    }
     println!("{source}.{branch} deleted");
     Ok(())
 }

@@ -6,6 +6,8 @@
 //! words. Internal details (paths, OS errors of the proxy's own machinery) are
 //! logged where the error is handled, not sent.
 
+use std::sync::Arc;
+
 use bytes::BytesMut;
 use pgwire::error::ErrorInfo;
 use pgwire::messages::response::ErrorResponse;
@@ -13,40 +15,181 @@ use pgwire::messages::Message;
 
 use crate::names::{BranchId, NameError};
 
-/// A failure reported by a clone engine, with the server's SQLSTATE when it had one.
+/// A failure reported by a clone engine, by kind.
+///
+/// Two audiences, two methods: `Display` is the full text for the log (paths, OS
+/// errors, tool output); [`EngineError::client_message`] is what a client or the API
+/// may be told, and never holds a path or an OS error text.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct EngineError {
-    /// SQLSTATE from the database server, if the failure came from one.
-    pub code: Option<String>,
-    pub message: String,
+pub enum EngineError {
+    /// What the request names does not exist (a snapshot, the source database).
+    #[error("{0}")]
+    NotFound(String),
+    /// What exists is in the way (a snapshot in use, a clone without a record, a
+    /// directory that is not the proxy's). `detail` (for the log) may name paths.
+    #[error("{message}{}", detail_suffix(.detail))]
+    Conflict {
+        message: String,
+        detail: Option<String>,
+    },
+    /// A snapshot still has branches made from it.
+    #[error("snapshot {name} is used by branch(es) {}; delete them first", .branches.join(", "))]
+    SnapshotInUse { name: String, branches: Vec<String> },
+    /// The database server refused a statement: its SQLSTATE and its words.
+    #[error("{message}")]
+    Sql { code: String, message: String },
+    /// The database server could not be reached; `detail` holds the cause chain.
+    #[error("database server unreachable: {detail}")]
+    Unreachable { detail: String },
+    /// The proxy's own storage failed while `doing` something.
+    #[error("{doing}: {source}")]
+    Io {
+        doing: String,
+        source: Arc<std::io::Error>,
+    },
+    /// No space (or no inode) left on the proxy's storage while `doing` something.
+    #[error("{doing}: {source}")]
+    DiskFull {
+        doing: String,
+        source: Arc<std::io::Error>,
+    },
+    /// A server did not start; `fatal` is the telling line of its log.
+    #[error("{fatal}")]
+    StartFailed { fatal: String },
+    /// This source's engine does not do that.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Any other failure of the proxy's machinery (a tool that failed, a task that
+    /// died): `message` is for people, `detail` for the log.
+    #[error("{message}{}", detail_suffix(.detail))]
+    Failed {
+        message: String,
+        detail: Option<String>,
+    },
+}
+
+fn detail_suffix(detail: &Option<String>) -> String {
+    detail
+        .as_ref()
+        .map(|d| format!(" ({d})"))
+        .unwrap_or_default()
 }
 
 impl EngineError {
-    pub fn new(message: impl Into<String>) -> Self {
-        Self {
-            code: None,
+    /// A failure of the proxy's own machinery with nothing more to tell the log.
+    pub fn failed(message: impl Into<String>) -> Self {
+        EngineError::Failed {
             message: message.into(),
+            detail: None,
         }
     }
+
+    /// A failure of the proxy's own machinery: `message` for people, `detail` (paths,
+    /// tool output) for the log only.
+    pub fn failed_with(message: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        EngineError::Failed {
+            message: message.into(),
+            detail: Some(detail.to_string()),
+        }
+    }
+
+    pub fn conflict(message: impl Into<String>, detail: Option<String>) -> Self {
+        EngineError::Conflict {
+            message: message.into(),
+            detail,
+        }
+    }
+
+    /// An I/O error while `doing` something; a full disk is its own kind.
+    pub fn io(doing: impl Into<String>, e: std::io::Error) -> Self {
+        let doing = doing.into();
+        if is_disk_full(&e) {
+            EngineError::DiskFull {
+                doing,
+                source: Arc::new(e),
+            }
+        } else {
+            EngineError::Io {
+                doing,
+                source: Arc::new(e),
+            }
+        }
+    }
+
+    /// The kind: the metric label and the key of [`mapping`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            EngineError::NotFound(_) => ErrorKind::NotFound,
+            EngineError::Conflict { .. } | EngineError::SnapshotInUse { .. } => ErrorKind::Conflict,
+            EngineError::Sql { code, .. } if code == DISK_FULL => ErrorKind::DiskFull,
+            EngineError::Sql { .. } => ErrorKind::ServerError,
+            EngineError::Unreachable { .. } => ErrorKind::Unreachable,
+            EngineError::Io { .. } => ErrorKind::Storage,
+            EngineError::DiskFull { .. } => ErrorKind::DiskFull,
+            EngineError::StartFailed { .. } => ErrorKind::ServerStart,
+            EngineError::Unsupported(_) => ErrorKind::Unsupported,
+            EngineError::Failed { .. } => ErrorKind::ProvisionFailed,
+        }
+    }
+
+    /// The SQLSTATE a client sees: the server's own for a refused statement, else
+    /// the one of the kind.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            EngineError::Sql { code, .. } => code,
+            _ => mapping(self.kind()).sqlstate,
+        }
+    }
+
+    /// What a client (or the API) may be told: no path, no OS error text.
+    pub fn client_message(&self) -> String {
+        match self {
+            EngineError::NotFound(m) | EngineError::Unsupported(m) => m.clone(),
+            EngineError::Conflict { message, .. } | EngineError::Failed { message, .. } => {
+                message.clone()
+            }
+            EngineError::Sql { message, .. } => message.clone(),
+            EngineError::SnapshotInUse { .. } => self.to_string(),
+            EngineError::Unreachable { .. } => {
+                "the source's database server cannot be reached right now".into()
+            }
+            EngineError::Io { doing, .. } => {
+                format!("{doing}: an I/O error on the proxy's storage")
+            }
+            EngineError::DiskFull { doing, .. } => {
+                format!("{doing}: No space left on device (the proxy's storage is full)")
+            }
+            EngineError::StartFailed { fatal } => format!("its server did not start: {fatal}"),
+        }
+    }
+}
+
+/// SQLSTATE 53100, `disk_full`.
+const DISK_FULL: &str = "53100";
+
+/// Whether an I/O error means the filesystem is out of space or inodes.
+fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32)
+        || e.raw_os_error() == Some(nix::errno::Errno::EDQUOT as i32)
 }
 
 impl From<tokio_postgres::Error> for EngineError {
     fn from(e: tokio_postgres::Error) -> Self {
         match e.as_db_error() {
-            Some(db) => Self {
-                code: Some(db.code().code().to_owned()),
+            Some(db) => EngineError::Sql {
+                code: db.code().code().to_owned(),
                 message: db.message().to_owned(),
             },
             None => {
                 // The cause (refused, TLS certificate, timeout) is in the source chain.
-                let mut message = format!("database server unreachable: {e}");
+                let mut detail = e.to_string();
                 let mut cause = std::error::Error::source(&e);
                 while let Some(c) = cause {
-                    message.push_str(&format!(": {c}"));
+                    detail.push_str(&format!(": {c}"));
                     cause = c.source();
                 }
-                Self::new(message)
+                EngineError::Unreachable { detail }
             }
         }
     }
@@ -54,7 +197,7 @@ impl From<tokio_postgres::Error> for EngineError {
 
 impl From<std::io::Error> for EngineError {
     fn from(e: std::io::Error) -> Self {
-        Self::new(e.to_string())
+        EngineError::io("working in the engine's storage", e)
     }
 }
 
@@ -137,20 +280,77 @@ pub enum RouteError {
     BadName(#[from] NameError),
 }
 
-/// Label values of `offshoot_errors_total`.
+/// Label values of `offshoot_errors_total`, and the key of [`mapping`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     Protocol,
     Routing,
     Quota,
     ProvisionTimeout,
-    ProvisionFailed,
+    /// The branch is being created, started, suspended or deleted.
+    Busy,
     Backend,
     TooManyConnections,
     TlsRequired,
     ShuttingDown,
     AuthFailed,
     Forbidden,
+    /// A snapshot, source database or branch that does not exist.
+    NotFound,
+    /// Something in the way: a snapshot in use, open connections, a clone that is
+    /// not the proxy's.
+    Conflict,
+    /// The database server refused a statement (its own SQLSTATE is sent).
+    ServerError,
+    /// The database server could not be reached.
+    Unreachable,
+    /// The proxy's storage failed.
+    Storage,
+    /// No space left, on the server or on the proxy's storage.
+    DiskFull,
+    /// A branch's server did not start.
+    ServerStart,
+    /// The source's engine does not do that.
+    Unsupported,
+    /// Any other failure to make a branch.
+    ProvisionFailed,
+}
+
+/// What one kind of failure is to a client and to the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    /// The SQLSTATE a client sees (a refused statement sends the server's own).
+    pub sqlstate: &'static str,
+    /// The HTTP status the admin API answers with.
+    pub status: u16,
+}
+
+/// The one table from a kind of failure to the SQLSTATE a client sees and the HTTP
+/// status the API answers; [`ErrorKind::as_str`] is its metric label.
+pub const fn mapping(kind: ErrorKind) -> Mapping {
+    let (sqlstate, status) = match kind {
+        ErrorKind::Protocol => ("08P01", 400),
+        ErrorKind::Routing => ("3D000", 404),
+        ErrorKind::Quota => ("53400", 409),
+        ErrorKind::ProvisionTimeout => ("57P03", 202),
+        ErrorKind::Busy => ("57P03", 409),
+        ErrorKind::Backend => ("08006", 502),
+        ErrorKind::TooManyConnections => ("53300", 503),
+        ErrorKind::TlsRequired => ("28000", 400),
+        ErrorKind::ShuttingDown => ("57P01", 503),
+        ErrorKind::AuthFailed => ("28P01", 401),
+        ErrorKind::Forbidden => ("42501", 403),
+        ErrorKind::NotFound => ("3D000", 404),
+        ErrorKind::Conflict => ("55000", 409),
+        ErrorKind::ServerError => ("XX000", 502),
+        ErrorKind::Unreachable => ("08006", 502),
+        ErrorKind::Storage => ("58030", 500),
+        ErrorKind::DiskFull => ("53100", 507),
+        ErrorKind::ServerStart => ("58000", 502),
+        ErrorKind::Unsupported => ("0A000", 409),
+        ErrorKind::ProvisionFailed => ("58000", 500),
+    };
+    Mapping { sqlstate, status }
 }
 
 impl ErrorKind {
@@ -160,13 +360,67 @@ impl ErrorKind {
             ErrorKind::Routing => "routing",
             ErrorKind::Quota => "quota",
             ErrorKind::ProvisionTimeout => "provision_timeout",
-            ErrorKind::ProvisionFailed => "provision_failed",
+            ErrorKind::Busy => "busy",
             ErrorKind::Backend => "backend",
             ErrorKind::TooManyConnections => "too_many_connections",
             ErrorKind::TlsRequired => "tls_required",
             ErrorKind::ShuttingDown => "shutting_down",
             ErrorKind::AuthFailed => "auth_failed",
             ErrorKind::Forbidden => "forbidden",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::ServerError => "server_error",
+            ErrorKind::Unreachable => "unreachable",
+            ErrorKind::Storage => "storage",
+            ErrorKind::DiskFull => "disk_full",
+            ErrorKind::ServerStart => "server_start",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::ProvisionFailed => "provision_failed",
+        }
+    }
+}
+
+impl ProvisionError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ProvisionError::Quota { .. } | ProvisionError::RoleQuota { .. } => ErrorKind::Quota,
+            ProvisionError::CreateForbidden { .. } => ErrorKind::Forbidden,
+            ProvisionError::Timeout(_) => ErrorKind::ProvisionTimeout,
+            ProvisionError::Deleting(_) => ErrorKind::Busy,
+            ProvisionError::Engine { err, .. } | ProvisionError::Start { err, .. } => err.kind(),
+            ProvisionError::Conflict(_) => ErrorKind::Conflict,
+            ProvisionError::ShuttingDown => ErrorKind::ShuttingDown,
+        }
+    }
+
+    /// The SQLSTATE a client sees.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            ProvisionError::Engine { err, .. } | ProvisionError::Start { err, .. } => {
+                err.sqlstate()
+            }
+            _ => mapping(self.kind()).sqlstate,
+        }
+    }
+
+    /// The HTTP status the API answers with.
+    pub fn status(&self) -> u16 {
+        mapping(self.kind()).status
+    }
+
+    /// What a client may be told (the log gets `Display`).
+    pub fn client_message(&self) -> String {
+        match self {
+            ProvisionError::Engine { id, err } => {
+                format!("could not create branch {id}: {}", err.client_message())
+            }
+            ProvisionError::Start { id, err } => {
+                format!(
+                    "could not start the server of branch {id}: {}",
+                    err.client_message()
+                )
+            }
+            other => other.to_string(),
         }
     }
 }
@@ -178,16 +432,7 @@ impl ClientError {
                 ErrorKind::Protocol
             }
             ClientError::Route(_) => ErrorKind::Routing,
-            ClientError::Provision(p) => match p {
-                ProvisionError::Quota { .. } | ProvisionError::RoleQuota { .. } => ErrorKind::Quota,
-                ProvisionError::CreateForbidden { .. } => ErrorKind::Forbidden,
-                ProvisionError::Timeout(_) => ErrorKind::ProvisionTimeout,
-                ProvisionError::Engine { .. }
-                | ProvisionError::Start { .. }
-                | ProvisionError::Conflict(_)
-                | ProvisionError::Deleting(_) => ErrorKind::ProvisionFailed,
-                ProvisionError::ShuttingDown => ErrorKind::ShuttingDown,
-            },
+            ClientError::Provision(p) => p.kind(),
             ClientError::Backend { .. } => ErrorKind::Backend,
             ClientError::TooManyConnections | ClientError::TooManyUnauthenticated => {
                 ErrorKind::TooManyConnections
@@ -209,18 +454,7 @@ impl ClientError {
             ClientError::UnsupportedProtocol { .. } => "0A000",
             ClientError::Route(RouteError::NoUser) => "28000",
             ClientError::Route(_) => "3D000",
-            ClientError::Provision(p) => match p {
-                ProvisionError::Quota { .. } | ProvisionError::RoleQuota { .. } => "53400",
-                ProvisionError::CreateForbidden { .. } => "42501",
-                ProvisionError::Timeout(_) | ProvisionError::Deleting(_) => "57P03",
-                // The server's own code says what went wrong (55006 template busy,
-                // 53100 disk full, 42501 permission); otherwise a system error.
-                ProvisionError::Engine { err, .. } | ProvisionError::Start { err, .. } => {
-                    err.code.as_deref().unwrap_or("58000")
-                }
-                ProvisionError::Conflict(_) => "55000",
-                ProvisionError::ShuttingDown => "57P01",
-            },
+            ClientError::Provision(p) => p.sqlstate(),
             ClientError::Backend { .. } => "08006",
             ClientError::TooManyConnections | ClientError::TooManyUnauthenticated => "53300",
             ClientError::TlsRequired => "28000",
@@ -244,9 +478,22 @@ impl ClientError {
         }
     }
 
+    /// What the client is told; the log gets `Display`, which may hold more.
+    pub fn client_message(&self) -> String {
+        match self {
+            ClientError::Provision(p) => p.client_message(),
+            other => other.to_string(),
+        }
+    }
+
     /// The ErrorResponse message, encoded and ready to write.
     pub fn response(&self) -> BytesMut {
-        encode_error("FATAL", self.sqlstate(), &self.to_string(), self.hint())
+        encode_error(
+            "FATAL",
+            self.sqlstate(),
+            &self.client_message(),
+            self.hint(),
+        )
     }
 }
 
@@ -289,15 +536,92 @@ mod tests {
         );
         let busy = ClientError::from(ProvisionError::Engine {
             id: id(),
-            err: EngineError {
-                code: Some("55006".into()),
+            err: EngineError::Sql {
+                code: "55006".into(),
                 message: "source database \"shop\" is being accessed by other users".into(),
             },
         });
         assert_eq!(busy.sqlstate(), "55006");
-        assert!(busy.to_string().contains("being accessed"));
+        assert_eq!(busy.kind(), ErrorKind::ServerError);
+        assert!(busy.client_message().contains("being accessed"));
         let bad = ClientError::from(RouteError::BadName(NameError::Branch("X".into())));
         assert_eq!(bad.sqlstate(), "3D000");
+    }
+
+    fn io(errno: nix::errno::Errno) -> std::io::Error {
+        std::io::Error::from_raw_os_error(errno as i32)
+    }
+
+    #[test]
+    fn engine_errors_map_by_kind() {
+        let missing = ProvisionError::Engine {
+            id: id(),
+            err: EngineError::NotFound(
+                "snapshot 20000101T000000Z of source shop does not exist".into(),
+            ),
+        };
+        assert_eq!(missing.kind(), ErrorKind::NotFound);
+        assert_eq!(missing.sqlstate(), "3D000");
+        assert_eq!(missing.status(), 404);
+
+        let full = EngineError::io("could not copy snapshot x", io(nix::errno::Errno::ENOSPC));
+        assert_eq!(full.kind(), ErrorKind::DiskFull);
+        assert_eq!(full.sqlstate(), "53100");
+        assert_eq!(mapping(full.kind()).status, 507);
+        let server_full = EngineError::Sql {
+            code: "53100".into(),
+            message: "could not extend file".into(),
+        };
+        assert_eq!(server_full.kind(), ErrorKind::DiskFull);
+        assert_eq!(server_full.sqlstate(), "53100");
+
+        let denied = EngineError::io("could not copy snapshot x", io(nix::errno::Errno::EACCES));
+        assert_eq!(denied.kind(), ErrorKind::Storage);
+        assert_eq!(denied.sqlstate(), "58030");
+
+        let start = ProvisionError::Start {
+            id: id(),
+            err: EngineError::StartFailed {
+                fatal: "FATAL: unrecognized configuration parameter \"x\"".into(),
+            },
+        };
+        assert_eq!(start.kind(), ErrorKind::ServerStart);
+        assert_eq!(start.status(), 502);
+        assert_eq!(start.kind().as_str(), "server_start");
+    }
+
+    #[test]
+    fn clients_never_see_paths_or_os_errors() {
+        let secret = "/var/lib/offshoot/instances/shop/branches/x";
+        let errors = [
+            EngineError::io(
+                "could not copy snapshot x",
+                std::io::Error::new(std::io::ErrorKind::PermissionDenied, secret),
+            ),
+            EngineError::io(
+                "could not copy snapshot x",
+                std::io::Error::new(std::io::ErrorKind::StorageFull, secret),
+            ),
+            EngineError::conflict("a directory in the way", Some(secret.into())),
+            EngineError::failed_with("pg_basebackup failed", secret),
+            EngineError::Unreachable {
+                detail: format!("connection refused: {secret}"),
+            },
+        ];
+        for e in errors {
+            assert!(
+                e.to_string().contains(secret),
+                "the log keeps the detail: {e}"
+            );
+            let client = ClientError::from(ProvisionError::Engine { id: id(), err: e });
+            assert!(
+                !client.client_message().contains(secret),
+                "{}",
+                client.client_message()
+            );
+            let bytes = client.response();
+            assert!(!String::from_utf8_lossy(&bytes).contains(secret));
+        }
     }
 
     #[test]

@@ -134,14 +134,14 @@ pub async fn overview(c: &Console, access: Access) -> String {
                 }
                 body.push_str("</tbody></table>");
             }
-            Err(crate::branch::engine::SnapshotError::Unsupported(_)) => {
+            Err(crate::error::EngineError::Unsupported(_)) => {
                 body.push_str(r#"<p class="empty">This engine has no snapshots.</p>"#)
             }
             Err(e) => {
                 let _ = write!(
                     body,
                     r#"<p class="error">Snapshots could not be listed: {}</p>"#,
-                    esc(&e.to_string())
+                    esc(&e.client_message())
                 );
             }
         }

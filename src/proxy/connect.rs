@@ -36,20 +36,11 @@ pub(super) async fn connect(
     proven: Option<&Proven>,
     key_len: usize,
 ) -> Result<Option<Session>, ClientError> {
-    let Some(lease) = acquire(proxy, client, route, creator).await? else {
+    let Some((lease, mut server)) = reach(proxy, client, route, creator).await? else {
         return Ok(None);
     };
     let upstream = proxy.access.upstream(route.id.source.as_str());
     let addr = lease.endpoint.addr.clone();
-    let mut server = ServerStream::connect(&addr, upstream.as_ref())
-        .await
-        .map_err(|e| {
-            warn!(server = %addr, error = %e, "cannot reach branch server");
-            ClientError::Backend {
-                id: route.id.clone(),
-                reason: e.to_string(),
-            }
-        })?;
 
     let params = server_params(startup, &route.user, &lease.endpoint.database);
     let startup_msg = protocol::encode_startup(&params);
@@ -98,6 +89,40 @@ pub(super) async fn connect(
                 id: route.id.clone(),
                 reason: format!("server ended the startup: {e}"),
             })
+        }
+    }
+}
+
+/// Leases the branch and opens a connection to its server. A branch server found
+/// dead (killed, or crashed) is started again once, through the registry.
+/// `Ok(None)`: the client left meanwhile.
+async fn reach(
+    proxy: &Proxy,
+    client: &mut ClientStream,
+    route: &Route,
+    creator: Option<&Creator>,
+) -> Result<Option<(Lease, ServerStream)>, ClientError> {
+    let upstream = proxy.access.upstream(route.id.source.as_str());
+    let mut retried = false;
+    loop {
+        let Some(lease) = acquire(proxy, client, route, creator).await? else {
+            return Ok(None);
+        };
+        let addr = lease.endpoint.addr.clone();
+        match ServerStream::connect(&addr, upstream.as_ref()).await {
+            Ok(server) => return Ok(Some((lease, server))),
+            Err(e) => {
+                warn!(server = %addr, error = %e, "cannot reach branch server");
+                drop(lease);
+                if !retried && proxy.registry.server_lost(&route.id).await {
+                    retried = true;
+                    continue;
+                }
+                return Err(ClientError::Backend {
+                    id: route.id.clone(),
+                    reason: e.to_string(),
+                });
+            }
         }
     }
 }

@@ -96,25 +96,23 @@ pub struct SnapshotInfo {
     pub branches: Vec<String>,
 }
 
-/// The one "snapshot does not exist" error, for a clone asked to be made from it.
+/// The one "snapshot does not exist" error.
 pub(crate) fn snapshot_missing(source: &str, name: &str) -> EngineError {
-    EngineError {
-        code: Some("3D000".into()),
-        message: format!("snapshot {name} of source {source} does not exist"),
+    EngineError::NotFound(format!("snapshot {name} of source {source} does not exist"))
+}
+
+/// The one "snapshot is in use" error.
+pub(crate) fn snapshot_in_use(name: &str, branches: &[String]) -> EngineError {
+    EngineError::SnapshotInUse {
+        name: name.to_owned(),
+        branches: branches.to_vec(),
     }
 }
 
-/// Why a snapshot operation failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SnapshotError {
-    #[error("source {0} has no snapshots: its engine clones the live source")]
-    Unsupported(String),
-    #[error("snapshot {0} does not exist")]
-    NotFound(String),
-    #[error("snapshot {name} is used by branch(es) {branches}; delete them first")]
-    InUse { name: String, branches: String },
-    #[error("{0}")]
-    Engine(#[from] EngineError),
+fn no_snapshots(source: &str) -> EngineError {
+    EngineError::Unsupported(format!(
+        "source {source} has no snapshots: its engine clones the live source"
+    ))
 }
 
 /// What an engine that runs a server per clone hands out: the only way the
@@ -173,19 +171,19 @@ pub trait Engine: Send + Sync + 'static {
     }
 
     /// The source's snapshots, oldest first.
-    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>, SnapshotError> {
-        Err(SnapshotError::Unsupported(self.source_label()))
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>, EngineError> {
+        Err(no_snapshots(&self.source_label()))
     }
 
     /// Takes and seals a new snapshot of the source.
-    async fn take_snapshot(&self) -> Result<SnapshotInfo, SnapshotError> {
-        Err(SnapshotError::Unsupported(self.source_label()))
+    async fn take_snapshot(&self) -> Result<SnapshotInfo, EngineError> {
+        Err(no_snapshots(&self.source_label()))
     }
 
     /// Deletes a snapshot no branch uses.
-    async fn delete_snapshot(&self, name: &str) -> Result<(), SnapshotError> {
+    async fn delete_snapshot(&self, name: &str) -> Result<(), EngineError> {
         let _ = name;
-        Err(SnapshotError::Unsupported(self.source_label()))
+        Err(no_snapshots(&self.source_label()))
     }
 
     /// The source's name, for messages.

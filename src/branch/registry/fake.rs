@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::{Registry, Source};
 use crate::branch::engine::{
-    CopyMode, Endpoint, Engine, Made, Recovered, ServerAddr, Servers, SnapshotError, SnapshotInfo,
+    CopyMode, Endpoint, Engine, Made, Recovered, ServerAddr, Servers, SnapshotInfo,
 };
 use crate::branch::store::{BranchRecord, Store};
 use crate::clock::Clock;
@@ -104,7 +104,9 @@ impl Engine for FakeEngine {
                 _ if snaps.is_empty() => rec.snapshot.clone().unwrap_or_else(|| "s1".into()),
                 Some(want) if snaps.contains(want) => want.clone(),
                 Some(want) => {
-                    return Err(EngineError::new(format!("snapshot {want} does not exist")))
+                    return Err(EngineError::NotFound(format!(
+                        "snapshot {want} does not exist"
+                    )))
                 }
                 None => snaps.last().cloned().unwrap_or_default(),
             }
@@ -114,7 +116,7 @@ impl Engine for FakeEngine {
             panic!("engine bug");
         }
         if let Some(msg) = self.fail_with.lock().unwrap().clone() {
-            return Err(EngineError::new(msg));
+            return Err(EngineError::failed(msg));
         }
         self.clones.lock().unwrap().insert(rec.clone_name.clone());
         Ok(Made {
@@ -153,7 +155,7 @@ impl Engine for FakeEngine {
     async fn list_marked(&self) -> Result<Vec<(String, String)>, EngineError> {
         Ok(vec![])
     }
-    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>, SnapshotError> {
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>, EngineError> {
         Ok(self
             .snapshots
             .lock()
@@ -168,13 +170,15 @@ impl Engine for FakeEngine {
             })
             .collect())
     }
-    async fn delete_snapshot(&self, name: &str) -> Result<(), SnapshotError> {
+    async fn delete_snapshot(&self, name: &str) -> Result<(), EngineError> {
         self.snapshot_deletes.fetch_add(1, Ordering::SeqCst);
         self.snapshot_gate.pass().await;
         if self.snapshots.lock().unwrap().remove(name) {
             Ok(())
         } else {
-            Err(SnapshotError::NotFound(name.to_owned()))
+            Err(EngineError::NotFound(format!(
+                "snapshot {name} does not exist"
+            )))
         }
     }
 }
@@ -185,7 +189,7 @@ impl Servers for FakeEngine {
         self.starts.fetch_add(1, Ordering::SeqCst);
         self.start_gate.pass().await;
         if let Some(msg) = self.fail_start.lock().unwrap().clone() {
-            return Err(EngineError::new(msg));
+            return Err(EngineError::failed(msg));
         }
         self.running.lock().unwrap().insert(rec.clone_name.clone());
         Ok(())

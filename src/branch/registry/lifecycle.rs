@@ -27,7 +27,7 @@ impl Registry {
         let started = self.clock.instant();
         info!(branch = %id, clone = %record.clone_name, "creating branch");
         let result = match self.store.save(&record) {
-            Err(e) => Err(EngineError::new(format!("cannot write branch record: {e}"))),
+            Err(e) => Err(EngineError::io("cannot write the branch record", e)),
             Ok(()) => source.engine.create(&record).await,
         };
         let mut made = false;
@@ -44,7 +44,7 @@ impl Registry {
             record.state = RecordState::Ready;
             self.store
                 .save(&record)
-                .map_err(|e| EngineError::new(format!("cannot write branch record: {e}")))
+                .map_err(|e| EngineError::io("cannot write the branch record", e))
         });
         // The clone exists: start its server (engines without one are done).
         let result = match (result, source.engine.servers()) {
@@ -155,9 +155,10 @@ impl Registry {
             .spawn(async move { this.stop(record, tx).await })
             .await
             .unwrap_or_else(|e| {
-                Err(EngineError::new(format!(
-                    "the suspension was interrupted: {e}"
-                )))
+                Err(EngineError::failed_with(
+                    "the suspension was interrupted",
+                    e,
+                ))
             })
             .map(|()| true)
     }
@@ -190,6 +191,37 @@ impl Registry {
         }
         let _ = tx.send(true);
         result
+    }
+
+    /// A connection could not reach the server of Ready branch `id`. If the server
+    /// is gone (killed, or crashed; the engine clears what it left), the branch
+    /// becomes Suspended, so the next connection starts it again instead of failing
+    /// until the branch is next suspended. Returns whether that happened.
+    pub async fn server_lost(self: &Arc<Self>, id: &BranchId) -> bool {
+        let Some(servers) = self
+            .sources
+            .get(&id.source)
+            .and_then(|s| s.engine.servers())
+        else {
+            return false;
+        };
+        let record = match self.lock().branches.get(id) {
+            Some(b) if b.phase() == super::Phase::Ready => b.record.clone(),
+            _ => return false,
+        };
+        match servers.running(&record).await {
+            Ok(false) => {}
+            Ok(true) => return false,
+            Err(e) => {
+                warn!(branch = %id, error = %e, "cannot tell whether the branch's server runs");
+                return false;
+            }
+        }
+        let lost = self.lock().branches.get_mut(id).is_some_and(|b| b.lost());
+        if lost {
+            warn!(branch = %id, "the branch's server is gone; the next connection starts it again");
+        }
+        lost
     }
 
     /// Suspends every Ready branch with no connection (on shutdown), a few at once.
@@ -242,7 +274,7 @@ impl Registry {
             .unwrap_or_else(|e| {
                 Err(DeleteError::Engine {
                     id: id.clone(),
-                    err: EngineError::new(format!("the deletion was interrupted: {e}")),
+                    err: EngineError::failed_with("the deletion was interrupted", e),
                 })
             })
     }

@@ -330,7 +330,7 @@ impl Registry {
         }
         ProvisionError::Engine {
             id: id.clone(),
-            err: EngineError::new(format!("the branch's {what} was interrupted; try again")),
+            err: EngineError::failed(format!("the branch's {what} was interrupted; try again")),
         }
     }
 
@@ -350,7 +350,7 @@ impl Registry {
             .get(&id.source)
             .ok_or_else(|| ProvisionError::Engine {
                 id: id.clone(),
-                err: EngineError::new("source is not configured"),
+                err: EngineError::NotFound("source is not configured".into()),
             })?;
         let mut book = self.lock();
         if let Some(branch) = book.branches.get_mut(id) {

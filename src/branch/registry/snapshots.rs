@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::state::{Ended, State};
 use super::{Book, CreateOptions, Registry};
-use crate::branch::engine::SnapshotError;
+use crate::branch::engine::{snapshot_in_use, snapshot_missing};
 use crate::error::EngineError;
 use crate::names::{BranchId, SourceName};
 
@@ -89,9 +89,9 @@ impl Registry {
         self: &Arc<Self>,
         source: &SourceName,
         name: &str,
-    ) -> Result<(), SnapshotError> {
+    ) -> Result<(), EngineError> {
         let Some(src) = self.sources.get(source) else {
-            return Err(SnapshotError::NotFound(name.to_owned()));
+            return Err(snapshot_missing(source.as_str(), name));
         };
         let engine = src.engine.clone();
         let hold = loop {
@@ -99,10 +99,7 @@ impl Registry {
                 let mut book = self.lock();
                 let users = users_of(&book, source, name);
                 if !users.is_empty() {
-                    return Err(SnapshotError::InUse {
-                        name: name.to_owned(),
-                        branches: users.join(", "),
-                    });
+                    return Err(snapshot_in_use(name, &users));
                 }
                 match pending(&book, source, name) {
                     Some(wait) => wait,
@@ -140,9 +137,10 @@ impl Registry {
             })
             .await
             .unwrap_or_else(|e| {
-                Err(SnapshotError::Engine(EngineError::new(format!(
-                    "the snapshot deletion was interrupted: {e}"
-                ))))
+                Err(EngineError::failed_with(
+                    "the snapshot deletion was interrupted",
+                    e,
+                ))
             })
     }
 }

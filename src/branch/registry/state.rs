@@ -10,6 +10,7 @@
 //! | Starting     | server started                                   | Ready        |
 //! | Starting     | server of a suspended branch did not start       | Suspended    |
 //! | Ready        | suspension (idle or API), no connection open     | Suspending   |
+//! | Ready        | its server was found dead by a connection        | Suspended    |
 //! | Suspending   | server stopped / could not be stopped            | Suspended / Ready |
 //! | Suspended    | first connection                                 | Starting     |
 //! | Ready, Suspended | deletion (idle or API), unused or forced     | Expiring     |
@@ -329,17 +330,24 @@ impl Branch {
         })
     }
 
-    /// Provisioning or Starting → Ready: the clone serves.
+    /// Provisioning or Starting → Ready: the clone serves. The start counts as
+    /// activity, so the reaper cannot suspend the branch again before the
+    /// connections that waited for it have taken their leases.
     pub(super) fn started(&mut self) {
+        self.activity.touch();
         self.step(|old| match old {
             State::Provisioning { .. } | State::Starting { .. } => (State::Ready, ()),
             other => (other, ()),
         })
     }
 
-    /// Starting → Ready when a suspended branch's server started, back to Suspended
-    /// when it did not (the next connection tries again).
+    /// Starting → Ready when a suspended branch's server started (activity, as in
+    /// [`Branch::started`]), back to Suspended when it did not (the next connection
+    /// tries again).
     pub(super) fn resumed(&mut self, ok: bool) {
+        if ok {
+            self.activity.touch();
+        }
         self.step(|old| match old {
             State::Starting { .. } if ok => (State::Ready, ()),
             State::Starting { .. } => (State::Suspended, ()),
@@ -367,6 +375,15 @@ impl Branch {
             State::Suspending { .. } if ok => (State::Suspended, ()),
             State::Suspending { .. } => (State::Ready, ()),
             other => (other, ()),
+        })
+    }
+
+    /// Ready → Suspended: its server was found dead (killed, or crashed); the next
+    /// connection starts it again. Returns whether the state changed.
+    pub(super) fn lost(&mut self) -> bool {
+        self.step(|old| match old {
+            State::Ready => (State::Suspended, true),
+            other => (other, false),
         })
     }
 

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use super::fake::{clock, id, registry, registry_on, FakeEngine};
 use super::*;
-use crate::branch::engine::{CopyMode, SnapshotError};
+use crate::branch::engine::CopyMode;
 use crate::branch::store::{RecordState, Store};
 use crate::config::{EngineConfig, InstanceConfig, SourceConfig};
+use crate::error::EngineError;
 use crate::error::ProvisionError;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -350,6 +351,58 @@ async fn a_suspension_whose_request_is_dropped_still_ends() {
 }
 
 #[tokio::test]
+async fn a_resumed_branch_is_not_idle_before_its_waiters_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Arc::new(with_servers());
+    let config = SourceConfig {
+        engine: EngineConfig::Instance(InstanceConfig {
+            suspend_after: Some(Duration::from_secs(60)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let clock = clock();
+    let reg = registry_on(engine.clone(), config, dir.path(), clock.clone());
+    drop(reg.acquire(&id("a"), WAIT).await.unwrap());
+    reg.suspend(&id("a")).await.unwrap();
+    clock.advance(Duration::from_secs(600));
+    // A connection wakes the branch but gives up before the server is up.
+    engine.start_gate.close();
+    let Err(ProvisionError::Timeout(_)) = reg.acquire(&id("a"), Duration::ZERO).await else {
+        panic!("should time out")
+    };
+    engine.start_gate.open();
+    while phase(&reg, "a") != Phase::Ready {
+        tokio::task::yield_now().await;
+    }
+    // Just started: not a candidate for suspension, whatever its last session.
+    assert!(reg.suspend_candidates(clock.now()).is_empty());
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(reg.suspend_candidates(clock.now()).len(), 1);
+}
+
+#[tokio::test]
+async fn a_dead_server_is_noticed_and_started_by_the_next_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Arc::new(with_servers());
+    let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
+    drop(reg.acquire(&id("a"), WAIT).await.unwrap());
+    // A live server is left alone.
+    assert!(!reg.server_lost(&id("a")).await);
+    assert_eq!(phase(&reg, "a"), Phase::Ready);
+    // The server dies.
+    engine.running.lock().unwrap().clear();
+    assert!(reg.server_lost(&id("a")).await);
+    assert_eq!(phase(&reg, "a"), Phase::Suspended);
+    assert_eq!(gauges(&reg), [0, 0, 0, 1, 0]);
+    assert!(!reg.server_lost(&id("a")).await, "noticed once");
+    reg.acquire(&id("a"), WAIT).await.map(drop).unwrap();
+    assert_eq!(phase(&reg, "a"), Phase::Ready);
+    assert_eq!(engine.starts.load(Ordering::SeqCst), 2);
+    assert!(engine.running.lock().unwrap().contains("shop__a"));
+}
+
+#[tokio::test]
 async fn concurrent_connections_to_a_suspended_branch_share_one_start() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(with_servers());
@@ -526,7 +579,7 @@ async fn a_snapshot_in_use_is_not_deleted() {
     assert_eq!(reg.view(&id("a")).unwrap().snapshot.as_deref(), Some("s2"));
     let err = reg.delete_snapshot(&shop, "s2").await.unwrap_err();
     assert!(
-        matches!(&err, SnapshotError::InUse { name, branches } if name == "s2" && branches == "a"),
+        matches!(&err, EngineError::SnapshotInUse { name, branches } if name == "s2" && branches == &["a"]),
         "{err}"
     );
     assert_eq!(
@@ -589,7 +642,7 @@ async fn a_snapshot_deletion_waits_for_a_creation_that_may_pick_it() {
     conn.await.unwrap().unwrap();
     // The creation took s2, so the deletion is refused.
     let err = deletion.await.unwrap().unwrap_err();
-    assert!(matches!(err, SnapshotError::InUse { .. }), "{err}");
+    assert!(matches!(err, EngineError::SnapshotInUse { .. }), "{err}");
     assert_eq!(engine.snapshot_deletes.load(Ordering::SeqCst), 0);
     assert!(engine.snapshots.lock().unwrap().contains("s2"));
 }

@@ -6,8 +6,10 @@
 //! snapshots/<name>/snapshot.json   its metadata; a snapshot exists once this does
 //! snapshots/.partial-<name>/       a snapshot being taken (removed if interrupted)
 //! snapshots/.deleting-<name>/      a snapshot being deleted (removal finished later)
+//! branches/.new-<branch>/          a clone being made: branch.json first, then the
+//!                                  copy; renamed to branches/<branch> once complete
 //! branches/<branch>/               the proxy's (0711): the server's user passes through
-//! branches/<branch>/branch.json    ownership and provenance, written first
+//! branches/<branch>/branch.json    ownership and provenance
 //! branches/<branch>/data           the clone: the only part the server's user owns
 //! branches/<branch>/postgres.log   the server's log since its last start (the proxy's)
 //! run/<hash>/                      the server's private socket directory (0700)
@@ -18,19 +20,22 @@
 //! (a 64-bit non-cryptographic hash could be made to collide offline).
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::branch::engine::CopyMode;
 use crate::branch::store::BranchRecord;
-use crate::fsutil::read_json;
+use crate::fsutil::{read_json, remove_tree, temp_path};
 
 pub(super) const PARTIAL_PREFIX: &str = ".partial-";
 pub(super) const DELETING_PREFIX: &str = ".deleting-";
 /// A file inside a partial snapshot naming its source: proof that the directory is
 /// the proxy's before it is removed.
 pub(super) const PARTIAL_MARKER: &str = "offshoot-partial-snapshot";
+/// A clone in the making, named apart from any branch (branch names never start
+/// with a dot): the name of a branch appears only with a complete clone behind it.
+pub(super) const STAGING_PREFIX: &str = ".new-";
 pub(super) const BRANCH_META: &str = "branch.json";
 pub(super) const SNAPSHOT_META: &str = "snapshot.json";
 /// Mode of a branch directory: the proxy's; others (the server's user) may only
@@ -80,6 +85,12 @@ impl Layout {
 
     pub fn branch_dir(&self, rec: &BranchRecord) -> PathBuf {
         self.branches().join(rec.branch.as_str())
+    }
+
+    /// Where the clone of `rec` is built before it is renamed into place.
+    pub fn staging_dir(&self, rec: &BranchRecord) -> PathBuf {
+        self.branches()
+            .join(format!("{STAGING_PREFIX}{}", rec.branch))
     }
 
     /// The private socket directory of a branch's server: short, whatever the
@@ -137,6 +148,51 @@ impl Layout {
             .collect();
         list.sort_by(|a, b| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
         list
+    }
+
+    /// After a restart: removes what creations interrupted by a crash left under
+    /// `branches/`, when it is provably the proxy's: a staging directory (its prefix,
+    /// and nothing in it but a creation's files, with metadata of `source` if any),
+    /// or a branch's directory holding only the temporary metadata file of an older
+    /// version's creation. Returns what was removed; anything else stays (and is
+    /// reported by [`Layout::strays`]). No creation is in flight while this runs.
+    pub fn settle_interrupted_creations(&self, source: &str) -> Vec<PathBuf> {
+        let Ok(entries) = fs::read_dir(self.branches()) else {
+            return Vec::new();
+        };
+        let temp_meta = temp_path(Path::new(BRANCH_META));
+        let temp_meta = temp_meta.to_string_lossy();
+        let mut removed = Vec::new();
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(inside) = fs::read_dir(&path) else {
+                continue;
+            };
+            let inside: Vec<String> = inside
+                .flatten()
+                .map(|f| f.file_name().to_string_lossy().into_owned())
+                .collect();
+            let ours = if name.starts_with(STAGING_PREFIX) {
+                let only_creation_files = inside
+                    .iter()
+                    .all(|f| f == BRANCH_META || f == temp_meta.as_ref() || f == "data");
+                let meta = read_json::<BranchMeta>(&path.join(BRANCH_META));
+                only_creation_files && meta.is_none_or(|m| m.source == source)
+            } else {
+                inside.len() == 1 && inside[0] == temp_meta.as_ref()
+            };
+            if !ours {
+                continue;
+            }
+            match remove_tree(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) => {
+                    tracing::warn!(dir = %path.display(), error = %e, "cannot remove an interrupted creation")
+                }
+            }
+        }
+        removed
     }
 
     /// What lies in storage that `source`'s metadata does not explain, as

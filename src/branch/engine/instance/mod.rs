@@ -27,14 +27,12 @@ use tracing::{info, warn};
 use self::copy::{copy_tree, CopyPlan};
 use self::layout::{BranchMeta, Layout, BRANCH_DIR_MODE, BRANCH_META};
 pub use self::snapshots::Origin;
-use super::{
-    CopyMode, Endpoint, Engine, Made, Recovered, ServerAddr, Servers, SnapshotError, SnapshotInfo,
-};
+use super::{CopyMode, Endpoint, Engine, Made, Recovered, ServerAddr, Servers, SnapshotInfo};
 use crate::branch::store::{unix_ms, BranchRecord};
 use crate::clock::Clock;
 use crate::config::InstanceConfig;
 use crate::error::EngineError;
-use crate::fsutil::{read_json, remove_tree, write_json_atomic};
+use crate::fsutil::{read_json, remove_tree, sync_dir, write_json_atomic};
 use crate::names::{BranchId, SourceName};
 use crate::pg::PgBin;
 
@@ -57,8 +55,9 @@ pub struct InstanceEngine {
     mode: std::sync::Mutex<Option<CopyMode>>,
 }
 
-fn err(e: impl std::fmt::Display) -> EngineError {
-    EngineError::new(e.to_string())
+/// A blocking task that panicked or was cancelled.
+fn join_failed(e: tokio::task::JoinError) -> EngineError {
+    EngineError::failed_with("a copy task of the engine died", e)
 }
 
 impl InstanceEngine {
@@ -99,6 +98,12 @@ impl InstanceEngine {
             mode: std::sync::Mutex::new(None),
         };
         engine.clear_interrupted_snapshots();
+        for dir in engine
+            .layout
+            .settle_interrupted_creations(engine.source.as_str())
+        {
+            info!(dir = %dir.display(), "removed what an interrupted creation left");
+        }
         Ok(engine)
     }
 
@@ -112,11 +117,14 @@ impl InstanceEngine {
             Some(m) if m.source == rec.source.as_str() && m.branch == rec.branch.as_str() => {
                 Ok(Some(m))
             }
-            _ => Err(EngineError::new(format!(
-                "{} exists but has no offshoot metadata for branch {}; leaving it alone",
-                dir.display(),
-                rec.id()
-            ))),
+            _ => Err(EngineError::conflict(
+                format!(
+                    "the storage already holds a directory for branch {} that the proxy did \
+                     not make; it is left alone (see /api/v1/orphans)",
+                    rec.id()
+                ),
+                Some(dir.display().to_string()),
+            )),
         }
     }
 
@@ -143,6 +151,8 @@ impl InstanceEngine {
         }
     }
 
+    /// Builds the clone of `rec` in `dir` (which must not exist): `branch.json`
+    /// first, so the directory is provably the proxy's, then the copy.
     async fn make_clone(
         &self,
         rec: &BranchRecord,
@@ -152,11 +162,13 @@ impl InstanceEngine {
         // The branch directory stays the proxy's (the server's user may only pass
         // through it): branch.json and postgres.log live where that user cannot
         // plant links. Only data/ is given to it, by the copy.
-        fs::create_dir(dir)?;
+        let io = |e| EngineError::io(format!("could not copy snapshot {snapshot}"), e);
+        fs::create_dir(dir).map_err(io)?;
         fs::set_permissions(
             dir,
             std::os::unix::fs::PermissionsExt::from_mode(BRANCH_DIR_MODE),
-        )?;
+        )
+        .map_err(io)?;
         let mut meta = BranchMeta {
             source: rec.source.to_string(),
             branch: rec.branch.to_string(),
@@ -166,7 +178,7 @@ impl InstanceEngine {
             created_at: unix_ms(self.clock.now()),
         };
         let meta_path = dir.join(BRANCH_META);
-        write_json_atomic(&meta_path, &meta)?;
+        write_json_atomic(&meta_path, &meta).map_err(io)?;
         let from = self.layout.snapshot_dir(snapshot).join("data");
         let to = dir.join("data");
         let owner = self.bin.owner();
@@ -182,11 +194,12 @@ impl InstanceEngine {
             })
         })
         .await
-        .map_err(err)??;
+        .map_err(join_failed)?
+        .map_err(io)?;
         self.learn_mode(mode);
         meta.complete = true;
         meta.copy_mode = Some(mode);
-        write_json_atomic(&meta_path, &meta)?;
+        write_json_atomic(&meta_path, &meta).map_err(io)?;
         Ok(mode)
     }
 }
@@ -206,17 +219,33 @@ impl Engine for InstanceEngine {
                 remove_tree(&dir)?;
             }
             Some(_) => {
-                return Err(EngineError::new(format!(
-                    "a clone for branch {} already exists at {} without a record; see \
-                     /api/v1/orphans",
-                    rec.id(),
-                    dir.display()
-                )))
+                return Err(EngineError::conflict(
+                    format!(
+                        "a clone for branch {} already exists without a record; see \
+                         /api/v1/orphans",
+                        rec.id()
+                    ),
+                    Some(dir.display().to_string()),
+                ))
             }
         }
+        // Left by an earlier failed creation of this branch (one creation of a branch
+        // runs at a time).
+        let staging = self.layout.staging_dir(rec);
+        remove_tree(&staging)
+            .map_err(|e| EngineError::io("could not clear an earlier creation", e))?;
         let (snapshot, _in_use) = self.pick_snapshot(rec.snapshot.as_deref()).await?;
         let started = self.clock.instant();
-        match self.make_clone(rec, &dir, &snapshot).await {
+        let made = match self.make_clone(rec, &staging, &snapshot).await {
+            // Claim the branch's name in one rename: its directory appears complete
+            // or not at all, whenever a crash comes.
+            Ok(mode) => fs::rename(&staging, &dir)
+                .and_then(|()| sync_dir(&self.layout.branches()))
+                .map(|()| mode)
+                .map_err(|e| EngineError::io(format!("could not claim branch {}", rec.id()), e)),
+            Err(e) => Err(e),
+        };
+        match made {
             Ok(mode) => {
                 info!(branch = %rec.id(), snapshot = %snapshot, mode = mode.as_str(),
                       ms = started.elapsed().as_millis() as u64, "clone made");
@@ -226,8 +255,8 @@ impl Engine for InstanceEngine {
                 })
             }
             Err(e) => {
-                if let Err(rm) = remove_tree(&dir) {
-                    warn!(dir = %dir.display(), error = %rm, "cannot remove a failed clone");
+                if let Err(rm) = remove_tree(&staging) {
+                    warn!(dir = %staging.display(), error = %rm, "cannot remove a failed clone");
                 }
                 Err(e)
             }
@@ -287,7 +316,7 @@ impl Engine for InstanceEngine {
         self.layout.strays(self.source.as_str())
     }
 
-    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>, SnapshotError> {
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>, EngineError> {
         let users = self.layout.all_branch_meta(self.source.as_str());
         Ok(self
             .layout
@@ -297,13 +326,13 @@ impl Engine for InstanceEngine {
             .collect())
     }
 
-    async fn take_snapshot(&self) -> Result<SnapshotInfo, SnapshotError> {
+    async fn take_snapshot(&self) -> Result<SnapshotInfo, EngineError> {
         let _one = self.taking.lock().await;
         let meta = self.take_locked().await?;
         Ok(self.info(&meta, &[]))
     }
 
-    async fn delete_snapshot(&self, name: &str) -> Result<(), SnapshotError> {
+    async fn delete_snapshot(&self, name: &str) -> Result<(), EngineError> {
         self.delete_unused_snapshot(name).await
     }
 

@@ -153,9 +153,12 @@ impl Server<'_> {
         }
         fs::create_dir_all(self.socket_dir)?;
         fs::set_permissions(self.socket_dir, fs::Permissions::from_mode(0o700))?;
-        self.bin
-            .hand_over(self.socket_dir)
-            .map_err(|e| EngineError::new(format!("{e:#}")))?;
+        self.bin.hand_over(self.socket_dir).map_err(|e| {
+            EngineError::failed_with(
+                "cannot prepare the server's socket directory",
+                format!("{e:#}"),
+            )
+        })?;
         // The log is opened here and inherited: the server never opens it by name.
         let log = create_fresh(self.log, PRIVATE)?;
         let mut cmd = self.bin.command("postgres");
@@ -170,7 +173,7 @@ impl Server<'_> {
             .process_group(0);
         let mut child = tokio::process::Command::from(cmd)
             .spawn()
-            .map_err(|e| EngineError::new(format!("cannot run postgres: {e}")))?;
+            .map_err(|e| EngineError::failed_with("cannot run postgres", e))?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         let result = self.wait_ready(pid, Some(&mut child)).await;
         if result.is_err() {
@@ -204,16 +207,16 @@ impl Server<'_> {
         loop {
             if let Some(c) = child.as_mut() {
                 if let Some(status) = c.try_wait()? {
-                    return Err(EngineError::new(format!(
-                        "postgres exited ({status}): {}",
-                        log_reason(self.log)
-                    )));
+                    debug!(%status, data = %self.data.display(), "postgres exited while starting");
+                    return Err(EngineError::StartFailed {
+                        fatal: log_reason(self.log),
+                    });
                 }
             } else if !serves(pid, self.data) {
-                return Err(EngineError::new(format!(
-                    "postgres (pid {pid}) stopped while starting: {}",
-                    log_reason(self.log)
-                )));
+                debug!(pid, data = %self.data.display(), "postgres stopped while starting");
+                return Err(EngineError::StartFailed {
+                    fatal: log_reason(self.log),
+                });
             }
             if let Some(f) = read_pid_file(self.data)? {
                 if f.pid == pid && f.ready {
@@ -221,11 +224,13 @@ impl Server<'_> {
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(EngineError::new(format!(
-                    "postgres did not accept connections within {}s: {}",
-                    START_TIMEOUT.as_secs(),
-                    log_reason(self.log)
-                )));
+                return Err(EngineError::StartFailed {
+                    fatal: format!(
+                        "no connections accepted within {}s; last log line: {}",
+                        START_TIMEOUT.as_secs(),
+                        log_reason(self.log)
+                    ),
+                });
             }
             tokio::time::sleep(POLL).await;
         }
@@ -246,15 +251,23 @@ pub async fn stop(data: &Path, socket_dir: &Path) -> Result<(), EngineError> {
     // Fast shutdown: sessions are ended, a shutdown checkpoint is written.
     match kill(Pid::from_raw(pid), Signal::SIGINT) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-        Err(e) => return Err(EngineError::new(format!("cannot stop postgres {pid}: {e}"))),
+        Err(e) => {
+            return Err(EngineError::failed_with(
+                "cannot stop the branch's server",
+                format!("signal to pid {pid}: {e}"),
+            ))
+        }
     }
     let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
     while serves(pid, data) {
         if tokio::time::Instant::now() >= deadline {
-            return Err(EngineError::new(format!(
-                "postgres {pid} did not stop within {}s",
-                STOP_TIMEOUT.as_secs()
-            )));
+            return Err(EngineError::failed_with(
+                format!(
+                    "the branch's server did not stop within {}s",
+                    STOP_TIMEOUT.as_secs()
+                ),
+                format!("pid {pid}"),
+            ));
         }
         tokio::time::sleep(POLL).await;
     }

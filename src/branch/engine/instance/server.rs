@@ -90,7 +90,7 @@ impl Servers for InstanceEngine {
     async fn start(&self, rec: &BranchRecord) -> Result<(), EngineError> {
         let dir = self.layout.branch_dir(rec);
         if !self.own_meta(rec)?.is_some_and(|m| m.complete) {
-            return Err(EngineError::new(format!(
+            return Err(EngineError::NotFound(format!(
                 "the clone of branch {} is gone",
                 rec.id()
             )));

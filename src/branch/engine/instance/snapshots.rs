@@ -18,12 +18,12 @@ use super::layout::{
     BranchMeta, SnapshotMeta, DELETING_PREFIX, PARTIAL_MARKER, PARTIAL_PREFIX, SNAPSHOT_META,
 };
 use super::postmaster::{self, PidState};
-use super::{err, InstanceEngine};
+use super::{join_failed, InstanceEngine};
 use crate::branch::engine::naming::{new_snapshot_name, valid_snapshot_name};
-use crate::branch::engine::{snapshot_missing, SnapshotError, SnapshotInfo};
+use crate::branch::engine::{snapshot_in_use, snapshot_missing, SnapshotInfo};
 use crate::branch::store::unix_ms;
 use crate::error::EngineError;
-use crate::fsutil::{remove_tree, sync_dir, write_json_atomic};
+use crate::fsutil::{remove_tree, replace_file, sync_dir, write_json_atomic, PRIVATE};
 
 /// Where a source's snapshots come from.
 #[derive(Debug, Clone)]
@@ -53,6 +53,98 @@ impl Origin {
             Origin::DataDir(d) => format!("copy of {}", d.display()),
         }
     }
+}
+
+/// A libpq connection string without its password, and the password. Both forms
+/// are handled: `postgres://user:password@host/db?password=...` and
+/// `host=... password='...'`.
+pub(super) fn without_password(conn: &str) -> (String, Option<String>) {
+    let password = conn.parse::<tokio_postgres::Config>().ok().and_then(|c| {
+        c.get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+    });
+    let stripped = if let Some(after) = ["postgresql://", "postgres://"]
+        .iter()
+        .find_map(|scheme| conn.strip_prefix(scheme).map(|rest| (*scheme, rest)))
+    {
+        let (scheme, rest) = after;
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let authority = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+                format!("{user}@{hosts}")
+            }
+            None => authority.to_owned(),
+        };
+        let tail = match tail.split_once('?') {
+            Some((path, query)) => {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|kv| kv.split('=').next() != Some("password"))
+                    .collect();
+                if kept.is_empty() {
+                    path.to_owned()
+                } else {
+                    format!("{path}?{}", kept.join("&"))
+                }
+            }
+            None => tail.to_owned(),
+        };
+        format!("{scheme}{authority}{tail}")
+    } else {
+        keyword_pairs(conn)
+            .into_iter()
+            .filter(|(key, _)| key != "password")
+            .map(|(_, pair)| pair)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    (stripped, password)
+}
+
+/// The `key = value` pairs of a keyword/value connection string, each with its key
+/// and its text as written (quotes and escapes kept).
+fn keyword_pairs(conn: &str) -> Vec<(String, String)> {
+    let chars: Vec<char> = conn.chars().collect();
+    let mut pairs = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        let start = i;
+        while i < chars.len() && chars[i] != '=' && !chars[i].is_whitespace() {
+            i += 1;
+        }
+        let key: String = chars[start..i].iter().collect();
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        if i < chars.len() && chars[i] == '=' {
+            i += 1;
+        }
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        if i < chars.len() && chars[i] == '\'' {
+            i += 1;
+            while i < chars.len() && chars[i] != '\'' {
+                i += if chars[i] == '\\' { 2 } else { 1 };
+            }
+            i += 1;
+        } else {
+            while i < chars.len() && !chars[i].is_whitespace() {
+                i += if chars[i] == '\\' { 2 } else { 1 };
+            }
+        }
+        let end = i.min(chars.len());
+        if !key.is_empty() {
+            let value: String = chars[start..end].iter().collect();
+            pairs.push((key, value));
+        }
+    }
+    pairs
 }
 
 impl InstanceEngine {
@@ -154,9 +246,10 @@ impl InstanceEngine {
         let result = self.fill_and_seal(&partial, &name, now).await;
         match result {
             Ok(meta) => {
-                fs::remove_file(partial.join(PARTIAL_MARKER))?;
-                fs::rename(&partial, self.layout.snapshot_dir(&name))?;
-                sync_dir(&self.layout.snapshots())?;
+                let io = |e| EngineError::io("sealing the snapshot", e);
+                fs::remove_file(partial.join(PARTIAL_MARKER)).map_err(io)?;
+                fs::rename(&partial, self.layout.snapshot_dir(&name)).map_err(io)?;
+                sync_dir(&self.layout.snapshots()).map_err(io)?;
                 info!(source = %self.source, snapshot = %name, bytes = meta.size_bytes,
                       ms = started.elapsed().as_millis() as u64, "snapshot taken and sealed");
                 Ok(meta)
@@ -178,45 +271,63 @@ impl InstanceEngine {
         name: &str,
         now: SystemTime,
     ) -> Result<SnapshotMeta, EngineError> {
-        fs::create_dir_all(partial)?;
-        fs::write(partial.join(PARTIAL_MARKER), self.source.as_str())?;
-        self.bin.hand_over(partial).map_err(err)?;
+        let io = |e| EngineError::io("taking a snapshot", e);
+        fs::create_dir_all(partial).map_err(io)?;
+        fs::write(partial.join(PARTIAL_MARKER), self.source.as_str()).map_err(io)?;
+        self.bin
+            .hand_over(partial)
+            .map_err(|e| EngineError::failed_with("cannot take a snapshot", format!("{e:#}")))?;
         let data = partial.join("data");
         match &self.origin {
             Origin::Upstream(conn) => {
                 let mut cmd = self.bin.command("pg_basebackup");
+                // The password goes through the environment (readable only by the
+                // process's own user), never on a command line anyone can list.
+                let (conninfo, password) = without_password(conn);
                 cmd.arg("-D")
                     .arg(&data)
                     .args(["-X", "stream", "-c", "fast", "--no-password", "-d"])
-                    .arg(conn);
+                    .arg(conninfo)
+                    .env_remove("PGPASSWORD");
+                if let Some(password) = password {
+                    cmd.env("PGPASSWORD", password);
+                }
                 let out = tokio::process::Command::from(cmd)
                     .output()
                     .await
-                    .map_err(|e| EngineError::new(format!("cannot run pg_basebackup: {e}")))?;
+                    .map_err(|e| {
+                        EngineError::failed_with("cannot run pg_basebackup", format!("{e}"))
+                    })?;
                 if !out.status.success() {
-                    return Err(EngineError::new(format!(
-                        "pg_basebackup failed ({}): {}",
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )));
+                    // Its stderr may name paths and hosts: for the log only.
+                    return Err(EngineError::failed_with(
+                        "pg_basebackup of the source failed; the proxy's log has its output",
+                        format!(
+                            "{}: {}",
+                            out.status,
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        ),
+                    ));
                 }
             }
             Origin::DataDir(dir) => {
-                match postmaster::inspect(dir)? {
+                match postmaster::inspect(dir).map_err(io)? {
                     PidState::Running { pid, .. } => {
-                        return Err(EngineError::new(format!(
-                            "data_dir {} is in use by a running server (pid {pid}); stop it, \
-                             or copy from it with `upstream`",
-                            dir.display()
-                        )))
+                        return Err(EngineError::conflict(
+                            format!(
+                                "the source's data_dir is in use by a running server (pid \
+                                 {pid}); stop it, or copy from it with `upstream`"
+                            ),
+                            Some(dir.display().to_string()),
+                        ))
                     }
                     PidState::Stale | PidState::Absent => {}
                 }
                 if !dir.join("PG_VERSION").exists() {
-                    return Err(EngineError::new(format!(
-                        "data_dir {} is not a PostgreSQL data directory",
-                        dir.display()
-                    )));
+                    return Err(EngineError::failed_with(
+                        "the source's data_dir is not a PostgreSQL data directory",
+                        dir.display(),
+                    ));
                 }
                 let (from, to, owner) = (dir.clone(), data.clone(), self.bin.owner());
                 let try_reflink = self.try_reflink();
@@ -231,18 +342,18 @@ impl InstanceEngine {
                     })
                 })
                 .await
-                .map_err(err)??;
+                .map_err(join_failed)?
+                .map_err(|e| EngineError::io("copying the source's data_dir", e))?;
             }
         }
         if !data.join("postgresql.conf").exists() {
             // Debian keeps it under /etc; the settings that matter are passed at start.
-            fs::write(data.join("postgresql.conf"), "")?;
-            self.bin
-                .hand_over(&data.join("postgresql.conf"))
-                .map_err(err)?;
+            // Created by rename, given by descriptor: never through a planted link.
+            let conf = data.join("postgresql.conf");
+            replace_file(&conf, b"", PRIVATE, self.bin.owner()).map_err(io)?;
         }
         if !data.join("pg_hba.conf").exists() {
-            return Err(EngineError::new(
+            return Err(EngineError::failed(
                 "the copied data directory has no pg_hba.conf (Debian keeps it under \
                  /etc/postgresql); copy it into the data directory first",
             ));
@@ -259,7 +370,12 @@ impl InstanceEngine {
         self.server(&data, &socket_dir, &log, &settings)
             .start()
             .await
-            .map_err(|e| EngineError::new(format!("sealing the snapshot: {e}")))?;
+            .map_err(|e| match e {
+                EngineError::StartFailed { fatal } => EngineError::StartFailed {
+                    fatal: format!("sealing the snapshot: {fatal}"),
+                },
+                other => other,
+            })?;
         postmaster::stop(&data, &socket_dir).await?;
         let _ = fs::remove_file(data.join("postmaster.opts"));
         let meta = SnapshotMeta {
@@ -269,18 +385,18 @@ impl InstanceEngine {
             origin: self.origin.describe(),
             size_bytes: tree_size(&data),
         };
-        write_json_atomic(&partial.join(SNAPSHOT_META), &meta)?;
+        write_json_atomic(&partial.join(SNAPSHOT_META), &meta).map_err(io)?;
         Ok(meta)
     }
 
     /// Deletes a snapshot no branch uses.
-    pub(super) async fn delete_unused_snapshot(&self, name: &str) -> Result<(), SnapshotError> {
+    pub(super) async fn delete_unused_snapshot(&self, name: &str) -> Result<(), EngineError> {
         if !valid_snapshot_name(name) {
-            return Err(SnapshotError::NotFound(name.to_owned()));
+            return Err(snapshot_missing(self.source.as_str(), name));
         }
         let _exclusive = self.snapshot_lock.write().await;
         if !self.layout.snapshot_metas().iter().any(|m| m.name == name) {
-            return Err(SnapshotError::NotFound(name.to_owned()));
+            return Err(snapshot_missing(self.source.as_str(), name));
         }
         let users: Vec<String> = self
             .layout
@@ -290,15 +406,13 @@ impl InstanceEngine {
             .map(|m| m.branch)
             .collect();
         if !users.is_empty() {
-            return Err(SnapshotError::InUse {
-                name: name.to_owned(),
-                branches: users.join(", "),
-            });
+            return Err(snapshot_in_use(name, &users));
         }
         // Renamed first, so an interrupted removal is recognised and finished later.
         let doomed = self.layout.deleting_snapshot_dir(name);
-        fs::rename(self.layout.snapshot_dir(name), &doomed).map_err(EngineError::from)?;
-        remove_tree(&doomed).map_err(EngineError::from)?;
+        fs::rename(self.layout.snapshot_dir(name), &doomed)
+            .map_err(|e| EngineError::io("deleting the snapshot", e))?;
+        remove_tree(&doomed).map_err(|e| EngineError::io("deleting the snapshot", e))?;
         info!(source = %self.source, snapshot = name, "snapshot deleted");
         Ok(())
     }
@@ -307,6 +421,33 @@ impl InstanceEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_leave_the_connection_string() {
+        let cases = [
+            (
+                "postgres://rep:s3cret@db.internal:5433/postgres?sslmode=require",
+                "postgres://rep@db.internal:5433/postgres?sslmode=require",
+            ),
+            (
+                "postgresql://rep@db/postgres?password=s3cret&sslmode=require",
+                "postgresql://rep@db/postgres?sslmode=require",
+            ),
+            (
+                "host=db port=5433 user=rep password='s3 cret\\' x' sslmode=require",
+                "host=db port=5433 user=rep sslmode=require",
+            ),
+            ("host=db user=rep password = s3cret", "host=db user=rep"),
+        ];
+        for (conn, want) in cases {
+            let (stripped, password) = without_password(conn);
+            assert_eq!(stripped, want, "{conn}");
+            assert!(!stripped.contains("s3"), "{stripped}");
+            assert!(password.is_some_and(|p| p.starts_with("s3")), "{conn}");
+        }
+        let (stripped, password) = without_password("host=db user=rep");
+        assert_eq!((stripped.as_str(), password), ("host=db user=rep", None));
+    }
 
     #[test]
     fn origins_never_show_passwords() {

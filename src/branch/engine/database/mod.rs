@@ -12,6 +12,8 @@
 //! snapshots, branches are cloned from the newest (or the one asked for), so a session
 //! on the live source no longer blocks them; without any, they clone the live source.
 
+mod snapshots;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -20,10 +22,8 @@ use tokio_postgres::config::Host;
 use tokio_postgres::Client;
 use tracing::warn;
 
-use super::naming::{fit_ident, new_snapshot_name, snapshot_time, valid_snapshot_name};
-use super::{
-    snapshot_missing, Endpoint, Engine, Made, Recovered, ServerAddr, SnapshotError, SnapshotInfo,
-};
+use super::naming::{fit_ident, fnv64};
+use super::{snapshot_missing, Endpoint, Engine, Made, Recovered, ServerAddr, SnapshotInfo};
 use crate::branch::store::BranchRecord;
 use crate::clock::Clock;
 use crate::error::EngineError;
@@ -53,13 +53,8 @@ pub struct DatabaseEngine {
     taking: Mutex<()>,
     /// Snapshot names.
     clock: Clock,
-}
-
-/// A snapshot database found on the server.
-struct SnapshotDb {
-    name: String,
-    datname: String,
-    size_bytes: u64,
+    /// `server_version_num` of the source's server, read once.
+    server_version: tokio::sync::OnceCell<i32>,
 }
 
 impl DatabaseEngine {
@@ -72,7 +67,7 @@ impl DatabaseEngine {
     ) -> Result<Self, EngineError> {
         let mut admin: tokio_postgres::Config = server
             .parse()
-            .map_err(|e| EngineError::new(format!("bad server connection string: {e}")))?;
+            .map_err(|e| EngineError::failed(format!("bad server connection string: {e}")))?;
         // Never administer from inside the template: one session there blocks cloning.
         let dbname = match admin.get_dbname() {
             Some(db) if db != template => db.to_owned(),
@@ -102,6 +97,7 @@ impl DatabaseEngine {
             ddl_slots: tokio::sync::Semaphore::new(PARALLEL_DDL),
             taking: Mutex::new(()),
             clock,
+            server_version: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -109,51 +105,6 @@ impl DatabaseEngine {
     pub fn for_source(mut self, source: &str) -> Self {
         self.source = source.to_owned();
         self
-    }
-
-    fn snapshot_marker(&self, name: &str) -> String {
-        format!("{SNAPSHOT_PREFIX}{}/{name}", self.source)
-    }
-
-    /// This source's snapshot databases, oldest first.
-    async fn snapshot_dbs(&self) -> Result<Vec<SnapshotDb>, EngineError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT datname::text, shobj_description(oid, 'pg_database'), \
-                 pg_database_size(oid) FROM pg_database \
-                 WHERE shobj_description(oid, 'pg_database') LIKE 'offshoot-snapshot:%'",
-                &[],
-            )
-            .await?;
-        let prefix = format!("{SNAPSHOT_PREFIX}{}/", self.source);
-        let mut list: Vec<SnapshotDb> = rows
-            .iter()
-            .filter_map(|r| {
-                let comment: String = r.get(1);
-                let name = comment.strip_prefix(&prefix)?.to_owned();
-                valid_snapshot_name(&name).then(|| SnapshotDb {
-                    name,
-                    datname: r.get(0),
-                    size_bytes: r.get::<_, i64>(2).max(0) as u64,
-                })
-            })
-            .collect();
-        list.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(list)
-    }
-
-    fn snapshot_info(&self, s: &SnapshotDb) -> SnapshotInfo {
-        SnapshotInfo {
-            name: s.name.clone(),
-            created_at: snapshot_time(&s.name).unwrap_or_default(),
-            origin: format!(
-                "CREATE DATABASE ... TEMPLATE {}",
-                quote_ident(&self.template)
-            ),
-            size_bytes: s.size_bytes,
-            branches: Vec::new(),
-        }
     }
 
     /// The administrative session, reconnected when it has dropped.
@@ -180,7 +131,7 @@ impl DatabaseEngine {
             .ddl_slots
             .acquire()
             .await
-            .map_err(|_| EngineError::new("engine is shutting down"))?;
+            .map_err(|_| EngineError::failed("the engine is shutting down"))?;
         let client = self.upstream.pg_connect(&self.admin, "DDL").await?;
         Ok((client, permit))
     }
@@ -232,25 +183,91 @@ impl DatabaseEngine {
         Ok(())
     }
 
+    /// `CREATE DATABASE` options after `TEMPLATE`: on PostgreSQL 15 and later the
+    /// file-by-file strategy (on failure, a full disk included, the server removes
+    /// what it copied; the WAL_LOG strategy of 15 can leave the copied files
+    /// behind); empty before 15, where that is the only way and `OID` is not taken.
+    async fn copy_options(&self) -> Result<&'static str, EngineError> {
+        let version = self
+            .server_version
+            .get_or_try_init(|| async {
+                let client = self.client().await?;
+                let row = client
+                    .query_one("SELECT current_setting('server_version_num')::int", &[])
+                    .await?;
+                Ok::<i32, EngineError>(row.get(0))
+            })
+            .await?;
+        Ok(if *version >= 150_000 {
+            " STRATEGY FILE_COPY"
+        } else {
+            ""
+        })
+    }
+
+    /// The OID of database `name`, if it exists.
+    async fn oid_of(&self, name: &str) -> Result<Option<u32>, EngineError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT oid FROM pg_database WHERE datname = $1", &[&name])
+            .await?;
+        Ok(row.map(|r| r.get::<_, u32>(0)))
+    }
+
+    /// A failed `CREATE DATABASE` of `rec`'s clone, in words for people.
+    fn create_error(&self, rec: &BranchRecord, e: tokio_postgres::Error) -> EngineError {
+        if e.as_db_error()
+            .is_some_and(|db| db.code() == &tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+        {
+            return EngineError::conflict(
+                format!(
+                    "a database named \"{}\" already exists, and the proxy did not make it; \
+                     drop or rename it to use branch {} (see /api/v1/orphans)",
+                    rec.clone_name,
+                    rec.id()
+                ),
+                None,
+            );
+        }
+        e.into()
+    }
+
     /// Ensures the template exists, so a missing source gives a clear error.
     pub async fn check_template(&self) -> Result<(), EngineError> {
         if self.lookup(&self.template).await?.is_none() {
-            return Err(EngineError {
-                code: Some("3D000".into()),
-                message: format!(
-                    "source database \"{}\" does not exist on the server",
-                    self.template
-                ),
-            });
+            return Err(EngineError::NotFound(format!(
+                "source database \"{}\" does not exist on the server",
+                self.template
+            )));
         }
         Ok(())
     }
 }
 
-/// `<template>@<snapshot>`, the template shortened with a hash when the whole is over
-/// PostgreSQL's 63 bytes.
-fn snapshot_db_name(template: &str, name: &str) -> String {
-    fit_ident(template, &format!("@{name}"), template)
+/// The OIDs a creation of `rec` gives its clone, in the order tried: derived from
+/// what the record held before `CREATE DATABASE` ran (the branch and the creation's
+/// time), so after a crash an unmarked database under that name is provably the
+/// proxy's exactly when its OID is one of these. Above the range initdb uses.
+fn clone_oids(rec: &BranchRecord) -> [u32; 3] {
+    const FIRST_NORMAL_OID: u64 = 16_384;
+    let span = u64::from(u32::MAX) - FIRST_NORMAL_OID;
+    let mut oids = [0; 3];
+    for (k, oid) in oids.iter_mut().enumerate() {
+        let h = fnv64(&format!(
+            "{}/{}@{}#{k}",
+            rec.source, rec.branch, rec.created_at
+        ));
+        *oid = (FIRST_NORMAL_OID + h % span) as u32;
+    }
+    oids
+}
+
+/// Whether a `CREATE DATABASE ... OID n` failed only because `n` is in use.
+fn oid_taken(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        db.code() == &tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE
+            && db.message().contains("OID")
+    })
 }
 
 /// `<template>__<branch>`, shortened with a hash when over PostgreSQL's 63 bytes.
@@ -277,14 +294,48 @@ impl Engine for DatabaseEngine {
             None => snapshots.last(),
         };
         let template = from.map_or(self.template.as_str(), |s| s.datname.as_str());
+        let copy = self.copy_options().await?;
         let (client, _slot) = self.ddl_session().await?;
         let clone = quote_ident(&rec.clone_name);
-        client
-            .batch_execute(&format!(
-                "CREATE DATABASE {clone} TEMPLATE {}",
+        let create = |oid: Option<u32>| {
+            let oid = oid.map(|o| format!(" OID {o}")).unwrap_or_default();
+            format!(
+                "CREATE DATABASE {clone} TEMPLATE {}{copy}{oid}",
                 quote_ident(template)
-            ))
-            .await?;
+            )
+        };
+        // The OID is the proof of ownership until the marker is written: it is
+        // derived from the record, which was saved before this statement.
+        let mut made = false;
+        if copy.is_empty() {
+            client
+                .batch_execute(&create(None))
+                .await
+                .map_err(|e| self.create_error(rec, e))?;
+            made = true;
+        } else {
+            for oid in clone_oids(rec) {
+                match client.batch_execute(&create(Some(oid))).await {
+                    Ok(()) => {
+                        made = true;
+                        break;
+                    }
+                    // Taken by another database (or its leftover directory): the next.
+                    Err(e) if oid_taken(&e) => continue,
+                    Err(e) => return Err(self.create_error(rec, e)),
+                }
+            }
+        }
+        if !made {
+            // Every derived OID is taken (vanishingly rare): made without one, the
+            // clone is provably ours once marked, and left alone if a crash comes
+            // first.
+            warn!(clone = %rec.clone_name, "every derived OID is taken; creating without one");
+            client
+                .batch_execute(&create(None))
+                .await
+                .map_err(|e| self.create_error(rec, e))?;
+        }
         let comment = format!(
             "COMMENT ON DATABASE {clone} IS {}",
             quote_literal(&Self::marker(&rec.id()))
@@ -314,8 +365,19 @@ impl Engine for DatabaseEngine {
             None => Ok(Recovered::Absent),
             Some(comment) if comment == Self::marker(&rec.id()) => Ok(Recovered::Complete),
             Some(comment) if comment.is_empty() => {
-                // CREATE DATABASE is atomic: it exists, so it is complete. The record
-                // was written before it, under a name that did not exist then.
+                // CREATE DATABASE is atomic: it exists, so it is complete. It is ours
+                // only if it has an OID this record's creation would have given it;
+                // a database someone else made under that name is left alone.
+                let oid = self.oid_of(&rec.clone_name).await?;
+                if !oid.is_some_and(|o| clone_oids(rec).contains(&o)) {
+                    warn!(
+                        clone = %rec.clone_name,
+                        oid,
+                        "an unmarked database holds the name of an interrupted creation, \
+                         and nothing proves the proxy made it: leaving it alone"
+                    );
+                    return Ok(Recovered::Absent);
+                }
                 let client = self.client().await?;
                 client
                     .batch_execute(&format!(
@@ -326,11 +388,13 @@ impl Engine for DatabaseEngine {
                     .await?;
                 Ok(Recovered::Complete)
             }
-            Some(other) => Err(EngineError::new(format!(
-                "database \"{}\" exists but belongs to something else (comment {other:?}); \
-                 leaving it alone",
-                rec.clone_name
-            ))),
+            Some(other) => Err(EngineError::conflict(
+                format!(
+                    "database \"{}\" exists but belongs to something else; leaving it alone",
+                    rec.clone_name
+                ),
+                Some(format!("comment {other:?}")),
+            )),
         }
     }
 
@@ -343,11 +407,13 @@ impl Engine for DatabaseEngine {
             None => return Ok(()),
             Some(c) if c == Self::marker(&rec.id()) => {}
             Some(c) => {
-                return Err(EngineError::new(format!(
-                    "refusing to drop database \"{}\": it does not carry offshoot's marker \
-                     (comment {c:?})",
-                    rec.clone_name
-                )))
+                return Err(EngineError::conflict(
+                    format!(
+                        "refusing to drop database \"{}\": it does not carry offshoot's marker",
+                        rec.clone_name
+                    ),
+                    Some(format!("comment {c:?}")),
+                ))
             }
         }
         let (client, _slot) = self.ddl_session().await?;
@@ -371,32 +437,43 @@ impl Engine for DatabaseEngine {
     }
 
     async fn strays(&self) -> Vec<(String, String)> {
-        // Snapshot databases whose marker never got written (a proxy killed during
-        // `snapshot create`): named like ours, but not provably ours.
+        // Databases named like this source's snapshots or clones whose marker never
+        // got written (a proxy killed mid-creation, or someone else's): not provably
+        // ours, so reported and left alone.
         let Ok(client) = self.client().await else {
             return Vec::new();
         };
         let rows = client
             .query(
-                "SELECT datname::text FROM pg_database \
-                 WHERE coalesce(shobj_description(oid, 'pg_database'), '') \
-                       NOT LIKE 'offshoot-snapshot:%' \
-                   AND starts_with(datname::text, $1)",
-                &[&format!("{}@", self.template)],
+                "SELECT datname::text, starts_with(datname::text, $1) FROM pg_database \
+                 WHERE coalesce(shobj_description(oid, 'pg_database'), '') NOT LIKE 'offshoot%' \
+                   AND (starts_with(datname::text, $1) OR starts_with(datname::text, $2))",
+                &[
+                    &format!("{}@", self.template),
+                    &format!("{}__", self.template),
+                ],
             )
             .await
             .unwrap_or_default();
+        let impostors = match self.marked_snapshots().await {
+            Ok((_, impostors)) => impostors,
+            Err(_) => Vec::new(),
+        };
         rows.iter()
             .map(|r| {
-                (
-                    r.get::<_, String>(0),
-                    "named like a snapshot of this source but not marked as one".to_owned(),
-                )
+                let reason = if r.get::<_, bool>(1) {
+                    "named like a snapshot of this source but not marked as one"
+                } else {
+                    "named like a clone of this source but not marked as one: the proxy \
+                     cannot prove it made it"
+                };
+                (r.get::<_, String>(0), reason.to_owned())
             })
+            .chain(impostors)
             .collect()
     }
 
-    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>, SnapshotError> {
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>, EngineError> {
         Ok(self
             .snapshot_dbs()
             .await?
@@ -405,64 +482,12 @@ impl Engine for DatabaseEngine {
             .collect())
     }
 
-    async fn take_snapshot(&self) -> Result<SnapshotInfo, SnapshotError> {
-        let _one = self.taking.lock().await;
-        let existing = self.snapshot_dbs().await?;
-        let name = new_snapshot_name(self.clock.now(), |n| existing.iter().any(|s| s.name == n));
-        let datname = snapshot_db_name(&self.template, &name);
-        let db = quote_ident(&datname);
-        let (client, _slot) = self.ddl_session().await?;
-        client
-            .batch_execute(&format!(
-                "CREATE DATABASE {db} TEMPLATE {}",
-                quote_ident(&self.template)
-            ))
-            .await
-            .map_err(EngineError::from)?;
-        // Marked, and closed to clients: nobody's session can block a clone of it.
-        let seal = format!(
-            "COMMENT ON DATABASE {db} IS {}; ALTER DATABASE {db} ALLOW_CONNECTIONS false",
-            quote_literal(&self.snapshot_marker(&name))
-        );
-        if let Err(e) = client.batch_execute(&seal).await {
-            if let Err(drop_err) = client
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
-                .await
-            {
-                warn!(database = %datname, error = %drop_err, "could not remove an unmarked snapshot");
-            }
-            return Err(EngineError::from(e).into());
-        }
-        let size_bytes = client
-            .query_one(
-                "SELECT pg_database_size(oid) FROM pg_database WHERE datname = $1",
-                &[&datname],
-            )
-            .await
-            .map(|r| r.get::<_, i64>(0).max(0) as u64)
-            .unwrap_or(0);
-        tracing::info!(source = %self.source, snapshot = %name, database = %datname, "snapshot taken");
-        Ok(self.snapshot_info(&SnapshotDb {
-            name,
-            datname,
-            size_bytes,
-        }))
+    async fn take_snapshot(&self) -> Result<SnapshotInfo, EngineError> {
+        self.take().await
     }
 
-    async fn delete_snapshot(&self, name: &str) -> Result<(), SnapshotError> {
-        let _one = self.taking.lock().await;
-        let snapshots = self.snapshot_dbs().await?;
-        let snap = snapshots
-            .iter()
-            .find(|s| s.name == name)
-            .ok_or_else(|| SnapshotError::NotFound(name.to_owned()))?;
-        let (client, _slot) = self.ddl_session().await?;
-        client
-            .batch_execute(&format!("DROP DATABASE {}", quote_ident(&snap.datname)))
-            .await
-            .map_err(EngineError::from)?;
-        tracing::info!(source = %self.source, snapshot = name, "snapshot deleted");
-        Ok(())
+    async fn delete_snapshot(&self, name: &str) -> Result<(), EngineError> {
+        self.drop_snapshot(name).await
     }
 
     fn source_label(&self) -> String {
@@ -512,18 +537,6 @@ mod tests {
         assert!(name.len() <= MAX_IDENT_LEN, "{name}");
         assert_eq!(name, clone_db_name(&long, &id(&"b".repeat(40))));
         assert_ne!(name, clone_db_name(&long, &id(&"c".repeat(40))));
-    }
-
-    #[test]
-    fn snapshot_names_fit_postgres_limit() {
-        assert_eq!(
-            snapshot_db_name("shop", "20261125T031532Z"),
-            "shop@20261125T031532Z"
-        );
-        let long = "t".repeat(60);
-        let name = snapshot_db_name(&long, "20261125T031532Z-2");
-        assert!(name.len() <= MAX_IDENT_LEN, "{name}");
-        assert!(name.ends_with("@20261125T031532Z-2"), "{name}");
     }
 
     #[test]
