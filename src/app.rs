@@ -163,6 +163,7 @@ async fn serve(
     let tasks = CancellationToken::new();
     let mut handles = Vec::new();
     if cfg.admin.enabled {
+        let admin = crate::admin::bind(cfg).await?;
         let history = Arc::new(crate::history::History::new(HISTORY_SAMPLES));
         handles.push(
             tokio::spawn(crate::console::record_history(
@@ -178,9 +179,8 @@ async fn serve(
             registry: registry.clone(),
             history,
             reach: reach(cfg, embedded),
-            gate: Arc::new(crate::console::Gate::new(None, false)),
+            gate: admin.gate(),
         });
-        let admin = crate::admin::bind(cfg.admin.listen).await?;
         info!(addr = %cfg.admin.listen, "admin HTTP listening");
         handles.push(
             tokio::spawn(crate::admin::serve(

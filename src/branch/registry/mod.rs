@@ -95,7 +95,7 @@ pub struct CreateOptions {
 pub enum DeleteError {
     #[error("branch {0} does not exist")]
     NotFound(BranchId),
-    #[error("branch {id} has {conns} open connection(s); use force to terminate them")]
+    #[error("branch {id} has {conns} open connection(s); a forced deletion terminates them")]
     InUse { id: BranchId, conns: usize },
     #[error("branch {0} is being created, started, suspended or deleted; try again")]
     Busy(BranchId),
