@@ -328,6 +328,8 @@ async fn sources(State(s): State<AppState>) -> impl IntoResponse {
                 "max_branches": src.config.max_branches,
                 "suspend_after": src.engine.servers().is_some().then(|| src.config.suspend_after().map(|d| humantime::format_duration(d).to_string())).flatten(),
                 "persistent": src.config.persistent,
+                "clone_strategy": src.config.clone_strategy(),
+                "copy_mode": src.engine.copy_mode(),
             })
         })
         .collect();

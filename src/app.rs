@@ -109,10 +109,11 @@ async fn serve(
                 })
                 .await??
             }
-            EngineConfig::Database(_) => {
+            EngineConfig::Database(dcfg) => {
                 let engine = DatabaseEngine::new(&server, &db, &upstream, clock.clone())
                     .map_err(|e| anyhow!("sources.{name}.server: {e}"))?
-                    .for_source(name.as_str());
+                    .for_source(name.as_str())
+                    .with_strategy(dcfg.clone_strategy);
                 if let Err(e) = engine.check_template().await {
                     warn!(source = %name, error = %e, "source is not usable yet; clients will get this error");
                 }

@@ -24,7 +24,8 @@ mod source;
 use keys::{invalid, located};
 pub use sections::*;
 pub use source::{
-    DatabaseConfig, EngineConfig, EngineKind, InstanceConfig, ServerTls, SourceConfig,
+    CloneStrategy, DatabaseConfig, EngineConfig, EngineKind, InstanceConfig, ServerTls,
+    SourceConfig,
 };
 
 /// The configuration file read unless `--config` or `OFFSHOOT_CONFIG` names another.
