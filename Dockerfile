@@ -48,10 +48,12 @@ COPY --from=builder /usr/local/bin/offshoot /usr/local/bin/offshoot
 COPY conf/ /etc/offshoot/
 
 # Both listeners default to 127.0.0.1, which is unreachable from outside a
-# container. The admin endpoint has no authentication: publish 9187 only where
-# that is acceptable.
+# container. The admin API then wants its token for every request (serve makes
+# it in state.dir); OFFSHOOT_CONFIG lets `docker exec ... offshoot branch list`
+# find it.
 ENV OFFSHOOT__PROXY__LISTEN=0.0.0.0:6432 \
-    OFFSHOOT__ADMIN__LISTEN=0.0.0.0:9187
+    OFFSHOOT__ADMIN__LISTEN=0.0.0.0:9187 \
+    OFFSHOOT_CONFIG=/etc/offshoot/offshoot.toml
 
 USER postgres
 # state.dir (".offshoot" in the default configuration) is relative to this.

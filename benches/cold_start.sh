@@ -67,7 +67,7 @@ for mb in $SIZES_MB; do
         took=$(($(ms_now) - start))
         times[$mb]+="$took "
         log "$db.cold-$n: first row after $took ms"
-        curl -fsS --max-time 120 -X DELETE "http://127.0.0.1:$ADMIN_PORT/api/v1/branches/$db/cold-$n" >/dev/null
+        harness_api DELETE "/api/v1/branches/$db/cold-$n" --max-time 120 >/dev/null
         harness_psql postgres -c "CHECKPOINT"
     done
 done

@@ -13,6 +13,7 @@
 #   harness_psql DB -c SQL             psql straight to that cluster
 #   harness_start_offshoot TOML        start the proxy; TOML holds [sources.*] etc.
 #   harness_admin PATH                 GET from the admin HTTP endpoint
+#   harness_api METHOD PATH [curl...]  a write to the admin API (token, JSON)
 #   harness_metric NAME LABEL...       a metric's value from /metrics
 #   harness_describe                   machine, versions, load average: the report's header
 #   harness_report TEXT                write RESULTS_FILE, print it, show the proxy's warnings
@@ -234,6 +235,9 @@ listen = "127.0.0.1:$PROXY_PORT"
 
 [admin]
 listen = "127.0.0.1:$ADMIN_PORT"
+# Loopback only: reads (metrics, health, lists) need no token; writes use
+# harness_api, which sends the one serve makes in state.dir.
+public_read = true
 
 [state]
 dir = "$BENCH_TMP/state"
@@ -255,6 +259,17 @@ EOF
 # GET http://<admin>$1, body on stdout; fails on an HTTP error.
 harness_admin() {
     curl -fsS --max-time 10 "http://127.0.0.1:$ADMIN_PORT$1"
+}
+
+# $1 (POST, DELETE) http://<admin>$2 with the admin token and a JSON content type;
+# further arguments go to curl (-d BODY, --max-time N). Body on stdout; fails on
+# an HTTP error.
+harness_api() {
+    local method=$1 path=$2
+    shift 2
+    curl -fsS --max-time 600 -X "$method" \
+        -H "Authorization: Bearer $(cat "$BENCH_TMP/state/admin.token")" \
+        -H 'Content-Type: application/json' "$@" "http://127.0.0.1:$ADMIN_PORT$path"
 }
 
 # Prints the sum of the samples of metric $1 on the proxy's /metrics whose labels

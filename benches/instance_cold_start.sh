@@ -155,7 +155,7 @@ interval = \"1h\""
 
 api() {
     local method=$1 path=$2
-    curl -fsS --max-time 3600 -X "$method" "http://127.0.0.1:$ADMIN_PORT$path"
+    harness_api "$method" "$path" --max-time 3600
 }
 ms_now() { date +%s%3N; }
 first_row() {
@@ -234,9 +234,8 @@ used_kib() { df -k --output=used "$STORAGE_DIR" | tail -1 | tr -d ' '; }
 rss_before=$(proc_rss_kib "$OFFSHOOT_PID")
 used_before=$(used_kib)
 for ((n = 1; n <= SUSPENDED; n++)); do
-    curl -fsS --max-time 600 -X POST -H 'Content-Type: application/json' \
-        -d "{\"source\":\"in$small\",\"branch\":\"idle-$n\"}" \
-        "http://127.0.0.1:$ADMIN_PORT/api/v1/branches" >/dev/null
+    harness_api POST /api/v1/branches \
+        -d "{\"source\":\"in$small\",\"branch\":\"idle-$n\"}" >/dev/null
     api POST "/api/v1/branches/in$small/idle-$n/suspend" >/dev/null
 done
 sync

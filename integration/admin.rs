@@ -189,6 +189,8 @@ async fn the_cli_drives_the_api() {
             .arg("branch")
             .args(args)
             .args(["--admin", &admin])
+            .arg("--config")
+            .arg(proxy.dir.path().join("offshoot.toml"))
             .output()
             .unwrap();
         (
@@ -216,12 +218,15 @@ async fn the_cli_drives_the_api() {
     assert!(!ok && out.contains("does not exist"), "{out}");
 }
 
-/// Runs `offshoot <args> --admin <proxy's admin address>`; returns success and stderr.
+/// Runs `offshoot <args> --admin <proxy's admin address>` with the proxy's
+/// configuration (where the CLI finds the admin token); returns success and stderr.
 fn cli(proxy: &ProxyProc, args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_offshoot"))
         .args(args)
         .arg("--admin")
         .arg(format!("127.0.0.1:{}", proxy.admin))
+        .arg("--config")
+        .arg(proxy.dir.path().join("offshoot.toml"))
         .output()
         .unwrap();
     (

@@ -11,7 +11,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use offshoot::pg::{Cluster, PgBin};
@@ -265,6 +265,7 @@ impl ProxyProc {
         for attempt in 1.. {
             p.port = free_port();
             p.admin = free_port();
+            admin_token_at(p.admin, p.dir.path().join("state/admin.token"));
             let config = format!(
                 "[proxy]\nlisten = \"127.0.0.1:{}\"\nrelay_threads = 2\n{}\n\
                  [admin]\nlisten = \"127.0.0.1:{}\"\n\
@@ -448,15 +449,38 @@ impl Drop for ProxyProc {
     }
 }
 
-/// A bare HTTP/1.1 request; returns (status, body). Status 0 if unreachable.
+/// Admin ports of the proxies started here, and the token file each one's `serve`
+/// makes, so [`http`] can send the token.
+static ADMIN_TOKENS: Mutex<Vec<(u16, PathBuf)>> = Mutex::new(Vec::new());
+
+fn admin_token_at(port: u16, file: PathBuf) {
+    let mut tokens = ADMIN_TOKENS.lock().unwrap();
+    tokens.retain(|(p, _)| *p != port);
+    tokens.push((port, file));
+}
+
+/// The admin token of the proxy on `port`, once its `serve` has written it.
+pub fn admin_token(port: u16) -> Option<String> {
+    let tokens = ADMIN_TOKENS.lock().unwrap();
+    let (_, file) = tokens.iter().find(|(p, _)| *p == port)?;
+    std::fs::read_to_string(file)
+        .ok()
+        .map(|t| t.trim().to_owned())
+}
+
+/// A bare HTTP/1.1 request (with the proxy's admin token); returns (status, body).
+/// Status 0 if unreachable.
 pub fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return (0, String::new());
     };
     s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
     let body = body.unwrap_or("");
+    let auth = admin_token(port)
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );

@@ -274,6 +274,8 @@ async fn snapshots_are_chosen_and_cannot_be_deleted_while_used() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_offshoot"))
         .args(["snapshot", "list", "shop", "--admin"])
         .arg(format!("127.0.0.1:{}", proxy.admin))
+        .arg("--config")
+        .arg(proxy.dir.path().join("offshoot.toml"))
         .output()
         .unwrap();
     let listing = String::from_utf8_lossy(&out.stdout);

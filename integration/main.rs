@@ -4,6 +4,7 @@
 mod harness;
 
 mod admin;
+mod admin_access;
 mod auth;
 mod config;
 mod crash;

@@ -103,3 +103,65 @@ async fn count(c: &tokio_postgres::Client) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// `clone_strategy` on the server under test: `auto` clones files on 18 and later
+/// (`STRATEGY FILE_COPY` with `file_copy_method = clone`) and copies them on 15–17;
+/// `wal_log` is taken as asked. The mode is on each branch, in `/api/v1/sources`, and
+/// in `offshoot_clones_total`.
+#[tokio::test]
+async fn database_clones_use_the_strategy_the_server_has() {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    pg.make_source("logs").await;
+    let proxy = ProxyProc::start(&format!(
+        "{}{}",
+        source("shop", &pg, ""),
+        source("logs", &pg, "clone_strategy = \"wal_log\"")
+    ));
+    let version: String = pg
+        .direct("postgres")
+        .await
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let version: u32 = version.parse().unwrap();
+    let expected = if version >= 180_000 {
+        "file_clone"
+    } else {
+        "file_copy"
+    };
+    for db in ["shop.a", "logs.a"] {
+        let c = proxy.connect(db).await.expect("a new branch");
+        c.query_one("SELECT 1", &[]).await.unwrap();
+    }
+    let branches = proxy.branches();
+    let mode = |src: &str| {
+        branches
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["source"] == src)
+            .unwrap_or_else(|| panic!("no branch of {src} in {branches}"))["copy_mode"]
+            .clone()
+    };
+    assert_eq!(mode("shop"), expected, "server_version_num {version}");
+    assert_eq!(mode("logs"), "wal_log");
+    let (status, body) = proxy.api("GET", "/api/v1/sources", None);
+    assert_eq!(status, 200, "{body}");
+    let sources: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let shop = sources
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "shop")
+        .unwrap();
+    assert_eq!(shop["clone_strategy"], "auto");
+    assert_eq!(shop["copy_mode"], expected);
+    assert_eq!(
+        proxy.metric(&format!(
+            "offshoot_clones_total{{mode=\"{expected}\",source=\"shop\"}}"
+        )),
+        1.0
+    );
+}

@@ -1,9 +1,10 @@
 //! The HTTP side: `/metrics`, `/healthz` and the branch API under `/api/v1`; the
 //! web console (`crate::console`) is mounted beside them, behind the same gate.
 //!
-//! It has no authentication of its own: bind it to loopback or a private network.
+//! Every request passes [`guard`] first (allowed `Host`, no cross-site browser
+//! requests, JSON on API writes), then the console's gate, which checks the token
+//! ([`token`]) as a bearer header or a console session.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
+
+mod guard;
+pub mod token;
 
 use crate::branch::{CreateOptions, DeleteError, Registry, RemoveReason, Source};
 use crate::error::{mapping, EngineError, ErrorKind, ProvisionError};
@@ -324,6 +328,8 @@ async fn sources(State(s): State<AppState>) -> impl IntoResponse {
                 "max_branches": src.config.max_branches,
                 "suspend_after": src.engine.servers().is_some().then(|| src.config.suspend_after().map(|d| humantime::format_duration(d).to_string())).flatten(),
                 "persistent": src.config.persistent,
+                "clone_strategy": src.config.clone_strategy(),
+                "copy_mode": src.engine.copy_mode(),
             })
         })
         .collect();
@@ -356,16 +362,49 @@ fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Binds the admin address (so a taken port fails the start, not later).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
+/// The bound admin listener and the access rules it serves under.
+pub struct Bound {
+    listener: TcpListener,
+    guard: Arc<guard::Guard>,
+    gate: Arc<crate::console::Gate>,
+}
+
+impl Bound {
+    /// The token check (bearer header or console session), for the console.
+    pub fn gate(&self) -> Arc<crate::console::Gate> {
+        self.gate.clone()
+    }
+}
+
+/// Reads (or makes) the token and binds the admin address, so a bad token file or
+/// a taken port fails the start, not later.
+pub async fn bind(cfg: &crate::config::Config) -> anyhow::Result<Bound> {
+    let (secret, path) = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || token::load_or_create(&cfg)).await??
+    };
+    tracing::info!(path = %path.display(), "admin API token");
+    eprintln!(
+        "admin API token: {} (the offshoot CLI reads it from there)",
+        path.display()
+    );
+    let addr = cfg.admin.listen;
+    let listener = TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("admin.listen: cannot bind {addr}: {e}"))
+        .map_err(|e| anyhow::anyhow!("admin.listen: cannot bind {addr}: {e}"))?;
+    Ok(Bound {
+        listener,
+        guard: Arc::new(guard::Guard::new(&cfg.admin)),
+        gate: Arc::new(crate::console::Gate::new(
+            Some(secret),
+            cfg.admin.public_read,
+        )),
+    })
 }
 
 /// Serves until `shutdown`.
 pub async fn serve(
-    listener: TcpListener,
+    bound: Bound,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     provision_timeout: Duration,
@@ -377,11 +416,20 @@ pub async fn serve(
         metrics,
         provision_timeout,
     };
+    // The guard (Host, cross-site, JSON writes) runs first; then the console's gate
+    // checks the token (bearer header, or the console's session cookie).
     let gate = console.gate.clone();
-    let app = router(state).merge(crate::console::router(console)).layer(
-        axum::middleware::from_fn_with_state(gate, crate::console::session::check),
-    );
-    axum::serve(listener, app)
+    let app = router(state)
+        .merge(crate::console::router(console))
+        .layer(axum::middleware::from_fn_with_state(
+            gate,
+            crate::console::session::check,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            bound.guard,
+            guard::check,
+        ));
+    axum::serve(bound.listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

@@ -109,10 +109,11 @@ async fn serve(
                 })
                 .await??
             }
-            EngineConfig::Database(_) => {
+            EngineConfig::Database(dcfg) => {
                 let engine = DatabaseEngine::new(&server, &db, &upstream, clock.clone())
                     .map_err(|e| anyhow!("sources.{name}.server: {e}"))?
-                    .for_source(name.as_str());
+                    .for_source(name.as_str())
+                    .with_strategy(dcfg.clone_strategy);
                 if let Err(e) = engine.check_template().await {
                     warn!(source = %name, error = %e, "source is not usable yet; clients will get this error");
                 }
@@ -163,6 +164,7 @@ async fn serve(
     let tasks = CancellationToken::new();
     let mut handles = Vec::new();
     if cfg.admin.enabled {
+        let admin = crate::admin::bind(cfg).await?;
         let history = Arc::new(crate::history::History::new(HISTORY_SAMPLES));
         handles.push(
             tokio::spawn(crate::console::record_history(
@@ -178,9 +180,8 @@ async fn serve(
             registry: registry.clone(),
             history,
             reach: reach(cfg, embedded),
-            gate: Arc::new(crate::console::Gate::new(None, false)),
+            gate: admin.gate(),
         });
-        let admin = crate::admin::bind(cfg.admin.listen).await?;
         info!(addr = %cfg.admin.listen, "admin HTTP listening");
         handles.push(
             tokio::spawn(crate::admin::serve(

@@ -2,25 +2,95 @@
 //! for scripts and people.
 //!
 //! It speaks plain HTTP/1.1 over a TCP socket (the admin API is meant for loopback
-//! or a private network), so the binary needs no HTTP client library.
+//! or a private network), so the binary needs no HTTP client library. It sends the
+//! API's bearer token, found by [`find_token`].
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use serde_json::Value;
 
+use crate::admin::token;
+use crate::config::Config;
+
+/// Environment variable holding the admin token.
+pub const TOKEN_ENV: &str = "OFFSHOOT_ADMIN_TOKEN";
+
+/// A running proxy's admin API: its address and the token to send.
+pub struct AdminApi {
+    pub addr: String,
+    pub token: Option<String>,
+}
+
+impl AdminApi {
+    /// The API at `addr`, with the token [`find_token`] finds; `config` is the
+    /// configuration asked for (`--config`), else the default one if it exists.
+    pub fn connect(addr: &str, token_file: Option<&Path>, config: Option<&Path>) -> Result<Self> {
+        let default = Path::new(crate::config::DEFAULT_PATH);
+        let token = find_token(token_file, config.unwrap_or(default), config.is_some())?;
+        Ok(Self {
+            addr: addr.to_owned(),
+            token,
+        })
+    }
+}
+
+/// The token to send: from `--token-file`, else `OFFSHOOT_ADMIN_TOKEN`, else the
+/// file `serve` uses with the configuration at `config` (`admin.token_file` or
+/// `<state.dir>/admin.token`). `config_given`: the path was asked for, so a
+/// configuration that does not load is an error rather than "no token".
+pub fn find_token(
+    token_file: Option<&Path>,
+    config: &Path,
+    config_given: bool,
+) -> Result<Option<String>> {
+    if let Some(path) = token_file {
+        return token::read(path).map(Some);
+    }
+    if let Ok(t) = std::env::var(TOKEN_ENV) {
+        let t = t.trim();
+        if !t.is_empty() {
+            return Ok(Some(t.to_owned()));
+        }
+    }
+    if !config_given && !config.exists() {
+        return Ok(None);
+    }
+    let cfg = Config::load(config)?;
+    let path = token::path(&cfg);
+    if cfg.admin.token_file.is_none() && !path.exists() {
+        return Ok(None);
+    }
+    token::read(&path)
+        .with_context(|| {
+            format!("pass --token-file or set {TOKEN_ENV} if this user cannot read it")
+        })
+        .map(Some)
+}
+
 /// Sends one request; returns the status and the body.
-pub fn request(admin: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(admin).with_context(|| {
-        format!("cannot reach the admin API at {admin} (is `offshoot serve` running?)")
+pub fn request(
+    admin: &AdminApi,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String)> {
+    let addr = admin.addr.as_str();
+    let mut s = TcpStream::connect(addr).with_context(|| {
+        format!("cannot reach the admin API at {addr} (is `offshoot serve` running?)")
     })?;
     s.set_read_timeout(Some(Duration::from_secs(300)))?;
     let body = body.unwrap_or("");
+    let auth = match &admin.token {
+        Some(t) => format!("Authorization: Bearer {t}\r\n"),
+        None => String::new(),
+    };
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
@@ -29,12 +99,12 @@ pub fn request(admin: &str, method: &str, path: &str, body: Option<&str>) -> Res
     let text = String::from_utf8_lossy(&raw);
     let (head, rest) = text
         .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("malformed HTTP response from {admin}"))?;
+        .ok_or_else(|| anyhow!("malformed HTTP response from {addr}"))?;
     let status = head
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow!("malformed HTTP status line from {admin}"))?;
+        .ok_or_else(|| anyhow!("malformed HTTP status line from {addr}"))?;
     let chunked = head.lines().any(|l| {
         l.to_ascii_lowercase()
             .starts_with("transfer-encoding: chunked")
@@ -82,7 +152,7 @@ impl std::fmt::Display for ApiRefusal {
 
 impl std::error::Error for ApiRefusal {}
 
-fn api(admin: &str, method: &str, path: &str, body: Option<&str>) -> Result<Value> {
+fn api(admin: &AdminApi, method: &str, path: &str, body: Option<&str>) -> Result<Value> {
     let (status, text) = request(admin, method, path, body)?;
     let value: Value = if text.trim().is_empty() {
         Value::Null
@@ -103,7 +173,7 @@ fn api(admin: &str, method: &str, path: &str, body: Option<&str>) -> Result<Valu
 }
 
 /// Prints the branches as a table.
-pub fn list(admin: &str) -> Result<()> {
+pub fn list(admin: &AdminApi) -> Result<()> {
     let v = api(admin, "GET", "/api/v1/branches", None)?;
     let rows = v.as_array().cloned().unwrap_or_default();
     println!(
@@ -132,7 +202,7 @@ pub fn list(admin: &str) -> Result<()> {
 
 /// Creates a branch ahead of time, from `snapshot` if given (else the newest).
 pub fn create(
-    admin: &str,
+    admin: &AdminApi,
     source: &str,
     branch: &str,
     persistent: bool,
@@ -159,7 +229,7 @@ pub fn create(
 }
 
 /// Stops a branch's server now; the next connection starts it again.
-pub fn suspend(admin: &str, source: &str, branch: &str) -> Result<()> {
+pub fn suspend(admin: &AdminApi, source: &str, branch: &str) -> Result<()> {
     let path = format!("/api/v1/branches/{source}/{branch}/suspend");
     api(admin, "POST", &path, None)?;
     println!("{source}.{branch} suspended");
@@ -167,7 +237,7 @@ pub fn suspend(admin: &str, source: &str, branch: &str) -> Result<()> {
 }
 
 /// Takes and seals a snapshot of `source`.
-pub fn snapshot_create(admin: &str, source: &str) -> Result<()> {
+pub fn snapshot_create(admin: &AdminApi, source: &str) -> Result<()> {
     let path = format!("/api/v1/sources/{source}/snapshots");
     let v = api(admin, "POST", &path, None)?;
     println!(
@@ -180,7 +250,7 @@ pub fn snapshot_create(admin: &str, source: &str) -> Result<()> {
 }
 
 /// Prints `source`'s snapshots, oldest first.
-pub fn snapshot_list(admin: &str, source: &str) -> Result<()> {
+pub fn snapshot_list(admin: &AdminApi, source: &str) -> Result<()> {
     let path = format!("/api/v1/sources/{source}/snapshots");
     let v = api(admin, "GET", &path, None)?;
     println!(
@@ -205,7 +275,7 @@ pub fn snapshot_list(admin: &str, source: &str) -> Result<()> {
 }
 
 /// Deletes a snapshot no branch uses.
-pub fn snapshot_delete(admin: &str, source: &str, name: &str) -> Result<()> {
+pub fn snapshot_delete(admin: &AdminApi, source: &str, name: &str) -> Result<()> {
     let path = format!("/api/v1/sources/{source}/snapshots/{name}");
     api(admin, "DELETE", &path, None)?;
     println!("snapshot {name} of {source} deleted");
@@ -213,7 +283,7 @@ pub fn snapshot_delete(admin: &str, source: &str, name: &str) -> Result<()> {
 }
 
 /// Deletes a branch; `force` terminates its sessions first.
-pub fn delete(admin: &str, source: &str, branch: &str, force: bool) -> Result<()> {
+pub fn delete(admin: &AdminApi, source: &str, branch: &str, force: bool) -> Result<()> {
     let path = format!(
         "/api/v1/branches/{source}/{branch}{}",
         if force { "?force=true" } else { "" }

@@ -34,12 +34,7 @@ enum LogFormat {
 struct ConfigArg {
     /// Configuration file (TOML). Environment variables `OFFSHOOT__SECTION__KEY`
     /// override its values.
-    #[arg(
-        long,
-        short,
-        default_value = "conf/offshoot.toml",
-        env = "OFFSHOOT_CONFIG"
-    )]
+    #[arg(long, short, default_value = offshoot::config::DEFAULT_PATH, env = "OFFSHOOT_CONFIG")]
     config: PathBuf,
 }
 
@@ -51,31 +46,50 @@ enum Command {
     Check(ConfigArg),
     /// List, create or delete branches through a running proxy's admin API.
     Branch {
-        /// The admin API address (`admin.listen` of the running proxy).
-        #[arg(
-            long,
-            default_value = "127.0.0.1:9187",
-            env = "OFFSHOOT_ADMIN",
-            global = true
-        )]
-        admin: String,
+        #[command(flatten)]
+        api: ApiArgs,
         #[command(subcommand)]
         action: BranchAction,
     },
     /// Take, list or delete snapshots of an `instance` source through a running
     /// proxy's admin API.
     Snapshot {
-        /// The admin API address (`admin.listen` of the running proxy).
-        #[arg(
-            long,
-            default_value = "127.0.0.1:9187",
-            env = "OFFSHOOT_ADMIN",
-            global = true
-        )]
-        admin: String,
+        #[command(flatten)]
+        api: ApiArgs,
         #[command(subcommand)]
         action: SnapshotAction,
     },
+}
+
+/// How the CLI reaches a running proxy's admin API.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The admin API address (`admin.listen` of the running proxy).
+    #[arg(
+        long,
+        default_value = "127.0.0.1:9187",
+        env = "OFFSHOOT_ADMIN",
+        global = true
+    )]
+    admin: String,
+    /// File holding the admin API token. Default: `OFFSHOOT_ADMIN_TOKEN`, else the
+    /// token file of the configuration below (`admin.token_file`, or
+    /// `<state.dir>/admin.token`).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// The running proxy's configuration, read only to find its token file.
+    #[arg(long, short, env = "OFFSHOOT_CONFIG", global = true)]
+    config: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    fn connect(&self) -> anyhow::Result<offshoot::cli::AdminApi> {
+        offshoot::cli::AdminApi::connect(
+            &self.admin,
+            self.token_file.as_deref(),
+            self.config.as_deref(),
+        )
+    }
 }
 
 #[derive(Subcommand)]
@@ -134,7 +148,12 @@ fn split_name(name: &str) -> anyhow::Result<(&str, &str)> {
         .ok_or_else(|| anyhow::anyhow!("{name:?}: expected <source>.<branch>, e.g. shop.pr-42"))
 }
 
-fn branch_command(admin: &str, action: &BranchAction) -> std::process::ExitCode {
+fn branch_command(api: &ApiArgs, action: &BranchAction) -> std::process::ExitCode {
+    let admin = match api.connect() {
+        Ok(a) => a,
+        Err(e) => return exit_code(Err(e)),
+    };
+    let admin = &admin;
     let result = match action {
         BranchAction::List => offshoot::cli::list(admin),
         BranchAction::Create {
@@ -154,7 +173,12 @@ fn branch_command(admin: &str, action: &BranchAction) -> std::process::ExitCode 
     exit_code(result)
 }
 
-fn snapshot_command(admin: &str, action: &SnapshotAction) -> std::process::ExitCode {
+fn snapshot_command(api: &ApiArgs, action: &SnapshotAction) -> std::process::ExitCode {
+    let admin = match api.connect() {
+        Ok(a) => a,
+        Err(e) => return exit_code(Err(e)),
+    };
+    let admin = &admin;
     exit_code(match action {
         SnapshotAction::Create { source } => offshoot::cli::snapshot_create(admin, source),
         SnapshotAction::List { source } => offshoot::cli::snapshot_list(admin, source),
@@ -193,8 +217,8 @@ fn main() -> std::process::ExitCode {
     }
     let config = match &cli.command {
         Command::Serve(ConfigArg { config }) | Command::Check(ConfigArg { config }) => config,
-        Command::Branch { admin, action } => return branch_command(admin, action),
-        Command::Snapshot { admin, action } => return snapshot_command(admin, action),
+        Command::Branch { api, action } => return branch_command(api, action),
+        Command::Snapshot { api, action } => return snapshot_command(api, action),
     };
     let cfg = match Config::load(config) {
         Ok(c) => c,

@@ -120,7 +120,9 @@ free_port() {
 http_get() {
     (
         exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
-        printf 'GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' "$2" >&3
+        # The admin API wants the token `serve` wrote into its state directory.
+        printf 'GET %s HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer %s\r\nConnection: close\r\n\r\n' \
+            "$2" "$(cat "$tmp/state/admin.token" 2>/dev/null)" >&3
         timeout 5 cat <&3
     ) 2>/dev/null
 }

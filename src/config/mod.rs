@@ -24,14 +24,18 @@ mod source;
 use keys::{invalid, located};
 pub use sections::*;
 pub use source::{
-    DatabaseConfig, EngineConfig, EngineKind, InstanceConfig, ServerTls, SourceConfig,
+    CloneStrategy, DatabaseConfig, EngineConfig, EngineKind, InstanceConfig, ServerTls,
+    SourceConfig,
 };
+
+/// The configuration file read unless `--config` or `OFFSHOOT_CONFIG` names another.
+pub const DEFAULT_PATH: &str = "conf/offshoot.toml";
 
 /// Prefix of environment overrides: `OFFSHOOT__PROXY__LISTEN=0.0.0.0:6432`.
 pub const ENV_PREFIX: &str = "OFFSHOOT";
 
 /// Source keys whose environment override is a comma-separated list:
-/// `OFFSHOOT__SOURCES__SHOP__PERSISTENT=qa,staging`.
+/// `OFFSHOOT__SOURCES__SHOP__PERSISTENT=qa,staging` (and `admin.allowed_hosts`).
 const LIST_KEYS: [&str; 3] = ["persistent", "connect_roles", "create_roles"];
 
 /// The whole configuration tree.
@@ -84,6 +88,7 @@ impl Config {
             .unwrap_or_default()
             .into_keys()
             .flat_map(|name| LIST_KEYS.map(|key| format!("sources.{name}.{key}")))
+            .chain(["admin.allowed_hosts".to_owned()])
             .collect();
         Self::from_raw(Self::builder(path, lists).build()?)
     }
@@ -187,6 +192,28 @@ impl Config {
         }
         if !self.auth.query.contains("$1") {
             return Err(invalid("auth.query", "must take the role name as $1"));
+        }
+        if self.admin.enabled && self.admin.public_read && !self.admin.listen.ip().is_loopback() {
+            return Err(invalid(
+                "admin.public_read",
+                format!(
+                    "admin.listen ({}) is not a loopback address, so every request needs \
+                     the token; remove public_read or listen on 127.0.0.1",
+                    self.admin.listen
+                ),
+            ));
+        }
+        for (i, host) in self.admin.allowed_hosts.iter().enumerate() {
+            let name_ok = !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !name_ok && host.parse::<std::net::IpAddr>().is_err() {
+                return Err(invalid(
+                    format!("admin.allowed_hosts[{i}]"),
+                    format!("{host:?} is not a host name or address (write it without a port)"),
+                ));
+            }
         }
         if self.reaper.interval.is_zero() {
             return Err(invalid("reaper.interval", "must be greater than zero"));

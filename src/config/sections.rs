@@ -182,10 +182,21 @@ impl Default for AuthConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address of the HTTP endpoint; it has no authentication, so keep it private.
+    /// Address of the HTTP endpoint.
     pub listen: SocketAddr,
     /// Set to false to run without the HTTP endpoint.
     pub enabled: bool,
+    /// File holding the bearer token every write (and, unless `public_read`, every
+    /// read) must carry. Unset: `serve` makes one at `<state.dir>/admin.token`
+    /// (mode 0600) and reuses it, and the CLI finds it there.
+    pub token_file: Option<PathBuf>,
+    /// Let reads (GET: metrics, health, lists) through without the token. Only on a
+    /// loopback `listen`: a listener others can reach always needs the token.
+    pub public_read: bool,
+    /// Host names (or addresses) the API answers to besides loopback ones and the
+    /// `listen` address, e.g. a container's service name. Other `Host` headers get
+    /// 421, which is what defeats DNS rebinding.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for AdminConfig {
@@ -193,6 +204,9 @@ impl Default for AdminConfig {
         Self {
             listen: "127.0.0.1:9187".parse().expect("valid default address"),
             enabled: true,
+            token_file: None,
+            public_read: false,
+            allowed_hosts: Vec::new(),
         }
     }
 }

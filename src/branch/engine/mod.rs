@@ -53,14 +53,24 @@ pub enum Recovered {
     Absent,
 }
 
-/// How a clone's files were made, for engines that copy files.
+/// How a clone's files were made: by the proxy (`instance` engine) or by the
+/// server's `CREATE DATABASE` (`database` engine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum CopyMode {
     /// Copy-on-write clones: no data is copied until one side writes.
     Reflink,
     /// Every byte copied (the filesystem has no reflinks).
     Copy,
+    /// `STRATEGY FILE_COPY` with `file_copy_method = clone` (PostgreSQL 18+): the
+    /// server clones files, copy-on-write where its filesystem can.
+    FileClone,
+    /// `STRATEGY FILE_COPY`: the server copies every file.
+    FileCopy,
+    /// `STRATEGY WAL_LOG`: the server copies block by block through the WAL.
+    WalLog,
+    /// Before PostgreSQL 15: the server's only way (a file copy).
+    ServerDefault,
 }
 
 impl CopyMode {
@@ -69,6 +79,10 @@ impl CopyMode {
         match self {
             CopyMode::Reflink => "reflink",
             CopyMode::Copy => "copy",
+            CopyMode::FileClone => "file_clone",
+            CopyMode::FileCopy => "file_copy",
+            CopyMode::WalLog => "wal_log",
+            CopyMode::ServerDefault => "server_default",
         }
     }
 }
@@ -186,6 +200,12 @@ pub trait Engine: Send + Sync + 'static {
         Err(no_snapshots(&self.source_label()))
     }
 
+    /// How new clones are made, once the engine knows (the `instance` engine after
+    /// its first copy, the `database` engine once it has asked the server).
+    fn copy_mode(&self) -> Option<CopyMode> {
+        None
+    }
+
     /// The source's name, for messages.
     fn source_label(&self) -> String {
         "this source".into()
@@ -204,6 +224,18 @@ mod tests {
         );
         let m: CopyMode = serde_json::from_str("\"copy\"").unwrap();
         assert_eq!(m, CopyMode::Copy);
+        for mode in [
+            CopyMode::Reflink,
+            CopyMode::Copy,
+            CopyMode::FileClone,
+            CopyMode::FileCopy,
+            CopyMode::WalLog,
+            CopyMode::ServerDefault,
+        ] {
+            let text = serde_json::to_string(&mode).unwrap();
+            assert_eq!(text, format!("\"{}\"", mode.as_str()));
+            assert_eq!(serde_json::from_str::<CopyMode>(&text).unwrap(), mode);
+        }
         assert!(serde_json::from_str::<CopyMode>("\"2\"").is_err());
     }
 }

@@ -13,6 +13,7 @@
 //! on the live source no longer blocks them; without any, they clone the live source.
 
 mod snapshots;
+mod strategy;
 
 use std::sync::Arc;
 
@@ -23,9 +24,12 @@ use tokio_postgres::Client;
 use tracing::warn;
 
 use super::naming::{fit_ident, fnv64};
-use super::{snapshot_missing, Endpoint, Engine, Made, Recovered, ServerAddr, SnapshotInfo};
+use super::{
+    snapshot_missing, CopyMode, Endpoint, Engine, Made, Recovered, ServerAddr, SnapshotInfo,
+};
 use crate::branch::store::BranchRecord;
 use crate::clock::Clock;
+use crate::config::CloneStrategy;
 use crate::error::EngineError;
 use crate::names::{quote_ident, quote_literal, BranchId};
 
@@ -53,8 +57,10 @@ pub struct DatabaseEngine {
     taking: Mutex<()>,
     /// Snapshot names.
     clock: Clock,
-    /// `server_version_num` of the source's server, read once.
-    server_version: tokio::sync::OnceCell<i32>,
+    /// `clone_strategy`.
+    strategy: CloneStrategy,
+    /// How clones are made on this server, settled on first use.
+    mode: tokio::sync::OnceCell<CopyMode>,
 }
 
 impl DatabaseEngine {
@@ -97,8 +103,15 @@ impl DatabaseEngine {
             ddl_slots: tokio::sync::Semaphore::new(PARALLEL_DDL),
             taking: Mutex::new(()),
             clock,
-            server_version: tokio::sync::OnceCell::new(),
+            strategy: CloneStrategy::default(),
+            mode: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// Sets `clone_strategy` (default `auto`).
+    pub fn with_strategy(mut self, strategy: CloneStrategy) -> Self {
+        self.strategy = strategy;
+        self
     }
 
     /// Names the source in snapshot markers (defaults to the template's name).
@@ -181,28 +194,6 @@ impl DatabaseEngine {
                 .await?;
         }
         Ok(())
-    }
-
-    /// `CREATE DATABASE` options after `TEMPLATE`: on PostgreSQL 15 and later the
-    /// file-by-file strategy (on failure, a full disk included, the server removes
-    /// what it copied; the WAL_LOG strategy of 15 can leave the copied files
-    /// behind); empty before 15, where that is the only way and `OID` is not taken.
-    async fn copy_options(&self) -> Result<&'static str, EngineError> {
-        let version = self
-            .server_version
-            .get_or_try_init(|| async {
-                let client = self.client().await?;
-                let row = client
-                    .query_one("SELECT current_setting('server_version_num')::int", &[])
-                    .await?;
-                Ok::<i32, EngineError>(row.get(0))
-            })
-            .await?;
-        Ok(if *version >= 150_000 {
-            " STRATEGY FILE_COPY"
-        } else {
-            ""
-        })
     }
 
     /// The OID of database `name`, if it exists.
@@ -294,8 +285,12 @@ impl Engine for DatabaseEngine {
             None => snapshots.last(),
         };
         let template = from.map_or(self.template.as_str(), |s| s.datname.as_str());
-        let copy = self.copy_options().await?;
+        let mode = self.copy_mode_now().await?;
+        let copy = mode.create_options();
         let (client, _slot) = self.ddl_session().await?;
+        if let Some(set) = mode.session_setting() {
+            client.batch_execute(set).await?;
+        }
         let clone = quote_ident(&rec.clone_name);
         let create = |oid: Option<u32>| {
             let oid = oid.map(|o| format!(" OID {o}")).unwrap_or_default();
@@ -307,7 +302,7 @@ impl Engine for DatabaseEngine {
         // The OID is the proof of ownership until the marker is written: it is
         // derived from the record, which was saved before this statement.
         let mut made = false;
-        if copy.is_empty() {
+        if !mode.takes_oid() {
             client
                 .batch_execute(&create(None))
                 .await
@@ -352,7 +347,7 @@ impl Engine for DatabaseEngine {
         }
         Ok(Made {
             snapshot: from.map(|s| s.name.clone()),
-            copy_mode: None,
+            copy_mode: Some(mode),
         })
     }
 
@@ -488,6 +483,10 @@ impl Engine for DatabaseEngine {
 
     async fn delete_snapshot(&self, name: &str) -> Result<(), EngineError> {
         self.drop_snapshot(name).await
+    }
+
+    fn copy_mode(&self) -> Option<CopyMode> {
+        self.mode.get().copied()
     }
 
     fn source_label(&self) -> String {

@@ -333,6 +333,10 @@ impl Engine for InstanceEngine {
         self.delete_unused_snapshot(name).await
     }
 
+    fn copy_mode(&self) -> Option<CopyMode> {
+        *self.mode.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn source_label(&self) -> String {
         self.source.to_string()
     }
