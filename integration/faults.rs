@@ -592,8 +592,6 @@ async fn tablespace_size(admin: &Client) -> i64 {
 /// still holds `used` bytes, the disk `inodes` files); and `fits` still serves old
 /// and new sessions.
 async fn assert_nothing_left(d: &SmallDisk, used: i64, inodes: u64) {
-    assert_eq!(tablespace_size(&d.admin).await, used, "no files left");
-    assert_eq!(d.disk.inodes_used(), inodes, "no files left");
     assert_eq!(clones(&d.pg).await, vec!["shop__fits".to_string()]);
     assert!(!d
         .proxy
@@ -610,6 +608,8 @@ async fn assert_nothing_left(d: &SmallDisk, used: i64, inodes: u64) {
         .unwrap()
         .get(0);
     assert_eq!(rows, BULK_ROWS);
+    assert_eq!(tablespace_size(&d.admin).await, used, "no files left");
+    assert_eq!(d.disk.inodes_used(), inodes, "no files left");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
