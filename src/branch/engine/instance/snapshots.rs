@@ -23,7 +23,7 @@ use crate::branch::engine::naming::{new_snapshot_name, valid_snapshot_name};
 use crate::branch::engine::{snapshot_in_use, snapshot_missing, SnapshotInfo};
 use crate::branch::store::unix_ms;
 use crate::error::EngineError;
-use crate::fsutil::{remove_tree, sync_dir, write_json_atomic};
+use crate::fsutil::{remove_tree, replace_file, sync_dir, write_json_atomic, PRIVATE};
 
 /// Where a source's snapshots come from.
 #[derive(Debug, Clone)]
@@ -348,12 +348,9 @@ impl InstanceEngine {
         }
         if !data.join("postgresql.conf").exists() {
             // Debian keeps it under /etc; the settings that matter are passed at start.
-            fs::write(data.join("postgresql.conf"), "").map_err(io)?;
-            self.bin
-                .hand_over(&data.join("postgresql.conf"))
-                .map_err(|e| {
-                    EngineError::failed_with("cannot take a snapshot", format!("{e:#}"))
-                })?;
+            // Created by rename, given by descriptor: never through a planted link.
+            let conf = data.join("postgresql.conf");
+            replace_file(&conf, b"", PRIVATE, self.bin.owner()).map_err(io)?;
         }
         if !data.join("pg_hba.conf").exists() {
             return Err(EngineError::failed(
