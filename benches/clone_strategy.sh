@@ -47,6 +47,7 @@ if [[ -z ${OFFSHOOT_BIN:-} ]]; then
     (cd "$REPO_DIR" && cargo build --release >&2) || die "cargo build --release failed"
     OFFSHOOT_BIN=$REPO_DIR/target/release/offshoot
 fi
+bench_lock clone_strategy
 LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 pg() { as_pg "$PG18_BIN/$1" "${@:2}"; }
@@ -57,6 +58,7 @@ OFFSHOOT_PID=""
 cleanup() {
     [[ -n $OFFSHOOT_PID ]] && stop_process "$OFFSHOOT_PID" TERM 30 offshoot
     pg pg_ctl -D "$DATA_ROOT/pg" stop -m fast >/dev/null 2>&1 || true
+    bench_unlock
 }
 trap cleanup EXIT
 

@@ -57,12 +57,11 @@ harness_init() {
     OFFSHOOT_PID=""
     PG_STARTED=0
     BENCH_TMP=""
-    HARNESS_LOCKED=0
     HARNESS_LOGS=(offshoot.log postgres.log)
     trap _harness_cleanup EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM
-    _harness_lock "$name"
+    bench_lock "$name"
     HARNESS_LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || true)
     PG_BIN=$(find_pg_bin)
     local tool
@@ -100,32 +99,6 @@ harness_init() {
     mkdir -p "$BENCH_TMP/sock"
     [[ $EUID -eq 0 ]] && chown -R postgres: "$BENCH_TMP"
     log "Temp dir: $BENCH_TMP"
-}
-
-HARNESS_LOCK=${BENCH_LOCK:-${TMPDIR:-/tmp}/offshoot-bench.lock}
-
-# Writes "<pid> <name>" to the lock file, which must not exist yet.
-_harness_claim() {
-    (
-        set -o noclobber
-        echo "$$ $1" >"$HARNESS_LOCK"
-    ) 2>/dev/null
-}
-
-# Takes the benchmark lock for script $1, or dies naming the benchmark that holds
-# it. A lock whose process is gone (a script killed with -9) is taken over.
-_harness_lock() {
-    local holder="" what=""
-    if ! _harness_claim "$1"; then
-        read -r holder what <"$HARNESS_LOCK" 2>/dev/null || true
-        if [[ -n $holder ]] && kill -0 "$holder" 2>/dev/null; then
-            die "another benchmark is running (${what:-?}, pid $holder, lock $HARNESS_LOCK); figures taken beside it would measure both"
-        fi
-        warn "taking over the lock $HARNESS_LOCK of pid ${holder:-?}, which is gone"
-        rm -f "$HARNESS_LOCK"
-        _harness_claim "$1" || die "could not take the benchmark lock $HARNESS_LOCK"
-    fi
-    HARNESS_LOCKED=1
 }
 
 _harness_show_log() {
@@ -168,9 +141,7 @@ _harness_cleanup() {
             rm -rf "$BENCH_TMP"
         fi
     fi
-    if ((HARNESS_LOCKED)) && [[ $(cut -d' ' -f1 "$HARNESS_LOCK" 2>/dev/null) == "$$" ]]; then
-        rm -f "$HARNESS_LOCK"
-    fi
+    bench_unlock
     exit "$rc"
 }
 

@@ -13,6 +13,44 @@ die() {
 # True when $1 is a non-negative integer.
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
+# One benchmark at a time: figures taken beside another benchmark measure both.
+# The lock file (BENCH_LOCK, default $TMPDIR/offshoot-bench.lock) holds
+# "<pid> <name>" of its owner.
+BENCH_LOCK=${BENCH_LOCK:-${TMPDIR:-/tmp}/offshoot-bench.lock}
+BENCH_LOCKED=0
+
+_bench_claim() {
+    (
+        set -o noclobber
+        echo "$$ $1" >"$BENCH_LOCK"
+    ) 2>/dev/null
+}
+
+# Takes the lock for benchmark $1, or dies naming the benchmark that holds it. A
+# lock whose process is gone (a script killed with -9) is taken over. The script's
+# EXIT trap must call bench_unlock.
+bench_lock() {
+    local holder="" what=""
+    if ! _bench_claim "$1"; then
+        read -r holder what <"$BENCH_LOCK" 2>/dev/null || true
+        if [[ -n $holder ]] && kill -0 "$holder" 2>/dev/null; then
+            die "another benchmark is running (${what:-?}, pid $holder, lock $BENCH_LOCK); figures taken beside it would measure both"
+        fi
+        warn "taking over the lock $BENCH_LOCK of pid ${holder:-?}, which is gone"
+        rm -f "$BENCH_LOCK"
+        _bench_claim "$1" || die "could not take the benchmark lock $BENCH_LOCK"
+    fi
+    BENCH_LOCKED=1
+}
+
+# Releases the lock if this script holds it.
+bench_unlock() {
+    if ((BENCH_LOCKED)) && [[ $(cut -d' ' -f1 "$BENCH_LOCK" 2>/dev/null) == "$$" ]]; then
+        rm -f "$BENCH_LOCK"
+    fi
+    BENCH_LOCKED=0
+}
+
 # Dies unless each variable named is a positive integer.
 require_positive() {
     local var

@@ -11,18 +11,7 @@ use crate::harness::*;
 
 /// A `provisioning` record, as the registry writes it before a creation starts.
 fn provisioning_record(proxy: &ProxyProc, engine: &str, branch: &str, clone: &str) {
-    let dir = proxy.dir.path().join("state/branches/shop");
-    std::fs::create_dir_all(&dir).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    let rec = format!(
-        "{{\"source\":\"shop\",\"branch\":\"{branch}\",\"engine\":\"{engine}\",\
-         \"clone_name\":\"{clone}\",\"state\":\"provisioning\",\
-         \"created_at\":{now},\"last_active\":{now}}}"
-    );
-    std::fs::write(dir.join(format!("{branch}.json")), rec).unwrap();
+    write_record(proxy, engine, branch, clone, "provisioning");
 }
 
 fn cp_a(from: &Path, to: &Path) {
@@ -187,19 +176,6 @@ async fn instance_creations_killed_mid_copy_leave_every_name_usable() {
     }
 }
 
-/// The ownership comment of database `name`.
-async fn comment(pg: &PgServer, name: &str) -> Option<String> {
-    pg.direct("postgres")
-        .await
-        .query_one(
-            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
-            &[&name],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// Server sessions waiting for a lock while marking a clone.
 async fn marking(pg: &PgServer) -> Vec<(i32, String)> {
     pg.direct("postgres")
@@ -263,14 +239,14 @@ async fn database_creation_killed_before_or_after_its_marker_is_adopted() {
         .unwrap();
     holder.batch_execute("ROLLBACK").await.unwrap();
     for _ in 0..200 {
-        if marking(&pg).await.is_empty() && comment(&pg, "shop__late").await.is_some() {
+        if marking(&pg).await.is_empty() && db_comment(&pg, "shop__late").await.is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(comment(&pg, "shop__early").await, None);
+    assert_eq!(db_comment(&pg, "shop__early").await, None);
     assert_eq!(
-        comment(&pg, "shop__late").await.as_deref(),
+        db_comment(&pg, "shop__late").await.as_deref(),
         Some("offshoot:shop/late")
     );
 
@@ -279,7 +255,7 @@ async fn database_creation_killed_before_or_after_its_marker_is_adopted() {
     // marked; the record that made nothing is dropped.
     assert_eq!(proxy.branch_names(), vec!["early", "late"]);
     assert_eq!(
-        comment(&pg, "shop__early").await.as_deref(),
+        db_comment(&pg, "shop__early").await.as_deref(),
         Some("offshoot:shop/early")
     );
     assert_eq!(orphans(&proxy), "[]");

@@ -143,19 +143,6 @@ async fn digest(c: &Client) -> String {
     .get(0)
 }
 
-/// The comment (ownership marker) of database `name`.
-async fn db_comment(pg: &PgServer, name: &str) -> Option<String> {
-    pg.direct("postgres")
-        .await
-        .query_one(
-            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
-            &[&name],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 // ---------------------------------------------------------------------------------
 // 1. A backend killed mid-query.
 
@@ -601,8 +588,10 @@ async fn tablespace_size(admin: &Client) -> i64 {
 }
 
 /// What the proxy must leave after a failed creation of `shop.full`: no clone, no
-/// record, the branch list as it was; and `fits` still serves old and new sessions.
-async fn assert_nothing_left(d: &SmallDisk) {
+/// record, the branch list as it was, no file of the failed copy (the tablespace
+/// still holds `used` bytes, the disk `inodes` files); and `fits` still serves old
+/// and new sessions.
+async fn assert_nothing_left(d: &SmallDisk, used: i64, inodes: u64) {
     assert_eq!(clones(&d.pg).await, vec!["shop__fits".to_string()]);
     assert!(!d
         .proxy
@@ -619,6 +608,8 @@ async fn assert_nothing_left(d: &SmallDisk) {
         .unwrap()
         .get(0);
     assert_eq!(rows, BULK_ROWS);
+    assert_eq!(tablespace_size(&d.admin).await, used, "no files left");
+    assert_eq!(d.disk.inodes_used(), inodes, "no files left");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -644,9 +635,7 @@ async fn no_room_for_the_clones_files_fails_with_53100_and_leaves_nothing() {
             msg.contains("shop/full") && msg.contains("No space left on device"),
             "the server's reason, naming the branch: {msg}"
         );
-        assert_nothing_left(&d).await;
-        assert_eq!(tablespace_size(&d.admin).await, used, "no files left");
-        assert_eq!(d.disk.inodes_used(), inodes, "no files left");
+        assert_nothing_left(&d, used, inodes).await;
     }
     assert_eq!(
         d.proxy.metric("offshoot_errors_total{kind=\"disk_full\"}"),
@@ -705,10 +694,7 @@ async fn a_disk_full_mid_copy_reports_the_servers_error_and_leaves_no_branch() {
             reason.contains("No space left on device") || reason.contains("wrote only"),
             "{reason}"
         );
-        assert_nothing_left(&d).await;
-        // Nothing of the failed copy stays on the disk.
-        assert_eq!(tablespace_size(&d.admin).await, used, "no files left");
-        assert_eq!(d.disk.inodes_used(), inodes, "no files left");
+        assert_nothing_left(&d, used, inodes).await;
     }
     assert_eq!(
         d.proxy.metric("offshoot_errors_total{kind=\"disk_full\"}"),

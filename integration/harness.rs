@@ -633,6 +633,37 @@ pub async fn clones(pg: &PgServer) -> Vec<String> {
         .collect()
 }
 
+/// The ownership comment (marker) of database `name` on `pg`.
+pub async fn db_comment(pg: &PgServer, name: &str) -> Option<String> {
+    pg.direct("postgres")
+        .await
+        .query_one(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Writes a record of branch `branch` of source `shop` into the stopped `proxy`'s
+/// state, as the registry does: `state` is `provisioning` (written before a creation
+/// starts) or `ready`.
+pub fn write_record(proxy: &ProxyProc, engine: &str, branch: &str, clone: &str, state: &str) {
+    let dir = proxy.dir.path().join("state/branches/shop");
+    std::fs::create_dir_all(&dir).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let rec = format!(
+        "{{\"source\":\"shop\",\"branch\":\"{branch}\",\"engine\":\"{engine}\",\
+         \"clone_name\":\"{clone}\",\"state\":\"{state}\",\
+         \"created_at\":{now},\"last_active\":{now}}}"
+    );
+    std::fs::write(dir.join(format!("{branch}.json")), rec).unwrap();
+}
+
 /// Writes `note` as row 10 of `items`: a mark to recognise a branch's data by.
 pub async fn mark(c: &Client, note: &str) {
     c.execute("INSERT INTO items VALUES (10, $1)", &[&note])

@@ -214,20 +214,9 @@ async fn interrupted_creation_is_settled_on_restart() {
         .await
         .unwrap();
     let dir = proxy.dir.path().join("state/branches/shop");
-    std::fs::create_dir_all(&dir).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    let rec = |b: &str| {
-        format!(
-            "{{\"source\":\"shop\",\"branch\":\"{b}\",\"engine\":\"database\",\
-             \"clone_name\":\"shop__{b}\",\"state\":\"provisioning\",\
-             \"created_at\":{now},\"last_active\":{now}}}"
-        )
-    };
-    std::fs::write(dir.join("half.json"), rec("half")).unwrap();
-    std::fs::write(dir.join("never.json"), rec("never")).unwrap();
+    for b in ["half", "never"] {
+        write_record(&proxy, "database", b, &format!("shop__{b}"), "provisioning");
+    }
     // A database that merely looks like a clone, with no record: never touched.
     c.batch_execute("CREATE DATABASE \"shop__foreign\"")
         .await
@@ -273,11 +262,7 @@ async fn interrupted_creation_is_settled_on_restart() {
     drop(s);
 
     // A record pointing at a database the proxy did not make: deletion is refused.
-    std::fs::write(
-        dir.join("foreign.json"),
-        rec("foreign").replace("provisioning", "ready"),
-    )
-    .unwrap();
+    write_record(&proxy, "database", "foreign", "shop__foreign", "ready");
     proxy.kill9_and_restart();
     let (status, body) = proxy.api("DELETE", "/api/v1/branches/shop/foreign?force=true", None);
     assert_eq!(status, 409, "{body}");

@@ -12,6 +12,7 @@ mod embedded;
 mod faults;
 mod instance;
 mod invariants;
+mod isolation;
 mod lifecycle;
 mod md5;
 mod preauth;

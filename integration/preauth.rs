@@ -34,17 +34,7 @@ async fn scram_server(extra_hba: &[&str]) -> PgServer {
 }
 
 fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = 196_608u32.to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut pkt = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    pkt.extend(body);
-    pkt
+    crate::protocol::startup_packet(3 << 16, params)
 }
 
 /// Reads one backend message: (type, body).

@@ -6,13 +6,15 @@
 //! the directories it needs are handed to that user.
 
 use std::fs;
-use std::os::unix::fs::{chown, PermissionsExt};
+use std::os::unix::fs::{lchown, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::unistd::{Gid, Uid, User};
+
+use crate::fsutil::{read_nofollow, replace_file, PRIVATE};
 
 /// The directory holding initdb, postgres and pg_ctl.
 #[derive(Debug, Clone)]
@@ -96,14 +98,25 @@ impl PgBin {
         self.run_as.map(|(u, g)| (u.as_raw(), g.as_raw()))
     }
 
-    /// Gives `path` to the service user (when we are root).
+    /// Gives `path` to the service user (when we are root). A link is given, never
+    /// what it points at (`lchown`).
     pub fn hand_over(&self, path: &Path) -> Result<()> {
         if let Some((uid, gid)) = self.run_as {
-            chown(path, Some(uid.as_raw()), Some(gid.as_raw()))
+            lchown(path, Some(uid.as_raw()), Some(gid.as_raw()))
                 .with_context(|| format!("cannot give {} to the postgres user", path.display()))?;
         }
         Ok(())
     }
+}
+
+/// The uid every server this process starts runs as: the `postgres` user when we
+/// are root, else our own. Only processes of this uid are ever signalled.
+pub fn server_uid() -> u32 {
+    static UID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UID.get_or_init(|| match service_user() {
+        Ok(Some((uid, _))) => uid.as_raw(),
+        _ => Uid::effective().as_raw(),
+    })
 }
 
 /// `Some(postgres user)` when running as root.
@@ -181,10 +194,12 @@ impl Cluster {
             cmd.arg("--no-sync");
         }
         check(cmd.output().context("running initdb")?, "initdb")?;
+        // The data directory is the server's: read without following a link, and
+        // replace the file rather than write through whatever has its name.
         let conf = self.data.join("postgresql.conf");
-        let mut text = fs::read_to_string(&conf)?;
-        text.push_str("\ninclude_if_exists = 'offshoot.conf'\n");
-        fs::write(&conf, text)?;
+        let mut text = read_nofollow(&conf).context("reading postgresql.conf")?;
+        text.extend_from_slice(b"\ninclude_if_exists = 'offshoot.conf'\n");
+        replace_file(&conf, &text, PRIVATE, self.bin.owner()).context("writing postgresql.conf")?;
         Ok(true)
     }
 
@@ -205,9 +220,13 @@ impl Cluster {
         for (k, v) in all {
             text.push_str(&format!("{k} = {}\n", conf_value(&v)));
         }
-        let path = self.data.join("offshoot.conf");
-        fs::write(&path, text)?;
-        self.bin.hand_over(&path)?;
+        replace_file(
+            &self.data.join("offshoot.conf"),
+            text.as_bytes(),
+            PRIVATE,
+            self.bin.owner(),
+        )
+        .context("writing offshoot.conf")?;
         Ok(())
     }
 
@@ -237,8 +256,7 @@ impl Cluster {
         }
         self.write_settings()?;
         let log = self.log_file();
-        fs::write(&log, b"")?;
-        self.bin.hand_over(&log)?;
+        replace_file(&log, b"", PRIVATE, self.bin.owner()).context("creating the server log")?;
         let out = self
             .bin
             .command("pg_ctl")
@@ -249,7 +267,8 @@ impl Cluster {
             .output()
             .context("running pg_ctl start")?;
         if !out.status.success() {
-            let tail = fs::read_to_string(&log).unwrap_or_default();
+            let tail = read_nofollow(&log).unwrap_or_default();
+            let tail = String::from_utf8_lossy(&tail);
             let tail: Vec<&str> = tail.lines().rev().take(5).collect();
             bail!(
                 "PostgreSQL did not start (data {}): {}",

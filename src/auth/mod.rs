@@ -191,6 +191,23 @@ impl QueryLookup {
         Ok((client, busy))
     }
 
+    /// Whether `role` is a superuser on this server (false for an unknown role, which
+    /// the server refuses anyway). Read from `pg_roles`, whatever `auth.query` is.
+    async fn is_superuser(&self, role: &str) -> Result<bool, LookupError> {
+        let (client, _busy) = self
+            .client()
+            .await
+            .map_err(|e| LookupError(format!("cannot connect to read rolsuper: {e}")))?;
+        let row = client
+            .query_opt(
+                "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = $1",
+                &[&role],
+            )
+            .await
+            .map_err(|e| LookupError(format!("reading rolsuper failed: {e}")))?;
+        Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
     async fn lookup(&self, query: &str, role: &str) -> Result<Option<Role>, LookupError> {
         let (client, _busy) = self
             .client()
@@ -302,6 +319,15 @@ impl Credentials {
         match server {
             Some(s) => s.lookup(&self.query, role).await,
             None => Ok(None),
+        }
+    }
+
+    /// Whether `role` is a superuser on `source`'s server (its `auth_server`): what
+    /// `sources.<name>.allow_superuser = false` refuses.
+    pub async fn is_superuser(&self, source: &str, role: &str) -> Result<bool, LookupError> {
+        match self.servers.get(source) {
+            Some(s) => s.is_superuser(role).await,
+            None => Err(LookupError(format!("source {source} has no server to ask"))),
         }
     }
 

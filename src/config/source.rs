@@ -63,6 +63,11 @@ pub struct SourceConfig {
     /// Let replication connections (`replication=...` in the startup packet) through
     /// to branches; refused by default.
     pub allow_replication: bool,
+    /// Let roles that are superusers on the source's server log in to its branches
+    /// (default true). A superuser in a clone can run programs as the branch
+    /// servers' OS user (`COPY ... TO PROGRAM`); set false where that matters, and
+    /// such logins are refused at the proxy with 42501.
+    pub allow_superuser: bool,
     /// Overrides `auth.method` for this source.
     pub auth_method: Option<AuthMethod>,
     /// Connection string the `auth.query` runs on; unset: `server` (or the embedded
@@ -196,6 +201,7 @@ impl Default for SourceConfig {
             persistent: Vec::new(),
             seed_demo: false,
             allow_replication: false,
+            allow_superuser: true,
             auth_method: None,
             auth_server: None,
             connect_roles: Vec::new(),

@@ -2,6 +2,8 @@
 //! whether replication sessions are allowed, and which roles may connect to and
 //! create branches.
 
+use tracing::warn;
+
 use super::protocol::Startup;
 use super::route::Route;
 use super::Proxy;
@@ -41,6 +43,37 @@ pub(super) fn authorize(
         may_create: listed(&cfg.create_roles),
         max_branches: cfg.max_branches_per_role,
     }))
+}
+
+/// Refuses a superuser of the source's server when the source says
+/// `allow_superuser = false`: a superuser in a clone can run programs as the branch
+/// servers' OS user. Checked under every method, `trust` included.
+pub(super) async fn refuse_superuser(proxy: &Proxy, route: &Route) -> Result<(), ClientError> {
+    let source = route.id.source.as_str();
+    let allowed = proxy
+        .registry
+        .source(source)
+        .is_none_or(|s| s.config.allow_superuser);
+    if allowed {
+        return Ok(());
+    }
+    match proxy
+        .access
+        .credentials
+        .is_superuser(source, &route.user)
+        .await
+    {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(ClientError::Forbidden(format!(
+            "superuser \"{}\" may not log in to branches of source {source} \
+             (sources.{source}.allow_superuser = false); use a role without SUPERUSER",
+            route.user
+        ))),
+        Err(e) => {
+            warn!(source, error = %e.0, "cannot tell whether the role is a superuser");
+            Err(ClientError::AuthUnavailable)
+        }
+    }
 }
 
 /// Whether the startup packet asks for a replication session (`replication` set to

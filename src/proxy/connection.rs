@@ -146,6 +146,9 @@ async fn startup_phases(
         drop(pending);
     }
     let creator = authorize::authorize(proxy, startup, &route, proven.is_some())?;
+    tokio::time::timeout_at(deadline, authorize::refuse_superuser(proxy, &route))
+        .await
+        .map_err(|_| ClientError::Protocol("authentication timed out".into()))??;
     if proven.is_some() && client.write_all(&auth::auth_ok()).await.is_err() {
         return Ok(None);
     }

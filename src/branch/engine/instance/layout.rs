@@ -2,24 +2,29 @@
 //! directory is the proxy's.
 //!
 //! ```text
+//! snapshots/<name>/                the proxy's (0711), like a branch directory
 //! snapshots/<name>/data            a sealed data directory (shut down cleanly)
 //! snapshots/<name>/snapshot.json   its metadata; a snapshot exists once this does
 //! snapshots/.partial-<name>/       a snapshot being taken (removed if interrupted)
 //! snapshots/.deleting-<name>/      a snapshot being deleted (removal finished later)
 //! branches/.new-<branch>/          a clone being made: branch.json first, then the
 //!                                  copy; renamed to branches/<branch> once complete
+//! branches/<branch>/               the proxy's (0711): the server's user passes through
 //! branches/<branch>/branch.json    ownership and provenance
-//! branches/<branch>/data           the clone
-//! branches/<branch>/postgres.log   the server's log since its last start
+//! branches/<branch>/data           the clone: the only part the server's user owns
+//! branches/<branch>/postgres.log   the server's log since its last start (the proxy's)
 //! run/<hash>/                      the server's private socket directory (0700)
 //! ```
+//!
+//! `<hash>` is the first 128 bits of SHA-256 of `source/branch`, in hex: short
+//! enough for a Unix socket path, and no two branches share a socket directory
+//! (a 64-bit non-cryptographic hash could be made to collide offline).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::branch::engine::naming::fnv64;
 use crate::branch::engine::CopyMode;
 use crate::branch::store::BranchRecord;
 use crate::fsutil::{read_json, remove_tree, temp_path};
@@ -34,6 +39,9 @@ pub(super) const PARTIAL_MARKER: &str = "offshoot-partial-snapshot";
 pub(super) const STAGING_PREFIX: &str = ".new-";
 pub(super) const BRANCH_META: &str = "branch.json";
 pub(super) const SNAPSHOT_META: &str = "snapshot.json";
+/// Mode of a branch directory: the proxy's; others (the server's user) may only
+/// traverse it to reach `data/`.
+pub(super) const BRANCH_DIR_MODE: u32 = 0o711;
 
 /// `branch.json`: written before anything is copied, so the directory is provably
 /// the proxy's from its first byte.
@@ -89,8 +97,15 @@ impl Layout {
     /// The private socket directory of a branch's server: short, whatever the
     /// branch's name (a socket path is at most 107 bytes).
     pub fn socket_dir(&self, rec: &BranchRecord) -> PathBuf {
-        let h = fnv64(&format!("{}/{}", rec.source, rec.branch));
-        self.root.join("run").join(format!("{h:016x}"))
+        let digest = ring::digest::digest(
+            &ring::digest::SHA256,
+            format!("{}/{}", rec.source, rec.branch).as_bytes(),
+        );
+        let hex: String = digest.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.root.join("run").join(hex)
     }
 
     /// The socket directory of the server that seals a new snapshot.

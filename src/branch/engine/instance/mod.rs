@@ -25,7 +25,7 @@ use tokio::sync::{Mutex, RwLock};
 use tracing::{info, warn};
 
 use self::copy::{copy_tree, CopyPlan};
-use self::layout::{BranchMeta, Layout, BRANCH_META};
+use self::layout::{BranchMeta, Layout, BRANCH_DIR_MODE, BRANCH_META};
 pub use self::snapshots::Origin;
 use super::{CopyMode, Endpoint, Engine, Made, Recovered, ServerAddr, Servers, SnapshotInfo};
 use crate::branch::store::{unix_ms, BranchRecord};
@@ -72,8 +72,8 @@ impl InstanceEngine {
         root: PathBuf,
         clock: Clock,
     ) -> anyhow::Result<Self> {
-        // A socket path is at most 107 bytes: `<root>/run/<16 hex>/.s.PGSQL.5432`.
-        let longest = root.as_os_str().len() + "/run/".len() + 16 + "/.s.PGSQL.5432".len();
+        // A socket path is at most 107 bytes: `<root>/run/<32 hex>/.s.PGSQL.5432`.
+        let longest = root.as_os_str().len() + "/run/".len() + 32 + "/.s.PGSQL.5432".len();
         if longest > 107 {
             anyhow::bail!(
                 "sources.{source}.storage: {} is too long for the branch servers' Unix sockets \
@@ -159,13 +159,16 @@ impl InstanceEngine {
         dir: &Path,
         snapshot: &str,
     ) -> Result<CopyMode, EngineError> {
+        // The branch directory stays the proxy's (the server's user may only pass
+        // through it): branch.json and postgres.log live where that user cannot
+        // plant links. Only data/ is given to it, by the copy.
         let io = |e| EngineError::io(format!("could not copy snapshot {snapshot}"), e);
         fs::create_dir(dir).map_err(io)?;
-        fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(io)?;
-        self.bin.hand_over(dir).map_err(|e| {
-            EngineError::failed_with("cannot prepare the clone's directory", format!("{e:#}"))
-        })?;
+        fs::set_permissions(
+            dir,
+            std::os::unix::fs::PermissionsExt::from_mode(BRANCH_DIR_MODE),
+        )
+        .map_err(io)?;
         let mut meta = BranchMeta {
             source: rec.source.to_string(),
             branch: rec.branch.to_string(),

@@ -2,14 +2,15 @@
 //! directly (no `pg_ctl`), watched through its `postmaster.pid`, and stopped with a
 //! signal only once the process is proven to be the server of that directory.
 //!
-//! Invariant: a signal is only ever sent to a process whose working directory is the
-//! data directory it is supposed to serve (a postmaster `chdir`s into its data
-//! directory). A pid read from a stale `postmaster.pid` that now belongs to some
-//! other process is never signalled.
+//! Invariant: a signal is only ever sent to a process that runs as the branch
+//! servers' uid and whose working directory is the data directory it is supposed to
+//! serve (a postmaster `chdir`s into its data directory). A pid read from a stale or
+//! forged `postmaster.pid` that belongs to some other process is never signalled.
+//! Files in the data directory (the server user's) are read without following links.
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,7 +21,8 @@ use nix::unistd::Pid;
 use tracing::{debug, info, warn};
 
 use crate::error::EngineError;
-use crate::pg::PgBin;
+use crate::fsutil::{create_fresh, read_nofollow, PRIVATE};
+use crate::pg::{server_uid, PgBin};
 
 /// The port every branch server uses: each has its own socket directory and no TCP
 /// listener, so the number only names the socket file.
@@ -57,8 +59,8 @@ struct PidFile {
 }
 
 fn read_pid_file(data: &Path) -> io::Result<Option<PidFile>> {
-    let text = match fs::read_to_string(data.join("postmaster.pid")) {
-        Ok(t) => t,
+    let text = match read_nofollow(&data.join("postmaster.pid")) {
+        Ok(t) => String::from_utf8_lossy(&t).into_owned(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
@@ -74,10 +76,16 @@ fn read_pid_file(data: &Path) -> io::Result<Option<PidFile>> {
     Ok(Some(PidFile { pid, ready }))
 }
 
-/// Whether process `pid` is alive and working in `data` (what every postmaster does).
+/// Whether process `pid` is alive, runs as the branch servers' uid and works in
+/// `data` (what every postmaster does).
 fn serves(pid: i32, data: &Path) -> bool {
     if pid <= 0 {
         return false;
+    }
+    // `/proc/<pid>` belongs to the process's effective uid.
+    match fs::metadata(format!("/proc/{pid}")) {
+        Ok(m) if m.uid() == server_uid() => {}
+        _ => return false,
     }
     let Ok(cwd) = fs::read_link(format!("/proc/{pid}/cwd")) else {
         // Gone, or a zombie (which has no working directory).
@@ -151,7 +159,8 @@ impl Server<'_> {
                 format!("{e:#}"),
             )
         })?;
-        let log = fs::File::create(self.log)?;
+        // The log is opened here and inherited: the server never opens it by name.
+        let log = create_fresh(self.log, PRIVATE)?;
         let mut cmd = self.bin.command("postgres");
         cmd.arg("-D").arg(self.data);
         for (k, v) in self.settings {
@@ -268,7 +277,8 @@ pub async fn stop(data: &Path, socket_dir: &Path) -> Result<(), EngineError> {
 /// The most telling line of a server log: the last FATAL/PANIC/ERROR message,
 /// without the timestamp prefix; else the last line.
 pub fn log_reason(log: &Path) -> String {
-    let text = fs::read_to_string(log).unwrap_or_default();
+    let text = read_nofollow(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
     let pick = text
         .lines()
         .rev()

@@ -5,11 +5,14 @@
 //! (`listen_addresses = ''`), never archive WAL, and keep the snapshot's roles and
 //! `pg_hba.conf`.
 
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use async_trait::async_trait;
 use tracing::info;
 
+use super::layout::BRANCH_DIR_MODE;
 use super::postmaster::{self, PidState, Server};
 use super::InstanceEngine;
 use crate::branch::engine::Servers;
@@ -69,6 +72,19 @@ impl InstanceEngine {
     }
 }
 
+/// Takes back a branch directory that an earlier version gave to the server's user,
+/// so `postgres.log` is created where that user cannot plant a link.
+fn reclaim(dir: &Path) -> Result<(), EngineError> {
+    let meta = fs::symlink_metadata(dir)?;
+    let me = nix::unistd::Uid::effective().as_raw();
+    if meta.is_dir() && (meta.uid() != me || meta.mode() & 0o7777 != BRANCH_DIR_MODE) {
+        std::os::unix::fs::lchown(dir, Some(me), Some(nix::unistd::Gid::effective().as_raw()))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(BRANCH_DIR_MODE))?;
+        info!(dir = %dir.display(), "took the branch directory back from the server's user");
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl Servers for InstanceEngine {
     async fn start(&self, rec: &BranchRecord) -> Result<(), EngineError> {
@@ -79,6 +95,7 @@ impl Servers for InstanceEngine {
                 rec.id()
             )));
         }
+        reclaim(&dir)?;
         let socket_dir = self.layout.socket_dir(rec);
         let settings = self.settings(
             &socket_dir,
