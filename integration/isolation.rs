@@ -46,6 +46,15 @@ async fn a_branch_superuser_cannot_plant_links_where_the_proxy_writes() {
     let meta = std::fs::metadata(&dir).unwrap();
     assert_eq!(meta.uid(), nix::unistd::Uid::effective().as_raw());
     assert_eq!(meta.permissions().mode() & 0o7777, 0o711);
+    // So is a snapshot's directory (snapshot.json, seal.log).
+    for e in std::fs::read_dir(storage.join("snapshots"))
+        .unwrap()
+        .flatten()
+    {
+        let meta = std::fs::metadata(e.path()).unwrap();
+        assert_eq!(meta.uid(), nix::unistd::Uid::effective().as_raw());
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o711);
+    }
     // The attack: links where the proxy writes next.
     for target in ["../postgres.log", "../branch.json", "../.branch.json.tmp"] {
         let cmd = format!("ln -sf {} {target}", canary.display());

@@ -2,6 +2,7 @@
 //! directory is the proxy's.
 //!
 //! ```text
+//! snapshots/<name>/                the proxy's (0711), like a branch directory
 //! snapshots/<name>/data            a sealed data directory (shut down cleanly)
 //! snapshots/<name>/snapshot.json   its metadata; a snapshot exists once this does
 //! snapshots/.partial-<name>/       a snapshot being taken (removed if interrupted)

@@ -7,6 +7,7 @@
 //! deletions take it exclusively, so a clone in the making always counts as a user.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -15,7 +16,8 @@ use tracing::{info, warn};
 
 use super::copy::{copy_tree, tree_size, CopyPlan};
 use super::layout::{
-    BranchMeta, SnapshotMeta, DELETING_PREFIX, PARTIAL_MARKER, PARTIAL_PREFIX, SNAPSHOT_META,
+    BranchMeta, SnapshotMeta, BRANCH_DIR_MODE, DELETING_PREFIX, PARTIAL_MARKER, PARTIAL_PREFIX,
+    SNAPSHOT_META,
 };
 use super::postmaster::{self, PidState};
 use super::{join_failed, InstanceEngine};
@@ -272,14 +274,20 @@ impl InstanceEngine {
         now: SystemTime,
     ) -> Result<SnapshotMeta, EngineError> {
         let io = |e| EngineError::io("taking a snapshot", e);
+        // The snapshot's directory stays the proxy's, like a branch's: only data/ is
+        // the servers' user's, so snapshot.json and seal.log are out of its reach.
         fs::create_dir_all(partial).map_err(io)?;
+        fs::set_permissions(partial, fs::Permissions::from_mode(BRANCH_DIR_MODE)).map_err(io)?;
         fs::write(partial.join(PARTIAL_MARKER), self.source.as_str()).map_err(io)?;
-        self.bin
-            .hand_over(partial)
-            .map_err(|e| EngineError::failed_with("cannot take a snapshot", format!("{e:#}")))?;
         let data = partial.join("data");
         match &self.origin {
             Origin::Upstream(conn) => {
+                // pg_basebackup runs as the servers' user and fills an empty directory.
+                fs::create_dir(&data).map_err(io)?;
+                fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).map_err(io)?;
+                self.bin.hand_over(&data).map_err(|e| {
+                    EngineError::failed_with("cannot take a snapshot", format!("{e:#}"))
+                })?;
                 let mut cmd = self.bin.command("pg_basebackup");
                 // The password goes through the environment (readable only by the
                 // process's own user), never on a command line anyone can list.
