@@ -38,19 +38,6 @@ fn url(proxy: &ProxyProc, user: &str, password: &str, db: &str) -> String {
     )
 }
 
-/// (SQLSTATE, message) of a failed connection attempt; panics if it succeeds.
-async fn refused(conn: &str) -> (String, String) {
-    match connect(conn).await {
-        Ok(_) => panic!("connected, but should have been refused: {conn}"),
-        Err(e) => (
-            sqlstate(&e),
-            e.as_db_error()
-                .map(|d| d.message().to_owned())
-                .unwrap_or_default(),
-        ),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scram_logs_in_as_the_same_role_and_every_failure_looks_alike() {
     let Fixture { pg, proxy } =

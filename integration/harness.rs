@@ -510,6 +510,19 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> String {
         .unwrap_or_else(|| format!("not a server error: {e}"))
 }
 
+/// (SQLSTATE, message) of a failed connection attempt; panics if it succeeds.
+pub async fn refused(conn: &str) -> (String, String) {
+    match connect(conn).await {
+        Ok(_) => panic!("connected, but should have been refused: {conn}"),
+        Err(e) => (
+            sqlstate(&e),
+            e.as_db_error()
+                .map(|d| d.message().to_owned())
+                .unwrap_or_default(),
+        ),
+    }
+}
+
 /// Polls `f` every 100 ms until it is true or `secs` pass.
 pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);

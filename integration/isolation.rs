@@ -137,19 +137,6 @@ async fn the_embedded_server_config_is_replaced_not_written_through() {
     assert!(proxy.terminate());
 }
 
-/// (SQLSTATE, message) of a refused connection.
-async fn refusal(conn: &str) -> (String, String) {
-    match connect(conn).await {
-        Ok(_) => panic!("connected, but should have been refused: {conn}"),
-        Err(e) => (
-            sqlstate(&e),
-            e.as_db_error()
-                .map(|d| d.message().to_owned())
-                .unwrap_or_default(),
-        ),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn superusers_are_refused_where_the_source_says_so() {
     // Under SCRAM: the right password of a superuser is not enough.
@@ -167,7 +154,7 @@ async fn superusers_are_refused_where_the_source_says_so() {
             proxy.port
         )
     };
-    let (state, message) = refusal(&url("boss", "boss-secret")).await;
+    let (state, message) = refused(&url("boss", "boss-secret")).await;
     assert_eq!(state, "42501", "{message}");
     assert!(message.contains("allow_superuser = false"), "{message}");
     assert!(
@@ -186,7 +173,7 @@ async fn superusers_are_refused_where_the_source_says_so() {
         .batch_execute("CREATE ROLE app LOGIN; GRANT SELECT ON items TO app")
         .await
         .unwrap();
-    let (state, message) = refusal(&proxy.url("shop.t1")).await;
+    let (state, message) = refused(&proxy.url("shop.t1")).await;
     assert_eq!(state, "42501", "{message}");
     assert!(message.contains("superuser \"postgres\""), "{message}");
     let c = connect(&proxy.url_as("app", "shop.t1")).await.unwrap();

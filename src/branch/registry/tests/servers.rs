@@ -12,6 +12,17 @@ use crate::branch::registry::{Phase, RemoveReason};
 use crate::branch::store::Store;
 use crate::config::{EngineConfig, InstanceConfig, SourceConfig};
 use crate::error::ProvisionError;
+/// An `instance` source whose branch servers are stopped after `secs` unused.
+fn suspends_after(secs: u64) -> SourceConfig {
+    SourceConfig {
+        engine: EngineConfig::Instance(InstanceConfig {
+            suspend_after: Some(Duration::from_secs(secs)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
 async fn creation_starts_the_server_and_suspension_stops_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -106,13 +117,7 @@ async fn a_suspension_whose_request_is_dropped_still_ends() {
 async fn a_resumed_branch_is_not_idle_before_its_waiters_arrive() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(with_servers());
-    let config = SourceConfig {
-        engine: EngineConfig::Instance(InstanceConfig {
-            suspend_after: Some(Duration::from_secs(60)),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let config = suspends_after(60);
     let clock = clock();
     let reg = registry_on(engine.clone(), config, dir.path(), clock.clone());
     drop(reg.acquire(&id("a"), WAIT).await.unwrap());
@@ -221,11 +226,7 @@ async fn suspended_branches_expire_but_persistent_ones_only_suspend() {
     let config = SourceConfig {
         idle_expire: Some(Duration::from_secs(600)),
         persistent: vec![crate::names::BranchName::new("qa").unwrap()],
-        engine: EngineConfig::Instance(InstanceConfig {
-            suspend_after: Some(Duration::from_secs(60)),
-            ..Default::default()
-        }),
-        ..Default::default()
+        ..suspends_after(60)
     };
     let clock = clock();
     let reg = registry_on(engine.clone(), config, dir.path(), clock.clone());
