@@ -123,12 +123,15 @@ OFFSHOOT_PID=$!
 wait_for_port "$PROXY_PORT" 60 || die "offshoot did not start: $(tail -5 "$DATA_ROOT/offshoot.log")"
 wait_for_port "$ADMIN_PORT" 60 || die "offshoot's admin port did not open"
 
-api_delete() {
+# The admin API wants the token serve generated, for reads as well as writes.
+api() {
     local auth=()
     [[ -f $DATA_ROOT/state/admin.token ]] &&
         auth=(-H "Authorization: Bearer $(cat "$DATA_ROOT/state/admin.token")")
-    curl -fsS --max-time 300 "${auth[@]}" -H 'Content-Type: application/json' \
-        -X DELETE "http://127.0.0.1:$ADMIN_PORT/api/v1/branches/$1/$2" >/dev/null
+    curl -fsS --max-time 300 "${auth[@]}" -H 'Content-Type: application/json' "$@"
+}
+api_delete() {
+    api -X DELETE "http://127.0.0.1:$ADMIN_PORT/api/v1/branches/$1/$2" >/dev/null
 }
 ms_now() { date +%s%3N; }
 declare -A times
@@ -209,7 +212,7 @@ for mb in $SIZES_MB; do
     table+="
 | ~$mb MB | $size | $REPEAT | $pw ms | $pc ms | $pi ms | $ratio |"
 done
-mode=$(curl -fsS "http://127.0.0.1:$ADMIN_PORT/api/v1/sources" 2>/dev/null | tr -d ' \n' | grep -o '"copy_mode":"file_[a-z]*"' | head -1 || true)
+mode=$(api "http://127.0.0.1:$ADMIN_PORT/api/v1/sources" 2>/dev/null | tr -d ' \n' | grep -o '"copy_mode":"file_[a-z]*"' | head -1 || true)
 
 {
     echo "# Cold start by clone strategy, PostgreSQL 18"
