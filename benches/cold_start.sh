@@ -87,7 +87,7 @@ done
     echo "# Cold start, \`database\` engine"
     echo
     harness_describe
-    echo "- Each run: psql connects to a branch that does not exist, Offshoot runs CREATE DATABASE ... TEMPLATE (PostgreSQL 15's default WAL_LOG strategy), then the query returns its row. The branch is deleted and a checkpoint taken between runs."
+    echo "- Each run: psql connects to a branch that does not exist, Offshoot runs CREATE DATABASE ... TEMPLATE with the source's clone_strategy (\`auto\`: STRATEGY FILE_COPY on PostgreSQL 15), then the query returns its row. The branch is deleted and a checkpoint taken between runs."
     echo
     echo "$table"
 } >"$RESULTS_FILE"
