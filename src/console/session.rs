@@ -71,10 +71,13 @@ impl Gate {
         self.token.is_some()
     }
 
+    /// Compares SHA-256 digests in constant time: they always have the same length,
+    /// so a wrong guess takes the same time whatever the token's bytes or length.
     fn token_matches(&self, given: &str) -> bool {
+        let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
         self.token
             .as_deref()
-            .is_some_and(|t| bool::from(t.as_bytes().ct_eq(given.as_bytes())))
+            .is_some_and(|t| bool::from(digest(t).as_ref().ct_eq(digest(given).as_ref())))
     }
 
     /// Checks a token from the login form; on success returns a new session id.
@@ -291,6 +294,12 @@ mod tests {
         let bad = headers(&[("authorization", "Bearer nope")]);
         assert!(matches!(gate.proof(&ok), Proof::Bearer));
         assert!(matches!(gate.proof(&bad), Proof::Wrong));
+        // A prefix, an extension and an empty token are all wrong.
+        for guess in ["s3cre", "s3cret2", ""] {
+            assert!(!gate.token_matches(guess), "{guess:?}");
+        }
+        assert!(gate.login("s3cret").is_some());
+        assert!(gate.login("s3cre").is_none());
         let open = Gate::new(None, false);
         assert!(matches!(open.proof(&bad), Proof::NotNeeded));
     }
