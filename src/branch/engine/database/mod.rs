@@ -285,12 +285,8 @@ impl Engine for DatabaseEngine {
             None => snapshots.last(),
         };
         let template = from.map_or(self.template.as_str(), |s| s.datname.as_str());
-        let mode = self.copy_mode_now().await?;
+        let (mode, client, _slot) = self.clone_session().await?;
         let copy = mode.create_options();
-        let (client, _slot) = self.ddl_session().await?;
-        if let Some(set) = mode.session_setting() {
-            client.batch_execute(set).await?;
-        }
         let clone = quote_ident(&rec.clone_name);
         let create = |oid: Option<u32>| {
             let oid = oid.map(|o| format!(" OID {o}")).unwrap_or_default();

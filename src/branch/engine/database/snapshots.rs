@@ -108,12 +108,8 @@ impl DatabaseEngine {
         let name = new_snapshot_name(self.clock.now(), |n| existing.iter().any(|s| s.name == n));
         let datname = snapshot_db_name(&self.template, &name);
         let db = quote_ident(&datname);
-        let mode = self.copy_mode_now().await?;
+        let (mode, client, _slot) = self.clone_session().await?;
         let copy = mode.create_options();
-        let (client, _slot) = self.ddl_session().await?;
-        if let Some(set) = mode.session_setting() {
-            client.batch_execute(set).await?;
-        }
         client
             .batch_execute(&format!(
                 "CREATE DATABASE {db} TEMPLATE {}{copy}",

@@ -7,6 +7,8 @@
 //! clone of an empty database has shown the server's filesystem takes it: on XFS or
 //! Btrfs a clone then costs the same whatever the template's size.
 
+use tokio::sync::SemaphorePermit;
+use tokio_postgres::Client;
 use tracing::{info, warn};
 
 use super::DatabaseEngine;
@@ -87,6 +89,19 @@ impl DatabaseEngine {
             .copied()
     }
 
+    /// A DDL session set up to copy a template the way this source's clones are
+    /// made, with that way.
+    pub(super) async fn clone_session(
+        &self,
+    ) -> Result<(CopyMode, Client, SemaphorePermit<'_>), EngineError> {
+        let mode = self.copy_mode_now().await?;
+        let (client, slot) = self.ddl_session().await?;
+        if let Some(set) = mode.session_setting() {
+            client.batch_execute(set).await?;
+        }
+        Ok((mode, client, slot))
+    }
+
     /// Whether `file_copy_method = clone` works on the server's filesystem: one
     /// `CREATE DATABASE ... TEMPLATE template0 STRATEGY FILE_COPY` of an empty
     /// database, dropped again.
@@ -106,7 +121,10 @@ impl DatabaseEngine {
         }
         // One statement per message: CREATE and DROP DATABASE refuse to run in the
         // implicit transaction of a multi-statement query.
-        if let Err(e) = client.batch_execute("SET file_copy_method = clone").await {
+        let set = CopyMode::FileClone
+            .session_setting()
+            .expect("file_clone has a session setting");
+        if let Err(e) = client.batch_execute(set).await {
             warn!(source = %self.source, error = %e, "the server has no file_copy_method = clone");
             return Ok(false);
         }
