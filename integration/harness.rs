@@ -85,6 +85,65 @@ fn remove_at_exit(dir: &Path) -> ChildStdin {
     cleaner.stdin.take().expect("piped stdin")
 }
 
+/// The user a proxy started as root drops to (`process.user`'s default).
+pub const PROXY_USER: &str = "offshoot";
+
+/// Makes sure [`PROXY_USER`] exists when the tests run as root, so every proxy they
+/// start runs the way a root-started deployment does: as that user, with a
+/// privileged helper (`.ci/run` creates the user too).
+pub fn ensure_proxy_user() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        if !nix::unistd::Uid::effective().is_root()
+            || nix::unistd::User::from_name(PROXY_USER)
+                .ok()
+                .flatten()
+                .is_some()
+        {
+            return;
+        }
+        let out = Command::new("useradd")
+            .args(["--system", "--user-group", "--no-create-home"])
+            .args(["--shell", "/usr/sbin/nologin", PROXY_USER])
+            .output()
+            .expect("run useradd");
+        // A parallel run may have created it in between.
+        assert!(
+            out.status.success()
+                || nix::unistd::User::from_name(PROXY_USER)
+                    .ok()
+                    .flatten()
+                    .is_some(),
+            "creating the {PROXY_USER} user: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// `(uid, gid)` a proxy started by these tests serves as: [`PROXY_USER`]'s when the
+/// tests run as root, else the tests' own.
+pub fn proxy_owner() -> (u32, u32) {
+    if nix::unistd::Uid::effective().is_root() {
+        ensure_proxy_user();
+        let u = nix::unistd::User::from_name(PROXY_USER)
+            .unwrap()
+            .expect("the proxy user");
+        (u.uid.as_raw(), u.gid.as_raw())
+    } else {
+        (
+            nix::unistd::Uid::effective().as_raw(),
+            nix::unistd::Gid::effective().as_raw(),
+        )
+    }
+}
+
+/// Gives `path` to the proxy's user (what a test writes into a proxy's state
+/// directory must stay the proxy's to replace).
+pub fn give_to_proxy(path: &Path) {
+    let (uid, gid) = proxy_owner();
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
+}
+
 /// A temp dir the `postgres` user can enter (tests run as root).
 pub fn world_readable_tempdir() -> TempDir {
     let dir = tempfile::Builder::new()
@@ -253,6 +312,7 @@ impl ProxyProc {
             _ => (String::new(), body.to_owned()),
         };
         let body = body.as_str();
+        ensure_proxy_user();
         let dir = world_readable_tempdir();
         let mut p = Self {
             port: 0,
@@ -665,6 +725,8 @@ pub async fn db_comment(pg: &PgServer, name: &str) -> Option<String> {
 pub fn write_record(proxy: &ProxyProc, engine: &str, branch: &str, clone: &str, state: &str) {
     let dir = proxy.dir.path().join("state/branches/shop");
     std::fs::create_dir_all(&dir).unwrap();
+    give_to_proxy(&dir.parent().unwrap().to_owned());
+    give_to_proxy(&dir);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -674,7 +736,9 @@ pub fn write_record(proxy: &ProxyProc, engine: &str, branch: &str, clone: &str, 
          \"clone_name\":\"{clone}\",\"state\":\"{state}\",\
          \"created_at\":{now},\"last_active\":{now}}}"
     );
-    std::fs::write(dir.join(format!("{branch}.json")), rec).unwrap();
+    let file = dir.join(format!("{branch}.json"));
+    std::fs::write(&file, rec).unwrap();
+    give_to_proxy(&file);
 }
 
 /// Writes `note` as row 10 of `items`: a mark to recognise a branch's data by.

@@ -44,7 +44,7 @@ async fn a_branch_superuser_cannot_plant_links_where_the_proxy_writes() {
 
     // The branch directory is the proxy's; the server's user only passes through.
     let meta = std::fs::metadata(&dir).unwrap();
-    assert_eq!(meta.uid(), nix::unistd::Uid::effective().as_raw());
+    assert_eq!(meta.uid(), proxy_owner().0);
     assert_eq!(meta.permissions().mode() & 0o7777, 0o711);
     // So is a snapshot's directory (snapshot.json, seal.log).
     for e in std::fs::read_dir(storage.join("snapshots"))
@@ -52,7 +52,7 @@ async fn a_branch_superuser_cannot_plant_links_where_the_proxy_writes() {
         .flatten()
     {
         let meta = std::fs::metadata(e.path()).unwrap();
-        assert_eq!(meta.uid(), nix::unistd::Uid::effective().as_raw());
+        assert_eq!(meta.uid(), proxy_owner().0);
         assert_eq!(meta.permissions().mode() & 0o7777, 0o711);
     }
     // The attack: links where the proxy writes next.

@@ -20,15 +20,73 @@ use crate::clock::Clock;
 use crate::config::{Config, EngineConfig, RouteBy, TlsConfig};
 use crate::embedded::Embedded;
 use crate::metrics::Metrics;
+use crate::privsep::{self, Plan};
 use crate::proxy::{listener, tls, Access, AuthMethods, ClientTls, Proxy};
+
+/// The privileged helper's `main` (see `privsep`): logs to stderr, serves the
+/// proxy's requests until it closes the pipe.
+pub fn helper_main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match privsep::helper_main(instance::privileged::Helper::new) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "privileged helper failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Started as root: gives the proxy's user its directories and starts the helper,
+/// which may act below the state directory, the sources' storage and the data
+/// directories snapshots are copied from.
+fn separate(cfg: &Config, state_dir: &std::path::Path) -> Result<Option<Plan>> {
+    let Some(plan) = privsep::plan(&cfg.process.user, &cfg.process.server_user)? else {
+        return Ok(None);
+    };
+    let absolute = |p: &std::path::Path| -> Result<PathBuf> {
+        Ok(if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir()?.join(p)
+        })
+    };
+    plan.own_dir(state_dir).context("state.dir")?;
+    plan.own_records(state_dir)
+        .context("state.dir: giving branch records to process.user")?;
+    let mut roots = vec![state_dir.to_path_buf()];
+    for (name, scfg) in &cfg.sources {
+        let EngineConfig::Instance(icfg) = &scfg.engine else {
+            continue;
+        };
+        if let Some(storage) = &icfg.storage {
+            let storage = absolute(storage)?;
+            plan.own_dir(&storage)
+                .with_context(|| format!("sources.{name}.storage"))?;
+            roots.push(storage.canonicalize()?);
+        }
+        if let Some(dir) = &icfg.data_dir {
+            roots.push(absolute(dir)?);
+        }
+    }
+    plan.start_helper(roots, cfg.embedded.bin_dir.clone())?;
+    Ok(Some(plan))
+}
 
 /// Runs the proxy until `shutdown` is cancelled, then drains and stops. `banner`:
 /// tell a person on stderr where everything is once ready (off when the log is
 /// JSON, which must stay one object per line).
 pub async fn run(cfg: Config, banner: bool, shutdown: CancellationToken) -> Result<()> {
+    crate::pg::set_server_user(&cfg.process.server_user);
     std::fs::create_dir_all(&cfg.state.dir)
         .with_context(|| format!("state.dir: cannot create {}", cfg.state.dir.display()))?;
     let state_dir: PathBuf = cfg.state.dir.canonicalize()?;
+    let plan = separate(&cfg, &state_dir)?;
     let metrics = Arc::new(Metrics::new());
 
     let embedded = if cfg.needs_embedded() {
@@ -47,6 +105,7 @@ pub async fn run(cfg: Config, banner: bool, shutdown: CancellationToken) -> Resu
         &state_dir,
         metrics,
         embedded.as_ref(),
+        plan,
         banner,
         shutdown,
     )
@@ -64,12 +123,16 @@ async fn serve(
     state_dir: &std::path::Path,
     metrics: Arc<Metrics>,
     embedded: Option<&Embedded>,
+    plan: Option<Plan>,
     banner: bool,
     shutdown: CancellationToken,
 ) -> Result<()> {
     // The one clock of the control plane: the registry, the reaper and the engines.
     let clock = Clock::system();
-    let mut sources = Vec::new();
+    // First what may need root: the sources' servers and roles, the keys, the
+    // listeners. Then, when separated, root is dropped before anything is built
+    // that clients reach or that writes the proxy's state.
+    let mut servers = Vec::new();
     let mut auth_servers = Vec::new();
     let mut upstreams = std::collections::HashMap::new();
     for (name, scfg) in &cfg.sources {
@@ -97,6 +160,36 @@ async fn serve(
                 .unwrap_or_else(|| server.clone()),
             upstream.clone(),
         ));
+        upstreams.insert(name.to_string(), upstream.clone());
+        servers.push((name, scfg, db, server, upstream));
+    }
+
+    let tls = match (&cfg.tls.cert, &cfg.tls.key) {
+        (Some(cert), Some(key)) if cfg.tls.enabled() => Some(tls::load(cert, key)?),
+        _ => None,
+    };
+    let mock_key = crate::auth::load_secret(&state_dir.join("auth.key"))
+        .context("state.dir: the key of mock verifiers")?;
+    let credentials = Arc::new(Credentials::new(
+        cfg.auth.query.clone(),
+        cfg.auth.users_file.clone(),
+        auth_servers,
+        mock_key,
+        cfg.auth.max_scram_iterations,
+    )?);
+    let listener = TcpListener::bind(cfg.proxy.listen)
+        .await
+        .map_err(|e| anyhow!("proxy.listen: cannot bind {}: {e}", cfg.proxy.listen))?;
+    let admin = match cfg.admin.enabled {
+        true => Some(crate::admin::bind(cfg).await?),
+        false => None,
+    };
+    if let Some(plan) = plan {
+        plan.drop_privileges()?;
+    }
+
+    let mut sources = Vec::new();
+    for (name, scfg, db, server, upstream) in servers {
         let engine: Arc<dyn Engine> = match &scfg.engine {
             EngineConfig::Instance(icfg) => {
                 let embedded_conn = scfg.uses_embedded().then(|| server.clone());
@@ -120,7 +213,6 @@ async fn serve(
                 Arc::new(engine)
             }
         };
-        upstreams.insert(name.to_string(), upstream);
         sources.push(Source::new(name.clone(), scfg.clone(), engine));
     }
 
@@ -133,22 +225,6 @@ async fn serve(
     ));
     registry.adopt().await.context("reading branch records")?;
 
-    let tls = match (&cfg.tls.cert, &cfg.tls.key) {
-        (Some(cert), Some(key)) if cfg.tls.enabled() => Some(tls::load(cert, key)?),
-        _ => None,
-    };
-    let mock_key = crate::auth::load_secret(&state_dir.join("auth.key"))
-        .context("state.dir: the key of mock verifiers")?;
-    let credentials = Arc::new(Credentials::new(
-        cfg.auth.query.clone(),
-        cfg.auth.users_file.clone(),
-        auth_servers,
-        mock_key,
-        cfg.auth.max_scram_iterations,
-    )?);
-    let listener = TcpListener::bind(cfg.proxy.listen)
-        .await
-        .map_err(|e| anyhow!("proxy.listen: cannot bind {}: {e}", cfg.proxy.listen))?;
     let proxy = Arc::new(Proxy::new(
         cfg.proxy.clone(),
         registry.clone(),
@@ -164,8 +240,7 @@ async fn serve(
     let tasks = CancellationToken::new();
     let mut handles = Vec::new();
     let mut token_path = None;
-    if cfg.admin.enabled {
-        let admin = crate::admin::bind(cfg).await?;
+    if let Some(admin) = admin {
         token_path = Some(admin.token_path().to_owned());
         let history = Arc::new(crate::history::History::new(HISTORY_SAMPLES));
         handles.push(

@@ -17,6 +17,8 @@
 //! - [`console`]: the web console the admin listener serves at `/`, and the login
 //!   that guards the listener; [`history`]: the in-memory samples its charts draw.
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
+//! - [`privsep`]: a proxy started as root drops to its own user; a small helper
+//!   keeps root for the servers' file and process work, one typed request each.
 //! - [`error`]: error kinds and the one mapping to SQLSTATE.
 //! - [`fsutil`]: atomic file replacement and the other crash-safe file helpers.
 //! - [`names`]: validated source and branch names, identifier quoting.
@@ -45,5 +47,6 @@ mod layering;
 pub mod metrics;
 pub mod names;
 pub mod pg;
+pub mod privsep;
 pub mod proxy;
 pub mod upstream;

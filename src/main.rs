@@ -199,6 +199,13 @@ fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
 }
 
 fn main() -> std::process::ExitCode {
+    // The privileged helper a proxy started as root runs (see `privsep`).
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == offshoot::privsep::HELPER_ARG)
+    {
+        return offshoot::app::helper_main();
+    }
     let cli = Cli::parse();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(

@@ -2,25 +2,91 @@
 //!
 //! Used for the embedded server of the demo configuration and by the test harness
 //! for throw-away clusters. PostgreSQL refuses to run as root, so when the proxy's
-//! effective uid is 0 every server binary runs as the `postgres` system user, and
-//! the directories it needs are handed to that user.
+//! effective uid is 0 every server binary runs as the servers' user
+//! (`process.server_user`, default `postgres`), and the directories it needs are
+//! handed to that user. A proxy that dropped root (see `privsep`) asks its helper
+//! for every such step: [`PgBin`]'s methods send the request when there is a
+//! helper, and do the work themselves when there is none.
 
 use std::fs;
 use std::os::unix::fs::{lchown, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::unistd::{Gid, Uid, User};
 
 use crate::fsutil::{read_nofollow, replace_file, PRIVATE};
+use crate::privsep::{self, Op, Owner, Reply};
+
+static SERVER_USER: OnceLock<String> = OnceLock::new();
+
+/// Names the user servers run as when this process is root or separated
+/// (`process.server_user`); `postgres` unless set. Set once, before any [`PgBin`].
+pub fn set_server_user(name: &str) {
+    let _ = SERVER_USER.set(name.to_owned());
+}
+
+fn server_user_name() -> &'static str {
+    SERVER_USER.get().map_or("postgres", String::as_str)
+}
+
+/// An answer of the wrong shape from the helper.
+fn unexpected(reply: Reply) -> std::io::Error {
+    std::io::Error::other(format!(
+        "unexpected answer from the privileged helper: {reply:?}"
+    ))
+}
+
+/// The `Run` request for a command built by [`PgBin::command`].
+fn run_op(cmd: &Command) -> std::io::Result<Op> {
+    let text = |s: &std::ffi::OsStr| {
+        s.to_str()
+            .map(str::to_owned)
+            .ok_or_else(|| std::io::Error::other("a command argument is not UTF-8"))
+    };
+    let program = Path::new(cmd.get_program())
+        .file_name()
+        .map(text)
+        .transpose()?
+        .unwrap_or_default();
+    let args = cmd.get_args().map(text).collect::<std::io::Result<_>>()?;
+    let env = cmd
+        .get_envs()
+        .filter(|(k, _)| k.to_str().is_some_and(|k| k.starts_with("PG")))
+        .map(|(k, v)| Ok((text(k)?, v.map(text).transpose()?)))
+        .collect::<std::io::Result<_>>()?;
+    Ok(Op::Run { program, args, env })
+}
+
+fn output_of(reply: Reply) -> std::io::Result<Output> {
+    use std::os::unix::process::ExitStatusExt;
+    match reply {
+        Reply::Output {
+            code,
+            stdout,
+            stderr,
+            ..
+        } => Ok(Output {
+            // A code of None means a signal ended it; 0x7f00 reads as "not success".
+            status: std::process::ExitStatus::from_raw(code.map_or(0x7f00, |c| (c & 0xff) << 8)),
+            stdout,
+            stderr,
+        }),
+        other => Err(unexpected(other)),
+    }
+}
 
 /// The directory holding initdb, postgres and pg_ctl.
 #[derive(Debug, Clone)]
 pub struct PgBin {
     dir: PathBuf,
     run_as: Option<(Uid, Gid)>,
+    /// The group given servers' socket directories (the proxy's, when separated, so
+    /// it can connect to them while nobody else can).
+    socket_group: Option<u32>,
 }
 
 fn has_server(dir: &Path) -> bool {
@@ -48,7 +114,16 @@ impl PgBin {
         Ok(Self {
             dir,
             run_as: service_user()?,
+            socket_group: None,
         })
+    }
+
+    /// Socket directories get `gid` as their group (mode 0710) instead of being
+    /// private to the servers' user: what the privileged helper does, so the proxy's
+    /// user may connect.
+    pub fn with_socket_group(mut self, gid: u32) -> Self {
+        self.socket_group = Some(gid);
+        self
     }
 
     fn discover() -> Option<PathBuf> {
@@ -98,19 +173,142 @@ impl PgBin {
         self.run_as.map(|(u, g)| (u.as_raw(), g.as_raw()))
     }
 
-    /// Gives `path` to the service user (when we are root). A link is given, never
-    /// what it points at (`lchown`).
+    /// Gives `path` to the service user (when we are root or separated). A link is
+    /// given, never what it points at (`lchown`).
     pub fn hand_over(&self, path: &Path) -> Result<()> {
-        if let Some((uid, gid)) = self.run_as {
-            lchown(path, Some(uid.as_raw()), Some(gid.as_raw()))
-                .with_context(|| format!("cannot give {} to the postgres user", path.display()))?;
+        let Some((uid, gid)) = self.run_as else {
+            return Ok(());
+        };
+        let given = match privsep::channel() {
+            Some(ch) => ch
+                .call_blocking(Op::HandOver {
+                    path: path.to_owned(),
+                    owner: Owner::from_pair((uid.as_raw(), gid.as_raw())),
+                    mode: None,
+                })
+                .map(drop)
+                .map_err(std::io::Error::from),
+            None => lchown(path, Some(uid.as_raw()), Some(gid.as_raw())),
+        };
+        given.with_context(|| {
+            format!(
+                "cannot give {} to the {} user",
+                path.display(),
+                server_user_name()
+            )
+        })
+    }
+
+    /// Creates (if missing) a server's socket directory and gives it to the servers'
+    /// user: private to it (0700), or shared with the socket group (0710).
+    pub fn prepare_socket_dir(&self, dir: &Path) -> Result<()> {
+        if let Some(ch) = privsep::channel() {
+            return ch
+                .call_blocking(Op::SocketDir {
+                    path: dir.to_owned(),
+                })
+                .map(drop)
+                .map_err(std::io::Error::from)
+                .with_context(|| format!("cannot prepare the socket directory {}", dir.display()));
+        }
+        fs::create_dir_all(dir)?;
+        let Some((uid, gid)) = self.run_as else {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+            return Ok(());
+        };
+        let (gid, mode) = match self.socket_group {
+            Some(g) => (g, 0o710),
+            None => (gid.as_raw(), 0o700),
+        };
+        lchown(dir, Some(uid.as_raw()), Some(gid))
+            .with_context(|| format!("cannot give {} to the servers' user", dir.display()))?;
+        if fs::symlink_metadata(dir)?.is_dir() {
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode))?;
         }
         Ok(())
     }
+
+    /// Runs a command made by [`PgBin::command`] to its end (through the helper
+    /// when separated). Blocking.
+    pub fn output(&self, mut cmd: Command) -> std::io::Result<Output> {
+        match privsep::channel() {
+            Some(ch) => output_of(ch.call_blocking(run_op(&cmd)?)?),
+            None => cmd.output(),
+        }
+    }
+
+    /// [`PgBin::output`] for async callers.
+    pub async fn output_async(&self, cmd: Command) -> std::io::Result<Output> {
+        match privsep::channel() {
+            Some(ch) => output_of(ch.call(run_op(&cmd)?).await?),
+            None => tokio::process::Command::from(cmd).output().await,
+        }
+    }
+
+    /// The bytes of a file the servers' user may own, never through a link.
+    pub fn read_file(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        match privsep::channel() {
+            Some(ch) => match ch.call_blocking(Op::ReadFile {
+                path: path.to_owned(),
+            })? {
+                Reply::Bytes { bytes } => Ok(bytes),
+                other => Err(unexpected(other)),
+            },
+            None => read_nofollow(path),
+        }
+    }
+
+    /// Replaces `path` (in a directory the servers' user may write) with `bytes`,
+    /// mode 0600, owned by that user; never writes through a link.
+    pub fn give_file(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        match privsep::channel() {
+            Some(ch) => ch
+                .call_blocking(Op::ReplaceFile {
+                    path: path.to_owned(),
+                    bytes: bytes.to_vec(),
+                    mode: PRIVATE,
+                    owner: self.owner().map(Owner::from_pair),
+                })
+                .map(drop)
+                .map_err(Into::into),
+            None => replace_file(path, bytes, PRIVATE, self.owner()),
+        }
+    }
+
+    /// Whether `path` exists, looked at as the helper when separated (the proxy's
+    /// user cannot see into a server's data directory).
+    pub fn exists(&self, path: &Path) -> bool {
+        match privsep::channel() {
+            Some(ch) => matches!(
+                ch.call_blocking(Op::Exists {
+                    path: path.to_owned()
+                }),
+                Ok(Reply::Exists { exists: true })
+            ),
+            None => path.exists(),
+        }
+    }
+
+    /// Removes a file the servers' user may own; a missing one is not an error.
+    pub fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        match privsep::channel() {
+            Some(ch) => ch
+                .call_blocking(Op::RemoveFile {
+                    path: path.to_owned(),
+                })
+                .map(drop)
+                .map_err(Into::into),
+            None => match fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        }
+    }
 }
 
-/// The uid every server this process starts runs as: the `postgres` user when we
-/// are root, else our own. Only processes of this uid are ever signalled.
+/// The uid every server this process starts runs as: the servers' user when we
+/// are root (or separated), else our own. Only processes of this uid are ever
+/// signalled.
 pub fn server_uid() -> u32 {
     static UID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *UID.get_or_init(|| match service_user() {
@@ -119,17 +317,19 @@ pub fn server_uid() -> u32 {
     })
 }
 
-/// `Some(postgres user)` when running as root.
+/// `Some(servers' user)` when running as root, or separated from a helper that is.
 fn service_user() -> Result<Option<(Uid, Gid)>> {
-    if !Uid::effective().is_root() {
+    if !Uid::effective().is_root() && privsep::channel().is_none() {
         return Ok(None);
     }
-    let user = User::from_name("postgres")
-        .context("looking up the postgres user")?
+    let name = server_user_name();
+    let user = User::from_name(name)
+        .with_context(|| format!("looking up the {name} user"))?
         .ok_or_else(|| {
             anyhow!(
-                "running as root, and PostgreSQL refuses to run as root; create a `postgres` \
-                 system user (the Debian package does) or run offshoot as another user"
+                "running as root, and PostgreSQL refuses to run as root; create a `{name}` \
+                 system user (the Debian package creates `postgres`), name another one in \
+                 process.server_user, or run offshoot as another user"
             )
         })?;
     Ok(Some((user.uid, user.gid)))
@@ -193,20 +393,23 @@ impl Cluster {
         if !fsync {
             cmd.arg("--no-sync");
         }
-        check(cmd.output().context("running initdb")?, "initdb")?;
+        check(self.bin.output(cmd).context("running initdb")?, "initdb")?;
         // The data directory is the server's: read without following a link, and
         // replace the file rather than write through whatever has its name.
         let conf = self.data.join("postgresql.conf");
-        let mut text = read_nofollow(&conf).context("reading postgresql.conf")?;
+        let mut text = self
+            .bin
+            .read_file(&conf)
+            .context("reading postgresql.conf")?;
         text.extend_from_slice(b"\ninclude_if_exists = 'offshoot.conf'\n");
-        replace_file(&conf, &text, PRIVATE, self.bin.owner()).context("writing postgresql.conf")?;
+        self.bin
+            .give_file(&conf, &text)
+            .context("writing postgresql.conf")?;
         Ok(true)
     }
 
     fn write_settings(&self) -> Result<()> {
-        fs::create_dir_all(&self.socket_dir)?;
-        fs::set_permissions(&self.socket_dir, fs::Permissions::from_mode(0o700))?;
-        self.bin.hand_over(&self.socket_dir)?;
+        self.bin.prepare_socket_dir(&self.socket_dir)?;
         let mut text = String::from("# Written by offshoot at every start.\n");
         let mut all = vec![
             ("port".to_owned(), self.port.to_string()),
@@ -220,24 +423,18 @@ impl Cluster {
         for (k, v) in all {
             text.push_str(&format!("{k} = {}\n", conf_value(&v)));
         }
-        replace_file(
-            &self.data.join("offshoot.conf"),
-            text.as_bytes(),
-            PRIVATE,
-            self.bin.owner(),
-        )
-        .context("writing offshoot.conf")?;
+        self.bin
+            .give_file(&self.data.join("offshoot.conf"), text.as_bytes())
+            .context("writing offshoot.conf")?;
         Ok(())
     }
 
     /// Whether a postmaster is running on this data directory.
     pub fn is_running(&self) -> bool {
+        let mut cmd = self.bin.command("pg_ctl");
+        cmd.arg("status").arg("-D").arg(&self.data);
         self.bin
-            .command("pg_ctl")
-            .arg("status")
-            .arg("-D")
-            .arg(&self.data)
-            .output()
+            .output(cmd)
             .map(|o| o.status.success())
             .unwrap_or(false)
     }
@@ -256,18 +453,17 @@ impl Cluster {
         }
         self.write_settings()?;
         let log = self.log_file();
-        replace_file(&log, b"", PRIVATE, self.bin.owner()).context("creating the server log")?;
-        let out = self
-            .bin
-            .command("pg_ctl")
-            .args(["start", "-w", "-t", "120", "-D"])
+        self.bin
+            .give_file(&log, b"")
+            .context("creating the server log")?;
+        let mut cmd = self.bin.command("pg_ctl");
+        cmd.args(["start", "-w", "-t", "120", "-D"])
             .arg(&self.data)
             .arg("-l")
-            .arg(&log)
-            .output()
-            .context("running pg_ctl start")?;
+            .arg(&log);
+        let out = self.bin.output(cmd).context("running pg_ctl start")?;
         if !out.status.success() {
-            let tail = read_nofollow(&log).unwrap_or_default();
+            let tail = self.bin.read_file(&log).unwrap_or_default();
             let tail = String::from_utf8_lossy(&tail);
             let tail: Vec<&str> = tail.lines().rev().take(5).collect();
             bail!(
@@ -284,13 +480,10 @@ impl Cluster {
         if !self.is_running() {
             return Ok(());
         }
-        let out = self
-            .bin
-            .command("pg_ctl")
-            .args(["stop", "-m", "fast", "-w", "-t", "60", "-D"])
-            .arg(&self.data)
-            .output()
-            .context("running pg_ctl stop")?;
+        let mut cmd = self.bin.command("pg_ctl");
+        cmd.args(["stop", "-m", "fast", "-w", "-t", "60", "-D"])
+            .arg(&self.data);
+        let out = self.bin.output(cmd).context("running pg_ctl stop")?;
         check(out, "pg_ctl stop").map(|_| ())
     }
 

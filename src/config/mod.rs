@@ -18,10 +18,12 @@ use serde::Deserialize;
 use crate::names::SourceName;
 
 mod keys;
+mod process;
 mod sections;
 mod source;
 
 use keys::{invalid, located};
+pub use process::ProcessConfig;
 pub use sections::*;
 pub use source::{
     CloneStrategy, DatabaseConfig, EngineConfig, EngineKind, InstanceConfig, ServerTls,
@@ -56,6 +58,8 @@ pub struct Config {
     pub embedded: EmbeddedConfig,
     /// The idle reaper.
     pub reaper: ReaperConfig,
+    /// The OS users of the proxy and of branch servers when started as root.
+    pub process: ProcessConfig,
     /// The databases branches are cloned from, by name. Read table by table after
     /// the rest (see [`source`]): which keys a source may have depends on its engine.
     #[serde(skip)]
@@ -140,6 +144,7 @@ impl Config {
 
     /// Checks what types alone cannot; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.process.validate()?;
         let sep = &self.proxy.separator;
         if sep.chars().count() != 1 {
             return Err(invalid("proxy.separator", "must be exactly one character"));

@@ -2,6 +2,8 @@
 //! a plain copy (`copy_file_range`) where it does not. Files are cloned in parallel
 //! threads, in-process: on XFS or Btrfs a clone of a multi-gigabyte directory costs
 //! one ioctl per file, so the time goes to the number of files, not their size.
+//! A proxy that dropped root asks its privileged helper to copy (it alone may read
+//! a server's files and give new ones to the servers' user).
 
 use std::fs;
 use std::io;
@@ -11,6 +13,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::branch::engine::CopyMode;
+use crate::privsep::{self, Op, Owner, Reply};
+
+use super::privileged::helper_io;
 
 /// What to copy and how.
 pub struct CopyPlan<'a> {
@@ -112,6 +117,21 @@ fn copy_file(from: &Path, to: &Path, mode: CopyMode) -> io::Result<()> {
 /// Copies `plan.from` into the new directory `plan.to`. Returns the mode used. On
 /// error the partial copy is left for the caller to remove.
 pub fn copy_tree(plan: &CopyPlan<'_>) -> io::Result<CopyMode> {
+    if let Some(ch) = privsep::channel() {
+        let op = Op::Copy {
+            from: plan.from.to_owned(),
+            to: plan.to.to_owned(),
+            try_reflink: plan.try_reflink,
+            owner: plan.owner.map(Owner::from_pair),
+            follow_links: plan.follow_links,
+            skip: plan.skip.iter().map(|s| s.to_string()).collect(),
+        };
+        return match ch.call_blocking(op)? {
+            Reply::Copied { reflink: true } => Ok(CopyMode::Reflink),
+            Reply::Copied { reflink: false } => Ok(CopyMode::Copy),
+            other => Err(helper_io(other)),
+        };
+    }
     let items = walk(plan)?;
     let top_mode = fs::metadata(plan.from)?.mode() & 0o7777;
     fs::DirBuilder::new().mode(0o700).create(plan.to)?;
@@ -183,6 +203,14 @@ pub fn copy_tree(plan: &CopyPlan<'_>) -> io::Result<CopyMode> {
 
 /// Bytes in regular files below `dir` (not following links).
 pub fn tree_size(dir: &Path) -> u64 {
+    if let Some(ch) = privsep::channel() {
+        return match ch.call_blocking(Op::TreeSize {
+            path: dir.to_owned(),
+        }) {
+            Ok(Reply::Size { bytes }) => bytes,
+            _ => 0,
+        };
+    }
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

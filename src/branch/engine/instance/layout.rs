@@ -25,9 +25,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::privileged::remove_tree;
 use crate::branch::engine::CopyMode;
 use crate::branch::store::BranchRecord;
-use crate::fsutil::{read_json, remove_tree, temp_path};
+use crate::fsutil::{read_json, temp_path};
 
 pub(super) const PARTIAL_PREFIX: &str = ".partial-";
 pub(super) const DELETING_PREFIX: &str = ".deleting-";

@@ -13,6 +13,7 @@
 mod copy;
 mod layout;
 pub mod postmaster;
+pub mod privileged;
 mod server;
 mod snapshots;
 
@@ -26,13 +27,14 @@ use tracing::{info, warn};
 
 use self::copy::{copy_tree, CopyPlan};
 use self::layout::{BranchMeta, Layout, BRANCH_DIR_MODE, BRANCH_META};
+use self::privileged::remove_tree;
 pub use self::snapshots::Origin;
 use super::{CopyMode, Endpoint, Engine, Made, Recovered, ServerAddr, Servers, SnapshotInfo};
 use crate::branch::store::{unix_ms, BranchRecord};
 use crate::clock::Clock;
 use crate::config::InstanceConfig;
 use crate::error::EngineError;
-use crate::fsutil::{read_json, remove_tree, sync_dir, write_json_atomic};
+use crate::fsutil::{read_json, sync_dir, write_json_atomic};
 use crate::names::{BranchId, SourceName};
 use crate::pg::PgBin;
 

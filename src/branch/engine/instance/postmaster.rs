@@ -7,10 +7,14 @@
 //! serve (a postmaster `chdir`s into its data directory). A pid read from a stale or
 //! forged `postmaster.pid` that belongs to some other process is never signalled.
 //! Files in the data directory (the server user's) are read without following links.
+//!
+//! A proxy that dropped root does none of this itself: [`Server::start`], [`stop`],
+//! [`quit`] and [`inspect`] send their request to the privileged helper, which
+//! runs these same functions.
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -23,6 +27,9 @@ use tracing::{debug, info, warn};
 use crate::error::EngineError;
 use crate::fsutil::{create_fresh, read_nofollow, PRIVATE};
 use crate::pg::{server_uid, PgBin};
+use crate::privsep::{self, Op, PidReply, Reply};
+
+use super::privileged::{engine_error, helper_io};
 
 /// The port every branch server uses: each has its own socket directory and no TCP
 /// listener, so the number only names the socket file.
@@ -97,6 +104,19 @@ fn serves(pid: i32, data: &Path) -> bool {
 
 /// Looks at `data`'s `postmaster.pid` and the process it names.
 pub fn inspect(data: &Path) -> io::Result<PidState> {
+    if let Some(ch) = privsep::channel() {
+        let reply = ch.call_blocking(Op::Inspect {
+            data: data.to_owned(),
+        })?;
+        return match reply {
+            Reply::Pid { state } => Ok(match state {
+                PidReply::Absent => PidState::Absent,
+                PidReply::Stale => PidState::Stale,
+                PidReply::Running { pid, ready } => PidState::Running { pid, ready },
+            }),
+            other => Err(helper_io(other)),
+        };
+    }
     Ok(match read_pid_file(data)? {
         None => PidState::Absent,
         Some(f) if serves(f.pid, data) => PidState::Running {
@@ -139,6 +159,15 @@ impl Server<'_> {
     /// Starts the server and returns once it accepts connections. A server already
     /// running on the directory is waited for and reused.
     pub async fn start(&self) -> Result<(), EngineError> {
+        if let Some(ch) = privsep::channel() {
+            let op = Op::StartServer {
+                data: self.data.to_owned(),
+                socket_dir: self.socket_dir.to_owned(),
+                log: self.log.to_owned(),
+                settings: self.settings.to_vec(),
+            };
+            return ch.call(op).await.map(drop).map_err(engine_error);
+        }
         match inspect(self.data)? {
             PidState::Running { ready: true, .. } => return Ok(()),
             PidState::Running { pid, ready: false } => {
@@ -151,9 +180,7 @@ impl Server<'_> {
             }
             PidState::Absent => clear_stale(self.data, self.socket_dir)?,
         }
-        fs::create_dir_all(self.socket_dir)?;
-        fs::set_permissions(self.socket_dir, fs::Permissions::from_mode(0o700))?;
-        self.bin.hand_over(self.socket_dir).map_err(|e| {
+        self.bin.prepare_socket_dir(self.socket_dir).map_err(|e| {
             EngineError::failed_with(
                 "cannot prepare the server's socket directory",
                 format!("{e:#}"),
@@ -240,6 +267,13 @@ impl Server<'_> {
 /// Fast shutdown of the server running on `data`, if any; returns once it is gone.
 /// Stale leftovers are cleared.
 pub async fn stop(data: &Path, socket_dir: &Path) -> Result<(), EngineError> {
+    if let Some(ch) = privsep::channel() {
+        let op = Op::StopServer {
+            data: data.to_owned(),
+            socket_dir: socket_dir.to_owned(),
+        };
+        return ch.call(op).await.map(drop).map_err(engine_error);
+    }
     let pid = match inspect(data)? {
         PidState::Absent => return Ok(()),
         PidState::Stale => {
@@ -270,6 +304,30 @@ pub async fn stop(data: &Path, socket_dir: &Path) -> Result<(), EngineError> {
             ));
         }
         tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
+
+/// Immediate shutdown (SIGQUIT) of a server found running on `data`, waiting up to
+/// 10 s for it to go: for what an interrupted snapshot left. Blocking.
+pub fn quit(data: &Path) -> io::Result<()> {
+    if let Some(ch) = privsep::channel() {
+        return ch
+            .call_blocking(Op::QuitServer {
+                data: data.to_owned(),
+            })
+            .map(drop)
+            .map_err(Into::into);
+    }
+    if let PidState::Running { pid, .. } = inspect(data)? {
+        warn!(pid, data = %data.display(), "stopping the server of an interrupted snapshot");
+        let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
+        for _ in 0..2000 {
+            if !matches!(inspect(data), Ok(PidState::Running { .. })) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
     Ok(())
 }

@@ -6,7 +6,7 @@
 //! `pg_hba.conf`.
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use async_trait::async_trait;
@@ -78,8 +78,7 @@ fn reclaim(dir: &Path) -> Result<(), EngineError> {
     let meta = fs::symlink_metadata(dir)?;
     let me = nix::unistd::Uid::effective().as_raw();
     if meta.is_dir() && (meta.uid() != me || meta.mode() & 0o7777 != BRANCH_DIR_MODE) {
-        std::os::unix::fs::lchown(dir, Some(me), Some(nix::unistd::Gid::effective().as_raw()))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(BRANCH_DIR_MODE))?;
+        super::privileged::reclaim(dir, BRANCH_DIR_MODE)?;
         info!(dir = %dir.display(), "took the branch directory back from the server's user");
     }
     Ok(())

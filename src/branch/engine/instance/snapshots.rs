@@ -20,12 +20,13 @@ use super::layout::{
     SNAPSHOT_META,
 };
 use super::postmaster::{self, PidState};
+use super::privileged::{freeze, remove_tree};
 use super::{join_failed, InstanceEngine};
 use crate::branch::engine::naming::{new_snapshot_name, valid_snapshot_name};
 use crate::branch::engine::{snapshot_in_use, snapshot_missing, SnapshotInfo};
 use crate::branch::store::unix_ms;
 use crate::error::EngineError;
-use crate::fsutil::{remove_tree, replace_file, sync_dir, write_json_atomic, PRIVATE};
+use crate::fsutil::{sync_dir, write_json_atomic};
 
 /// Where a source's snapshots come from.
 #[derive(Debug, Clone)]
@@ -182,22 +183,7 @@ impl InstanceEngine {
                 continue;
             }
             // A sealing server a killed proxy left behind is stopped first.
-            if let Ok(PidState::Running { pid, .. }) = postmaster::inspect(&path.join("data")) {
-                warn!(pid, dir = %path.display(), "stopping the server of an interrupted snapshot");
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGQUIT,
-                );
-                for _ in 0..2000 {
-                    if !matches!(
-                        postmaster::inspect(&path.join("data")),
-                        Ok(PidState::Running { .. })
-                    ) {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-            }
+            let _ = postmaster::quit(&path.join("data"));
             match remove_tree(&path) {
                 Ok(()) => info!(dir = %path.display(), "removed an interrupted snapshot"),
                 Err(e) => {
@@ -300,12 +286,9 @@ impl InstanceEngine {
                 if let Some(password) = password {
                     cmd.env("PGPASSWORD", password);
                 }
-                let out = tokio::process::Command::from(cmd)
-                    .output()
-                    .await
-                    .map_err(|e| {
-                        EngineError::failed_with("cannot run pg_basebackup", format!("{e}"))
-                    })?;
+                let out = self.bin.output_async(cmd).await.map_err(|e| {
+                    EngineError::failed_with("cannot run pg_basebackup", format!("{e}"))
+                })?;
                 if !out.status.success() {
                     // Its stderr may name paths and hosts: for the log only.
                     return Err(EngineError::failed_with(
@@ -331,7 +314,7 @@ impl InstanceEngine {
                     }
                     PidState::Stale | PidState::Absent => {}
                 }
-                if !dir.join("PG_VERSION").exists() {
+                if !self.bin.exists(&dir.join("PG_VERSION")) {
                     return Err(EngineError::failed_with(
                         "the source's data_dir is not a PostgreSQL data directory",
                         dir.display(),
@@ -354,13 +337,13 @@ impl InstanceEngine {
                 .map_err(|e| EngineError::io("copying the source's data_dir", e))?;
             }
         }
-        if !data.join("postgresql.conf").exists() {
+        if !self.bin.exists(&data.join("postgresql.conf")) {
             // Debian keeps it under /etc; the settings that matter are passed at start.
             // Created by rename, given by descriptor: never through a planted link.
             let conf = data.join("postgresql.conf");
-            replace_file(&conf, b"", PRIVATE, self.bin.owner()).map_err(io)?;
+            self.bin.give_file(&conf, b"").map_err(io)?;
         }
-        if !data.join("pg_hba.conf").exists() {
+        if !self.bin.exists(&data.join("pg_hba.conf")) {
             return Err(EngineError::failed(
                 "the copied data directory has no pg_hba.conf (Debian keeps it under \
                  /etc/postgresql); copy it into the data directory first",
@@ -385,7 +368,9 @@ impl InstanceEngine {
                 other => other,
             })?;
         postmaster::stop(&data, &socket_dir).await?;
-        let _ = fs::remove_file(data.join("postmaster.opts"));
+        let _ = self.bin.remove_file(&data.join("postmaster.opts"));
+        // Sealed: out of the servers' user's hands from now on.
+        freeze(&data).map_err(io)?;
         let meta = SnapshotMeta {
             source: self.source.to_string(),
             name: name.to_owned(),
