@@ -336,7 +336,12 @@ impl ProxyProc {
                 p.dir.path().join("state").display(),
                 strip_proxy(body),
             );
-            std::fs::write(p.dir.path().join("offshoot.toml"), config).unwrap();
+            // Root's alone, as a deployment keeps it: the proxy reads it before it
+            // drops root, and a branch server's user never can.
+            let file = p.dir.path().join("offshoot.toml");
+            std::fs::write(&file, config).unwrap();
+            std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
             match p.try_spawn() {
                 Ok(()) => break,
                 Err(log) if attempt < 5 && log.contains("Address already in use") => continue,
@@ -393,6 +398,11 @@ impl ProxyProc {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The proxy's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// Asks the running proxy to reload its TLS certificate.
@@ -725,7 +735,7 @@ pub async fn db_comment(pg: &PgServer, name: &str) -> Option<String> {
 pub fn write_record(proxy: &ProxyProc, engine: &str, branch: &str, clone: &str, state: &str) {
     let dir = proxy.dir.path().join("state/branches/shop");
     std::fs::create_dir_all(&dir).unwrap();
-    give_to_proxy(&dir.parent().unwrap().to_owned());
+    give_to_proxy(dir.parent().unwrap());
     give_to_proxy(&dir);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -16,6 +16,7 @@ mod isolation;
 mod lifecycle;
 mod md5;
 mod preauth;
+mod privsep;
 mod protocol;
 mod routing;
 mod snapshots;

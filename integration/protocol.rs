@@ -309,6 +309,10 @@ pub fn make_cert(dir: &std::path::Path, cn: &str) -> (std::path::PathBuf, std::p
         .output()
         .expect("openssl");
     assert!(out.status.success(), "made a test certificate");
+    // The proxy's user reads them again on SIGHUP, after it dropped root.
+    for path in [dir, &cert, &key] {
+        give_to_proxy(path);
+    }
     (cert, key)
 }
 

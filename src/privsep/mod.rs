@@ -230,5 +230,8 @@ pub fn helper_main<E: Executor>(make: impl FnOnce(&Hello) -> Result<E>) -> Resul
         .thread_name("offshoot-helper")
         .build()?;
     runtime.block_on(serve::serve(hello, executor, stdin, std::io::stdout()));
+    // The proxy is gone (or stopping): work still running for it, such as a copy
+    // for a creation it will clear on its next start, ends with this process.
+    runtime.shutdown_background();
     Ok(())
 }
