@@ -22,8 +22,10 @@ fn actions(list: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// Every line of the audit file, oldest first.
+/// Every line of the audit file, oldest first, once every event so far is on
+/// disk (a query waits for queued events).
 fn lines(proxy: &ProxyProc) -> Vec<Value> {
+    events(proxy, "?limit=1");
     let text = std::fs::read_to_string(proxy.dir.path().join("state/audit.jsonl")).unwrap();
     text.lines()
         .map(|l| serde_json::from_str(l).expect("each line is one JSON object"))
