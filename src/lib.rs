@@ -19,6 +19,8 @@
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
 //! - [`privsep`]: a proxy started as root drops to its own user; a small helper
 //!   keeps root for the servers' file and process work, one typed request each.
+//! - [`audit`]: the audit trail (`audit.jsonl`), read back by the events API, and
+//!   the webhooks it feeds.
 //! - [`error`]: error kinds and the one mapping to SQLSTATE.
 //! - [`fsutil`]: atomic file replacement and the other crash-safe file helpers.
 //! - [`names`]: validated source and branch names, identifier quoting.
@@ -32,6 +34,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod branch;
 pub mod cli;
