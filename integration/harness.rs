@@ -93,31 +93,29 @@ pub const PROXY_USER: &str = "offshoot";
 /// privileged helper (`.ci/run` creates the user too).
 pub fn ensure_proxy_user() {
     static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
-        if !nix::unistd::Uid::effective().is_root()
-            || nix::unistd::User::from_name(PROXY_USER)
-                .ok()
-                .flatten()
-                .is_some()
-        {
-            return;
-        }
-        let out = Command::new("useradd")
-            .args(["--system", "--user-group", "--no-create-home"])
-            .args(["--shell", "/usr/sbin/nologin", PROXY_USER])
-            .output()
-            .expect("run useradd");
-        // A parallel run may have created it in between.
-        assert!(
-            out.status.success()
-                || nix::unistd::User::from_name(PROXY_USER)
-                    .ok()
-                    .flatten()
-                    .is_some(),
-            "creating the {PROXY_USER} user: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+    DONE.get_or_init(|| ensure_user(PROXY_USER));
+}
+
+/// Creates system user `name` (with a group of its own) if it is missing and the
+/// tests run as root.
+pub fn ensure_user(name: &str) {
+    static CREATING: Mutex<()> = Mutex::new(());
+    let _one = CREATING.lock().unwrap_or_else(|p| p.into_inner());
+    let exists = || nix::unistd::User::from_name(name).ok().flatten().is_some();
+    if !nix::unistd::Uid::effective().is_root() || exists() {
+        return;
+    }
+    let out = Command::new("useradd")
+        .args(["--system", "--user-group", "--no-create-home"])
+        .args(["--shell", "/usr/sbin/nologin", name])
+        .output()
+        .expect("run useradd");
+    // Another test process may have created it in between.
+    assert!(
+        out.status.success() || exists(),
+        "creating the {name} user: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `(uid, gid)` a proxy started by these tests serves as: [`PROXY_USER`]'s when the

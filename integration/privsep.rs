@@ -247,6 +247,64 @@ async fn a_branch_superuser_cannot_change_a_sealed_snapshot() {
     assert_eq!(count(&c2).await, 3);
 }
 
+/// A second source whose servers run as a user of their own.
+const OTHER_USER: &str = "offshoot-other";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_with_its_own_server_user_is_out_of_other_sources_reach() {
+    if !as_root("privsep::a_source_with_its_own_server_user_is_out_of_other_sources_reach") {
+        return;
+    }
+    ensure_user(OTHER_USER);
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    pg.make_source("other").await;
+    let proxy = ProxyProc::start(&format!(
+        "[process.server_users]\nother = \"{OTHER_USER}\"\n{}{}",
+        instance_source("shop", &pg, ""),
+        instance_source("other", &pg, "")
+    ));
+    let shop = proxy.connect("shop.b1").await.unwrap();
+    let other = proxy.connect("other.b1").await.unwrap();
+    assert_eq!(count(&shop).await, 3);
+    assert_eq!(count(&other).await, 3);
+
+    let other_user = nix::unistd::User::from_name(OTHER_USER).unwrap().unwrap();
+    let other_data = branch_data(&proxy, "other", "b1");
+    let server = postmaster_pid(&other_data).expect("other's branch server");
+    assert_eq!(ids(server as u32).0, [other_user.uid.as_raw(); 4]);
+    assert_eq!(
+        std::fs::metadata(&other_data).unwrap().uid(),
+        other_user.uid.as_raw()
+    );
+
+    // From a clone of `shop` (servers' user `postgres`): nothing of `other`.
+    let attempts = [
+        format!("cat {}/PG_VERSION", other_data.display()),
+        format!("ls {}", other_data.display()),
+        format!("touch {}/planted", other_data.display()),
+    ];
+    for cmd in &attempts {
+        let sql = format!("COPY (SELECT 1) TO PROGRAM '{}'", cmd.replace('\'', "''"));
+        assert!(shop.batch_execute(&sql).await.is_err(), "allowed: {cmd}");
+    }
+    // And the other way round.
+    let shop_data = branch_data(&proxy, "shop", "b1");
+    let sql = format!(
+        "COPY (SELECT 1) TO PROGRAM 'touch {}/planted'",
+        shop_data.display()
+    );
+    assert!(other.batch_execute(&sql).await.is_err());
+    assert!(!other_data.join("planted").exists() && !shop_data.join("planted").exists());
+    // The same probe works where the user may write: the test is fair.
+    let own = format!(
+        "COPY (SELECT 1) TO PROGRAM 'touch {}/planted'",
+        other_data.display()
+    );
+    other.batch_execute(&own).await.unwrap();
+    assert!(other_data.join("planted").exists());
+}
+
 #[test]
 fn a_missing_proxy_user_stops_the_start_with_what_to_do() {
     if !as_root("privsep::a_missing_proxy_user_stops_the_start_with_what_to_do") {

@@ -46,7 +46,7 @@ pub fn helper_main() -> std::process::ExitCode {
 /// which may act below the state directory, the sources' storage and the data
 /// directories snapshots are copied from.
 fn separate(cfg: &Config, state_dir: &std::path::Path) -> Result<Option<Plan>> {
-    let Some(plan) = privsep::plan(&cfg.process.user, &cfg.process.server_user)? else {
+    let Some(plan) = privsep::plan(&cfg.process.user, &cfg.process.all_server_users())? else {
         return Ok(None);
     };
     let absolute = |p: &std::path::Path| -> Result<PathBuf> {
@@ -83,6 +83,14 @@ fn separate(cfg: &Config, state_dir: &std::path::Path) -> Result<Option<Plan>> {
 /// JSON, which must stay one object per line).
 pub async fn run(cfg: Config, banner: bool, shutdown: CancellationToken) -> Result<()> {
     crate::pg::set_server_user(&cfg.process.server_user);
+    crate::pg::set_server_uids(
+        cfg.process
+            .all_server_users()
+            .into_iter()
+            .filter_map(|u| nix::unistd::User::from_name(u).ok().flatten())
+            .map(|u| u.uid.as_raw())
+            .collect(),
+    );
     std::fs::create_dir_all(&cfg.state.dir)
         .with_context(|| format!("state.dir: cannot create {}", cfg.state.dir.display()))?;
     let state_dir: PathBuf = cfg.state.dir.canonicalize()?;
@@ -193,7 +201,8 @@ async fn serve(
         let engine: Arc<dyn Engine> = match &scfg.engine {
             EngineConfig::Instance(icfg) => {
                 let embedded_conn = scfg.uses_embedded().then(|| server.clone());
-                let bin = crate::pg::PgBin::find(cfg.embedded.bin_dir.as_deref())?;
+                let bin = crate::pg::PgBin::find(cfg.embedded.bin_dir.as_deref())?
+                    .for_user(cfg.process.server_user_for(name.as_str()))?;
                 let (source, db, icfg) = (name.clone(), db.clone(), icfg.clone());
                 let state_dir = state_dir.to_path_buf();
                 let clock = clock.clone();

@@ -33,6 +33,19 @@ fn server_user_name() -> &'static str {
     SERVER_USER.get().map_or("postgres", String::as_str)
 }
 
+static SERVER_UIDS: OnceLock<Vec<u32>> = OnceLock::new();
+
+/// Every uid a server of this process may run as (one per source, when sources
+/// have users of their own). Set once at start; unset, only [`server_uid`].
+pub fn set_server_uids(uids: Vec<u32>) {
+    let _ = SERVER_UIDS.set(uids);
+}
+
+/// Whether `uid` is one branch servers run as: only such processes are signalled.
+pub fn is_server_uid(uid: u32) -> bool {
+    uid == server_uid() || SERVER_UIDS.get().is_some_and(|u| u.contains(&uid))
+}
+
 /// An answer of the wrong shape from the helper.
 fn unexpected(reply: Reply) -> std::io::Error {
     std::io::Error::other(format!(
@@ -41,7 +54,7 @@ fn unexpected(reply: Reply) -> std::io::Error {
 }
 
 /// The `Run` request for a command built by [`PgBin::command`].
-fn run_op(cmd: &Command) -> std::io::Result<Op> {
+fn run_op(cmd: &Command, run_as: Option<Owner>) -> std::io::Result<Op> {
     let text = |s: &std::ffi::OsStr| {
         s.to_str()
             .map(str::to_owned)
@@ -58,7 +71,12 @@ fn run_op(cmd: &Command) -> std::io::Result<Op> {
         .filter(|(k, _)| k.to_str().is_some_and(|k| k.starts_with("PG")))
         .map(|(k, v)| Ok((text(k)?, v.map(text).transpose()?)))
         .collect::<std::io::Result<_>>()?;
-    Ok(Op::Run { program, args, env })
+    Ok(Op::Run {
+        program,
+        args,
+        env,
+        run_as,
+    })
 }
 
 fn output_of(reply: Reply) -> std::io::Result<Output> {
@@ -116,6 +134,32 @@ impl PgBin {
             run_as: service_user()?,
             socket_group: None,
         })
+    }
+
+    /// Servers run as the user `name` instead (a source with a user of its own),
+    /// when servers run as another user at all (we are root, or separated).
+    pub fn for_user(mut self, name: &str) -> Result<Self> {
+        if self.run_as.is_none() {
+            return Ok(self);
+        }
+        let user = User::from_name(name)
+            .with_context(|| format!("looking up the {name} user"))?
+            .ok_or_else(|| {
+                anyhow!("the servers' user {name:?} does not exist; create it or name another")
+            })?;
+        self.run_as = Some((user.uid, user.gid));
+        Ok(self)
+    }
+
+    /// Servers run as `owner` (the helper, for the user a request names).
+    pub fn with_run_as(mut self, owner: Owner) -> Self {
+        self.run_as = Some((Uid::from_raw(owner.uid), Gid::from_raw(owner.gid)));
+        self
+    }
+
+    /// The user servers run as, when it is not this process's.
+    pub fn run_as(&self) -> Option<Owner> {
+        self.owner().map(Owner::from_pair)
     }
 
     /// Socket directories get `gid` as their group (mode 0710) instead of being
@@ -206,6 +250,7 @@ impl PgBin {
             return ch
                 .call_blocking(Op::SocketDir {
                     path: dir.to_owned(),
+                    run_as: self.run_as(),
                 })
                 .map(drop)
                 .map_err(std::io::Error::from)
@@ -232,7 +277,7 @@ impl PgBin {
     /// when separated). Blocking.
     pub fn output(&self, mut cmd: Command) -> std::io::Result<Output> {
         match privsep::channel() {
-            Some(ch) => output_of(ch.call_blocking(run_op(&cmd)?)?),
+            Some(ch) => output_of(ch.call_blocking(run_op(&cmd, self.run_as())?)?),
             None => cmd.output(),
         }
     }
@@ -240,7 +285,7 @@ impl PgBin {
     /// [`PgBin::output`] for async callers.
     pub async fn output_async(&self, cmd: Command) -> std::io::Result<Output> {
         match privsep::channel() {
-            Some(ch) => output_of(ch.call(run_op(&cmd)?).await?),
+            Some(ch) => output_of(ch.call(run_op(&cmd, self.run_as())?).await?),
             None => tokio::process::Command::from(cmd).output().await,
         }
     }

@@ -160,7 +160,6 @@ impl Config {
 
     /// Checks what types alone cannot; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.process.validate()?;
         let sep = &self.proxy.separator;
         if sep.chars().count() != 1 {
             return Err(invalid("proxy.separator", "must be exactly one character"));
@@ -245,6 +244,7 @@ impl Config {
         for (name, src) in &self.sources {
             src.validate(name, self.auth.method)?;
         }
+        self.process.validate(&self.sources)?;
         Ok(())
     }
 

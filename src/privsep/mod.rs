@@ -50,16 +50,18 @@ pub fn channel() -> Option<&'static Channel> {
     CHANNEL.get().copied()
 }
 
-/// What a proxy started as root will do: the two users it separates.
+/// What a proxy started as root will do: the users it separates.
 pub struct Plan {
     pub proxy: User,
-    pub server: User,
+    /// The servers' users: the default first, then the sources' own.
+    pub servers: Vec<User>,
 }
 
-/// Decides from `process.*` whether to separate. `Ok(None)`: not started as root
+/// Decides from `process.*` whether to separate (`server_users`: every user branch
+/// servers may run as, the default first). `Ok(None)`: not started as root
 /// (nothing changes), or `process.user = "root"` (the explicit opt-out, warned
 /// about). A missing user is an error that says how to create it.
-pub fn plan(user: &str, server_user: &str) -> Result<Option<Plan>> {
+pub fn plan(user: &str, server_users: &[&str]) -> Result<Option<Plan>> {
     if !Uid::effective().is_root() {
         return Ok(None);
     }
@@ -85,21 +87,28 @@ pub fn plan(user: &str, server_user: &str) -> Result<Option<Plan>> {
     if proxy.uid.is_root() || proxy.gid.as_raw() == 0 {
         bail!("process.user: {user:?} has uid or gid 0; name an unprivileged user");
     }
-    let server = User::from_name(server_user)
-        .with_context(|| format!("process.server_user: looking up {server_user:?}"))?
-        .ok_or_else(|| {
-            anyhow!(
-                "process.server_user: branch servers run as {server_user:?}, which does not \
-                 exist; create it (the Debian postgresql package creates `postgres`)"
-            )
-        })?;
-    if server.uid == proxy.uid {
-        bail!(
-            "process.server_user and process.user are the same OS user (uid {})",
-            proxy.uid
-        );
+    let mut servers = Vec::new();
+    for name in server_users {
+        let server = User::from_name(name)
+            .with_context(|| format!("process.server_user: looking up {name:?}"))?
+            .ok_or_else(|| {
+                anyhow!(
+                    "process.server_user: branch servers run as {name:?}, which does not \
+                     exist; create it (the Debian postgresql package creates `postgres`)"
+                )
+            })?;
+        if server.uid == proxy.uid || server.uid.is_root() {
+            bail!(
+                "the servers' user {name:?} is root or the proxy's own user (uid {})",
+                server.uid
+            );
+        }
+        servers.push(server);
     }
-    Ok(Some(Plan { proxy, server }))
+    if servers.is_empty() {
+        bail!("process.server_user: no user for branch servers");
+    }
+    Ok(Some(Plan { proxy, servers }))
 }
 
 impl Plan {
@@ -159,8 +168,8 @@ impl Plan {
         let hello = Hello {
             roots,
             bin_dir,
-            server_user: self.server.name.clone(),
-            server: Self::owner(&self.server),
+            server_user: self.servers[0].name.clone(),
+            servers: self.servers.iter().map(Self::owner).collect(),
             proxy: Self::owner(&self.proxy),
         };
         // /proc/self/exe is this binary, whatever path started it.
@@ -185,7 +194,7 @@ impl Plan {
         CHANNEL
             .set(channel)
             .map_err(|_| anyhow!("a privileged helper was already started"))?;
-        info!(pid, server_user = %self.server.name, "privileged helper started");
+        info!(pid, server_user = %self.servers[0].name, "privileged helper started");
         Ok(())
     }
 

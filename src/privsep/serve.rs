@@ -24,9 +24,10 @@ pub struct Hello {
     pub roots: Vec<PathBuf>,
     /// `embedded.bin_dir`, if configured.
     pub bin_dir: Option<PathBuf>,
-    /// The user branch servers run as.
+    /// The user branch servers run as unless a source has its own.
     pub server_user: String,
-    pub server: Owner,
+    /// Every user branch servers may run as (`server_user` first).
+    pub servers: Vec<Owner>,
     /// The user the proxy runs as.
     pub proxy: Owner,
 }
@@ -54,14 +55,20 @@ impl Hello {
         if let Some(o) = op
             .owners()
             .into_iter()
-            .find(|o| *o != self.server && *o != self.proxy)
+            .find(|o| !self.servers.contains(o) && *o != self.proxy)
         {
             return Some(format!(
-                "uid {} is neither the servers' nor the proxy's",
+                "uid {} is neither a servers' user nor the proxy's",
                 o.uid
             ));
         }
-        if let Op::Run { program, args, env } = op {
+        if let Some(o) = op.run_as().filter(|o| !self.servers.contains(o)) {
+            return Some(format!("uid {} is not a servers' user", o.uid));
+        }
+        if let Op::Run {
+            program, args, env, ..
+        } = op
+        {
             if !PROGRAMS.contains(&program.as_str()) {
                 return Some(format!("{program:?} is not a program the helper runs"));
             }
@@ -147,7 +154,7 @@ mod tests {
             roots: vec![PathBuf::from("/srv/state"), PathBuf::from("/data/shop")],
             bin_dir: None,
             server_user: "postgres".into(),
-            server: Owner { uid: 101, gid: 104 },
+            servers: vec![Owner { uid: 101, gid: 104 }],
             proxy: Owner { uid: 990, gid: 990 },
         }
     }
@@ -173,7 +180,7 @@ mod tests {
         assert!(h
             .refuse(&Op::HandOver {
                 path: "/srv/state/x".into(),
-                owner: h.server,
+                owner: h.servers[0],
                 mode: None
             })
             .is_none());
@@ -181,6 +188,7 @@ mod tests {
             program: program.into(),
             args: vec!["-D".into(), arg.into()],
             env: vec![(env.into(), None)],
+            run_as: Some(h.servers[0]),
         };
         assert!(h
             .refuse(&run("initdb", "/srv/state/pg", "PGPASSWORD"))

@@ -35,6 +35,8 @@ pub enum Op {
         socket_dir: PathBuf,
         log: PathBuf,
         settings: Vec<(String, String)>,
+        /// The servers' user it runs as (the source's own, or the default).
+        run_as: Option<Owner>,
     },
     /// Fast shutdown of the server on `data`, if any.
     StopServer {
@@ -92,6 +94,7 @@ pub enum Op {
     /// the proxy's group, mode 0710, so only the two of them reach the socket.
     SocketDir {
         path: PathBuf,
+        run_as: Option<Owner>,
     },
     /// Make a sealed data directory the proxy's: copied into fresh files owned by
     /// the proxy's user, so no descriptor the servers' user holds reaches it.
@@ -104,6 +107,7 @@ pub enum Op {
         program: String,
         args: Vec<String>,
         env: Vec<(String, Option<String>)>,
+        run_as: Option<Owner>,
     },
 }
 
@@ -126,7 +130,7 @@ impl Op {
             | Op::Exists { path }
             | Op::ReadFile { path }
             | Op::ReplaceFile { path, .. }
-            | Op::SocketDir { path }
+            | Op::SocketDir { path, .. }
             | Op::HandOver { path, .. } => vec![path],
             // Paths in a command's arguments are checked one by one by the helper.
             Op::Run { .. } => vec![],
@@ -134,6 +138,16 @@ impl Op {
         .into_iter()
         .map(PathBuf::as_path)
         .collect()
+    }
+
+    /// The servers' user the request runs something as, if it names one.
+    pub fn run_as(&self) -> Option<Owner> {
+        match self {
+            Op::StartServer { run_as, .. }
+            | Op::SocketDir { run_as, .. }
+            | Op::Run { run_as, .. } => *run_as,
+            _ => None,
+        }
     }
 
     /// Every owner the request gives something to.

@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::EngineError;
 use crate::fsutil::{create_fresh, read_nofollow, PRIVATE};
-use crate::pg::{server_uid, PgBin};
+use crate::pg::{is_server_uid, PgBin};
 use crate::privsep::{self, Op, PidReply, Reply};
 
 use super::privileged::{engine_error, helper_io};
@@ -83,7 +83,7 @@ fn read_pid_file(data: &Path) -> io::Result<Option<PidFile>> {
     Ok(Some(PidFile { pid, ready }))
 }
 
-/// Whether process `pid` is alive, runs as the branch servers' uid and works in
+/// Whether process `pid` is alive, runs as a branch servers' uid and works in
 /// `data` (what every postmaster does).
 fn serves(pid: i32, data: &Path) -> bool {
     if pid <= 0 {
@@ -91,7 +91,7 @@ fn serves(pid: i32, data: &Path) -> bool {
     }
     // `/proc/<pid>` belongs to the process's effective uid.
     match fs::metadata(format!("/proc/{pid}")) {
-        Ok(m) if m.uid() == server_uid() => {}
+        Ok(m) if is_server_uid(m.uid()) => {}
         _ => return false,
     }
     let Ok(cwd) = fs::read_link(format!("/proc/{pid}/cwd")) else {
@@ -165,6 +165,7 @@ impl Server<'_> {
                 socket_dir: self.socket_dir.to_owned(),
                 log: self.log.to_owned(),
                 settings: self.settings.to_vec(),
+                run_as: self.bin.run_as(),
             };
             return ch.call(op).await.map(drop).map_err(engine_error);
         }

@@ -126,8 +126,18 @@ pub struct Helper {
 }
 
 impl Helper {
+    /// The binaries, running as `run_as` (a servers' user the request named; the
+    /// helper's checks let no other through) or the default.
+    fn bin_as(&self, run_as: Option<Owner>) -> PgBin {
+        match run_as {
+            Some(o) => self.bin.clone().with_run_as(o),
+            None => self.bin.clone(),
+        }
+    }
+
     pub fn new(hello: &Hello) -> anyhow::Result<Self> {
         pg::set_server_user(&hello.server_user);
+        pg::set_server_uids(hello.servers.iter().map(|o| o.uid).collect());
         Ok(Self {
             bin: PgBin::find(hello.bin_dir.as_deref())?.with_socket_group(hello.proxy.gid),
             proxy: hello.proxy,
@@ -174,9 +184,11 @@ impl Executor for Helper {
                 socket_dir,
                 log,
                 settings,
+                run_as,
             } => {
+                let bin = self.bin_as(run_as);
                 let server = Server {
-                    bin: &self.bin,
+                    bin: &bin,
                     data: &data,
                     socket_dir: &socket_dir,
                     log: &log,
@@ -261,8 +273,8 @@ impl Executor for Helper {
                 hand_over(&path, owner, mode)?;
                 Ok(Reply::Done)
             }
-            Op::SocketDir { path } => {
-                self.bin
+            Op::SocketDir { path, run_as } => {
+                self.bin_as(run_as)
                     .prepare_socket_dir(&path)
                     .map_err(|e| WireError::Failed {
                         message: "cannot prepare a server's socket directory".into(),
@@ -275,8 +287,13 @@ impl Executor for Helper {
                 blocking(move || freeze_here(&data, proxy)).await?;
                 Ok(Reply::Done)
             }
-            Op::Run { program, args, env } => {
-                let mut cmd = self.bin.command(&program);
+            Op::Run {
+                program,
+                args,
+                env,
+                run_as,
+            } => {
+                let mut cmd = self.bin_as(run_as).command(&program);
                 cmd.args(&args);
                 for (k, v) in env {
                     match v {
