@@ -16,6 +16,8 @@
 //!   client.
 //! - [`console`]: the web console the admin listener serves at `/`, and the login
 //!   that guards the listener; [`history`]: the in-memory samples its charts draw.
+//! - [`rehearse`]: migration rehearsal on a branch, through the proxy: statements,
+//!   locks, rewrites, hazards, the probe of concurrent traffic, the report.
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
 //! - [`error`]: error kinds and the one mapping to SQLSTATE.
 //! - [`fsutil`]: atomic file replacement and the other crash-safe file helpers.
@@ -46,4 +48,5 @@ pub mod metrics;
 pub mod names;
 pub mod pg;
 pub mod proxy;
+pub mod rehearse;
 pub mod upstream;
