@@ -66,7 +66,7 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
         #[command(flatten)]
-        args: offshoot::rehearse::command::Args,
+        args: Box<offshoot::rehearse::command::Args>,
     },
 }
 

@@ -34,6 +34,9 @@ pub struct Inputs<'a> {
     /// Names of the relations that existed before the migration: locks and
     /// rewrites of relations it made itself hurt nobody.
     pub existed: &'a HashSet<String>,
+    /// The tables and materialized views among them: the relations traffic reads
+    /// and writes (an index's lock comes with its table's).
+    pub existed_tables: &'a HashSet<String>,
     /// Sizes of the tables before the migration, by name.
     pub table_size: &'a dyn Fn(&str) -> u64,
     pub diff: &'a SchemaDiff,
@@ -76,11 +79,23 @@ pub fn find(i: &Inputs<'_>) -> Vec<Hazard> {
         .iter()
         .flat_map(|s| s.locks.iter().map(move |l| (Some(s.n), l)))
         .chain(loose.iter().map(|l| (None, l)));
+    // Per statement and table, only the strongest lock counts.
+    let mut strongest: Vec<(Option<usize>, &StatementLock)> = Vec::new();
     for (n, l) in locks {
+        if l.held_ms <= i.max_lock_ms || !i.existed_tables.contains(&l.relation) {
+            continue;
+        }
+        match strongest
+            .iter_mut()
+            .find(|(m, s)| *m == n && s.relation == l.relation)
         {
-            if l.held_ms <= i.max_lock_ms || !i.existed.contains(&l.relation) {
-                continue;
-            }
+            Some(slot) if strength(&slot.1.mode) < strength(&l.mode) => slot.1 = l,
+            Some(_) => {}
+            None => strongest.push((n, l)),
+        }
+    }
+    for (n, l) in strongest {
+        {
             let figure = format!(
                 "{} on {} held {}{}",
                 mode_words(&l.mode),
@@ -239,6 +254,23 @@ pub fn find(i: &Inputs<'_>) -> Vec<Hazard> {
         }
     }
     out
+}
+
+/// The rank of a table lock mode, weakest first.
+fn strength(mode: &str) -> usize {
+    [
+        "AccessShareLock",
+        "RowShareLock",
+        "RowExclusiveLock",
+        "ShareUpdateExclusiveLock",
+        "ShareLock",
+        "ShareRowExclusiveLock",
+        "ExclusiveLock",
+        "AccessExclusiveLock",
+    ]
+    .iter()
+    .position(|m| *m == mode)
+    .unwrap_or(0)
 }
 
 /// Marks the hazards whose rule is in `fail_on`.

@@ -14,6 +14,7 @@
 //! Nothing here knows how the branch was made: [`command`] (the CLI) creates it
 //! through the admin API and removes it afterwards.
 
+pub mod attribute;
 pub mod catalog;
 pub mod classify;
 pub mod command;
@@ -23,28 +24,22 @@ pub mod report;
 pub mod run;
 pub mod split;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, Context, Result};
 use tokio::sync::mpsc;
-use tokio_postgres::{Client, SimpleQueryMessage};
 use tokio_util::sync::CancellationToken;
 
 use self::catalog::Relations;
-use self::classify::{normalize, TxEffect};
+use self::classify::normalize;
 use self::observe::{SAMPLE_EVERY, SIDE_APP};
-use self::report::{
-    Check, CheckResult, Migration, Outcome, Report, RowCount, Settings, StatementLock,
-    StatementReport, REPORT_VERSION,
-};
+use self::report::{Check, Migration, Outcome, Report, Settings, REPORT_VERSION};
 use self::run::Ran;
 
 /// `application_name` of the session that runs `--sql` files.
 pub const MIGRATION_APP: &str = "offshoot-rehearse";
-/// Violations shown per check.
-const MAX_VIOLATIONS: usize = 20;
 
 /// A SQL file's name (for the report) and text.
 #[derive(Debug, Clone)]
@@ -198,7 +193,7 @@ pub async fn rehearse(opts: &Options) -> Result<Report> {
     let counts_before = catalog::row_counts(&side).await?;
     let mut checks_before = Vec::new();
     for c in &opts.checks {
-        checks_before.push(run_check(&side, &c.text).await);
+        checks_before.push(run::run_check(&side, &c.text).await);
     }
     let wal_before = catalog::wal_position(&side).await?;
 
@@ -251,7 +246,7 @@ pub async fn rehearse(opts: &Options) -> Result<Report> {
         Plan::Command(argv) => {
             migration.kind = "command".into();
             migration.command = argv.clone();
-            match run_command(argv, &opts.target).await {
+            match run::run_command(argv, &opts.target).await {
                 Ok(code) => {
                     migration.command_exit = Some(code);
                     if code != 0 {
@@ -283,7 +278,7 @@ pub async fn rehearse(opts: &Options) -> Result<Report> {
         checks.push(Check {
             file: c.name.clone(),
             before,
-            after: run_check(&side, &c.text).await,
+            after: run::run_check(&side, &c.text).await,
         });
     }
 
@@ -304,8 +299,13 @@ pub async fn rehearse(opts: &Options) -> Result<Report> {
             s
         })
         .collect();
-    let statements = attribute(&ran, &mut spans, &names);
+    let statements = attribute::attribute(&ran, &mut spans, &names);
     let existed: HashSet<String> = rels_before.values().map(|r| r.name.clone()).collect();
+    let existed_tables: HashSet<String> = rels_before
+        .values()
+        .filter(|r| r.is_table() || r.kind == 'm')
+        .map(|r| r.name.clone())
+        .collect();
     let loose_locks: Vec<(String, String, f64)> = spans
         .iter()
         .filter(|s| s.statement.is_none() && s.granted)
@@ -325,9 +325,9 @@ pub async fn rehearse(opts: &Options) -> Result<Report> {
         Vec::new()
     };
     let diff = catalog::diff(&schema_before, &schema_after);
-    let row_counts = merge_counts(&counts_before, &counts_after);
-    let transactions = transactions(&ran);
-    let validated = validated_in_tx(&ran, &existed, &names);
+    let row_counts = attribute::merge_counts(&counts_before, &counts_after);
+    let transactions = attribute::transactions(&ran);
+    let validated = attribute::validated_in_tx(&ran, &existed, &names);
     let sizes: HashMap<String, u64> = rels_before
         .values()
         .map(|r| (r.name.clone(), r.size))
@@ -338,6 +338,7 @@ pub async fn rehearse(opts: &Options) -> Result<Report> {
         loose_locks: &loose_locks,
         loose_rewrites: &loose_rewrites,
         existed: &existed,
+        existed_tables: &existed_tables,
         table_size: &size_of,
         diff: &diff,
         row_counts: &row_counts,
@@ -413,209 +414,6 @@ fn probe_targets(plan: &Plan, rels: &Relations) -> Vec<String> {
         }
     }
     out
-}
-
-/// Matches sampled locks to the statements running when they were first seen, and
-/// adds the documented lock of a statement the sampler did not catch.
-fn attribute(
-    ran: &[Ran],
-    spans: &mut [report::LockSpan],
-    names: &HashMap<u32, String>,
-) -> Vec<StatementReport> {
-    let slack = SAMPLE_EVERY.as_secs_f64() * 1000.0;
-    let mut out: Vec<StatementReport> = Vec::new();
-    for span in spans.iter_mut() {
-        span.statement = ran
-            .iter()
-            .rposition(|r| r.started_ms <= span.first_seen_ms)
-            .filter(|&i| span.first_seen_ms <= ran[i].tx_end_ms + slack)
-            .map(|i| i + 1);
-    }
-    let known: HashSet<String> = names.values().map(|n| normalize(n)).collect();
-    for (i, r) in ran.iter().enumerate() {
-        let n = i + 1;
-        let mut locks: BTreeMap<(String, String), StatementLock> = BTreeMap::new();
-        for s in spans.iter().filter(|s| s.statement == Some(n) && s.granted) {
-            let held =
-                (s.last_seen_ms - s.first_seen_ms + slack).max(r.tx_end_ms - s.first_seen_ms);
-            let e = locks
-                .entry((s.relation.clone(), s.mode.clone()))
-                .or_insert(StatementLock {
-                    relation: s.relation.clone(),
-                    mode: s.mode.clone(),
-                    held_ms: 0.0,
-                    inferred: false,
-                });
-            e.held_ms = e.held_ms.max(held);
-        }
-        if let (Some(mode), Some(target), None) = (r.command.mode, &r.command.target, &r.error) {
-            let seen = locks
-                .keys()
-                .any(|(rel, m)| normalize(rel) == *target && m == mode);
-            if !seen && (known.contains(target) || r.command.tx == TxEffect::None) {
-                let relation = names
-                    .values()
-                    .find(|n| normalize(n) == *target)
-                    .cloned()
-                    .unwrap_or_else(|| target.clone());
-                locks.insert(
-                    (relation.clone(), mode.to_owned()),
-                    StatementLock {
-                        relation,
-                        mode: mode.to_owned(),
-                        held_ms: r.tx_end_ms - r.started_ms,
-                        inferred: true,
-                    },
-                );
-            }
-        }
-        out.push(StatementReport {
-            n,
-            origin: r.origin.clone(),
-            sql: r.sql.clone(),
-            params: r.params.clone(),
-            started_ms: r.started_ms,
-            duration_ms: r.duration_ms,
-            tag: r.command.tag.clone(),
-            rows: r.rows,
-            error: r.error.clone(),
-            locks: locks.into_values().collect(),
-            rewrites: r.rewrites.clone(),
-            indexes_built: r.indexes_built.clone(),
-            wal_bytes: r.wal_bytes,
-        });
-    }
-    out
-}
-
-/// Explicit transactions: (first statement, last statement, duration ms).
-fn transactions(ran: &[Ran]) -> Vec<(usize, usize, f64)> {
-    let mut out: Vec<(usize, usize, f64)> = Vec::new();
-    let mut by_tx: BTreeMap<usize, (usize, usize, f64, f64)> = BTreeMap::new();
-    for (i, r) in ran.iter().enumerate() {
-        if let Some(t) = r.tx {
-            let e = by_tx
-                .entry(t)
-                .or_insert((i + 1, i + 1, r.started_ms, r.tx_end_ms));
-            e.1 = i + 1;
-        }
-    }
-    for (_, (first, last, from, to)) in by_tx {
-        out.push((first, last, to - from));
-    }
-    out
-}
-
-/// Constraints checked against every row under the lock that added them: added
-/// without `NOT VALID` to a table that existed, or validated in the transaction
-/// that added them.
-fn validated_in_tx(
-    ran: &[Ran],
-    existed: &HashSet<String>,
-    names: &HashMap<u32, String>,
-) -> Vec<(usize, String)> {
-    let existed_norm: HashSet<String> = existed.iter().map(|n| normalize(n)).collect();
-    let display = |t: &str| {
-        names
-            .values()
-            .find(|n| normalize(n) == t)
-            .cloned()
-            .unwrap_or_else(|| t.to_owned())
-    };
-    let mut out = Vec::new();
-    for (i, r) in ran.iter().enumerate() {
-        let Some(t) = &r.command.target else { continue };
-        if r.error.is_some() || !existed_norm.contains(t) {
-            continue;
-        }
-        let added_earlier_in_tx = r.tx.is_some()
-            && ran[..i].iter().any(|p| {
-                p.tx == r.tx
-                    && p.command.target.as_deref() == Some(t.as_str())
-                    && p.sql.to_ascii_lowercase().contains("not valid")
-            });
-        if r.command.adds_validated_constraint
-            || (r.command.validates_constraint && added_earlier_in_tx)
-        {
-            out.push((i + 1, display(t)));
-        }
-    }
-    out
-}
-
-fn merge_counts(before: &BTreeMap<String, i64>, after: &BTreeMap<String, i64>) -> Vec<RowCount> {
-    let tables: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
-    tables
-        .into_iter()
-        .map(|t| RowCount {
-            table: t.clone(),
-            before: before.get(t).copied(),
-            after: after.get(t).copied(),
-        })
-        .collect()
-}
-
-/// Runs one check: it passes with no rows, or with one row holding a single `true`.
-async fn run_check(c: &Client, sql: &str) -> CheckResult {
-    let msgs = match c.simple_query(sql).await {
-        Ok(m) => m,
-        Err(e) => {
-            let e = run::sql_error(&e);
-            return CheckResult {
-                passed: false,
-                error: Some(format!("{} {}", e.sqlstate, e.message)),
-                violation_count: 0,
-                violations: Vec::new(),
-            };
-        }
-    };
-    let rows: Vec<&tokio_postgres::SimpleQueryRow> = msgs
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r),
-            _ => None,
-        })
-        .collect();
-    let single_true = rows.len() == 1
-        && rows[0].columns().len() == 1
-        && matches!(rows[0].get(0), Some("t") | Some("true"));
-    let passed = rows.is_empty() || single_true;
-    let violations = if passed {
-        Vec::new()
-    } else {
-        rows.iter()
-            .take(MAX_VIOLATIONS)
-            .map(|r| {
-                r.columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, col)| {
-                        let v = r.get(i).map(|s| serde_json::Value::String(s.to_owned()));
-                        (col.name().to_owned(), v.unwrap_or(serde_json::Value::Null))
-                    })
-                    .collect()
-            })
-            .collect()
-    };
-    CheckResult {
-        passed,
-        error: None,
-        violation_count: if passed { 0 } else { rows.len() as u64 },
-        violations,
-    }
-}
-
-/// Runs `argv` with the branch in its environment; its output goes to ours.
-async fn run_command(argv: &[String], target: &Target) -> Result<i32> {
-    let (prog, args) = argv.split_first().ok_or_else(|| anyhow!("empty command"))?;
-    let status = tokio::process::Command::new(prog)
-        .args(args)
-        .envs(target.env())
-        .stdin(std::process::Stdio::null())
-        .status()
-        .await
-        .with_context(|| format!("cannot run {prog:?}"))?;
-    Ok(status.code().unwrap_or(128 + 9))
 }
 
 #[cfg(test)]

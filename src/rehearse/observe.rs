@@ -96,9 +96,10 @@ pub fn start_sampler(
                 _ = tick.tick() => {}
                 _ = stop.cancelled(), if !last => { last = true; }
             }
-            let before = ms_since(start);
             let rows = client.query(&stmt, &[]).await?;
-            let at = (before + ms_since(start)) / 2.0;
+            // The answer's arrival: a lock in it was taken before then, so a lock is
+            // never matched to a statement that started after it.
+            let at = ms_since(start);
             samples += 1;
             let mut now: HashSet<LockKey> = HashSet::new();
             for r in rows {

@@ -5,13 +5,18 @@
 
 use std::time::Instant;
 
+use anyhow::{anyhow, Context, Result};
+
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::catalog::{self, Relations};
 use super::classify::{classify, Command, TxEffect};
-use super::report::{IndexBuilt, Rewrite, SqlError};
+use super::report::{CheckResult, IndexBuilt, Rewrite, SqlError};
 use super::split::split;
-use super::SqlFile;
+use super::{SqlFile, Target};
+
+/// Violations shown per check.
+const MAX_VIOLATIONS: usize = 20;
 
 /// One statement as it ran, before locks are matched to it.
 pub struct Ran {
@@ -206,4 +211,67 @@ pub fn sql_error(e: &tokio_postgres::Error) -> SqlError {
             message: e.to_string(),
         },
     }
+}
+
+/// Runs one check: it passes with no rows, or with one row holding a single `true`.
+pub async fn run_check(c: &Client, sql: &str) -> CheckResult {
+    let msgs = match c.simple_query(sql).await {
+        Ok(m) => m,
+        Err(e) => {
+            let e = sql_error(&e);
+            return CheckResult {
+                passed: false,
+                error: Some(format!("{} {}", e.sqlstate, e.message)),
+                violation_count: 0,
+                violations: Vec::new(),
+            };
+        }
+    };
+    let rows: Vec<&tokio_postgres::SimpleQueryRow> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    let single_true = rows.len() == 1
+        && rows[0].columns().len() == 1
+        && matches!(rows[0].get(0), Some("t") | Some("true"));
+    let passed = rows.is_empty() || single_true;
+    let violations = if passed {
+        Vec::new()
+    } else {
+        rows.iter()
+            .take(MAX_VIOLATIONS)
+            .map(|r| {
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, col)| {
+                        let v = r.get(i).map(|s| serde_json::Value::String(s.to_owned()));
+                        (col.name().to_owned(), v.unwrap_or(serde_json::Value::Null))
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    CheckResult {
+        passed,
+        error: None,
+        violation_count: if passed { 0 } else { rows.len() as u64 },
+        violations,
+    }
+}
+
+/// Runs `argv` with the branch in its environment; its output goes to ours.
+pub async fn run_command(argv: &[String], target: &Target) -> Result<i32> {
+    let (prog, args) = argv.split_first().ok_or_else(|| anyhow!("empty command"))?;
+    let status = tokio::process::Command::new(prog)
+        .args(args)
+        .envs(target.env())
+        .stdin(std::process::Stdio::null())
+        .status()
+        .await
+        .with_context(|| format!("cannot run {prog:?}"))?;
+    Ok(status.code().unwrap_or(128 + 9))
 }
