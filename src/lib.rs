@@ -19,6 +19,8 @@
 //! - [`rehearse`]: migration rehearsal on a branch, through the proxy: statements,
 //!   locks, rewrites, hazards, the probe of concurrent traffic, the report.
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
+//! - [`audit`]: the audit trail (`audit.jsonl`), read back by the events API, and
+//!   the webhooks it feeds.
 //! - [`error`]: error kinds and the one mapping to SQLSTATE.
 //! - [`fsutil`]: atomic file replacement and the other crash-safe file helpers.
 //! - [`names`]: validated source and branch names, identifier quoting.
@@ -32,6 +34,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod branch;
 pub mod cli;
