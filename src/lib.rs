@@ -16,6 +16,8 @@
 //!   client.
 //! - [`console`]: the web console the admin listener serves at `/`, and the login
 //!   that guards the listener; [`history`]: the in-memory samples its charts draw.
+//! - [`rehearse`]: migration rehearsal on a branch, through the proxy: statements,
+//!   locks, rewrites, hazards, the probe of concurrent traffic, the report.
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
 //! - [`privsep`]: a proxy started as root drops to its own user; a small helper
 //!   keeps root for the servers' file and process work, one typed request each.
@@ -52,4 +54,5 @@ pub mod names;
 pub mod pg;
 pub mod privsep;
 pub mod proxy;
+pub mod rehearse;
 pub mod upstream;
