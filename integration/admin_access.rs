@@ -363,11 +363,14 @@ fn serve_makes_a_private_token_that_the_cli_finds() {
     assert!(token.len() >= 32, "{token}");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    // The banner comes once serve is ready, a little after its ports are bound.
+    let banner = "admin API token: .offshoot/admin.token";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !serve.log().contains(banner) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = serve.log();
-    assert!(
-        log.contains("admin API token: .offshoot/admin.token"),
-        "serve says where the token is: {log}"
-    );
+    assert!(log.contains(banner), "serve says where the token is: {log}");
 
     // The quick start: the CLI run where serve runs, with no flag, finds it.
     let (ok, out) = serve.cli(serve.dir.path(), &[], &[]);

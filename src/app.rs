@@ -192,6 +192,9 @@ async fn serve(
         true => Some(crate::admin::bind(cfg).await?),
         false => None,
     };
+    // Webhook secrets are keys too: read while still root.
+    let hooks = crate::audit::Webhooks::start(&cfg.webhooks, clock.clone(), metrics.clone())
+        .map_err(|e| anyhow!(e))?;
     if let Some(plan) = plan {
         plan.drop_privileges()?;
     }
@@ -226,8 +229,6 @@ async fn serve(
     }
 
     let store = Store::open(state_dir).context("state.dir: branch records")?;
-    let hooks = crate::audit::Webhooks::start(&cfg.webhooks, clock.clone(), metrics.clone())
-        .map_err(|e| anyhow!(e))?;
     let audit = crate::audit::Audit::start(
         state_dir,
         crate::audit::Rotation::default(),
