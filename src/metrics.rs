@@ -36,6 +36,10 @@ pub struct Metrics {
     pub suspensions_total: IntCounterVec,
     /// Clones whose files were copied, by source and mode (reflink or copy).
     pub clones_total: IntCounterVec,
+    /// Branches or connections refused by a policy or quota, by source and the key
+    /// that refused (`connect_roles`, `create_roles`, `max_branches` of a policy,
+    /// `max_branches_per_role`, `source_max_branches`, `max_total_size`).
+    pub policy_refusals_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -141,6 +145,14 @@ impl Metrics {
             &["source", "mode"],
         )
         .expect("valid metric");
+        let policy_refusals_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_policy_refusals_total",
+                "Branches or connections refused by a policy or quota, by source and key",
+            ),
+            &["source", "reason"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(client_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
@@ -156,6 +168,7 @@ impl Metrics {
             Box::new(start_seconds.clone()),
             Box::new(suspensions_total.clone()),
             Box::new(clones_total.clone()),
+            Box::new(policy_refusals_total.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -179,6 +192,7 @@ impl Metrics {
             start_seconds,
             suspensions_total,
             clones_total,
+            policy_refusals_total,
         }
     }
 

@@ -245,7 +245,9 @@ impl Registry {
     }
 
     /// Removes a settled branch. Connections wait for the outcome meanwhile;
-    /// afterwards a new connection makes a fresh clone.
+    /// afterwards a new connection makes a fresh clone. A protected or persistent
+    /// branch is removed only by a forced deletion through the API (the reaper
+    /// never removes one).
     pub async fn delete(
         self: &Arc<Self>,
         id: &BranchId,
@@ -258,6 +260,14 @@ impl Registry {
                 .branches
                 .get_mut(id)
                 .ok_or_else(|| DeleteError::NotFound(id.clone()))?;
+            if !(force && reason == RemoveReason::Api) {
+                if let Some(guard) = self.guard(&branch.record) {
+                    return Err(DeleteError::Guarded {
+                        id: id.clone(),
+                        guard,
+                    });
+                }
+            }
             let tx = branch.expire(force).map_err(|r| match r {
                 Refusal::Busy => DeleteError::Busy(id.clone()),
                 Refusal::InUse(conns) => DeleteError::InUse {
