@@ -40,6 +40,12 @@ pub struct Metrics {
     /// that refused (`connect_roles`, `create_roles`, `max_branches` of a policy,
     /// `max_branches_per_role`, `source_max_branches`, `max_total_size`).
     pub policy_refusals_total: IntCounterVec,
+    /// Audit lines, by outcome (written, dropped: the queue was full, failed: the
+    /// write failed).
+    pub audit_lines_total: IntCounterVec,
+    /// Webhook deliveries, by outcome (ok, retried, failed: gave up, dropped: the
+    /// hook's queue was full).
+    pub webhook_deliveries_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -153,6 +159,22 @@ impl Metrics {
             &["source", "reason"],
         )
         .expect("valid metric");
+        let audit_lines_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_audit_lines_total",
+                "Audit trail lines, by outcome (written, dropped, failed)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let webhook_deliveries_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_webhook_deliveries_total",
+                "Webhook delivery attempts, by outcome (ok, retried, failed, dropped)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(client_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
@@ -169,6 +191,8 @@ impl Metrics {
             Box::new(suspensions_total.clone()),
             Box::new(clones_total.clone()),
             Box::new(policy_refusals_total.clone()),
+            Box::new(audit_lines_total.clone()),
+            Box::new(webhook_deliveries_total.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -193,6 +217,8 @@ impl Metrics {
             suspensions_total,
             clones_total,
             policy_refusals_total,
+            audit_lines_total,
+            webhook_deliveries_total,
         }
     }
 
