@@ -36,6 +36,11 @@ pub struct Metrics {
     pub suspensions_total: IntCounterVec,
     /// Clones whose files were copied, by source and mode (reflink or copy).
     pub clones_total: IntCounterVec,
+    /// Server sessions kept for reuse: taken (hit), wanted but none kept (miss),
+    /// closed instead of reused (discard).
+    pub server_reuse_total: IntCounterVec,
+    /// Server sessions kept open for reuse right now.
+    pub server_sessions_idle: IntGauge,
 }
 
 impl Metrics {
@@ -141,6 +146,20 @@ impl Metrics {
             &["source", "mode"],
         )
         .expect("valid metric");
+        let server_reuse_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_server_reuse_total",
+                "Server sessions kept for reuse: hit (taken by a client), miss (none kept \
+                 for that client), discard (closed instead of reused)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let server_sessions_idle = IntGauge::new(
+            "offshoot_server_sessions_idle",
+            "Server sessions kept open for reuse",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(client_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
@@ -156,12 +175,17 @@ impl Metrics {
             Box::new(start_seconds.clone()),
             Box::new(suspensions_total.clone()),
             Box::new(clones_total.clone()),
+            Box::new(server_reuse_total.clone()),
+            Box::new(server_sessions_idle.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
         // Make the series visible from the first scrape.
         for d in ["client_to_server", "server_to_client"] {
             bytes_total.with_label_values(&[d]);
+        }
+        for o in ["hit", "miss", "discard"] {
+            server_reuse_total.with_label_values(&[o]);
         }
         Self {
             registry,
@@ -179,6 +203,8 @@ impl Metrics {
             start_seconds,
             suspensions_total,
             clones_total,
+            server_reuse_total,
+            server_sessions_idle,
         }
     }
 
