@@ -1,4 +1,6 @@
 //! The byte pump after startup: no message parsing, as few syscalls as possible.
+//! Where the server session may be kept for another client, a [`Tracker`] is
+//! shown each read (headers only) and holds back a clean Terminate.
 //!
 //! A request/response round trip costs four syscalls here (read and write in each
 //! direction) plus the amortised `epoll_wait`. Two things make that so:
