@@ -41,6 +41,12 @@ pub struct Metrics {
     pub server_reuse_total: IntCounterVec,
     /// Server sessions kept open for reuse right now.
     pub server_sessions_idle: IntGauge,
+    /// Audit lines, by outcome (written, dropped: the queue was full, failed: the
+    /// write failed).
+    pub audit_lines_total: IntCounterVec,
+    /// Webhook deliveries, by outcome (ok, retried, failed: gave up, dropped: the
+    /// hook's queue was full).
+    pub webhook_deliveries_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -160,6 +166,22 @@ impl Metrics {
             "Server sessions kept open for reuse",
         )
         .expect("valid metric");
+        let audit_lines_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_audit_lines_total",
+                "Audit trail lines, by outcome (written, dropped, failed)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let webhook_deliveries_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_webhook_deliveries_total",
+                "Webhook delivery attempts, by outcome (ok, retried, failed, dropped)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(client_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
@@ -177,6 +199,8 @@ impl Metrics {
             Box::new(clones_total.clone()),
             Box::new(server_reuse_total.clone()),
             Box::new(server_sessions_idle.clone()),
+            Box::new(audit_lines_total.clone()),
+            Box::new(webhook_deliveries_total.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -205,6 +229,8 @@ impl Metrics {
             clones_total,
             server_reuse_total,
             server_sessions_idle,
+            audit_lines_total,
+            webhook_deliveries_total,
         }
     }
 

@@ -2,12 +2,11 @@
 //! first if needed, with progress notices to an authenticated client), then the
 //! proxy connects to the branch's server and carries the startup through it.
 
-use tokio::io::AsyncWriteExt;
-use tracing::{debug, warn};
-
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tracing::{debug, warn};
 
 use super::auth::Proven;
 use super::backend::{self, ServerStream};
@@ -238,6 +237,10 @@ async fn acquire(
         )),
         (Some(_), Some(_)) => Some(format!("waiting for branch {branch} of source {source}")),
     };
+    let actor = crate::audit::Actor::client(
+        Some(route.user.clone()),
+        client.peer_addr().map(|a| a.to_string()),
+    );
     let announce = notice.is_some();
     let started = std::time::Instant::now();
     if let Some(msg) = notice {
@@ -251,7 +254,7 @@ async fn acquire(
     }
     let lease = proxy
         .registry
-        .acquire_as(&route.id, proxy.config.provision_timeout, creator)
+        .acquire_by(&route.id, proxy.config.provision_timeout, creator, actor)
         .await?;
     if announce {
         let msg = format!(
