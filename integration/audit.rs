@@ -251,3 +251,305 @@ async fn suspensions_and_resumes_name_who_caused_them() {
     assert_eq!(history[0]["actor"]["kind"], "reaper");
     assert_eq!(history[0]["reason"], "idle 4s");
 }
+
+/// One request a test receiver got.
+#[derive(Debug, Clone)]
+struct Received {
+    headers: std::collections::HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+/// A webhook receiver on a free port: answers `statuses` in turn (then 200), and
+/// keeps what it was sent.
+async fn receiver(
+    statuses: Vec<u16>,
+) -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    receiver_with(statuses, None).await
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// [`receiver`], over TLS with `tls`. A failed handshake is counted as a request
+/// with no headers.
+async fn receiver_with(
+    statuses: Vec<u16>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = got.clone();
+    let task = tokio::spawn(async move {
+        let mut statuses = statuses.into_iter();
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut s: Box<dyn Stream> = match &tls {
+                None => Box::new(tcp),
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(s) => Box::new(s),
+                    Err(_) => {
+                        log.lock().unwrap().push(Received {
+                            headers: Default::default(),
+                            body: Vec::new(),
+                        });
+                        continue;
+                    }
+                },
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let (head_end, length) = loop {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(
+                    n > 0,
+                    "request cut short: {:?}",
+                    String::from_utf8_lossy(&buf)
+                );
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                        .unwrap_or(0);
+                    break (i + 4, len);
+                }
+            };
+            while buf.len() < head_end + length {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0);
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+            let mut lines = head.lines();
+            let request_line = lines.next().unwrap().to_owned();
+            let mut headers: std::collections::HashMap<String, String> = lines
+                .filter_map(|l| l.split_once(": "))
+                .map(|(k, v)| (k.to_lowercase(), v.to_owned()))
+                .collect();
+            headers.insert(":request".into(), request_line);
+            log.lock().unwrap().push(Received {
+                headers,
+                body: buf[head_end..head_end + length].to_vec(),
+            });
+            let status = statuses.next().unwrap_or(200);
+            let answer =
+                format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = s.write_all(answer.as_bytes()).await;
+        }
+    });
+    (port, got, task)
+}
+
+fn verify(secret: &[u8], r: &Received) -> bool {
+    let ts = &r.headers["x-offshoot-timestamp"];
+    let Some(hex) = r.headers["x-offshoot-signature"].strip_prefix("sha256=") else {
+        return false;
+    };
+    let Some(tag) = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()
+    else {
+        return false;
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let mut signed = format!("{ts}.").into_bytes();
+    signed.extend_from_slice(&r.body);
+    ring::hmac::verify(&key, &signed, &tag).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_signed_retried_and_filtered_by_event() {
+    use std::os::unix::fs::PermissionsExt;
+    let (port, got, _server) = receiver(vec![500]).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let secret_file = secrets.path().join("hook.secret");
+    std::fs::write(&secret_file, "hook-secret\n").unwrap();
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A second hook whose receiver is down: it retries on its own, holding up
+    // neither the first hook nor any client.
+    let dead = free_port();
+    let head = format!(
+        "[[webhooks]]\nurl = \"http://127.0.0.1:{port}/hooks/offshoot\"\n\
+         events = [\"branch.created\", \"branch.deleted\"]\nsecret_file = \"{}\"\n\
+         [[webhooks]]\nurl = \"http://127.0.0.1:{dead}/\"\nevents = [\"*\"]\n",
+        secret_file.display()
+    );
+    let Fixture { pg: _pg, proxy } = Fixture::start_with(Engine::Database, &head, "").await;
+    let c = proxy.connect("shop.wh").await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+
+    // The first attempt gets 500; the retry (about 1 s later) gets 200.
+    assert!(
+        eventually(20, || got.lock().unwrap().len() >= 2).await,
+        "{:?}",
+        got.lock().unwrap()
+    );
+    let first_two: Vec<Received> = got.lock().unwrap()[..2].to_vec();
+    for r in &first_two {
+        assert_eq!(r.headers[":request"], "POST /hooks/offshoot HTTP/1.1");
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert_eq!(r.headers["x-offshoot-event"], "branch.created");
+        assert!(verify(b"hook-secret", r), "signature checks out: {r:?}");
+        assert!(!verify(b"another-secret", r));
+        let event: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(event["action"], "branch.created");
+        assert_eq!(event["source"], "shop");
+        assert_eq!(event["branch"], "wh");
+        assert_eq!(event["actor"]["kind"], "client");
+        let ts: u64 = r.headers["x-offshoot-timestamp"].parse().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(ts.abs_diff(now) < 300, "{ts} vs {now}");
+    }
+    assert_eq!(
+        first_two[0].headers["x-offshoot-delivery"], first_two[1].headers["x-offshoot-delivery"],
+        "a retry is the same delivery"
+    );
+    assert_eq!(first_two[0].body, first_two[1].body);
+    // A tampered body no longer matches its signature.
+    let mut tampered = first_two[1].clone();
+    tampered.body = String::from_utf8(tampered.body)
+        .unwrap()
+        .replacen("\"wh\"", "\"xx\"", 1)
+        .into_bytes();
+    assert!(!verify(b"hook-secret", &tampered));
+
+    // Events the hook does not subscribe to are not sent to it.
+    let (status, body) = proxy.api("POST", "/api/v1/sources/shop/snapshots", None);
+    assert_eq!(status, 201, "{body}");
+    drop(c);
+    assert!(
+        eventually(10, || {
+            proxy.api("DELETE", "/api/v1/branches/shop/wh", None).0 == 204
+        })
+        .await
+    );
+    assert!(eventually(20, || got.lock().unwrap().len() >= 3).await);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let all = got.lock().unwrap().clone();
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert_eq!(all[2].headers["x-offshoot-event"], "branch.deleted");
+    assert!(verify(b"hook-secret", &all[2]));
+    assert_ne!(
+        all[2].headers["x-offshoot-delivery"],
+        all[0].headers["x-offshoot-delivery"]
+    );
+
+    assert!(proxy.metric("offshoot_webhook_deliveries_total{outcome=\"ok\"}") >= 2.0);
+    // One retry after the 500, and the dead hook's.
+    assert!(proxy.metric("offshoot_webhook_deliveries_total{outcome=\"retried\"}") >= 2.0);
+    assert!(proxy.log().contains("webhook delivery failed; retrying"));
+    // A client is never held up by the dead hook.
+    let again = proxy.connect("shop.wh2").await.unwrap();
+    again.simple_query("SELECT 1").await.unwrap();
+}
+
+/// A TLS acceptor with a fresh certificate for `localhost` signed by a fresh CA;
+/// returns the directory (keep it) and the CA's certificate.
+fn tls_acceptor() -> (
+    tokio_rustls::TlsAcceptor,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &str| {
+        let out = std::process::Command::new("openssl")
+            .current_dir(d)
+            .args(args.split(' '))
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args}: {out:?}");
+    };
+    openssl(
+        "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=hook-ca \
+         -keyout ca.key -out ca.crt",
+    );
+    openssl("req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server.key -out server.csr");
+    openssl(
+        "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+         -extfile ext.cnf -out server.crt",
+    );
+    let (cert, key, ca) = (d.join("server.crt"), d.join("server.key"), d.join("ca.crt"));
+    let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(&cert).unwrap(),
+    ))
+    .collect::<Result<_, _>>()
+    .unwrap();
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(&key).unwrap(),
+    ))
+    .unwrap()
+    .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    (
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
+        dir,
+        ca,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_webhooks_check_the_receivers_certificate() {
+    let (acceptor, _certs, ca) = tls_acceptor();
+    let (port, got, _server) = receiver_with(vec![], Some(acceptor.clone())).await;
+    let (other, refused_got, _other) = receiver_with(vec![], Some(acceptor)).await;
+    // The first hook trusts the receiver's CA; the second only the system's, which
+    // never signed this certificate.
+    let head = format!(
+        "[[webhooks]]\nurl = \"https://localhost:{port}/tls\"\nca_file = \"{}\"\n\
+         events = [\"branch.created\"]\n\
+         [[webhooks]]\nurl = \"https://localhost:{other}/tls\"\nevents = [\"branch.created\"]\n",
+        ca.display()
+    );
+    let Fixture { pg: _pg, proxy } = Fixture::start_with(Engine::Database, &head, "").await;
+    proxy.connect("shop.tls").await.unwrap();
+    assert!(eventually(20, || !got.lock().unwrap().is_empty()).await);
+    let r = got.lock().unwrap()[0].clone();
+    assert_eq!(r.headers[":request"], "POST /tls HTTP/1.1");
+    assert_eq!(r.headers["host"], format!("localhost:{port}"));
+    let event: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(event["branch"], "tls");
+    // Unsigned: that hook has no secret_file.
+    assert!(!r.headers.contains_key("x-offshoot-signature"));
+
+    assert!(
+        eventually(20, || proxy.log().contains("webhooks[1]")).await,
+        "{}",
+        proxy.log()
+    );
+    assert!(
+        refused_got
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|r| r.headers.is_empty()),
+        "nothing was sent to a receiver whose certificate did not check out"
+    );
+}

@@ -18,6 +18,7 @@ mod lifecycle;
 mod md5;
 mod preauth;
 mod protocol;
+mod rehearse;
 mod reuse;
 mod routing;
 mod snapshots;

@@ -125,9 +125,12 @@ async fn serve(
     }
 
     let store = Store::open(state_dir).context("state.dir: branch records")?;
+    let hooks = crate::audit::Webhooks::start(&cfg.webhooks, clock.clone(), metrics.clone())
+        .map_err(|e| anyhow!(e))?;
     let audit = crate::audit::Audit::start(
         state_dir,
         crate::audit::Rotation::default(),
+        hooks,
         clock.clone(),
         metrics.clone(),
     )

@@ -8,6 +8,8 @@
 //!   handle everything records through.
 //! - `writer`: the thread that appends, fsyncs and rotates the file.
 //! - `query`: reading the file and its rotated predecessors back, newest first.
+//! - `webhook` (with `http`, its minimal client): each event POSTed, signed, to
+//!   the hooks that subscribe to it, retried with backoff.
 //!
 //! Invariants:
 //! - Recording never blocks the caller: events go through a bounded queue to a
@@ -28,10 +30,13 @@ use tracing::warn;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 
+mod http;
 mod query;
+mod webhook;
 mod writer;
 
 pub use query::{Filter, FilterError};
+pub use webhook::{read_secret, signature, Webhooks, GIVE_UP_AFTER};
 pub use writer::Rotation;
 
 /// The file name of the current audit file under the state directory.
@@ -327,15 +332,17 @@ impl Audit {
         Self(None)
     }
 
-    /// Starts the writer thread on `<dir>/audit.jsonl`.
+    /// Starts the writer thread on `<dir>/audit.jsonl`; each event written is then
+    /// handed to `hooks`.
     pub fn start(
         dir: &Path,
         rotation: Rotation,
+        hooks: Webhooks,
         clock: Clock,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let file = writer::Writer::open(dir, rotation, metrics.clone())?;
+        let file = writer::Writer::open(dir, rotation, hooks, metrics.clone())?;
         std::thread::Builder::new()
             .name("offshoot-audit".into())
             .spawn(move || file.run(rx))?;

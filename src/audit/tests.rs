@@ -14,7 +14,14 @@ fn id(branch: &str) -> BranchId {
 fn start(dir: &Path, rotation: Rotation) -> (Audit, Clock, Arc<Metrics>) {
     let clock = Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
     let metrics = Arc::new(Metrics::new());
-    let audit = Audit::start(dir, rotation, clock.clone(), metrics.clone()).unwrap();
+    let audit = Audit::start(
+        dir,
+        rotation,
+        Webhooks::default(),
+        clock.clone(),
+        metrics.clone(),
+    )
+    .unwrap();
     (audit, clock, metrics)
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
-use super::{Event, Msg, FILE};
+use super::{Event, Msg, Webhooks, FILE};
 use crate::metrics::Metrics;
 
 /// When the file is rotated, and how many rotated files are kept.
@@ -54,6 +54,7 @@ pub(super) struct Writer {
     rotation: Rotation,
     file: Option<File>,
     size: u64,
+    hooks: Webhooks,
     metrics: Arc<Metrics>,
     /// When the last write error was logged (a full disk would log every batch).
     last_error: Option<Instant>,
@@ -83,6 +84,7 @@ impl Writer {
     pub(super) fn open(
         dir: &Path,
         rotation: Rotation,
+        hooks: Webhooks,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let mut file = open(&path_of(dir, 0))?;
@@ -100,6 +102,7 @@ impl Writer {
             rotation,
             file: Some(file),
             size,
+            hooks,
             metrics,
             last_error: None,
         })
@@ -121,7 +124,9 @@ impl Writer {
                 }
             }
             self.write(&events);
-            events.clear();
+            for event in events.drain(..) {
+                self.hooks.dispatch(&event);
+            }
             for tx in syncs.drain(..) {
                 let _ = tx.send(());
             }
