@@ -20,6 +20,7 @@ mod preauth;
 mod privsep;
 mod protocol;
 mod rehearse;
+mod reuse;
 mod routing;
 mod snapshots;
 mod versions;
