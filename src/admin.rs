@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, ToSchema};
 
 mod errors;
+mod events;
 mod guard;
 mod openapi;
 pub mod token;
@@ -101,14 +102,14 @@ async fn healthz(State(s): State<AppState>) -> Json<Health> {
 }
 
 /// This document: the admin API as OpenAPI 3.1, generated from the handlers.
-#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations", security(()),
+#[utoipa::path(get, path = "/api/v1/openapi.json", operation_id = "openapi", tag = "operations", security(()),
     responses((status = 200, description = "The OpenAPI document", content_type = "application/json")))]
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(openapi::document())
 }
 
 /// Every branch, in no particular order.
-#[utoipa::path(get, path = "/api/v1/branches", tag = "branches",
+#[utoipa::path(get, path = "/api/v1/branches", operation_id = "list_branches", tag = "branches",
     responses(
         (status = 200, description = "The branches", body = Vec<BranchView>),
         (status = 401, description = "No or a wrong token", body = ErrorBody),
@@ -126,7 +127,7 @@ struct BranchDetail {
 }
 
 /// One branch, with its connection strings.
-#[utoipa::path(get, path = "/api/v1/branches/{source}/{branch}", tag = "branches",
+#[utoipa::path(get, path = "/api/v1/branches/{source}/{branch}", operation_id = "show_branch", tag = "branches",
     params(("source" = String, Path, description = "The source's name"),
            ("branch" = String, Path, description = "The branch's name")),
     responses(
@@ -165,7 +166,7 @@ struct CreateBody {
 }
 
 /// Creates a branch (or finds it made already) and waits until it is ready.
-#[utoipa::path(post, path = "/api/v1/branches", tag = "branches", request_body = CreateBody,
+#[utoipa::path(post, path = "/api/v1/branches", operation_id = "create_branch", tag = "branches", request_body = CreateBody,
     responses(
         (status = 201, description = "Created", body = BranchView),
         (status = 200, description = "It existed already", body = BranchView),
@@ -181,6 +182,7 @@ struct CreateBody {
     ))]
 async fn create(
     State(s): State<AppState>,
+    events::ApiActor(actor): events::ApiActor,
     body: Result<Json<CreateBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<BranchView>), ApiError> {
     let Json(body) = body.map_err(errors::bad_body)?;
@@ -188,6 +190,7 @@ async fn create(
     let opts = CreateOptions {
         persistent: body.persistent,
         snapshot: body.snapshot,
+        actor,
     };
     let (view, created) = s.registry.ensure(&id, &opts, s.provision_timeout).await?;
     let status = if created {
@@ -207,7 +210,7 @@ struct DeleteQuery {
 }
 
 /// Deletes a branch; refused while clients are connected unless `force`.
-#[utoipa::path(delete, path = "/api/v1/branches/{source}/{branch}", tag = "branches",
+#[utoipa::path(delete, path = "/api/v1/branches/{source}/{branch}", operation_id = "delete_branch", tag = "branches",
     params(("source" = String, Path, description = "The source's name"),
            ("branch" = String, Path, description = "The branch's name"),
            DeleteQuery),
@@ -218,17 +221,20 @@ struct DeleteQuery {
     ))]
 async fn delete(
     State(s): State<AppState>,
+    events::ApiActor(actor): events::ApiActor,
     Path((source, branch)): Path<(String, String)>,
     q: Result<Query<DeleteQuery>, QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Query(q) = q.map_err(errors::bad_query)?;
     let id = branch_id(&s, &source, &branch)?;
-    s.registry.delete(&id, q.force, RemoveReason::Api).await?;
+    s.registry
+        .delete_by(&id, q.force, RemoveReason::Api, actor)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Stops a branch's server now (scale to zero); the next connection starts it.
-#[utoipa::path(post, path = "/api/v1/branches/{source}/{branch}/suspend", tag = "branches",
+#[utoipa::path(post, path = "/api/v1/branches/{source}/{branch}/suspend", operation_id = "suspend_branch", tag = "branches",
     params(("source" = String, Path, description = "The source's name"),
            ("branch" = String, Path, description = "The branch's name")),
     responses(
@@ -238,6 +244,7 @@ async fn delete(
     ))]
 async fn suspend(
     State(s): State<AppState>,
+    events::ApiActor(actor): events::ApiActor,
     Path((source, branch)): Path<(String, String)>,
 ) -> Result<Json<BranchView>, ApiError> {
     let id = branch_id(&s, &source, &branch)?;
@@ -252,7 +259,7 @@ async fn suspend(
             ),
         ));
     }
-    let suspended = s.registry.suspend(&id).await?;
+    let suspended = s.registry.suspend_by(&id, actor).await?;
     let view = s.registry.view(&id).ok_or_else(|| {
         ApiError::of_kind(ErrorKind::NotFound, format!("branch {id} does not exist"))
     })?;
@@ -313,10 +320,11 @@ async fn list_snapshots(
     ))]
 async fn take_snapshot(
     State(s): State<AppState>,
+    events::ApiActor(actor): events::ApiActor,
     Path(source): Path<String>,
 ) -> Result<(StatusCode, Json<SnapshotInfo>), ApiError> {
     let src = source_of(&s, &source)?;
-    let info = src.engine.take_snapshot().await?;
+    let info = s.registry.take_snapshot(&src.name, actor).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -331,11 +339,14 @@ async fn take_snapshot(
     ))]
 async fn delete_snapshot(
     State(s): State<AppState>,
+    events::ApiActor(actor): events::ApiActor,
     Path((source, name)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let src = source_of(&s, &source)?;
     // The registry refuses a snapshot in use, under the lock that starts creations.
-    s.registry.delete_snapshot(&src.name, &name).await?;
+    s.registry
+        .delete_snapshot_by(&src.name, &name, actor)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -369,7 +380,7 @@ struct SourceView {
 }
 
 /// The configured sources.
-#[utoipa::path(get, path = "/api/v1/sources", tag = "sources",
+#[utoipa::path(get, path = "/api/v1/sources", operation_id = "list_sources", tag = "sources",
     responses((status = 200, description = "The sources", body = Vec<SourceView>)))]
 async fn sources(State(s): State<AppState>) -> Json<Vec<SourceView>> {
     let human = |d: Duration| humantime::format_duration(d).to_string();
@@ -449,12 +460,17 @@ fn routes() -> Routes {
         delete_snapshot,
     )
     .add(M::GET, "/api/v1/orphans", orphans)
+    .add(M::GET, "/api/v1/events", events::list)
 }
 
 fn router(state: AppState) -> Router {
     routes()
         .router
         .layer(axum::middleware::from_fn(errors::json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            events::sync_writes,
+        ))
         .with_state(state)
 }
 
@@ -532,6 +548,7 @@ pub async fn serve(
             bound.guard,
             guard::check,
         ));
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(bound.listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

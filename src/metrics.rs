@@ -36,6 +36,12 @@ pub struct Metrics {
     pub suspensions_total: IntCounterVec,
     /// Clones whose files were copied, by source and mode (reflink or copy).
     pub clones_total: IntCounterVec,
+    /// Audit lines, by outcome (written, dropped: the queue was full, failed: the
+    /// write failed).
+    pub audit_lines_total: IntCounterVec,
+    /// Webhook deliveries, by outcome (ok, retried, failed: gave up, dropped: the
+    /// hook's queue was full).
+    pub webhook_deliveries_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -141,6 +147,22 @@ impl Metrics {
             &["source", "mode"],
         )
         .expect("valid metric");
+        let audit_lines_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_audit_lines_total",
+                "Audit trail lines, by outcome (written, dropped, failed)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let webhook_deliveries_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_webhook_deliveries_total",
+                "Webhook delivery attempts, by outcome (ok, retried, failed, dropped)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(client_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
@@ -156,6 +178,8 @@ impl Metrics {
             Box::new(start_seconds.clone()),
             Box::new(suspensions_total.clone()),
             Box::new(clones_total.clone()),
+            Box::new(audit_lines_total.clone()),
+            Box::new(webhook_deliveries_total.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -179,6 +203,8 @@ impl Metrics {
             start_seconds,
             suspensions_total,
             clones_total,
+            audit_lines_total,
+            webhook_deliveries_total,
         }
     }
 

@@ -33,6 +33,7 @@ use crate::error::{ErrorBody, ErrorDetail};
         super::take_snapshot,
         super::delete_snapshot,
         super::orphans,
+        super::events::list,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth),
@@ -41,6 +42,7 @@ use crate::error::{ErrorBody, ErrorDetail};
         (name = "branches", description = "Branches: clones of a source, one per test cycle"),
         (name = "snapshots", description = "Sealed copies of a source that branches start from"),
         (name = "sources", description = "The configured sources"),
+        (name = "events", description = "The audit trail"),
         (name = "operations", description = "Health, metrics, orphans and this document"),
     )
 )]
@@ -116,6 +118,21 @@ mod tests {
             unserved.is_empty(),
             "documented but not served: {unserved:?}"
         );
+    }
+
+    #[test]
+    fn operation_ids_are_unique() {
+        let doc = serde_json::to_value(document()).unwrap();
+        let mut seen = BTreeSet::new();
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                let id = op["operationId"].as_str().unwrap_or_default().to_owned();
+                assert!(
+                    seen.insert(id.clone()),
+                    "{method} {path}: operationId {id:?} is taken"
+                );
+            }
+        }
     }
 
     #[test]
