@@ -19,6 +19,7 @@ mod lifecycle;
 mod md5;
 mod preauth;
 mod protocol;
+mod rehearse;
 mod routing;
 mod snapshots;
 mod versions;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{CommandFactory, Parser, Subcommand};
 use offshoot::cli::branch::BranchArgs;
 use offshoot::cli::snapshot::SnapshotArgs;
+use offshoot::cli::ApiArgs;
 use offshoot::config::Config;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -56,6 +57,15 @@ enum Command {
         /// The shell to complete for.
         shell: clap_complete::Shell,
     },
+    /// Rehearse a migration on a fresh branch of SOURCE and report what it did:
+    /// statements, locks, rewrites, hazards, schema diff, data checks.
+    /// Exit code 0 passed, 1 migration failed, 2 data check failed, 3 hazard.
+    Rehearse {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        args: Box<offshoot::rehearse::command::Args>,
+    },
 }
 
 fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
@@ -97,6 +107,12 @@ fn main() -> std::process::ExitCode {
                 &mut std::io::stdout(),
             );
             return std::process::ExitCode::SUCCESS;
+        }
+        Command::Rehearse { api, args } => {
+            return match api.connect() {
+                Ok(admin) => offshoot::rehearse::command::main(&admin, args),
+                Err(e) => exit_code(Err(e)),
+            }
         }
     };
     let cfg = match Config::load(config) {
