@@ -23,6 +23,7 @@ use utoipa::{IntoParams, ToSchema};
 mod errors;
 mod events;
 mod guard;
+mod lifecycle;
 mod openapi;
 pub mod token;
 
@@ -163,6 +164,19 @@ struct CreateBody {
     /// Snapshot to clone (sources with snapshots); default the newest.
     #[serde(default)]
     snapshot: Option<String>,
+    /// When it exists: `reuse` (200 with it, the default) or `fail` (409).
+    #[serde(default)]
+    if_exists: crate::branch::IfExists,
+    /// Removed this long after creation ("3d"), or at `expires_at` (RFC 3339).
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    expires_at: Option<String>,
+    /// Overrides its policy's `protected`; `protected_until` (RFC 3339) implies it.
+    #[serde(default)]
+    protected: Option<bool>,
+    #[serde(default)]
+    protected_until: Option<String>,
 }
 
 /// Creates a branch (or finds it made already) and waits until it is ready.
@@ -187,11 +201,25 @@ async fn create(
 ) -> Result<(StatusCode, Json<BranchView>), ApiError> {
     let Json(body) = body.map_err(errors::bad_body)?;
     let id = branch_id(&s, &body.source, &body.branch)?;
-    let opts = CreateOptions {
+    let mut opts = CreateOptions {
         persistent: body.persistent,
         snapshot: body.snapshot,
+        if_exists: body.if_exists,
         actor,
+        ..CreateOptions::default()
     };
+    let persistent = body.persistent
+        || source_of(&s, &body.source)?
+            .config
+            .policy(&id.branch)
+            .persistent;
+    let lifecycle = lifecycle::CreateLifecycle {
+        ttl: body.ttl,
+        expires_at: body.expires_at,
+        protected: body.protected,
+        protected_until: body.protected_until,
+    };
+    lifecycle.apply(s.registry.clock().now(), persistent, &mut opts)?;
     let (view, created) = s.registry.ensure(&id, &opts, s.provision_timeout).await?;
     let status = if created {
         StatusCode::CREATED
@@ -447,6 +475,11 @@ fn routes() -> Routes {
     .add(M::POST, "/api/v1/branches", create)
     .add(M::GET, "/api/v1/branches/{source}/{branch}", show)
     .add(M::DELETE, "/api/v1/branches/{source}/{branch}", delete)
+    .add(
+        M::PATCH,
+        "/api/v1/branches/{source}/{branch}",
+        lifecycle::patch,
+    )
     .add(
         M::POST,
         "/api/v1/branches/{source}/{branch}/suspend",

@@ -46,6 +46,10 @@ impl From<DeleteError> for ApiError {
                 format!("branch {id} has {conns} open connection(s)"),
             )
             .hint(FORCE_HINT),
+            e @ DeleteError::Guarded { .. } => {
+                ApiError::of_kind(ErrorKind::Conflict, e.to_string())
+                    .hint("delete with ?force=true to remove it anyway")
+            }
             DeleteError::Busy(id) => ApiError::of_kind(
                 ErrorKind::Busy,
                 format!("branch {id} is being created, started, suspended or deleted; try again"),

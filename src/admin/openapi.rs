@@ -28,6 +28,7 @@ use crate::error::{ErrorBody, ErrorDetail};
         super::create,
         super::show,
         super::delete,
+        super::lifecycle::patch,
         super::suspend,
         super::list_snapshots,
         super::take_snapshot,
