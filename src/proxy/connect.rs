@@ -21,6 +21,8 @@ pub(super) struct Session {
     pub server: ServerStream,
     /// Held until the session ends: the branch's connection count and the cancel key.
     pub hold: (ConnGuard, Option<KeyGuard>),
+    /// Set on rehearsal branches only: the relay records the session's statements.
+    pub recorder: Option<super::record::Recorder>,
 }
 
 /// Leases the branch and opens its server session, logged in as the route's role.
@@ -67,6 +69,7 @@ pub(super) async fn connect(
         Ok(backend::Outcome::Ready) => Ok(Some(Session {
             server,
             hold: (lease.guard, key_guard),
+            recorder: super::record::recorder(&route.id, startup),
         })),
         Ok(backend::Outcome::Refused) => {
             proxy

@@ -92,7 +92,11 @@ async fn run(
     // Held until the session ends: the branch's connection count, the cancel key,
     // and the connection's slot under the connection limit.
     let _hold = (session.hold, slot);
-    match relay::run(client, session.server, &proxy.counters).await {
+    let relayed = match session.recorder {
+        Some(r) => super::record::run(client, session.server, &proxy.counters, r).await,
+        None => relay::run(client, session.server, &proxy.counters).await,
+    };
+    match relayed {
         Ok(()) => debug!("connection closed"),
         Err(e) => debug!(error = %e, "connection ended"),
     }

@@ -80,6 +80,7 @@ mod limits;
 pub mod listener;
 mod negotiate;
 pub mod protocol;
+mod record;
 pub mod relay;
 pub mod route;
 pub mod tls;
