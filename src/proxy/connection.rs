@@ -91,15 +91,29 @@ async fn run(
     debug!("session open");
     // Held until the session ends: the branch's connection count, the cancel key,
     // and the connection's slot under the connection limit.
-    let _hold = (session.hold, slot);
+    let (lease, key) = session.hold;
+    let keep = session.reuse.is_some();
     let relayed = match session.recorder {
-        Some(r) => super::record::run(client, session.server, &proxy.counters, r).await,
-        None => relay::run(client, session.server, &proxy.counters).await,
+        // A recorded session is closed at its end, never kept.
+        Some(r) => super::record::run(client, session.server, &proxy.counters, r)
+            .await
+            .map(|()| relay::End::Closed),
+        None => relay::run(client, session.server, &proxy.counters, keep).await,
     };
     match relayed {
-        Ok(()) => debug!("connection closed"),
+        Ok(relay::End::Idle(server)) => {
+            // The client's cancel key dies with it; the lease is held until the
+            // session is parked, so the branch cannot be drained in between.
+            drop(key);
+            if let Some(ticket) = session.reuse {
+                proxy.pool.park(server, ticket).await;
+            }
+            debug!("connection closed; server session kept");
+        }
+        Ok(relay::End::Closed) => debug!("connection closed"),
         Err(e) => debug!(error = %e, "connection ended"),
     }
+    drop((lease, slot));
 }
 
 /// From the StartupMessage to an open server session: version, authentication,
