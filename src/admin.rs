@@ -25,6 +25,7 @@ mod events;
 mod guard;
 mod lifecycle;
 mod openapi;
+mod rehearsals;
 pub mod token;
 
 use crate::branch::engine::{CopyMode, SnapshotInfo};
@@ -494,6 +495,16 @@ fn routes() -> Routes {
     )
     .add(M::GET, "/api/v1/orphans", orphans)
     .add(M::GET, "/api/v1/events", events::list)
+    .add(
+        M::GET,
+        "/api/v1/rehearsals/recording/{source}/{branch}",
+        rehearsals::recording,
+    )
+    .add(
+        M::DELETE,
+        "/api/v1/rehearsals/recording/{source}/{branch}",
+        rehearsals::drop_recording,
+    )
 }
 
 fn router(state: AppState) -> Router {

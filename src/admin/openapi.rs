@@ -35,6 +35,8 @@ use crate::error::{ErrorBody, ErrorDetail};
         super::delete_snapshot,
         super::orphans,
         super::events::list,
+        super::rehearsals::recording,
+        super::rehearsals::drop_recording,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth),
@@ -44,6 +46,7 @@ use crate::error::{ErrorBody, ErrorDetail};
         (name = "snapshots", description = "Sealed copies of a source that branches start from"),
         (name = "sources", description = "The configured sources"),
         (name = "events", description = "The audit trail"),
+        (name = "rehearsals", description = "What migration rehearsals read from the proxy"),
         (name = "operations", description = "Health, metrics, orphans and this document"),
     )
 )]
