@@ -19,6 +19,7 @@ mod md5;
 mod preauth;
 mod protocol;
 mod rehearse;
+mod reuse;
 mod routing;
 mod snapshots;
 mod versions;

@@ -36,6 +36,11 @@ pub struct Metrics {
     pub suspensions_total: IntCounterVec,
     /// Clones whose files were copied, by source and mode (reflink or copy).
     pub clones_total: IntCounterVec,
+    /// Server sessions kept for reuse: taken (hit), wanted but none kept (miss),
+    /// closed instead of reused (discard).
+    pub server_reuse_total: IntCounterVec,
+    /// Server sessions kept open for reuse right now.
+    pub server_sessions_idle: IntGauge,
     /// Audit lines, by outcome (written, dropped: the queue was full, failed: the
     /// write failed).
     pub audit_lines_total: IntCounterVec,
@@ -147,6 +152,20 @@ impl Metrics {
             &["source", "mode"],
         )
         .expect("valid metric");
+        let server_reuse_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_server_reuse_total",
+                "Server sessions kept for reuse: hit (taken by a client), miss (none kept \
+                 for that client), discard (closed instead of reused)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let server_sessions_idle = IntGauge::new(
+            "offshoot_server_sessions_idle",
+            "Server sessions kept open for reuse",
+        )
+        .expect("valid metric");
         let audit_lines_total = IntCounterVec::new(
             Opts::new(
                 "offshoot_audit_lines_total",
@@ -178,6 +197,8 @@ impl Metrics {
             Box::new(start_seconds.clone()),
             Box::new(suspensions_total.clone()),
             Box::new(clones_total.clone()),
+            Box::new(server_reuse_total.clone()),
+            Box::new(server_sessions_idle.clone()),
             Box::new(audit_lines_total.clone()),
             Box::new(webhook_deliveries_total.clone()),
         ] {
@@ -186,6 +207,9 @@ impl Metrics {
         // Make the series visible from the first scrape.
         for d in ["client_to_server", "server_to_client"] {
             bytes_total.with_label_values(&[d]);
+        }
+        for o in ["hit", "miss", "discard"] {
+            server_reuse_total.with_label_values(&[o]);
         }
         Self {
             registry,
@@ -203,6 +227,8 @@ impl Metrics {
             start_seconds,
             suspensions_total,
             clones_total,
+            server_reuse_total,
+            server_sessions_idle,
             audit_lines_total,
             webhook_deliveries_total,
         }

@@ -91,11 +91,22 @@ async fn run(
     debug!("session open");
     // Held until the session ends: the branch's connection count, the cancel key,
     // and the connection's slot under the connection limit.
-    let _hold = (session.hold, slot);
-    match relay::run(client, session.server, &proxy.counters).await {
-        Ok(()) => debug!("connection closed"),
+    let (lease, key) = session.hold;
+    let keep = session.reuse.is_some();
+    match relay::run(client, session.server, &proxy.counters, keep).await {
+        Ok(relay::End::Idle(server)) => {
+            // The client's cancel key dies with it; the lease is held until the
+            // session is parked, so the branch cannot be drained in between.
+            drop(key);
+            if let Some(ticket) = session.reuse {
+                proxy.pool.park(server, ticket).await;
+            }
+            debug!("connection closed; server session kept");
+        }
+        Ok(relay::End::Closed) => debug!("connection closed"),
         Err(e) => debug!(error = %e, "connection ended"),
     }
+    drop((lease, slot));
 }
 
 /// From the StartupMessage to an open server session: version, authentication,

@@ -187,6 +187,7 @@ impl Registry {
             };
             (branch.record.clone(), tx)
         };
+        self.drain_parked(id);
         let this = self.clone();
         self.runtime
             .spawn(async move { this.stop(record, tx, actor).await })
@@ -268,6 +269,7 @@ impl Registry {
         }
         let lost = self.lock().branches.get_mut(id).is_some_and(|b| b.lost());
         if lost {
+            self.drain_parked(id);
             warn!(branch = %id, "the branch's server is gone; the next connection starts it again");
             self.audit.record(
                 Event::new(Action::BranchSuspended, Actor::proxy())
@@ -334,6 +336,7 @@ impl Registry {
             })?;
             (branch.record.clone(), tx)
         };
+        self.drain_parked(id);
         let this = self.clone();
         self.runtime
             .spawn(async move { this.remove(record, force, reason, tx, actor).await })
