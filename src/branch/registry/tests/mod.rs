@@ -6,6 +6,7 @@
 //! server); `snapshots`: snapshot deletion against creations.
 
 mod audit;
+mod policies;
 mod servers;
 mod snapshots;
 
