@@ -16,6 +16,7 @@ mod invariants;
 mod isolation;
 mod lifecycle;
 mod md5;
+mod policies;
 mod preauth;
 mod protocol;
 mod rehearse;
