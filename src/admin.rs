@@ -35,6 +35,8 @@ struct AppState {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     provision_timeout: Duration,
+    /// `<state.dir>/rehearsals/`: the stored rehearsal reports.
+    rehearsals: std::path::PathBuf,
 }
 
 /// An API error: status and a JSON body `{"error": "...", "kind": "...", "hint":
@@ -405,6 +407,11 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/orphans", get(orphans))
         .route("/api/v1/events", get(events::list))
         .route(
+            "/api/v1/rehearsals",
+            get(rehearsals::list).post(rehearsals::store),
+        )
+        .route("/api/v1/rehearsals/{id}", get(rehearsals::show))
+        .route(
             "/api/v1/rehearsals/recording/{source}/{branch}",
             get(rehearsals::recording).delete(rehearsals::drop_recording),
         )
@@ -421,6 +428,7 @@ pub struct Bound {
     guard: Arc<guard::Guard>,
     gate: Arc<crate::console::Gate>,
     token_path: std::path::PathBuf,
+    rehearsals: std::path::PathBuf,
 }
 
 impl Bound {
@@ -457,6 +465,7 @@ pub async fn bind(cfg: &crate::config::Config) -> anyhow::Result<Bound> {
             cfg.admin.public_read,
         )),
         token_path: path,
+        rehearsals: cfg.state.dir.join("rehearsals"),
     })
 }
 
@@ -473,6 +482,7 @@ pub async fn serve(
         registry,
         metrics,
         provision_timeout,
+        rehearsals: bound.rehearsals.clone(),
     };
     // The guard (Host, cross-site, JSON writes) runs first; then the console's gate
     // checks the token (bearer header, or the console's session cookie).
