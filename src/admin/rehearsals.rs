@@ -26,10 +26,25 @@ const VERSIONS: [u64; 1] = [1];
 /// Reports listed at most (newest first).
 const LIST_MAX: usize = 200;
 
+/// The statements recorded on a rehearsal branch's sessions, oldest first.
+#[utoipa::path(get, path = "/api/v1/rehearsals/recording/{source}/{branch}",
+    operation_id = "show_recording", tag = "rehearsals",
+    params(("source" = String, Path, description = "The source's name"),
+           ("branch" = String, Path, description = "The rehearsal branch's name")),
+    responses((status = 200, description = "The recording (empty if none)", body = crate::recording::Recording)))]
 pub(super) async fn recording(Path((source, branch)): Path<(String, String)>) -> impl IntoResponse {
     Json(Recordings::global().get(&source, &branch))
 }
 
+/// Drops a rehearsal branch's recording.
+#[utoipa::path(delete, path = "/api/v1/rehearsals/recording/{source}/{branch}",
+    operation_id = "drop_recording", tag = "rehearsals",
+    params(("source" = String, Path, description = "The source's name"),
+           ("branch" = String, Path, description = "The rehearsal branch's name")),
+    responses(
+        (status = 204, description = "Dropped (or there was none)"),
+        (status = 401, description = "No or a wrong token", body = crate::error::ErrorBody),
+    ))]
 pub(super) async fn drop_recording(
     Path((source, branch)): Path<(String, String)>,
 ) -> impl IntoResponse {
@@ -55,6 +70,13 @@ fn internal(what: &str, e: impl std::fmt::Display) -> ApiError {
 }
 
 /// Stores a report; 201 with its id and where to read it.
+#[utoipa::path(post, path = "/api/v1/rehearsals", operation_id = "store_rehearsal", tag = "rehearsals",
+    request_body(content = Object, description = "A rehearsal report, as docs/rehearsal-report.md describes"),
+    responses(
+        (status = 201, description = "Stored", body = Object),
+        (status = 400, description = "Not a report this server stores", body = crate::error::ErrorBody),
+        (status = 401, description = "No or a wrong token", body = crate::error::ErrorBody),
+    ))]
 pub(super) async fn store(
     State(s): State<AppState>,
     ApiActor(actor): ApiActor,
@@ -112,6 +134,11 @@ pub(super) async fn store(
 }
 
 /// Summaries of the stored reports, newest first.
+#[utoipa::path(get, path = "/api/v1/rehearsals", operation_id = "list_rehearsals", tag = "rehearsals",
+    responses(
+        (status = 200, description = "id, source, branch, started_at, outcome, exit_code, statements, hazards", body = Vec<Object>),
+        (status = 401, description = "No or a wrong token", body = crate::error::ErrorBody),
+    ))]
 pub(super) async fn list(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let dir = s.rehearsals.clone();
     let summaries = tokio::task::spawn_blocking(move || -> Vec<Value> {
@@ -156,6 +183,12 @@ pub(super) async fn list(State(s): State<AppState>) -> Result<impl IntoResponse,
 }
 
 /// One stored report, as stored.
+#[utoipa::path(get, path = "/api/v1/rehearsals/{id}", operation_id = "show_rehearsal", tag = "rehearsals",
+    params(("id" = String, Path, description = "The report's id (8 hex digits)")),
+    responses(
+        (status = 200, description = "The report (docs/rehearsal-report.md)", body = Object),
+        (status = 404, description = "No such report", body = crate::error::ErrorBody),
+    ))]
 pub(super) async fn show(
     State(s): State<AppState>,
     Path(id): Path<String>,
