@@ -64,6 +64,10 @@ pub enum Op {
     TreeSize {
         path: PathBuf,
     },
+    /// Bytes of a clone's data directory it does not share with its snapshot.
+    Usage {
+        path: PathBuf,
+    },
     RemoveTree {
         path: PathBuf,
     },
@@ -125,6 +129,7 @@ impl Op {
             Op::Copy { from, to, .. } => vec![from, to],
             Op::QuitServer { data } | Op::Inspect { data } | Op::Freeze { data } => vec![data],
             Op::TreeSize { path }
+            | Op::Usage { path }
             | Op::RemoveTree { path }
             | Op::RemoveFile { path }
             | Op::Exists { path }
@@ -170,6 +175,7 @@ impl Op {
             Op::Inspect { .. } => "inspect",
             Op::Copy { .. } => "copy",
             Op::TreeSize { .. } => "tree_size",
+            Op::Usage { .. } => "usage",
             Op::RemoveTree { .. } => "remove_tree",
             Op::RemoveFile { .. } => "remove_file",
             Op::Exists { .. } => "exists",
@@ -198,6 +204,11 @@ pub enum Reply {
     },
     Size {
         bytes: u64,
+    },
+    /// A clone's own bytes; `exact` false when shared blocks could not be told apart.
+    Usage {
+        bytes: u64,
+        exact: bool,
     },
     Exists {
         exists: bool,

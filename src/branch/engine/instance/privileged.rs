@@ -243,6 +243,13 @@ impl Executor for Helper {
                 let bytes = blocking(move || Ok(tree_size(&path))).await?;
                 Ok(Reply::Size { bytes })
             }
+            Op::Usage { path } => {
+                let u = super::usage::usage(&path).await?;
+                Ok(Reply::Usage {
+                    bytes: u.bytes,
+                    exact: u.exact,
+                })
+            }
             Op::RemoveTree { path } => {
                 blocking(move || crate::fsutil::remove_tree(&path)).await?;
                 Ok(Reply::Done)

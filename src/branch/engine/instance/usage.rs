@@ -18,8 +18,18 @@ use crate::branch::engine::Usage;
 /// any argument list.
 const FILES_PER_RUN: usize = 256;
 
-/// The branch's own bytes under `dir`.
+/// The branch's own bytes under `dir` (measured by the privileged helper when the
+/// proxy dropped root: `dir` is the servers' user's).
 pub(super) async fn usage(dir: &Path) -> std::io::Result<Usage> {
+    if let Some(ch) = crate::privsep::channel() {
+        let op = crate::privsep::Op::Usage {
+            path: dir.to_owned(),
+        };
+        return match ch.call(op).await? {
+            crate::privsep::Reply::Usage { bytes, exact } => Ok(Usage { bytes, exact }),
+            other => Err(super::privileged::helper_io(other)),
+        };
+    }
     let dir = dir.to_owned();
     let (files, apparent) = tokio::task::spawn_blocking(move || walk(&dir))
         .await
