@@ -17,6 +17,7 @@ mod lifecycle;
 mod md5;
 mod preauth;
 mod protocol;
+mod refresh;
 mod routing;
 mod snapshots;
 mod versions;

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 mod guard;
+mod reset;
 pub mod token;
 
 use crate::branch::{CreateOptions, DeleteError, Registry, RemoveReason, Source};
@@ -349,6 +350,10 @@ fn router(state: AppState) -> Router {
         .route(
             "/api/v1/branches/{source}/{branch}/suspend",
             axum::routing::post(suspend),
+        )
+        .route(
+            "/api/v1/branches/{source}/{branch}/reset",
+            axum::routing::post(reset::reset),
         )
         .route(
             "/api/v1/sources/{source}/snapshots",

@@ -13,6 +13,9 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use serde_json::Value;
 
+mod reset;
+pub use reset::reset;
+
 use crate::admin::token;
 use crate::config::Config;
 

@@ -133,6 +133,19 @@ enum BranchAction {
         /// `<source>.<branch>`, e.g. `shop.pr-42`.
         name: String,
     },
+    /// Make a branch again from a snapshot, under the same name and address.
+    /// Refused while clients are connected, unless --force.
+    Reset {
+        /// `<source>.<branch>`, e.g. `shop.qa`.
+        name: String,
+        /// Snapshot to make it from; default the newest (or the live source, where
+        /// the source has no snapshots).
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Terminate open sessions (they get 57P01) instead of refusing.
+        #[arg(long)]
+        force: bool,
+    },
     /// Delete a branch. Refused while clients are connected, unless --force.
     Delete {
         /// `<source>.<branch>`, e.g. `shop.pr-42`.
@@ -166,6 +179,12 @@ fn branch_command(api: &ApiArgs, action: &BranchAction) -> std::process::ExitCod
         BranchAction::Suspend { name } => {
             split_name(name).and_then(|(s, b)| offshoot::cli::suspend(admin, s, b))
         }
+        BranchAction::Reset {
+            name,
+            snapshot,
+            force,
+        } => split_name(name)
+            .and_then(|(s, b)| offshoot::cli::reset(admin, s, b, snapshot.as_deref(), *force)),
         BranchAction::Delete { name, force } => {
             split_name(name).and_then(|(s, b)| offshoot::cli::delete(admin, s, b, *force))
         }

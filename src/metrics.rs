@@ -36,6 +36,11 @@ pub struct Metrics {
     pub suspensions_total: IntCounterVec,
     /// Clones whose files were copied, by source and mode (reflink or copy).
     pub clones_total: IntCounterVec,
+    /// Branches made again under their name (resets and refreshes), by source and
+    /// outcome (`ok`, `failed`).
+    pub resets_total: IntCounterVec,
+    /// Snapshots taken by the schedule, by source and outcome (`ok`, `failed`).
+    pub scheduled_snapshots_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -141,6 +146,22 @@ impl Metrics {
             &["source", "mode"],
         )
         .expect("valid metric");
+        let resets_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_resets_total",
+                "Branches made again from a snapshot under the same name (reset or refresh)",
+            ),
+            &["source", "outcome"],
+        )
+        .expect("valid metric");
+        let scheduled_snapshots_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_scheduled_snapshots_total",
+                "Snapshots taken by a source's schedule (snapshot_every)",
+            ),
+            &["source", "outcome"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(client_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
@@ -156,6 +177,8 @@ impl Metrics {
             Box::new(start_seconds.clone()),
             Box::new(suspensions_total.clone()),
             Box::new(clones_total.clone()),
+            Box::new(resets_total.clone()),
+            Box::new(scheduled_snapshots_total.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -179,6 +202,8 @@ impl Metrics {
             start_seconds,
             suspensions_total,
             clones_total,
+            resets_total,
+            scheduled_snapshots_total,
         }
     }
 

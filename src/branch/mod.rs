@@ -8,5 +8,6 @@ pub mod registry;
 pub mod store;
 
 pub use registry::{
-    BranchView, CreateOptions, DeleteError, Lease, Phase, Registry, RemoveReason, Source,
+    BranchView, CreateOptions, DeleteError, Lease, Phase, Registry, RemoveReason, ResetError,
+    Source,
 };

@@ -51,6 +51,10 @@ pub struct BranchRecord {
     /// files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy_mode: Option<crate::branch::engine::CopyMode>,
+    /// Unix milliseconds of the last reset, when the branch was made again under
+    /// its name; its lifetime counts from [`BranchRecord::born_at`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_at: Option<u64>,
 }
 
 impl BranchRecord {
@@ -59,6 +63,11 @@ impl BranchRecord {
             source: self.source.clone(),
             branch: self.branch.clone(),
         }
+    }
+
+    /// When the branch's current clone was made: its creation, or its last reset.
+    pub fn born_at(&self) -> u64 {
+        self.reset_at.unwrap_or(self.created_at)
     }
 }
 
@@ -151,6 +160,7 @@ mod tests {
             created_by: None,
             snapshot: None,
             copy_mode: None,
+            reset_at: None,
         }
     }
 

@@ -91,10 +91,18 @@ async fn run(
     debug!("session open");
     // Held until the session ends: the branch's connection count, the cancel key,
     // and the connection's slot under the connection limit.
-    let _hold = (session.hold, slot);
-    match relay::run(client, session.server, &proxy.counters).await {
-        Ok(()) => debug!("connection closed"),
-        Err(e) => debug!(error = %e, "connection ended"),
+    let hold = (session.hold, slot);
+    tokio::select! {
+        r = relay::run(&mut client, session.server, &proxy.counters) => match r {
+            Ok(()) => debug!("connection closed"),
+            Err(e) => debug!(error = %e, "connection ended"),
+        },
+        // A forced reset: the relay has stopped and the server session is closed;
+        // the client is told why, as PostgreSQL does when a session is ended.
+        () = hold.0 .0.ended() => {
+            let err = ClientError::BranchReset(hold.0 .0.branch().clone());
+            refuse(&proxy, &mut client, &err).await;
+        }
     }
 }
 

@@ -191,17 +191,19 @@ pub async fn pump<C: RawSocket, S: RawSocket>(
 
 /// Relays an open session until either side closes: plain client sockets go
 /// through the [`pump`], TLS on either side through tokio's generic [`copy`].
+/// The client is borrowed, so the caller can still tell it why the session ended
+/// when the relay is stopped from outside.
 pub async fn run(
-    client: super::ClientStream,
+    client: &mut super::ClientStream,
     server: super::backend::ServerStream,
     counters: &Counters,
 ) -> io::Result<()> {
     use super::backend::ServerStream;
     use super::ClientStream;
     match (client, server) {
-        (ClientStream::Plain(c), ServerStream::Tcp(s)) => pump(&c, &s, counters.clone()).await,
-        (ClientStream::Plain(c), ServerStream::Unix(s)) => pump(&c, &s, counters.clone()).await,
-        (mut client, mut server) => copy(&mut client, &mut server, counters).await,
+        (ClientStream::Plain(c), ServerStream::Tcp(s)) => pump(&*c, &s, counters.clone()).await,
+        (ClientStream::Plain(c), ServerStream::Unix(s)) => pump(&*c, &s, counters.clone()).await,
+        (client, mut server) => copy(client, &mut server, counters).await,
     }
 }
 

@@ -10,6 +10,7 @@
 //! - `policy`: who may make a branch and how many (quotas, roles), and which
 //!   branches are due for suspension or expiry.
 //! - `adopt`: restart adoption, interrupted creations, orphans.
+//! - `reset`: making a branch again under its name, from a snapshot.
 //! - `snapshots`: which branches use a snapshot, and deleting one safely.
 //! - `view`: [`BranchView`], the branch as the API shows it.
 //!
@@ -37,6 +38,7 @@ use tokio::sync::watch;
 mod adopt;
 mod lifecycle;
 mod policy;
+mod reset;
 mod snapshots;
 mod state;
 mod view;
@@ -48,6 +50,7 @@ mod tests;
 
 pub use adopt::Orphan;
 pub use policy::Creator;
+pub use reset::ResetError;
 pub use state::{ConnGuard, Lease, Phase};
 pub use view::BranchView;
 
@@ -158,6 +161,9 @@ impl Registry {
             metrics.client_connections.with_label_values(&[s]);
             metrics.provision_seconds.with_label_values(&[s]);
             metrics.branches_created_total.with_label_values(&[s]);
+            for outcome in ["ok", "failed"] {
+                metrics.resets_total.with_label_values(&[s, outcome]);
+            }
             if src.engine.servers().is_some() {
                 metrics.start_seconds.with_label_values(&[s]);
                 metrics.suspensions_total.with_label_values(&[s]);
@@ -322,7 +328,7 @@ impl Registry {
         let mut book = self.lock();
         let dead = matches!(
             book.branches.get(id).map(Branch::state),
-            Some(State::Provisioning { done } | State::Starting { done })
+            Some(State::Provisioning { done } | State::Starting { done } | State::Resetting { done })
                 if done.has_changed().is_err()
         );
         if dead {
@@ -390,6 +396,7 @@ impl Registry {
             created_by: creator.map(|c| c.role.clone()),
             snapshot: opts.snapshot.clone(),
             copy_mode: None,
+            reset_at: None,
         };
         let (tx, rx) = watch::channel(None);
         let branch = self.branch(

@@ -1,0 +1,179 @@
+//! Reset and refresh: a branch made again from a snapshot (or the live source)
+//! under the same name and address, on real servers through the real proxy.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or(Value::Null)
+}
+
+fn reset(proxy: &ProxyProc, branch: &str, body: &str) -> (u16, Value) {
+    let path = format!("/api/v1/branches/shop/{branch}/reset");
+    let (status, text) = proxy.api("POST", &path, Some(body));
+    (status, json(&text))
+}
+
+fn take_snapshot(proxy: &ProxyProc) -> String {
+    let (status, body) = proxy.api("POST", "/api/v1/sources/shop/snapshots", None);
+    assert_eq!(status, 201, "{body}");
+    json(&body)["name"].as_str().unwrap().to_owned()
+}
+
+/// Runs a statement that lasts until its session is ended; returns its error.
+fn long_query(c: tokio_postgres::Client) -> tokio::task::JoinHandle<tokio_postgres::Error> {
+    tokio::spawn(async move {
+        c.batch_execute("SELECT pg_sleep(120)")
+            .await
+            .expect_err("the session should have been ended")
+    })
+}
+
+async fn ended_by_reset(query: tokio::task::JoinHandle<tokio_postgres::Error>) {
+    let err = tokio::time::timeout(Duration::from_secs(60), query)
+        .await
+        .expect("the session ended")
+        .unwrap();
+    assert_eq!(sqlstate(&err), "57P01", "{err}");
+    let msg = err.as_db_error().unwrap().message().to_owned();
+    assert_eq!(
+        msg, "terminating connection because branch shop.qa was reset",
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_reset_refuses_open_sessions_unless_forced() {
+    let Fixture { pg, proxy } = Fixture::start(Engine::Database, "").await;
+    let a = proxy.connect("shop.qa").await.unwrap();
+    mark(&a, "mine").await;
+    assert_eq!(count(&a).await, 4);
+    // The source moves on; the source has no snapshots, so a reset clones it live.
+    pg.direct("shop")
+        .await
+        .batch_execute("INSERT INTO items VALUES (4, 'four'), (5, 'five')")
+        .await
+        .unwrap();
+
+    let (status, body) = reset(&proxy, "qa", "{}");
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("1 open connection"),
+        "{body}"
+    );
+    assert!(body["hint"].as_str().unwrap().contains("force"), "{body}");
+    assert_eq!(count(&a).await, 4, "a refused reset changes nothing");
+    // Every write takes a JSON body.
+    let (status, _) = proxy.api("POST", "/api/v1/branches/shop/qa/reset", None);
+    assert_eq!(status, 400);
+    let (status, body) = reset(&proxy, "qa", r#"{"forse":true}"#);
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = reset(&proxy, "nobody", "{}");
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = reset(&proxy, "qa", r#"{"snapshot":"19990101T000000Z"}"#);
+    assert_eq!(status, 404, "{body}");
+
+    let clone = proxy.branches()[0]["clone_name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let query = long_query(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body) = tokio::task::spawn_blocking({
+        let port = proxy.admin;
+        move || {
+            let (s, b) = http(
+                port,
+                "POST",
+                "/api/v1/branches/shop/qa/reset",
+                Some(r#"{"force":true}"#),
+            );
+            (s, json(&b))
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "ready", "{body}");
+    assert_eq!(
+        body["clone_name"],
+        clone.as_str(),
+        "same name, same database"
+    );
+    ended_by_reset(query).await;
+
+    // Same address, the source's data, the branch's own write gone.
+    let b = proxy.connect("shop.qa").await.unwrap();
+    assert_eq!(count(&b).await, 5);
+    let marks = b
+        .query("SELECT 1 FROM items WHERE id = 10", &[])
+        .await
+        .unwrap();
+    assert!(marks.is_empty());
+    assert_eq!(clones(&pg).await, vec![clone]);
+    assert_eq!(
+        proxy.metric("offshoot_resets_total{outcome=\"ok\",source=\"shop\"}"),
+        1.0
+    );
+    assert_eq!(proxy.metric("offshoot_errors_total{kind=\"reset\"}"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_reset_takes_the_newest_snapshot_and_arrivals_wait_for_it() {
+    let Fixture { pg, proxy } = Fixture::start(Engine::Instance, "").await;
+    let a = proxy.connect("shop.qa").await.unwrap();
+    mark(&a, "mine").await;
+    let first = proxy.branches()[0]["snapshot"].as_str().unwrap().to_owned();
+    pg.direct("shop")
+        .await
+        .batch_execute("INSERT INTO items VALUES (4, 'four')")
+        .await
+        .unwrap();
+    let newest = take_snapshot(&proxy);
+    assert_ne!(first, newest);
+
+    let (status, body) = reset(&proxy, "qa", "{}");
+    assert_eq!(status, 409, "{body}");
+
+    let query = long_query(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let port = proxy.admin;
+    let resetting = tokio::task::spawn_blocking(move || {
+        let (s, b) = http(
+            port,
+            "POST",
+            "/api/v1/branches/shop/qa/reset",
+            Some(r#"{"force":true}"#),
+        );
+        (s, json(&b))
+    });
+    // A connection arriving while the branch is made again waits for the new clone.
+    assert!(
+        eventually(30, || proxy.branches()[0]["state"] == "provisioning").await,
+        "the reset shows as the branch being made"
+    );
+    let arrival = proxy.connect("shop.qa").await.unwrap();
+    assert_eq!(count(&arrival).await, 4, "the new snapshot's data");
+    let (status, body) = resetting.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["snapshot"], newest.as_str(), "{body}");
+    ended_by_reset(query).await;
+    drop(arrival);
+
+    // A named snapshot, with nobody connected: no force needed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body) = reset(&proxy, "qa", &format!(r#"{{"snapshot":"{first}"}}"#));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["snapshot"], first.as_str(), "{body}");
+    assert_eq!(count(&proxy.connect("shop.qa").await.unwrap()).await, 3);
+    assert_eq!(
+        proxy.metric("offshoot_resets_total{outcome=\"ok\",source=\"shop\"}"),
+        2.0
+    );
+}

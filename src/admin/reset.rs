@@ -1,0 +1,94 @@
+//! `POST /api/v1/branches/{source}/{branch}/reset`: the branch made again under the
+//! same name and address (see `Registry::reset`).
+
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+use tracing::warn;
+
+use super::{branch_id, ApiError, AppState};
+use crate::branch::ResetError;
+use crate::error::ErrorKind;
+
+/// The request body; `{}` resets to the newest snapshot without force.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ResetBody {
+    /// The snapshot to make the branch from; default the newest (or the live
+    /// source, where the source has no snapshots).
+    #[serde(default)]
+    snapshot: Option<String>,
+    /// Terminate open sessions (they get 57P01) instead of refusing.
+    #[serde(default)]
+    force: bool,
+}
+
+impl From<ResetError> for ApiError {
+    fn from(e: ResetError) -> Self {
+        match e {
+            ResetError::NotFound(id) => {
+                ApiError::of_kind(ErrorKind::NotFound, format!("branch {id} does not exist"))
+            }
+            ResetError::InUse { id, conns } => ApiError::of_kind(
+                ErrorKind::Conflict,
+                format!("branch {id} has {conns} open connection(s)"),
+            )
+            .hint("reset with \"force\": true to terminate them"),
+            ResetError::Busy(id) => ApiError::of_kind(
+                ErrorKind::Busy,
+                format!(
+                    "branch {id} is being created, started, suspended, reset or deleted; \
+                     try again"
+                ),
+            ),
+            ResetError::Snapshot(err) => err.into(),
+            ResetError::Kept { id, err } => {
+                warn!(branch = %id, error = %err, "reset failed");
+                ApiError::of_kind(
+                    err.kind(),
+                    format!(
+                        "could not reset branch {id}: its clone could not be removed, so \
+                         it stays as it was: {}",
+                        err.client_message()
+                    ),
+                )
+            }
+            ResetError::Failed { id, err } => ApiError::of_kind(
+                err.kind(),
+                format!(
+                    "branch {id} was removed: its new clone could not be made: {}",
+                    err.client_message()
+                ),
+            )
+            .hint("the next connection or create makes it afresh"),
+        }
+    }
+}
+
+/// Resets the branch and answers with it as it is now, once the new clone serves
+/// (202 if that takes longer than `provision_timeout`; the reset goes on).
+pub(super) async fn reset(
+    State(s): State<AppState>,
+    Path((source, branch)): Path<(String, String)>,
+    body: Result<Json<ResetBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(body) =
+        body.map_err(|e| ApiError::new(axum::http::StatusCode::BAD_REQUEST, e.body_text()))?;
+    let id = branch_id(&s, &source, &branch)?;
+    let reset = s.registry.reset(&id, body.snapshot, body.force);
+    match tokio::time::timeout(s.provision_timeout, reset).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(ApiError::of_kind(
+                ErrorKind::ProvisionTimeout,
+                format!("branch {id} is still being reset"),
+            )
+            .hint("the reset goes on; GET the branch to see when it is ready"))
+        }
+    }
+    let view = s.registry.view(&id).ok_or_else(|| {
+        ApiError::of_kind(ErrorKind::NotFound, format!("branch {id} does not exist"))
+    })?;
+    Ok(Json(view))
+}
