@@ -122,6 +122,16 @@ fn every_toml_snippet_in_the_readme_passes_check() {
 }
 
 #[test]
+fn the_staging_example_in_the_readme_is_the_shipped_file() {
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    let staging = std::fs::read_to_string(Path::new(ROOT).join("conf/staging.toml")).unwrap();
+    assert!(
+        toml_blocks(&readme).contains(&staging),
+        "README's \"Running staging with Offshoot\" shows conf/staging.toml as it is"
+    );
+}
+
+#[test]
 fn a_bad_key_fails_check_and_names_the_key() {
     for (text, key) in [
         (
@@ -141,6 +151,19 @@ fn a_bad_key_fails_check_and_names_the_key() {
             "sources.shop.persistent[1]",
         ),
         ("[auth]\nmethod = \"scram-sha256\"\n", "auth.method"),
+        (
+            "[sources.shop]\n[[sources.shop.policies]]\nmatch = \"*\"\n\
+             [[sources.shop.policies]]\nmatch = \"pr-*\"\n",
+            "sources.shop.policies[1].match",
+        ),
+        (
+            "[sources.shop]\n[[sources.shop.policies]]\nmatch = \"pr-*\"\nttl = \"1d\"\n",
+            "sources.shop.policies[0]",
+        ),
+        (
+            "[sources.shop]\nsnapshot_transform = [\"conf/no-such-mask.sql\"]\n",
+            "sources.shop.snapshot_transform[0]",
+        ),
     ] {
         let (ok, out) = check_text(text, &[]);
         assert!(!ok, "{text} should be refused: {out}");

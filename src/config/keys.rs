@@ -20,7 +20,7 @@ pub(super) fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Con
 /// Turns an error the `config` crate found below the key `prefix` into one that
 /// names the whole key (`sources.shop.max_branches`, `sources.shop.persistent[1]`).
 pub(super) fn located(prefix: &str, e: config::ConfigError) -> ConfigError {
-    let at = |key: Option<String>| match key {
+    let at = |key: Option<String>| match key.map(|k| dotted(&k)) {
         Some(k) if k.starts_with('[') => format!("{prefix}{k}"),
         Some(k) if !k.is_empty() => format!("{prefix}.{k}"),
         _ => prefix.to_owned(),
@@ -39,6 +39,21 @@ pub(super) fn located(prefix: &str, e: config::ConfigError) -> ConfigError {
         config::ConfigError::NotFound(key) => invalid(at(Some(key)), "missing"),
         other => invalid(prefix, other.to_string()),
     }
+}
+
+/// The `config` crate writes a key below a list element without its dot
+/// (`policies[0]match`); this puts it back (`policies[0].match`).
+fn dotted(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 2);
+    let mut after_index = false;
+    for c in key.chars() {
+        if after_index && c != '[' && c != '.' {
+            out.push('.');
+        }
+        after_index = c == ']';
+        out.push(c);
+    }
+    out
 }
 
 /// The keys a section struct accepts, as its `Deserialize` derive lists them
@@ -111,5 +126,7 @@ mod tests {
         let e = table.try_deserialize::<N>().unwrap_err();
         let e = located("sources.shop", e).to_string();
         assert!(e.contains("`sources.shop.n`"), "{e}");
+        assert_eq!(dotted("policies[0]match"), "policies[0].match");
+        assert_eq!(dotted("a[0][1].b"), "a[0][1].b");
     }
 }

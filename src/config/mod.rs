@@ -8,7 +8,9 @@
 //!
 //! Layout: `sections` (the listener, TLS, authentication, admin, state, embedded
 //! server and reaper sections), `source` (one source and the keys of its engine),
-//! `keys` (how errors come to name their key).
+//! `policy` (branch policies by name pattern, and how one is resolved for a branch),
+//! `values` (limits, sizes, times of day), `webhooks` (`[[webhooks]]`), `keys` (how
+//! errors come to name their key).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,15 +20,22 @@ use serde::Deserialize;
 use crate::names::SourceName;
 
 mod keys;
+mod policy;
 mod sections;
+mod snapshots;
 mod source;
+mod values;
+mod webhooks;
 
 use keys::{invalid, located};
+pub use policy::{Glob, Policy, PolicyConfig};
 pub use sections::*;
 pub use source::{
     CloneStrategy, DatabaseConfig, EngineConfig, EngineKind, InstanceConfig, ServerTls,
     SourceConfig,
 };
+pub use values::{ByteSize, Limit, Refresh, TimeOfDay};
+pub use webhooks::WebhookConfig;
 
 /// The configuration file read unless `--config` or `OFFSHOOT_CONFIG` names another.
 pub const DEFAULT_PATH: &str = "conf/offshoot.toml";
@@ -36,7 +45,12 @@ pub const ENV_PREFIX: &str = "OFFSHOOT";
 
 /// Source keys whose environment override is a comma-separated list:
 /// `OFFSHOOT__SOURCES__SHOP__PERSISTENT=qa,staging` (and `admin.allowed_hosts`).
-const LIST_KEYS: [&str; 3] = ["persistent", "connect_roles", "create_roles"];
+const LIST_KEYS: [&str; 4] = [
+    "persistent",
+    "connect_roles",
+    "create_roles",
+    "snapshot_transform",
+];
 
 /// The whole configuration tree.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -56,6 +70,8 @@ pub struct Config {
     pub embedded: EmbeddedConfig,
     /// The idle reaper.
     pub reaper: ReaperConfig,
+    /// HTTP endpoints sent the events of the audit trail (`[[webhooks]]`).
+    pub webhooks: Vec<WebhookConfig>,
     /// The databases branches are cloned from, by name. Read table by table after
     /// the rest (see [`source`]): which keys a source may have depends on its engine.
     #[serde(skip)]
@@ -217,6 +233,9 @@ impl Config {
         }
         if self.reaper.interval.is_zero() {
             return Err(invalid("reaper.interval", "must be greater than zero"));
+        }
+        for (i, hook) in self.webhooks.iter().enumerate() {
+            hook.validate(i)?;
         }
         for (name, src) in &self.sources {
             src.validate(name, self.auth.method)?;

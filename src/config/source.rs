@@ -12,6 +12,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::keys::{invalid, keys_of, located};
+use super::policy::PolicyConfig;
+use super::values::{ByteSize, Refresh, TimeOfDay};
 use super::{AuthMethod, ConfigError};
 use crate::names::{BranchName, SourceName, MAX_IDENT_LEN};
 
@@ -57,6 +59,30 @@ pub struct SourceConfig {
     pub max_branches: usize,
     /// Branches that never expire (long-lived QA environments).
     pub persistent: Vec<BranchName>,
+    /// A branch is removed this long after its creation (or its last reset), used or
+    /// not. Unset: never.
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Option<Duration>,
+    /// Whether a new snapshot resets this source's branches (`"on_snapshot"`, at the
+    /// first moment a branch has no session) or not (`"never"`).
+    pub refresh: Refresh,
+    /// Per-branch-name policies (`[[sources.<name>.policies]]`), first match wins;
+    /// the keys above are the defaults of a key a policy does not set.
+    pub policies: Vec<PolicyConfig>,
+    /// Take a snapshot of the source this often. Unset: only on demand.
+    #[serde(with = "humantime_serde")]
+    pub snapshot_every: Option<Duration>,
+    /// The time of day (`"HH:MM"`, UTC) the scheduled snapshots are aligned to.
+    pub snapshot_at: Option<TimeOfDay>,
+    /// Scheduled snapshots kept; older ones that no branch uses are deleted. Unset:
+    /// all are kept.
+    pub keep_snapshots: Option<usize>,
+    /// SQL files run on each new snapshot, as its superuser, before it is sealed and
+    /// before any branch is made from it (e.g. masking personal data).
+    pub snapshot_transform: Vec<PathBuf>,
+    /// Most bytes this source's branches may hold together; a new branch beyond it
+    /// is refused. Unset: no limit.
+    pub max_total_size: Option<ByteSize>,
     /// Seed the demo shop schema into the source database when it does not exist yet
     /// (embedded server only).
     pub seed_demo: bool,
@@ -199,6 +225,14 @@ impl Default for SourceConfig {
             idle_expire: Some(Duration::from_secs(2 * 3600)),
             max_branches: 50,
             persistent: Vec::new(),
+            max_lifetime: None,
+            refresh: Refresh::Never,
+            policies: Vec::new(),
+            snapshot_every: None,
+            snapshot_at: None,
+            keep_snapshots: None,
+            snapshot_transform: Vec::new(),
+            max_total_size: None,
             seed_demo: false,
             allow_replication: false,
             allow_superuser: true,
@@ -363,6 +397,11 @@ impl SourceConfig {
         if matches!(self.idle_expire, Some(d) if d.is_zero()) {
             return Err(invalid(key("idle_expire"), "must be greater than zero"));
         }
+        if matches!(self.max_lifetime, Some(d) if d.is_zero()) {
+            return Err(invalid(key("max_lifetime"), "must be greater than zero"));
+        }
+        self.validate_policies(&key)?;
+        self.validate_snapshots(&key)?;
         if let Some(server) = &self.auth_server {
             server.parse::<tokio_postgres::Config>().map_err(|e| {
                 invalid(key("auth_server"), format!("not a connection string: {e}"))
@@ -391,7 +430,8 @@ impl SourceConfig {
         if method == AuthMethod::Trust
             && (!self.connect_roles.is_empty()
                 || !self.create_roles.is_empty()
-                || self.max_branches_per_role > 0)
+                || self.max_branches_per_role > 0
+                || self.policies_restrict_roles())
         {
             return Err(invalid(
                 key("auth_method"),
