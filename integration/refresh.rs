@@ -177,3 +177,97 @@ async fn instance_reset_takes_the_newest_snapshot_and_arrivals_wait_for_it() {
         2.0
     );
 }
+
+fn snapshot_names(proxy: &ProxyProc) -> Vec<String> {
+    let (status, body) = proxy.api("GET", "/api/v1/sources/shop/snapshots", None);
+    assert_eq!(status, 200, "{body}");
+    json(&body)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn snapshot_of(proxy: &ProxyProc, branch: &str) -> String {
+    let list = proxy.branches();
+    let b = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["branch"] == branch)
+        .unwrap_or_else(|| panic!("no branch {branch} in {list}"));
+    b["snapshot"].as_str().unwrap_or("").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_snapshot_refreshes_an_idle_qa_branch_while_a_busy_one_waits() {
+    let extra = "snapshot_every = \"1m\"\nkeep_snapshots = 1\n\
+                 [[sources.shop.policies]]\nmatch = \"qa*\"\npersistent = true\n\
+                 protected = true\nrefresh = \"on_snapshot\"\n";
+    let Fixture { pg, proxy } = Fixture::start(Engine::Database, extra).await;
+    let first = take_snapshot(&proxy);
+    let idle = proxy.connect("shop.qa-idle").await.unwrap();
+    mark(&idle, "idle").await;
+    drop(idle);
+    let busy = proxy.connect("shop.qa-busy").await.unwrap();
+    mark(&busy, "busy").await;
+    // Protected by its policy: a person needs force.
+    let (status, body) = reset(&proxy, "qa-idle", "{}");
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("protected by its policy (match = \"qa*\")"),
+        "{body}"
+    );
+    {
+        let source = pg.direct("shop").await;
+        source
+            .batch_execute("INSERT INTO items VALUES (4, 'four')")
+            .await
+            .unwrap();
+    }
+
+    // The schedule takes its first snapshot a minute after the start.
+    assert!(
+        eventually(180, || snapshot_names(&proxy).iter().any(|n| *n != first)).await,
+        "a scheduled snapshot was taken: {:?}",
+        snapshot_names(&proxy)
+    );
+    assert!(
+        eventually(60, || snapshot_of(&proxy, "qa-idle") != first).await,
+        "the idle QA branch was refreshed"
+    );
+    let fresh = proxy.connect("shop.qa-idle").await.unwrap();
+    assert_eq!(
+        count(&fresh).await,
+        4,
+        "the new snapshot's data, without its mark"
+    );
+    drop(fresh);
+    // The busy one keeps its session and its data meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(snapshot_of(&proxy, "qa-busy"), first);
+    assert_eq!(mark_of(&busy).await, "busy");
+    drop(busy);
+    assert!(
+        eventually(60, || snapshot_of(&proxy, "qa-busy") != first).await,
+        "the busy QA branch was refreshed once its session closed"
+    );
+    assert_eq!(
+        count(&proxy.connect("shop.qa-busy").await.unwrap()).await,
+        4
+    );
+    // The first snapshot, no longer used, is beyond keep_snapshots = 1.
+    assert!(
+        eventually(60, || !snapshot_names(&proxy).contains(&first)).await,
+        "{:?}",
+        snapshot_names(&proxy)
+    );
+    assert!(
+        proxy.metric("offshoot_scheduled_snapshots_total{outcome=\"ok\",source=\"shop\"}") >= 1.0
+    );
+    assert!(proxy.log().contains("scheduled snapshot taken"));
+}

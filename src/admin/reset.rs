@@ -10,6 +10,7 @@ use tracing::warn;
 use super::{branch_id, ApiError, AppState};
 use crate::branch::ResetError;
 use crate::error::ErrorKind;
+use crate::names::BranchId;
 
 /// The request body; `{}` resets to the newest snapshot without force.
 #[derive(Deserialize)]
@@ -66,6 +67,27 @@ impl From<ResetError> for ApiError {
     }
 }
 
+/// A branch its policy protects is reset only with `force` (a scheduled refresh
+/// is not refused: the policy asked for it).
+fn refuse_protected(s: &AppState, id: &BranchId) -> Result<(), ApiError> {
+    let Some(src) = s.registry.source(id.source.as_str()) else {
+        return Ok(());
+    };
+    let policy = src.config.policy(&id.branch);
+    if !policy.protected {
+        return Ok(());
+    }
+    let by = match policy.name {
+        Some(pattern) => format!("its policy (match = \"{pattern}\")"),
+        None => "its source".to_owned(),
+    };
+    Err(ApiError::of_kind(
+        ErrorKind::Conflict,
+        format!("branch {id} is protected by {by}"),
+    )
+    .hint("reset with \"force\": true to reset it anyway"))
+}
+
 /// Resets the branch and answers with it as it is now, once the new clone serves
 /// (202 if that takes longer than `provision_timeout`; the reset goes on).
 pub(super) async fn reset(
@@ -76,6 +98,9 @@ pub(super) async fn reset(
     let Json(body) =
         body.map_err(|e| ApiError::new(axum::http::StatusCode::BAD_REQUEST, e.body_text()))?;
     let id = branch_id(&s, &source, &branch)?;
+    if !body.force {
+        refuse_protected(&s, &id)?;
+    }
     let reset = s.registry.reset(&id, body.snapshot, body.force);
     match tokio::time::timeout(s.provision_timeout, reset).await {
         Ok(r) => r?,

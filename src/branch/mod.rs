@@ -5,6 +5,7 @@
 pub mod engine;
 pub mod reaper;
 pub mod registry;
+pub mod schedule;
 pub mod store;
 
 pub use registry::{

@@ -163,6 +163,11 @@ impl Registry {
             metrics.branches_created_total.with_label_values(&[s]);
             for outcome in ["ok", "failed"] {
                 metrics.resets_total.with_label_values(&[s, outcome]);
+                if src.config.snapshot_every.is_some() {
+                    metrics
+                        .scheduled_snapshots_total
+                        .with_label_values(&[s, outcome]);
+                }
             }
             if src.engine.servers().is_some() {
                 metrics.start_seconds.with_label_values(&[s]);
@@ -191,6 +196,11 @@ impl Registry {
         // A panic while holding the lock leaves the book consistent (every mutation is
         // a single insert/remove/state step), so poisoning is not fatal.
         self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The metrics the registry's work is counted in.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The clock every time stamp and idle period is read from.

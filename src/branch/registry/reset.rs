@@ -30,8 +30,9 @@ use super::state::{Outcome, Refusal};
 use super::{CreateOptions, Registry};
 use crate::branch::engine::snapshot_missing;
 use crate::branch::store::{BranchRecord, RecordState};
+use crate::config::Refresh;
 use crate::error::{EngineError, ProvisionError};
-use crate::names::BranchId;
+use crate::names::{BranchId, SourceName};
 
 /// How long a forced reset waits for the sessions it ended to leave before it
 /// removes the old clone anyway (the removal ends whatever is left).
@@ -217,6 +218,25 @@ impl Registry {
                 })
             }
         }
+    }
+
+    /// Branches of `source` whose policy says `refresh = "on_snapshot"` and whose
+    /// clone was made (or last reset) before `since_ms`: due for a refresh to a
+    /// snapshot taken then.
+    pub fn refresh_due(&self, source: &SourceName, since_ms: u64) -> Vec<BranchId> {
+        let Some(src) = self.sources.get(source) else {
+            return Vec::new();
+        };
+        self.lock()
+            .branches
+            .iter()
+            .filter(|(id, b)| {
+                &id.source == source
+                    && b.record.born_at() < since_ms
+                    && src.config.policy(&id.branch).refresh == Refresh::OnSnapshot
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Waits (a bounded time) for the sessions a forced reset ended to leave.
