@@ -5,6 +5,7 @@ mod harness;
 
 mod admin;
 mod admin_access;
+mod audit;
 mod auth;
 mod config;
 mod crash;

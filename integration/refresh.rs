@@ -17,6 +17,13 @@ fn reset(proxy: &ProxyProc, branch: &str, body: &str) -> (u16, Value) {
     (status, json(&text))
 }
 
+/// The audit events `/api/v1/events` returns for `query`, newest first.
+fn events(proxy: &ProxyProc, query: &str) -> Vec<Value> {
+    let (status, body) = proxy.api("GET", &format!("/api/v1/events{query}"), None);
+    assert_eq!(status, 200, "{body}");
+    json(&body).as_array().unwrap().clone()
+}
+
 fn take_snapshot(proxy: &ProxyProc) -> String {
     let (status, body) = proxy.api("POST", "/api/v1/sources/shop/snapshots", None);
     assert_eq!(status, 201, "{body}");
@@ -122,6 +129,20 @@ async fn database_reset_refuses_open_sessions_unless_forced() {
         1.0
     );
     assert_eq!(proxy.metric("offshoot_errors_total{kind=\"reset\"}"), 1.0);
+    // One audit line for the reset (by the API), none for a creation.
+    let trail = events(&proxy, "?branch=qa");
+    let resets: Vec<&Value> = trail
+        .iter()
+        .filter(|e| e["action"] == "branch.reset")
+        .collect();
+    assert_eq!(resets.len(), 1, "{trail:#?}");
+    assert_eq!(resets[0]["actor"]["kind"], "api");
+    assert_eq!(resets[0]["outcome"], "ok", "{trail:#?}");
+    let created = trail
+        .iter()
+        .filter(|e| e["action"] == "branch.created")
+        .count();
+    assert_eq!(created, 1, "{trail:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,4 +291,19 @@ async fn a_scheduled_snapshot_refreshes_an_idle_qa_branch_while_a_busy_one_waits
         proxy.metric("offshoot_scheduled_snapshots_total{outcome=\"ok\",source=\"shop\"}") >= 1.0
     );
     assert!(proxy.log().contains("scheduled snapshot taken"));
+    // The schedule's work is audited as the scheduler's.
+    let trail = events(&proxy, "");
+    for (action, branch) in [
+        ("branch.reset", Some("qa-idle")),
+        ("branch.reset", Some("qa-busy")),
+        ("snapshot.taken", None),
+        ("snapshot.deleted", None),
+    ] {
+        assert!(
+            trail.iter().any(|e| e["action"] == action
+                && e["actor"]["kind"] == "scheduler"
+                && branch.is_none_or(|b| e["branch"] == b)),
+            "{action} {branch:?} by the scheduler in {trail:#?}"
+        );
+    }
 }

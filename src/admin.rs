@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+mod events;
 mod guard;
 mod reset;
 pub mod token;
@@ -200,6 +201,7 @@ struct CreateBody {
 
 async fn create(
     State(s): State<AppState>,
+    events::ApiActor(actor): events::ApiActor,
     body: Result<Json<CreateBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Json(body) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
@@ -207,6 +209,7 @@ async fn create(
     let opts = CreateOptions {
         persistent: body.persistent,
         snapshot: body.snapshot,
+        actor,
     };
     let (view, created) = s.registry.ensure(&id, &opts, s.provision_timeout).await?;
     let status = if created {
@@ -225,17 +228,21 @@ struct DeleteQuery {
 
 async fn delete(
     State(s): State<AppState>,
+    events::ApiActor(actor): events::ApiActor,
     Path((source, branch)): Path<(String, String)>,
     Query(q): Query<DeleteQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = branch_id(&s, &source, &branch)?;
-    s.registry.delete(&id, q.force, RemoveReason::Api).await?;
+    s.registry
+        .delete_by(&id, q.force, RemoveReason::Api, actor)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Stops a branch's server now (scale to zero); the next connection starts it.
 async fn suspend(
     State(s): State<AppState>,
+    events::ApiActor(actor): events::ApiActor,
     Path((source, branch)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = branch_id(&s, &source, &branch)?;
@@ -250,7 +257,7 @@ async fn suspend(
             ),
         ));
     }
-    let suspended = s.registry.suspend(&id).await?;
+    let suspended = s.registry.suspend_by(&id, actor).await?;
     let view = s.registry.view(&id).ok_or_else(|| {
         ApiError::of_kind(ErrorKind::NotFound, format!("branch {id} does not exist"))
     })?;
@@ -294,20 +301,24 @@ async fn list_snapshots(
 
 async fn take_snapshot(
     State(s): State<AppState>,
+    events::ApiActor(actor): events::ApiActor,
     Path(source): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let src = source_of(&s, &source)?;
-    let info = src.engine.take_snapshot().await?;
+    let info = s.registry.take_snapshot(&src.name, actor).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
 async fn delete_snapshot(
     State(s): State<AppState>,
+    events::ApiActor(actor): events::ApiActor,
     Path((source, name)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
     let src = source_of(&s, &source)?;
     // The registry refuses a snapshot in use, under the lock that starts creations.
-    s.registry.delete_snapshot(&src.name, &name).await?;
+    s.registry
+        .delete_snapshot_by(&src.name, &name, actor)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -364,6 +375,11 @@ fn router(state: AppState) -> Router {
             axum::routing::delete(delete_snapshot),
         )
         .route("/api/v1/orphans", get(orphans))
+        .route("/api/v1/events", get(events::list))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            events::sync_writes,
+        ))
         .with_state(state)
 }
 
@@ -439,6 +455,7 @@ pub async fn serve(
             bound.guard,
             guard::check,
         ));
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(bound.listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -125,12 +125,19 @@ async fn serve(
     }
 
     let store = Store::open(state_dir).context("state.dir: branch records")?;
-    let registry = Arc::new(Registry::new(
-        sources,
-        store,
-        metrics.clone(),
+    let hooks = crate::audit::Webhooks::start(&cfg.webhooks, clock.clone(), metrics.clone())
+        .map_err(|e| anyhow!(e))?;
+    let audit = crate::audit::Audit::start(
+        state_dir,
+        crate::audit::Rotation::default(),
+        hooks,
         clock.clone(),
-    ));
+        metrics.clone(),
+    )
+    .context("state.dir: the audit trail")?;
+    let registry = Arc::new(
+        Registry::new(sources, store, metrics.clone(), clock.clone()).with_audit(audit.clone()),
+    );
     registry.adopt().await.context("reading branch records")?;
 
     let tls = match (&cfg.tls.cert, &cfg.tls.key) {
@@ -234,6 +241,7 @@ async fn serve(
     // Branch servers are stopped with the proxy; their data stays, and the next
     // connection after a restart starts them again.
     registry.suspend_all().await;
+    audit.sync().await;
     for h in handles {
         h.abort();
     }

@@ -17,6 +17,8 @@
 //! - [`console`]: the web console the admin listener serves at `/`, and the login
 //!   that guards the listener; [`history`]: the in-memory samples its charts draw.
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
+//! - [`audit`]: the audit trail (`audit.jsonl`), read back by the events API, and
+//!   the webhooks it feeds.
 //! - [`error`]: error kinds and the one mapping to SQLSTATE.
 //! - [`fsutil`]: atomic file replacement and the other crash-safe file helpers.
 //! - [`names`]: validated source and branch names, identifier quoting.
@@ -30,6 +32,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod branch;
 pub mod cli;

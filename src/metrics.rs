@@ -41,6 +41,12 @@ pub struct Metrics {
     pub resets_total: IntCounterVec,
     /// Snapshots taken by the schedule, by source and outcome (`ok`, `failed`).
     pub scheduled_snapshots_total: IntCounterVec,
+    /// Audit lines, by outcome (written, dropped: the queue was full, failed: the
+    /// write failed).
+    pub audit_lines_total: IntCounterVec,
+    /// Webhook deliveries, by outcome (ok, retried, failed: gave up, dropped: the
+    /// hook's queue was full).
+    pub webhook_deliveries_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -162,6 +168,22 @@ impl Metrics {
             &["source", "outcome"],
         )
         .expect("valid metric");
+        let audit_lines_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_audit_lines_total",
+                "Audit trail lines, by outcome (written, dropped, failed)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let webhook_deliveries_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_webhook_deliveries_total",
+                "Webhook delivery attempts, by outcome (ok, retried, failed, dropped)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(client_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
@@ -179,6 +201,8 @@ impl Metrics {
             Box::new(clones_total.clone()),
             Box::new(resets_total.clone()),
             Box::new(scheduled_snapshots_total.clone()),
+            Box::new(audit_lines_total.clone()),
+            Box::new(webhook_deliveries_total.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -204,6 +228,8 @@ impl Metrics {
             clones_total,
             resets_total,
             scheduled_snapshots_total,
+            audit_lines_total,
+            webhook_deliveries_total,
         }
     }
 

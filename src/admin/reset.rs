@@ -92,6 +92,7 @@ fn refuse_protected(s: &AppState, id: &BranchId) -> Result<(), ApiError> {
 /// (202 if that takes longer than `provision_timeout`; the reset goes on).
 pub(super) async fn reset(
     State(s): State<AppState>,
+    super::events::ApiActor(actor): super::events::ApiActor,
     Path((source, branch)): Path<(String, String)>,
     body: Result<Json<ResetBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -101,7 +102,7 @@ pub(super) async fn reset(
     if !body.force {
         refuse_protected(&s, &id)?;
     }
-    let reset = s.registry.reset(&id, body.snapshot, body.force);
+    let reset = s.registry.reset(&id, body.snapshot, body.force, actor);
     match tokio::time::timeout(s.provision_timeout, reset).await {
         Ok(r) => r?,
         Err(_) => {

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::registry::{Registry, ResetError};
+use crate::audit::Actor;
 use crate::clock::unix_ms;
 use crate::names::{BranchId, SourceName};
 
@@ -175,7 +176,7 @@ impl Schedule {
                 .with_label_values(&[source.as_str(), outcome])
                 .inc()
         };
-        match src.engine.take_snapshot().await {
+        match registry.take_snapshot(source, Actor::scheduler()).await {
             Ok(info) => {
                 counter("ok");
                 info!(source = %source, snapshot = %info.name, "scheduled snapshot taken");
@@ -206,7 +207,10 @@ impl Schedule {
 
 /// Resets `id` to `snapshot`, unless it is in use.
 async fn refresh(registry: &Arc<Registry>, id: BranchId, snapshot: &str) -> Outcome {
-    match registry.reset(&id, Some(snapshot.to_owned()), false).await {
+    match registry
+        .reset(&id, Some(snapshot.to_owned()), false, Actor::scheduler())
+        .await
+    {
         Ok(()) => {
             info!(branch = %id, snapshot, "branch refreshed to the new snapshot");
             Outcome::Refreshed {
@@ -246,7 +250,10 @@ async fn prune(registry: &Arc<Registry>, source: &SourceName, out: &mut Vec<Outc
         if !registry.snapshot_users(source, &snap.name).is_empty() {
             continue;
         }
-        match registry.delete_snapshot(source, &snap.name).await {
+        match registry
+            .delete_snapshot_by(source, &snap.name, Actor::scheduler())
+            .await
+        {
             Ok(()) => {
                 info!(source = %source, snapshot = %snap.name, keep, "old snapshot deleted");
                 out.push(Outcome::Pruned {

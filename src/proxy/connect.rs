@@ -153,6 +153,10 @@ async fn acquire(
         )),
         (Some(_), Some(_)) => Some(format!("waiting for branch {branch} of source {source}")),
     };
+    let actor = crate::audit::Actor::client(
+        Some(route.user.clone()),
+        client.peer_addr().map(|a| a.to_string()),
+    );
     let announce = notice.is_some();
     let started = std::time::Instant::now();
     if let Some(msg) = notice {
@@ -166,7 +170,7 @@ async fn acquire(
     }
     let lease = proxy
         .registry
-        .acquire_as(&route.id, proxy.config.provision_timeout, creator)
+        .acquire_by(&route.id, proxy.config.provision_timeout, creator, actor)
         .await?;
     if announce {
         let msg = format!(

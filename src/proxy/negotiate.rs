@@ -30,6 +30,14 @@ impl ClientStream {
             ClientStream::Plain(_) => None,
         }
     }
+
+    /// The client's address, for the audit trail.
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            ClientStream::Plain(tcp) => tcp.peer_addr().ok(),
+            ClientStream::Tls(tls) => tls.get_ref().0.peer_addr().ok(),
+        }
+    }
 }
 
 /// What the first packets asked for.

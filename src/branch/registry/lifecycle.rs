@@ -9,7 +9,8 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::state::{Outcome, Refusal};
-use super::{DeleteError, Registry, RemoveReason};
+use super::{trail, DeleteError, Registry, RemoveReason};
+use crate::audit::{Action, Actor, Event};
 use crate::branch::store::{BranchRecord, RecordState};
 use crate::error::{EngineError, ProvisionError};
 use crate::names::BranchId;
@@ -21,10 +22,14 @@ impl Registry {
         self: Arc<Self>,
         mut record: BranchRecord,
         tx: watch::Sender<Outcome>,
+        actor: Actor,
     ) {
         let id = record.id();
         let source = &self.sources[&id.source];
         let started = self.clock.instant();
+        // The new clone of a reset (only a reset hands over a record with `reset_at`):
+        // audited and counted as the reset, not as a creation.
+        let resetting = record.reset_at.is_some();
         info!(branch = %id, clone = %record.clone_name, "creating branch");
         let result = match self.store.save(&record) {
             Err(e) => Err(EngineError::io("cannot write the branch record", e)),
@@ -63,11 +68,22 @@ impl Registry {
                     .provision_seconds
                     .with_label_values(&[id.source.as_str()])
                     .observe(secs);
-                self.metrics
-                    .branches_created_total
-                    .with_label_values(&[id.source.as_str()])
-                    .inc();
+                if !resetting {
+                    self.metrics
+                        .branches_created_total
+                        .with_label_values(&[id.source.as_str()])
+                        .inc();
+                }
                 info!(branch = %id, ms = (secs * 1000.0) as u64, "branch ready");
+                // A reset's new clone is audited as the reset, by `reset`.
+                if !resetting {
+                    self.audit.record(
+                        Event::new(Action::BranchCreated, actor)
+                            .branch(&id)
+                            .snapshot(record.snapshot.as_deref())
+                            .duration(self.clock.instant() - started),
+                    );
+                }
                 if let Some(b) = self.lock().branches.get_mut(&id) {
                     b.record = record;
                     b.started();
@@ -88,6 +104,15 @@ impl Registry {
                     error!(branch = %id, error = %e, "could not remove branch record");
                 }
                 self.lock().branches.remove(&id);
+                if !resetting {
+                    self.audit.record(
+                        Event::new(Action::BranchCreateFailed, actor)
+                            .branch(&id)
+                            .snapshot(record.snapshot.as_deref())
+                            .duration(self.clock.instant() - started)
+                            .failed(err.client_message()),
+                    );
+                }
                 Err(ProvisionError::Engine {
                     id: id.clone(),
                     err,
@@ -98,7 +123,12 @@ impl Registry {
     }
 
     /// Starts the server of a suspended branch and publishes the outcome.
-    pub(super) async fn resume(self: Arc<Self>, record: BranchRecord, tx: watch::Sender<Outcome>) {
+    pub(super) async fn resume(
+        self: Arc<Self>,
+        record: BranchRecord,
+        tx: watch::Sender<Outcome>,
+        actor: Actor,
+    ) {
         let id = record.id();
         let source = &self.sources[&id.source];
         let started = self.clock.instant();
@@ -106,6 +136,13 @@ impl Registry {
             Some(servers) => servers.start(&record).await,
             None => Ok(()),
         };
+        let event = Event::new(Action::BranchResumed, actor)
+            .branch(&id)
+            .duration(self.clock.instant() - started);
+        self.audit.record(match &result {
+            Ok(()) => event,
+            Err(err) => event.failed(err.client_message()),
+        });
         let outcome = match result {
             Ok(()) => {
                 let secs = (self.clock.instant() - started).as_secs_f64();
@@ -132,8 +169,18 @@ impl Registry {
 
     /// Stops the server of a Ready branch nobody is connected to; its data stays and
     /// the next connection starts it again. Returns false (and does nothing) when the
-    /// branch is not in that state or its engine has no server to stop.
+    /// branch is not in that state or its engine has no server to stop. The reaper's
+    /// suspension; [`Registry::suspend_by`] names another actor.
     pub async fn suspend(self: &Arc<Self>, id: &BranchId) -> Result<bool, EngineError> {
+        self.suspend_by(id, Actor::reaper()).await
+    }
+
+    /// [`Registry::suspend`] on behalf of `actor`.
+    pub async fn suspend_by(
+        self: &Arc<Self>,
+        id: &BranchId,
+        actor: Actor,
+    ) -> Result<bool, EngineError> {
         let Some(source) = self.sources.get(&id.source) else {
             return Ok(false);
         };
@@ -152,7 +199,7 @@ impl Registry {
         };
         let this = self.clone();
         self.runtime
-            .spawn(async move { this.stop(record, tx).await })
+            .spawn(async move { this.stop(record, tx, actor).await })
             .await
             .unwrap_or_else(|e| {
                 Err(EngineError::failed_with(
@@ -167,12 +214,24 @@ impl Registry {
         self: Arc<Self>,
         record: BranchRecord,
         tx: watch::Sender<bool>,
+        actor: Actor,
     ) -> Result<(), EngineError> {
         let id = record.id();
+        let started = self.clock.instant();
         let result = match self.sources[&id.source].engine.servers() {
             Some(servers) => servers.stop(&record).await,
             None => Ok(()),
         };
+        let mut event = Event::new(Action::BranchSuspended, actor.clone())
+            .branch(&id)
+            .duration(self.clock.instant() - started);
+        if let Some(reason) = self.suspension_reason(&id, &actor) {
+            event = event.reason(reason);
+        }
+        self.audit.record(match &result {
+            Ok(()) => event,
+            Err(err) => event.failed(err.client_message()),
+        });
         match &result {
             Ok(()) => {
                 self.metrics
@@ -220,6 +279,11 @@ impl Registry {
         let lost = self.lock().branches.get_mut(id).is_some_and(|b| b.lost());
         if lost {
             warn!(branch = %id, "the branch's server is gone; the next connection starts it again");
+            self.audit.record(
+                Event::new(Action::BranchSuspended, Actor::proxy())
+                    .branch(id)
+                    .reason("server gone"),
+            );
         }
         lost
     }
@@ -237,7 +301,7 @@ impl Registry {
         };
         stream::iter(ids)
             .for_each_concurrent(8, |id| async move {
-                if let Err(e) = self.suspend(&id).await {
+                if let Err(e) = self.suspend_by(&id, Actor::proxy()).await {
                     warn!(branch = %id, error = %e, "left running");
                 }
             })
@@ -245,12 +309,25 @@ impl Registry {
     }
 
     /// Removes a settled branch. Connections wait for the outcome meanwhile;
-    /// afterwards a new connection makes a fresh clone.
+    /// afterwards a new connection makes a fresh clone. The audit trail names the
+    /// reaper (idle) or an API caller; [`Registry::delete_by`] names the caller.
     pub async fn delete(
         self: &Arc<Self>,
         id: &BranchId,
         force: bool,
         reason: RemoveReason,
+    ) -> Result<(), DeleteError> {
+        self.delete_by(id, force, reason, trail::remover(reason))
+            .await
+    }
+
+    /// [`Registry::delete`] on behalf of `actor`.
+    pub async fn delete_by(
+        self: &Arc<Self>,
+        id: &BranchId,
+        force: bool,
+        reason: RemoveReason,
+        actor: Actor,
     ) -> Result<(), DeleteError> {
         let (record, tx) = {
             let mut book = self.lock();
@@ -269,7 +346,7 @@ impl Registry {
         };
         let this = self.clone();
         self.runtime
-            .spawn(async move { this.remove(record, force, reason, tx).await })
+            .spawn(async move { this.remove(record, force, reason, tx, actor).await })
             .await
             .unwrap_or_else(|e| {
                 Err(DeleteError::Engine {
@@ -285,10 +362,27 @@ impl Registry {
         force: bool,
         reason: RemoveReason,
         tx: watch::Sender<bool>,
+        actor: Actor,
     ) -> Result<(), DeleteError> {
         let id = record.id();
         let source = &self.sources[&id.source];
+        let started = self.clock.instant();
         let result = source.engine.destroy(&record, force).await;
+        let action = match reason {
+            RemoveReason::Idle => Action::BranchExpired,
+            RemoveReason::Api => Action::BranchDeleted,
+        };
+        let mut event = Event::new(action, actor)
+            .branch(&id)
+            .snapshot(record.snapshot.as_deref())
+            .duration(self.clock.instant() - started);
+        if let Some(why) = self.removal_reason(&id, reason) {
+            event = event.reason(why);
+        }
+        self.audit.record(match &result {
+            Ok(()) => event,
+            Err(err) => event.failed(err.client_message()),
+        });
         let mut book = self.lock();
         let out = match result {
             Ok(()) => {

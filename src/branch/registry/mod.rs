@@ -41,6 +41,7 @@ mod policy;
 mod reset;
 mod snapshots;
 mod state;
+mod trail;
 mod view;
 
 #[cfg(test)]
@@ -58,6 +59,7 @@ use state::{Activity, Branch, Ended, Entry, PhaseGauges, State, Wait};
 
 use super::engine::Engine;
 use super::store::{BranchRecord, RecordState, Store};
+use crate::audit::{Action, Actor, Audit, Event, Outcome};
 use crate::clock::Clock;
 use crate::config::SourceConfig;
 use crate::error::{EngineError, ProvisionError};
@@ -91,6 +93,8 @@ pub struct CreateOptions {
     pub persistent: bool,
     /// The snapshot to clone; unset: the newest.
     pub snapshot: Option<String>,
+    /// Who asks, for the audit trail (the default: an API caller with no details).
+    pub actor: Actor,
 }
 
 /// Why a deletion was refused.
@@ -145,6 +149,8 @@ pub struct Registry {
     /// would stall its relays), and not in a request that can be dropped halfway.
     runtime: tokio::runtime::Handle,
     clock: Clock,
+    /// Where transitions are recorded ([`Registry::with_audit`]); off by default.
+    audit: Audit,
 }
 
 impl Registry {
@@ -189,7 +195,20 @@ impl Registry {
             shutting_down: AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),
             clock,
+            audit: Audit::disabled(),
         }
+    }
+
+    /// Records every transition in `audit`.
+    pub fn with_audit(mut self, audit: Audit) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    /// The audit trail, for the events API and for work outside the registry that
+    /// records events of its own.
+    pub fn audit(&self) -> &Audit {
+        &self.audit
     }
 
     fn lock(&self) -> MutexGuard<'_, Book> {
@@ -245,8 +264,24 @@ impl Registry {
         timeout: Duration,
         creator: Option<&Creator>,
     ) -> Result<Lease, ProvisionError> {
-        self.wait_ready(id, &CreateOptions::default(), creator, timeout)
-            .await
+        let actor = Actor::client(creator.map(|c| c.role.clone()), None);
+        self.acquire_by(id, timeout, creator, actor).await
+    }
+
+    /// [`Registry::acquire_as`] for a client `actor` (its role and address), whom
+    /// the audit trail names for a creation or a resume it causes.
+    pub async fn acquire_by(
+        self: &Arc<Self>,
+        id: &BranchId,
+        timeout: Duration,
+        creator: Option<&Creator>,
+        actor: Actor,
+    ) -> Result<Lease, ProvisionError> {
+        let opts = CreateOptions {
+            actor,
+            ..CreateOptions::default()
+        };
+        self.wait_ready(id, &opts, creator, timeout).await
     }
 
     /// Creates `id` ahead of time (admin API), or starts it when suspended. Returns
@@ -383,13 +418,23 @@ impl Registry {
                     let record = branch.record.clone();
                     drop(book);
                     let this = self.clone();
+                    let actor = opts.actor.clone();
                     self.runtime
-                        .spawn(async move { this.resume(record, tx).await });
+                        .spawn(async move { this.resume(record, tx, actor).await });
                     Err(wait)
                 }
             });
         }
-        self.may_create(&book, id, source, creator)?;
+        if let Err(e) = self.may_create(&book, id, source, creator) {
+            self.audit.record(
+                Event::new(Action::BranchRefused, opts.actor.clone())
+                    .branch(id)
+                    .reason(trail::refusal(&e))
+                    .outcome(Outcome::Refused)
+                    .error(e.client_message()),
+            );
+            return Err(e);
+        }
         if let Some(done) = self.snapshot_hold(&book, id, opts) {
             return Ok(Err(Wait::Snapshot(done)));
         }
@@ -417,8 +462,9 @@ impl Registry {
         book.branches.insert(id.clone(), branch);
         drop(book);
         let this = self.clone();
+        let actor = opts.actor.clone();
         self.runtime
-            .spawn(async move { this.provision(record, tx).await });
+            .spawn(async move { this.provision(record, tx, actor).await });
         Ok(Err(Wait::Outcome(rx)))
     }
 

@@ -28,6 +28,7 @@ use tracing::{error, info, warn};
 
 use super::state::{Outcome, Refusal};
 use super::{CreateOptions, Registry};
+use crate::audit::{Action, Actor, Event};
 use crate::branch::engine::snapshot_missing;
 use crate::branch::store::{BranchRecord, RecordState};
 use crate::config::Refresh;
@@ -37,6 +38,13 @@ use crate::names::{BranchId, SourceName};
 /// How long a forced reset waits for the sessions it ended to leave before it
 /// removes the old clone anyway (the removal ends whatever is left).
 const SESSIONS_LEAVE: Duration = Duration::from_secs(5);
+
+/// The snapshot branch `id` is made from, as the book says now.
+fn snapshot_now(book: &super::Book, id: &BranchId) -> Option<String> {
+    book.branches
+        .get(id)
+        .and_then(|b| b.record.snapshot.clone())
+}
 
 /// Why a reset did not happen, or did not finish.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +81,7 @@ impl Registry {
         id: &BranchId,
         snapshot: Option<String>,
         force: bool,
+        actor: Actor,
     ) -> Result<(), ResetError> {
         let source = self
             .sources
@@ -98,6 +107,7 @@ impl Registry {
         let opts = CreateOptions {
             persistent: false,
             snapshot: snapshot.clone(),
+            actor: actor.clone(),
         };
         let (old, tx) = loop {
             let held = {
@@ -137,7 +147,7 @@ impl Registry {
         let this = self.clone();
         let task = self
             .runtime
-            .spawn(async move { this.remake(old, snapshot, tx).await });
+            .spawn(async move { this.remake(old, snapshot, tx, actor).await });
         task.await.unwrap_or_else(|e| {
             Err(ResetError::Failed {
                 id: id.clone(),
@@ -157,9 +167,17 @@ impl Registry {
         old: BranchRecord,
         snapshot: Option<String>,
         tx: watch::Sender<Outcome>,
+        actor: Actor,
     ) -> Result<(), ResetError> {
         let id = old.id();
         let source = &self.sources[&id.source];
+        let started = self.clock.instant();
+        let event = |snapshot: Option<&str>| {
+            Event::new(Action::BranchReset, actor.clone())
+                .branch(&id)
+                .snapshot(snapshot)
+                .duration(self.clock.instant() - started)
+        };
         let count = |outcome: &str| {
             self.metrics
                 .resets_total
@@ -175,6 +193,12 @@ impl Registry {
                 b.reset_failed(source.engine.servers().is_some());
             }
             count("failed");
+            self.audit.record(
+                event(snapshot_now(&self.lock(), &id).as_deref()).failed(format!(
+                    "the old clone could not be removed: {}",
+                    err.client_message()
+                )),
+            );
             // Waiting connections look again, and find the old clone.
             let _ = tx.send(Some(Ok(())));
             return Err(ResetError::Kept { id, err });
@@ -194,17 +218,23 @@ impl Registry {
         let done = tx.subscribe();
         // From here on it is a creation: the record is saved before the clone is
         // made, and a failure removes both.
-        self.clone().provision(record, tx).await;
+        self.clone().provision(record, tx, actor.clone()).await;
         let outcome = done.borrow().clone();
         match outcome {
             Some(Ok(())) => {
                 count("ok");
                 info!(branch = %id, "branch reset");
+                self.audit
+                    .record(event(snapshot_now(&self.lock(), &id).as_deref()));
                 Ok(())
             }
             Some(Err(err)) => {
                 count("failed");
                 error!(branch = %id, error = %err, "reset failed: the branch was removed");
+                self.audit.record(event(None).failed(format!(
+                    "the branch was removed: its new clone could not be made: {}",
+                    err.client_message()
+                )));
                 Err(ResetError::Failed {
                     id,
                     err: Box::new(err),

@@ -12,7 +12,8 @@ use tokio::sync::watch;
 
 use super::state::{Ended, State};
 use super::{Book, CreateOptions, Registry};
-use crate::branch::engine::{snapshot_in_use, snapshot_missing};
+use crate::audit::{Action, Actor, Event};
+use crate::branch::engine::{snapshot_in_use, snapshot_missing, SnapshotInfo};
 use crate::error::EngineError;
 use crate::names::{BranchId, SourceName};
 
@@ -85,12 +86,46 @@ impl Registry {
             .map(|(_, done)| done.clone())
     }
 
+    /// Takes a snapshot of `source` through its engine, on behalf of `actor`.
+    pub async fn take_snapshot(
+        &self,
+        source: &SourceName,
+        actor: Actor,
+    ) -> Result<SnapshotInfo, EngineError> {
+        let Some(src) = self.sources.get(source) else {
+            return Err(EngineError::NotFound(format!(
+                "source {source} is not configured"
+            )));
+        };
+        let started = self.clock.instant();
+        let result = src.engine.take_snapshot().await;
+        let event = Event::new(Action::SnapshotTaken, actor)
+            .source(source.as_str())
+            .duration(self.clock.instant() - started);
+        self.audit.record(match &result {
+            Ok(info) => event.snapshot(Some(&info.name)),
+            Err(e) => event.failed(e.client_message()),
+        });
+        result
+    }
+
     /// Deletes snapshot `name` of `source` through its engine, unless a branch was
-    /// made (or is being made) from it.
+    /// made (or is being made) from it; the audit trail names an API caller.
     pub async fn delete_snapshot(
         self: &Arc<Self>,
         source: &SourceName,
         name: &str,
+    ) -> Result<(), EngineError> {
+        self.delete_snapshot_by(source, name, Actor::api(None, None))
+            .await
+    }
+
+    /// [`Registry::delete_snapshot`] on behalf of `actor`.
+    pub async fn delete_snapshot_by(
+        self: &Arc<Self>,
+        source: &SourceName,
+        name: &str,
+        actor: Actor,
     ) -> Result<(), EngineError> {
         let Some(src) = self.sources.get(source) else {
             return Err(snapshot_missing(source.as_str(), name));
@@ -129,12 +164,22 @@ impl Registry {
                 }
             }
         };
-        let name = name.to_owned();
+        let (name, source) = (name.to_owned(), source.clone());
+        let this = self.clone();
         // A task of its own: a request dropped halfway does not cut a deletion short.
         self.runtime
             .spawn(async move {
+                let started = this.clock.instant();
                 let result = engine.delete_snapshot(&name).await;
                 drop(hold);
+                let event = Event::new(Action::SnapshotDeleted, actor)
+                    .source(source.as_str())
+                    .snapshot(Some(&name))
+                    .duration(this.clock.instant() - started);
+                this.audit.record(match &result {
+                    Ok(()) => event,
+                    Err(e) => event.failed(e.client_message()),
+                });
                 result
             })
             .await

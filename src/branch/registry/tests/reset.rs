@@ -32,7 +32,7 @@ async fn reset_takes_the_newest_snapshot_and_restarts_the_lifetime() {
     assert_eq!(before.born_at(), before.created_at);
     engine.snapshots.lock().unwrap().insert("s2".into());
     reg.clock().advance(std::time::Duration::from_secs(60));
-    reg.reset(&id("qa"), None, false).await.unwrap();
+    reg.reset(&id("qa"), None, false, api()).await.unwrap();
     let after = reg.lock().branches[&id("qa")].record.clone();
     assert_eq!(after.snapshot.as_deref(), Some("s2"));
     assert_eq!(after.created_at, before.created_at);
@@ -43,17 +43,17 @@ async fn reset_takes_the_newest_snapshot_and_restarts_the_lifetime() {
     assert_eq!(ok.get(), 1);
     // A named snapshot that does not exist changes nothing.
     let err = reg
-        .reset(&id("qa"), Some("nope".into()), false)
+        .reset(&id("qa"), Some("nope".into()), false, api())
         .await
         .unwrap_err();
     assert!(matches!(err, ResetError::Snapshot(_)), "{err}");
     assert_eq!(engine.creates.load(Ordering::SeqCst), 2);
-    reg.reset(&id("qa"), Some("s1".into()), false)
+    reg.reset(&id("qa"), Some("s1".into()), false, api())
         .await
         .unwrap();
     assert_eq!(reg.view(&id("qa")).unwrap().snapshot.as_deref(), Some("s1"));
     assert!(matches!(
-        reg.reset(&id("nobody"), None, false).await,
+        reg.reset(&id("nobody"), None, false, api()).await,
         Err(ResetError::NotFound(_))
     ));
 }
@@ -64,7 +64,7 @@ async fn open_sessions_refuse_a_reset_unless_forced_which_ends_them() {
     let engine = engine_with(&["s1"], false);
     let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
     let lease = reg.acquire(&id("qa"), WAIT).await.unwrap();
-    match reg.reset(&id("qa"), None, false).await {
+    match reg.reset(&id("qa"), None, false, api()).await {
         Err(ResetError::InUse { conns: 1, .. }) => {}
         other => panic!("expected InUse, got {other:?}"),
     }
@@ -73,7 +73,7 @@ async fn open_sessions_refuse_a_reset_unless_forced_which_ends_them() {
     engine.create_gate.close();
     let r = {
         let (reg, id) = (reg.clone(), id("qa"));
-        tokio::spawn(async move { reg.reset(&id, None, true).await })
+        tokio::spawn(async move { reg.reset(&id, None, true, api()).await })
     };
     tokio::time::timeout(WAIT, lease.guard.ended())
         .await
@@ -105,7 +105,7 @@ async fn a_reset_whose_new_clone_fails_removes_the_branch() {
     let reg = registry(engine.clone(), SourceConfig::default(), dir.path());
     drop(reg.acquire(&id("qa"), WAIT).await.unwrap());
     *engine.fail_with.lock().unwrap() = Some("disk full".into());
-    let err = reg.reset(&id("qa"), None, false).await.unwrap_err();
+    let err = reg.reset(&id("qa"), None, false, api()).await.unwrap_err();
     assert!(matches!(err, ResetError::Failed { .. }), "{err}");
     assert!(reg.view(&id("qa")).is_none());
     assert!(engine.clones.lock().unwrap().is_empty());
@@ -127,11 +127,11 @@ async fn a_branch_in_flight_is_busy_for_a_reset() {
     engine.destroy_gate.close();
     let r = {
         let (reg, id) = (reg.clone(), id("qa"));
-        tokio::spawn(async move { reg.reset(&id, None, false).await })
+        tokio::spawn(async move { reg.reset(&id, None, false, api()).await })
     };
     engine.destroy_gate.reached().await;
     assert!(matches!(
-        reg.reset(&id("qa"), None, false).await,
+        reg.reset(&id("qa"), None, false, api()).await,
         Err(ResetError::Busy(_))
     ));
     assert!(matches!(
@@ -143,4 +143,8 @@ async fn a_branch_in_flight_is_busy_for_a_reset() {
     r.await.unwrap().unwrap();
     assert_eq!(phase(&reg, "qa"), Phase::Ready);
     assert_eq!(engine.running.lock().unwrap().len(), 1);
+}
+
+fn api() -> crate::audit::Actor {
+    crate::audit::Actor::api(None, None)
 }
