@@ -268,6 +268,22 @@ async fn receiver(
     std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
     tokio::task::JoinHandle<()>,
 ) {
+    receiver_with(statuses, None).await
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// [`receiver`], over TLS with `tls`. A failed handshake is counted as a request
+/// with no headers.
+async fn receiver_with(
+    statuses: Vec<u16>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    tokio::task::JoinHandle<()>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -276,7 +292,20 @@ async fn receiver(
     let task = tokio::spawn(async move {
         let mut statuses = statuses.into_iter();
         loop {
-            let (mut s, _) = listener.accept().await.unwrap();
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut s: Box<dyn Stream> = match &tls {
+                None => Box::new(tcp),
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(s) => Box::new(s),
+                    Err(_) => {
+                        log.lock().unwrap().push(Received {
+                            headers: Default::default(),
+                            body: Vec::new(),
+                        });
+                        continue;
+                    }
+                },
+            };
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
             let (head_end, length) = loop {
@@ -428,4 +457,99 @@ async fn webhooks_are_signed_retried_and_filtered_by_event() {
     // A client is never held up by the dead hook.
     let again = proxy.connect("shop.wh2").await.unwrap();
     again.simple_query("SELECT 1").await.unwrap();
+}
+
+/// A TLS acceptor with a fresh certificate for `localhost` signed by a fresh CA;
+/// returns the directory (keep it) and the CA's certificate.
+fn tls_acceptor() -> (
+    tokio_rustls::TlsAcceptor,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &str| {
+        let out = std::process::Command::new("openssl")
+            .current_dir(d)
+            .args(args.split(' '))
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args}: {out:?}");
+    };
+    openssl(
+        "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=hook-ca \
+         -keyout ca.key -out ca.crt",
+    );
+    openssl("req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server.key -out server.csr");
+    openssl(
+        "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+         -extfile ext.cnf -out server.crt",
+    );
+    let (cert, key, ca) = (d.join("server.crt"), d.join("server.key"), d.join("ca.crt"));
+    let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(&cert).unwrap(),
+    ))
+    .collect::<Result<_, _>>()
+    .unwrap();
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(&key).unwrap(),
+    ))
+    .unwrap()
+    .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    (
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
+        dir,
+        ca,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_webhooks_check_the_receivers_certificate() {
+    let (acceptor, _certs, ca) = tls_acceptor();
+    let (port, got, _server) = receiver_with(vec![], Some(acceptor.clone())).await;
+    let (other, refused_got, _other) = receiver_with(vec![], Some(acceptor)).await;
+    // The first hook trusts the receiver's CA; the second only the system's, which
+    // never signed this certificate.
+    let head = format!(
+        "[[webhooks]]\nurl = \"https://localhost:{port}/tls\"\nca_file = \"{}\"\n\
+         events = [\"branch.created\"]\n\
+         [[webhooks]]\nurl = \"https://localhost:{other}/tls\"\nevents = [\"branch.created\"]\n",
+        ca.display()
+    );
+    let Fixture { pg: _pg, proxy } = Fixture::start_with(Engine::Database, &head, "").await;
+    proxy.connect("shop.tls").await.unwrap();
+    assert!(eventually(20, || !got.lock().unwrap().is_empty()).await);
+    let r = got.lock().unwrap()[0].clone();
+    assert_eq!(r.headers[":request"], "POST /tls HTTP/1.1");
+    assert_eq!(r.headers["host"], format!("localhost:{port}"));
+    let event: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(event["branch"], "tls");
+    // Unsigned: that hook has no secret_file.
+    assert!(!r.headers.contains_key("x-offshoot-signature"));
+
+    assert!(
+        eventually(20, || proxy.log().contains("webhooks[1]")).await,
+        "{}",
+        proxy.log()
+    );
+    assert!(
+        refused_got
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|r| r.headers.is_empty()),
+        "nothing was sent to a receiver whose certificate did not check out"
+    );
 }

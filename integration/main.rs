@@ -19,6 +19,7 @@ mod md5;
 mod preauth;
 mod protocol;
 mod refresh;
+mod rehearse;
 mod routing;
 mod snapshots;
 mod versions;

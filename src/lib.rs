@@ -16,6 +16,8 @@
 //!   client.
 //! - [`console`]: the web console the admin listener serves at `/`, and the login
 //!   that guards the listener; [`history`]: the in-memory samples its charts draw.
+//! - [`rehearse`]: migration rehearsal on a branch, through the proxy: statements,
+//!   locks, rewrites, hazards, the probe of concurrent traffic, the report.
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
 //! - [`audit`]: the audit trail (`audit.jsonl`), read back by the events API, and
 //!   the webhooks it feeds.
@@ -49,4 +51,5 @@ pub mod metrics;
 pub mod names;
 pub mod pg;
 pub mod proxy;
+pub mod rehearse;
 pub mod upstream;

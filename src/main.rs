@@ -59,6 +59,15 @@ enum Command {
         #[command(subcommand)]
         action: SnapshotAction,
     },
+    /// Rehearse a migration on a fresh branch of SOURCE and report what it did:
+    /// statements, locks, rewrites, hazards, schema diff, data checks.
+    /// Exit code 0 passed, 1 migration failed, 2 data check failed, 3 hazard.
+    Rehearse {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        args: Box<offshoot::rehearse::command::Args>,
+    },
 }
 
 /// How the CLI reaches a running proxy's admin API.
@@ -238,6 +247,12 @@ fn main() -> std::process::ExitCode {
         Command::Serve(ConfigArg { config }) | Command::Check(ConfigArg { config }) => config,
         Command::Branch { api, action } => return branch_command(api, action),
         Command::Snapshot { api, action } => return snapshot_command(api, action),
+        Command::Rehearse { api, args } => {
+            return match api.connect() {
+                Ok(admin) => offshoot::rehearse::command::main(&admin, args),
+                Err(e) => exit_code(Err(e)),
+            }
+        }
     };
     let cfg = match Config::load(config) {
         Ok(c) => c,

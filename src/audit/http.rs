@@ -1,14 +1,61 @@
 //! The smallest HTTP/1.1 client the webhooks need: one `POST` per connection
-//! (`Connection: close`), the status line read back, nothing else.
+//! (`Connection: close`), over TLS for `https://`, the status line read back,
+//! nothing else.
 
+use std::io::BufReader;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A parsed `http://host[:port]/path` URL.
+/// Where the system's CA bundle is found on the common distributions, for
+/// `https://` hooks without a `ca_file`.
+const SYSTEM_BUNDLES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// The TLS client of an `https://` hook: trusting the CAs in `ca_file`, or else
+/// the system's bundle.
+pub(super) fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let path = match ca_file {
+        Some(p) => p.to_owned(),
+        None => SYSTEM_BUNDLES
+            .iter()
+            .map(Path::new)
+            .find(|p| p.exists())
+            .ok_or("no system CA bundle found; set ca_file to the CA of the receiver")?
+            .to_owned(),
+    };
+    let shown = path.display();
+    let pem = std::fs::File::open(&path).map_err(|e| format!("cannot open {shown}: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut BufReader::new(pem)) {
+        let cert = cert.map_err(|e| format!("{shown} is not PEM: {e}"))?;
+        // A bundle may hold certificates rustls cannot use; the rest still count.
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return Err(format!("no usable certificate in {shown}"));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS protocol versions: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A parsed `http://` or `https://` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Url {
+    /// `https://`: the name the server's certificate must show.
+    pub tls_name: Option<String>,
     /// As the `Host` header names it (with a port that is not 80).
     pub host_header: String,
     /// What to connect to: `host:port` (`[v6]:port`).
@@ -18,16 +65,14 @@ pub(super) struct Url {
 }
 
 impl Url {
-    /// Parses an `http://` URL; `https://` is refused with a message saying so.
+    /// Parses an `http://` or `https://` URL.
     pub fn parse(url: &str) -> Result<Self, String> {
-        if url.starts_with("https://") {
-            return Err("https:// is not supported for webhooks; use http:// to a \
-                        receiver on a trusted network, or a local TLS-terminating relay"
-                .into());
-        }
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("{url:?} is not an http:// URL"))?;
+        let (tls, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
+            _ => return Err(format!("{url:?} is not an http:// or https:// URL")),
+        };
+        let default_port = if tls { 443 } else { 80 };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest[i..].starts_with('/') => (&rest[..i], rest[i..].to_owned()),
             Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
@@ -42,7 +87,7 @@ impl Url {
             None => (authority, None),
         };
         let port: u16 = match port {
-            None => 80,
+            None => default_port,
             Some(p) => p
                 .parse()
                 .map_err(|_| format!("{url:?}: {p:?} is not a port"))?,
@@ -51,8 +96,18 @@ impl Url {
         if host.is_empty() || host.bytes().any(bad) || path.bytes().any(bad) {
             return Err(format!("{url:?} is not a valid URL"));
         }
+        let tls_name = tls.then(|| {
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned()
+        });
+        if let Some(name) = &tls_name {
+            rustls::pki_types::ServerName::try_from(name.as_str())
+                .map_err(|_| format!("{url:?}: {name:?} is not a name TLS can check"))?;
+        }
         Ok(Self {
-            host_header: if port == 80 {
+            tls_name,
+            host_header: if port == default_port {
                 host.to_owned()
             } else {
                 format!("{host}:{port}")
@@ -74,14 +129,16 @@ pub(super) enum Answer {
 /// The status line may take this much at most.
 const MAX_HEAD: usize = 8192;
 
-/// POSTs `body` with `headers` to `url` and reads the status, all within `timeout`.
+/// POSTs `body` with `headers` to `url` and reads the status, all within `timeout`;
+/// `tls`: the client of an `https://` URL.
 pub(super) async fn post(
     url: &Url,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     headers: &[(&str, String)],
     body: &[u8],
     timeout: Duration,
 ) -> Answer {
-    match tokio::time::timeout(timeout, exchange(url, headers, body)).await {
+    match tokio::time::timeout(timeout, connect(url, tls, headers, body)).await {
         Ok(Ok(status)) => Answer::Status(status),
         Ok(Err(e)) => Answer::Error(e),
         Err(_) => Answer::Error(format!(
@@ -91,10 +148,36 @@ pub(super) async fn post(
     }
 }
 
-async fn exchange(url: &Url, headers: &[(&str, String)], body: &[u8]) -> Result<u16, String> {
-    let mut stream = TcpStream::connect(&url.connect)
+async fn connect(
+    url: &Url,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> Result<u16, String> {
+    let tcp = TcpStream::connect(&url.connect)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", url.connect))?;
+    match (&url.tls_name, tls) {
+        (Some(name), Some(config)) => {
+            let name = rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|_| format!("{name:?} is not a name TLS can check"))?;
+            let stream = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS with {}: {e}", url.connect))?;
+            exchange(stream, url, headers, body).await
+        }
+        (Some(_), None) => Err("no TLS client for an https:// URL".into()),
+        (None, _) => exchange(tcp, url, headers, body).await,
+    }
+}
+
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    url: &Url,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> Result<u16, String> {
     let mut head = format!(
         "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: offshoot/{}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
@@ -165,8 +248,12 @@ mod tests {
         assert_eq!(u.connect, "[::1]:9000");
         let u = Url::parse("http://h?q").unwrap();
         assert_eq!(u.path, "/?q");
+        let u = Url::parse("https://hooks.example.com/x").unwrap();
+        assert_eq!(u.connect, "hooks.example.com:443");
+        assert_eq!(u.host_header, "hooks.example.com");
+        assert_eq!(u.tls_name.as_deref(), Some("hooks.example.com"));
+        assert_eq!(Url::parse("http://h/").unwrap().tls_name, None);
         for bad in [
-            "https://example.com/",
             "ftp://x/",
             "http:///x",
             "http://u:p@h/",

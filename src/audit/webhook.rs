@@ -45,6 +45,8 @@ struct Hook {
     url: Url,
     config: WebhookConfig,
     key: Option<hmac::Key>,
+    /// The TLS client of an `https://` hook.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// The running hooks; [`Webhooks::dispatch`] hands each event to those that want it.
@@ -114,11 +116,19 @@ impl Webhooks {
                     Some(hmac::Key::new(hmac::HMAC_SHA256, &secret))
                 }
             };
+            let tls = match url.tls_name {
+                Some(_) => Some(
+                    http::tls_config(config.ca_file.as_deref())
+                        .map_err(|e| format!("{name}.ca_file: {e}"))?,
+                ),
+                None => None,
+            };
             let hook = Arc::new(Hook {
                 name,
                 url,
                 config: config.clone(),
                 key,
+                tls,
             });
             let (tx, rx) = mpsc::channel(QUEUE);
             tokio::spawn(deliver_all(
@@ -205,7 +215,14 @@ async fn deliver(hook: &Hook, event: &Event, clock: &Clock, metrics: &Metrics) {
         if let Some(key) = &hook.key {
             headers.push(("X-Offshoot-Signature", signature(key, timestamp, &body)));
         }
-        let answer = http::post(&hook.url, &headers, &body, hook.config.timeout).await;
+        let answer = http::post(
+            &hook.url,
+            hook.tls.as_ref(),
+            &headers,
+            &body,
+            hook.config.timeout,
+        )
+        .await;
         let (retry, why) = match answer {
             Answer::Status(s) if (200..300).contains(&s) => {
                 count("ok");

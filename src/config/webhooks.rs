@@ -21,6 +21,9 @@ pub struct WebhookConfig {
     /// File holding the HMAC-SHA256 key each request is signed with (read at
     /// start). Unset: requests are not signed.
     pub secret_file: Option<PathBuf>,
+    /// PEM file of the CAs an `https://` receiver's certificate is checked
+    /// against. Unset: the system's CA bundle.
+    pub ca_file: Option<PathBuf>,
     /// How long one delivery attempt may take.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
@@ -87,6 +90,7 @@ mod tests {
             url: "http://127.0.0.1:9/hook".into(),
             events: events.iter().map(|e| e.to_string()).collect(),
             secret_file: None,
+            ca_file: None,
             timeout: default_timeout(),
         }
     }

@@ -1,0 +1,435 @@
+//! Migration rehearsal: `offshoot rehearse` against a running proxy, on real
+//! servers, reading the JSON report it writes.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+/// What one `offshoot rehearse` run left: its exit code, JSON report (Null when
+/// none was written), Markdown and output.
+struct Run {
+    code: i32,
+    report: Value,
+    markdown: String,
+    output: String,
+}
+
+/// Runs `offshoot rehearse shop <args>` against `proxy`; `files` are written into a
+/// directory first, and `{dir}` in the arguments names it.
+fn rehearse(proxy: &ProxyProc, files: &[(&str, &str)], args: &[&str]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let json = dir.path().join("report.json");
+    let md = dir.path().join("report.md");
+    let d = dir.path().display().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_offshoot"))
+        .arg("rehearse")
+        .arg("shop")
+        .args(["--admin", &format!("127.0.0.1:{}", proxy.admin)])
+        .arg("--token-file")
+        .arg(proxy.dir.path().join("state/admin.token"))
+        .args(["--proxy", &format!("127.0.0.1:{}", proxy.port)])
+        .args(["--user", "postgres"])
+        .arg("--report-json")
+        .arg(&json)
+        .arg("--report-md")
+        .arg(&md)
+        .args(args.iter().map(|a| a.replace("{dir}", &d)))
+        .output()
+        .unwrap();
+    let output =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let report = std::fs::read_to_string(&json)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        report,
+        markdown: std::fs::read_to_string(&md).unwrap_or_default(),
+        output,
+    }
+}
+
+fn hazards(r: &Value, rule: &str) -> Vec<Value> {
+    r["hazards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["rule"] == rule)
+        .cloned()
+        .collect()
+}
+
+/// No branch is left, in the API or on the server.
+async fn nothing_left(f: &Fixture) {
+    assert!(f.proxy.branch_names().is_empty(), "{}", f.proxy.branches());
+    assert!(clones(&f.pg).await.is_empty(), "{:?}", clones(&f.pg).await);
+}
+
+async fn safe_migration_passes(engine: Engine) {
+    let f = Fixture::start(engine, "").await;
+    let run = rehearse(
+        &f.proxy,
+        &[
+            ("m/001_column.sql", "-- a nullable column is instant\nALTER TABLE items ADD COLUMN shipped_at timestamptz;"),
+            (
+                "m/002_index.sql",
+                "CREATE INDEX CONCURRENTLY items_note_idx ON items (note);\n\
+                 CREATE FUNCTION note_len(t text) RETURNS int AS $$ SELECT length(t); $$ LANGUAGE sql;",
+            ),
+        ],
+        &["--sql", "{dir}/m", "--probe"],
+    );
+    let r = &run.report;
+    assert_eq!(run.code, 0, "{}\n{r:#}", run.output);
+    assert_eq!(r["report_version"], 1);
+    assert_eq!(r["outcome"], "passed");
+    let st = r["statements"].as_array().unwrap();
+    assert_eq!(st.len(), 3, "{r:#}");
+    assert_eq!(st[0]["tag"], "ALTER TABLE");
+    assert!(
+        st[0]["origin"]
+            .as_str()
+            .unwrap()
+            .ends_with("001_column.sql:2"),
+        "{}",
+        st[0]
+    );
+    assert_eq!(st[1]["tag"], "CREATE INDEX");
+    assert_eq!(st[1]["indexes_built"][0]["index"], "items_note_idx");
+    assert_eq!(st[1]["indexes_built"][0]["concurrently"], true);
+    assert!(st[1]["rewrites"].as_array().unwrap().is_empty());
+    assert!(st[2]["sql"]
+        .as_str()
+        .unwrap()
+        .contains("$$ SELECT length(t); $$"));
+    // The column's statement took ACCESS EXCLUSIVE, seen or inferred, briefly.
+    let lock = &st[0]["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "items")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(lock["mode"], "AccessExclusiveLock", "{}", st[0]);
+    assert!(hazards(r, "exclusive-lock").is_empty(), "{r:#}");
+    assert!(hazards(r, "table-rewrite").is_empty(), "{r:#}");
+    let added: Vec<(String, String)> = r["schema_diff"]["added"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["kind"].as_str().unwrap().to_owned(),
+                o["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for want in [
+        ("column", "items.shipped_at"),
+        ("index", "items_note_idx"),
+        ("function", "note_len(text)"),
+    ] {
+        assert!(
+            added.contains(&(want.0.to_owned(), want.1.to_owned())),
+            "{want:?} not in {added:?}"
+        );
+    }
+    assert!(r["schema_diff"]["removed"].as_array().unwrap().is_empty());
+    assert_eq!(r["row_counts"][0]["table"], "items");
+    assert_eq!(r["row_counts"][0]["before"], 3);
+    assert_eq!(r["row_counts"][0]["after"], 3);
+    assert_eq!(r["probe"]["tables"][0]["table"], "items", "{r:#}");
+    assert!(r["probe"]["tables"][0]["reads"].as_u64().unwrap() > 0);
+    assert!(
+        run.markdown
+            .starts_with("## Migration rehearsal: ✅ passed"),
+        "{}",
+        run.markdown
+    );
+    assert!(
+        run.markdown
+            .contains("+ column items.shipped_at: timestamp with time zone"),
+        "{}",
+        run.markdown
+    );
+    nothing_left(&f).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_safe_migration_passes_on_the_database_engine() {
+    safe_migration_passes(Engine::Database).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_safe_migration_passes_on_the_instance_engine() {
+    safe_migration_passes(Engine::Instance).await;
+}
+
+async fn rewrite_is_a_hazard(engine: Engine) {
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    pg.direct("shop")
+        .await
+        .batch_execute(
+            "CREATE TABLE orders (id int PRIMARY KEY, total int NOT NULL, note text); \
+             INSERT INTO orders SELECT g, g % 1000, 'order ' || g FROM generate_series(1, 1500000) g;",
+        )
+        .await
+        .unwrap();
+    let f = Fixture::over(pg, engine, "", "");
+    let run = rehearse(
+        &f.proxy,
+        &[(
+            "change.sql",
+            "ALTER TABLE orders ALTER COLUMN total TYPE bigint;",
+        )],
+        &[
+            "--sql",
+            "{dir}/change.sql",
+            "--probe",
+            "--max-lock",
+            "200ms",
+        ],
+    );
+    let r = &run.report;
+    assert_eq!(run.code, 3, "{}\n{r:#}", run.output);
+    assert_eq!(r["outcome"], "hazard_found");
+    let st = &r["statements"][0];
+    let took = st["duration_ms"].as_f64().unwrap();
+    assert!(
+        took >= 500.0,
+        "the table must be big enough for a 0.5 s rewrite: {took} ms"
+    );
+    let lock = st["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "orders" && l["mode"] == "AccessExclusiveLock")
+        .cloned()
+        .unwrap_or_else(|| panic!("no ACCESS EXCLUSIVE on orders: {st:#}"));
+    assert_eq!(lock["inferred"], false, "the sampler saw it: {lock}\n{r:#}");
+    assert!(
+        lock["held_ms"].as_f64().unwrap() >= 0.8 * took,
+        "{lock} vs {took}"
+    );
+    assert_eq!(st["rewrites"][0]["relation"], "orders", "{st:#}");
+    assert_eq!(st["rewrites"][0]["kind"], "table");
+    assert!(st["wal_bytes"].as_u64().unwrap() > 10_000_000, "{st}");
+    let h = hazards(r, "exclusive-lock");
+    assert_eq!(h.len(), 1, "{r:#}");
+    assert_eq!(h[0]["relation"], "orders");
+    assert_eq!(h[0]["statement"], 1);
+    assert_eq!(h[0]["fails"], true);
+    assert!(h[0]["figure"]
+        .as_str()
+        .unwrap()
+        .starts_with("ACCESS EXCLUSIVE on orders held"));
+    assert_eq!(hazards(r, "table-rewrite").len(), 1, "{r:#}");
+    let probe = r["probe"]["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == "orders")
+        .cloned()
+        .unwrap_or_else(|| panic!("orders not probed: {r:#}"));
+    let stall = probe["max_read_stall_ms"].as_f64().unwrap();
+    assert!(
+        stall >= 0.5 * took,
+        "reads stalled {stall} ms during a {took} ms rewrite: {probe:#}"
+    );
+    assert!(
+        probe["max_write_stall_ms"].as_f64().unwrap() >= 0.5 * took,
+        "{probe:#}"
+    );
+    assert!(
+        run.markdown
+            .contains("| ❌ | `exclusive-lock` | `orders` | #1 |"),
+        "{}",
+        run.markdown
+    );
+    assert!(
+        run.markdown
+            .contains("- column orders.total: integer NOT NULL"),
+        "{}",
+        run.markdown
+    );
+    assert!(
+        run.markdown
+            .contains("+ column orders.total: bigint NOT NULL"),
+        "{}",
+        run.markdown
+    );
+    nothing_left(&f).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrite_under_access_exclusive_fails_with_3_on_the_database_engine() {
+    rewrite_is_a_hazard(Engine::Database).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrite_under_access_exclusive_fails_with_3_on_the_instance_engine() {
+    rewrite_is_a_hazard(Engine::Instance).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_data_check_exits_2_with_its_violations() {
+    let f = Fixture::start(Engine::Database, "").await;
+    let run = rehearse(
+        &f.proxy,
+        &[
+            ("m.sql", "UPDATE items SET note = NULL WHERE id IN (2, 3);"),
+            ("notes.sql", "-- every item has a note\nSELECT id, note FROM items WHERE note IS NULL ORDER BY id"),
+            ("count.sql", "SELECT count(*) = 3 FROM items"),
+        ],
+        &["--sql", "{dir}/m.sql", "--check", "{dir}/notes.sql", "--check", "{dir}/count.sql"],
+    );
+    let r = &run.report;
+    assert_eq!(run.code, 2, "{}\n{r:#}", run.output);
+    assert_eq!(r["outcome"], "check_failed");
+    assert_eq!(r["statements"][0]["rows"], 2);
+    let notes = &r["checks"][0];
+    assert_eq!(notes["before"]["passed"], true, "{notes:#}");
+    assert_eq!(notes["after"]["passed"], false);
+    assert_eq!(notes["after"]["violation_count"], 2);
+    assert_eq!(notes["after"]["violations"][0]["id"], "2");
+    assert_eq!(notes["after"]["violations"][1]["note"], Value::Null);
+    assert_eq!(
+        r["checks"][1]["after"]["passed"], true,
+        "a single true passes"
+    );
+    assert!(
+        run.markdown.contains("before passed, after 2 violations"),
+        "{}",
+        run.markdown
+    );
+    assert!(
+        run.markdown.contains(r#"{"id":"3","note":null}"#),
+        "{}",
+        run.markdown
+    );
+    nothing_left(&f).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_statement_exits_1_and_leaves_nothing_unless_kept() {
+    let f = Fixture::start(Engine::Database, "").await;
+    let files = [(
+        "m.sql",
+        "CREATE TABLE audit_log (id int);\nINSERT INTO items VALUES (1, 'dup');\nDROP TABLE items;",
+    )];
+    let run = rehearse(&f.proxy, &files, &["--sql", "{dir}/m.sql"]);
+    let r = &run.report;
+    assert_eq!(run.code, 1, "{}\n{r:#}", run.output);
+    assert_eq!(r["outcome"], "migration_failed");
+    let st = r["statements"].as_array().unwrap();
+    assert_eq!(st.len(), 2, "the run stops at the failure: {r:#}");
+    assert_eq!(st[1]["error"]["sqlstate"], "23505");
+    assert!(
+        r["migration"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("m.sql:2"),
+        "{r:#}"
+    );
+    assert!(
+        run.markdown.contains("❌ 23505 duplicate key value"),
+        "{}",
+        run.markdown
+    );
+    nothing_left(&f).await;
+
+    let run = rehearse(
+        &f.proxy,
+        &files,
+        &["--sql", "{dir}/m.sql", "--keep", "--name", "kept"],
+    );
+    assert_eq!(run.code, 1, "{}", run.output);
+    assert_eq!(f.proxy.branch_names(), ["kept"]);
+    assert!(
+        run.output
+            .contains("branch kept: postgresql://postgres@127.0.0.1:"),
+        "{}",
+        run.output
+    );
+    let c = f.proxy.connect("shop.kept").await.unwrap();
+    assert_eq!(count(&c).await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_data_and_bad_arguments() {
+    let f = Fixture::start(Engine::Database, "").await;
+    let run = rehearse(
+        &f.proxy,
+        &[(
+            "m.sql",
+            "BEGIN;\nALTER TABLE items DROP COLUMN note;\nDELETE FROM items WHERE id = 3;\nCOMMIT;",
+        )],
+        &["--sql", "{dir}/m.sql"],
+    );
+    let r = &run.report;
+    assert_eq!(run.code, 3, "{}\n{r:#}", run.output);
+    let dropped = hazards(r, "deletes-data");
+    assert_eq!(dropped.len(), 2, "{r:#}");
+    assert_eq!(dropped[0]["relation"], "items.note");
+    assert_eq!(dropped[0]["statement"], 2);
+    assert!(dropped[1]["figure"]
+        .as_str()
+        .unwrap()
+        .contains("1 rows removed from items (3 → 2)"));
+    // The column drop held its lock until COMMIT.
+    let st = &r["statements"][1];
+    let lock = &st["locks"][0];
+    assert_eq!(lock["mode"], "AccessExclusiveLock", "{st:#}");
+    let tx_end = r["statements"][3]["started_ms"].as_f64().unwrap()
+        + r["statements"][3]["duration_ms"].as_f64().unwrap();
+    let held = lock["held_ms"].as_f64().unwrap();
+    assert!(
+        held + 1.0 >= tx_end - st["started_ms"].as_f64().unwrap() - 10.0,
+        "{lock} until {tx_end}"
+    );
+    nothing_left(&f).await;
+
+    // With --fail-on none the same run passes.
+    let run = rehearse(
+        &f.proxy,
+        &[("m.sql", "ALTER TABLE items DROP COLUMN note;")],
+        &["--sql", "{dir}/m.sql", "--fail-on", "none"],
+    );
+    assert_eq!(run.code, 0, "{}", run.output);
+    assert_eq!(hazards(&run.report, "deletes-data")[0]["fails"], false);
+
+    for (args, words) in [
+        (vec![], "nothing to rehearse"),
+        (vec!["--sql", "{dir}/none.sql"], "cannot read"),
+        (
+            vec!["--sql", "{dir}/m.sql", "--fail-on", "slow"],
+            "unknown hazard rule \"slow\"",
+        ),
+        (vec!["--sql", "{dir}/m.sql", "--", "true"], "not both"),
+    ] {
+        let run = rehearse(&f.proxy, &[("m.sql", "SELECT 1")], &args);
+        assert_eq!(run.code, 1, "{args:?}: {}", run.output);
+        assert!(run.output.contains(words), "{args:?}: {}", run.output);
+    }
+    let run = rehearse(
+        &f.proxy,
+        &[("m.sql", "SELECT 1")],
+        &["--sql", "{dir}/m.sql", "--snapshot", "nope"],
+    );
+    assert_eq!(run.code, 1, "{}", run.output);
+    assert!(
+        run.output.contains("cannot create the rehearsal branch"),
+        "{}",
+        run.output
+    );
+    nothing_left(&f).await;
+}

@@ -1,0 +1,218 @@
+//! `offshoot rehearse`: make a rehearsal branch through a running proxy's admin API,
+//! rehearse the migration on it through the proxy, write the reports, and remove
+//! the branch (unless `--keep`), on failure too.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use super::hazards::{parse_fail_on, DEFAULT_FAIL_ON};
+use super::report::{markdown, Report};
+use super::{new_id, read_sql_paths, rehearse, Options, Plan, Target};
+use crate::cli::{request, AdminApi};
+
+/// Exit code of a rehearsal that could not run (as for a failed migration).
+const EXIT_FAILED: u8 = 1;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The source to branch from.
+    pub source: String,
+    /// Snapshot to clone; default the newest.
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    /// The rehearsal branch's name; default `rehearse-<short id>`.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Keep the branch afterwards and print its connection string.
+    #[arg(long)]
+    pub keep: bool,
+    /// SQL file to run, or a directory whose `*.sql` files run in name order.
+    /// Repeatable; the files run in the order given.
+    #[arg(long = "sql", value_name = "PATH")]
+    pub sql: Vec<PathBuf>,
+    /// Data check: SQL that must return no rows (its rows are the violations) or a
+    /// single `true`. Run before and after the migration. Repeatable.
+    #[arg(long = "check", value_name = "PATH")]
+    pub check: Vec<PathBuf>,
+    /// Measure how long reads and writes on the touched tables were blocked.
+    #[arg(long)]
+    pub probe: bool,
+    /// Longest acceptable hold of a lock that blocks reads or writes.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub max_lock: Duration,
+    /// Longest acceptable explicit transaction.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub max_transaction: Duration,
+    /// Tables at least this big (bytes) need CREATE INDEX CONCURRENTLY.
+    #[arg(long, default_value_t = 10 << 20)]
+    pub index_size_threshold: u64,
+    /// Hazard rules that make the run fail with exit code 3 (`none` for none).
+    #[arg(long, default_value = DEFAULT_FAIL_ON)]
+    pub fail_on: String,
+    /// Write the Markdown report here.
+    #[arg(long, value_name = "FILE")]
+    pub report_md: Option<PathBuf>,
+    /// Write the JSON report here.
+    #[arg(long, value_name = "FILE")]
+    pub report_json: Option<PathBuf>,
+    /// The proxy's client address (`proxy.listen`).
+    #[arg(long, default_value = "127.0.0.1:6432", env = "OFFSHOOT_PROXY")]
+    pub proxy: String,
+    /// Role to log in as; the password comes from `PGPASSWORD`.
+    #[arg(long, default_value = "postgres", env = "PGUSER")]
+    pub user: String,
+    /// The migration command, run with DATABASE_URL, PGHOST, PGPORT, PGDATABASE and
+    /// PGUSER set to the branch (e.g. `-- alembic upgrade head`).
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// Runs the command; the exit code is the report's (0, 1, 2, 3).
+pub fn main(admin: &AdminApi, args: &Args) -> ExitCode {
+    match run(admin, args) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("offshoot: {e:#}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn run(admin: &AdminApi, args: &Args) -> Result<u8> {
+    let plan = match (args.sql.is_empty(), args.command.is_empty()) {
+        (false, true) => Plan::Sql(read_sql_paths(&args.sql)?),
+        (true, false) => Plan::Command(args.command.clone()),
+        (true, true) => bail!("nothing to rehearse: give --sql PATH or -- COMMAND"),
+        (false, false) => bail!("give either --sql or -- COMMAND, not both"),
+    };
+    let checks = read_sql_paths(&args.check)?;
+    let fail_on = parse_fail_on(&args.fail_on).map_err(|e| anyhow!(e))?;
+    let (host, port) = split_addr(&args.proxy)?;
+    let branch = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("rehearse-{}", new_id()));
+    let mut body = serde_json::json!({ "source": args.source, "branch": branch });
+    if let Some(s) = &args.snapshot {
+        body["snapshot"] = s.as_str().into();
+    }
+    api(admin, "POST", "/api/v1/branches", Some(&body.to_string()))
+        .context("cannot create the rehearsal branch")?;
+    let opts = Options {
+        target: Target {
+            host,
+            port,
+            user: args.user.clone(),
+            password: std::env::var("PGPASSWORD").ok().filter(|p| !p.is_empty()),
+            dbname: format!("{}.{branch}", args.source),
+        },
+        source: args.source.clone(),
+        branch: branch.clone(),
+        plan,
+        checks,
+        probe: args.probe,
+        max_lock: args.max_lock,
+        max_transaction: args.max_transaction,
+        index_size_threshold: args.index_size_threshold,
+        fail_on,
+    };
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+        .and_then(|rt| rt.block_on(rehearse(&opts)));
+    let written = match &result {
+        Ok(r) => write_reports(r, args),
+        Err(_) => Ok(()),
+    };
+    if args.keep {
+        println!(
+            "branch kept: {} (password from PGPASSWORD)",
+            opts.target.url()
+        );
+    } else {
+        let path = format!("/api/v1/branches/{}/{branch}?force=true", args.source);
+        if let Err(e) = api(admin, "DELETE", &path, None) {
+            eprintln!("offshoot: cannot remove the rehearsal branch {branch}: {e:#}");
+        }
+    }
+    let report = result?;
+    written?;
+    Ok(report.exit_code)
+}
+
+fn write_reports(r: &Report, args: &Args) -> Result<()> {
+    if let Some(p) = &args.report_json {
+        let text = serde_json::to_string_pretty(r)?;
+        std::fs::write(p, text + "\n").with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    let md = markdown(r);
+    if let Some(p) = &args.report_md {
+        std::fs::write(p, &md).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    if args.report_md.is_none() {
+        print!("{md}");
+    } else {
+        println!(
+            "rehearsal {}: {:?}, {} hazards, exit code {}",
+            r.id,
+            r.outcome,
+            r.hazards.len(),
+            r.exit_code
+        );
+    }
+    Ok(())
+}
+
+fn split_addr(addr: &str) -> Result<(String, u16)> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("--proxy {addr:?}: expected HOST:PORT"))?;
+    let port = port
+        .parse()
+        .map_err(|_| anyhow!("--proxy {addr:?}: {port:?} is not a port number"))?;
+    Ok((host.trim_matches(['[', ']']).to_owned(), port))
+}
+
+/// One admin API call; a refusal becomes an error in the API's words.
+fn api(admin: &AdminApi, method: &str, path: &str, body: Option<&str>) -> Result<Value> {
+    let (status, text) = request(admin, method, path, body)?;
+    let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    if !(200..300).contains(&status) {
+        let message = match &value["error"] {
+            Value::String(s) => s.clone(),
+            Value::Object(o) => o
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or(&text)
+                .to_owned(),
+            _ => text.clone(),
+        };
+        bail!("{message} (HTTP {status})");
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_addresses() {
+        assert_eq!(
+            split_addr("127.0.0.1:6432").unwrap(),
+            ("127.0.0.1".into(), 6432)
+        );
+        assert_eq!(split_addr("[::1]:6432").unwrap(), ("::1".into(), 6432));
+        assert!(split_addr("localhost").is_err());
+        assert!(split_addr("h:x")
+            .unwrap_err()
+            .to_string()
+            .contains("not a port"));
+    }
+}
