@@ -20,6 +20,7 @@ mod preauth;
 mod protocol;
 mod refresh;
 mod rehearse;
+mod reuse;
 mod routing;
 mod snapshots;
 mod versions;

@@ -210,6 +210,7 @@ async fn serve(
         tasks.clone(),
     ));
     let schedule = tokio::spawn(schedule::run(registry.clone(), tasks.clone()));
+    handles.push(tokio::spawn(proxy.pool().run(tasks.clone())).abort_handle());
     let accept = tokio::spawn(listener::run(proxy.clone(), listener, tasks.clone()));
     handles.push(tokio::spawn(reload_on_sighup(cfg.tls.clone(), proxy.clone())).abort_handle());
     announce(cfg, embedded, token_path.as_deref(), banner);

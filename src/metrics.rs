@@ -41,6 +41,11 @@ pub struct Metrics {
     pub resets_total: IntCounterVec,
     /// Snapshots taken by the schedule, by source and outcome (`ok`, `failed`).
     pub scheduled_snapshots_total: IntCounterVec,
+    /// Server sessions kept for reuse: taken (hit), wanted but none kept (miss),
+    /// closed instead of reused (discard).
+    pub server_reuse_total: IntCounterVec,
+    /// Server sessions kept open for reuse right now.
+    pub server_sessions_idle: IntGauge,
     /// Audit lines, by outcome (written, dropped: the queue was full, failed: the
     /// write failed).
     pub audit_lines_total: IntCounterVec,
@@ -168,6 +173,20 @@ impl Metrics {
             &["source", "outcome"],
         )
         .expect("valid metric");
+        let server_reuse_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_server_reuse_total",
+                "Server sessions kept for reuse: hit (taken by a client), miss (none kept \
+                 for that client), discard (closed instead of reused)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let server_sessions_idle = IntGauge::new(
+            "offshoot_server_sessions_idle",
+            "Server sessions kept open for reuse",
+        )
+        .expect("valid metric");
         let audit_lines_total = IntCounterVec::new(
             Opts::new(
                 "offshoot_audit_lines_total",
@@ -201,6 +220,8 @@ impl Metrics {
             Box::new(clones_total.clone()),
             Box::new(resets_total.clone()),
             Box::new(scheduled_snapshots_total.clone()),
+            Box::new(server_reuse_total.clone()),
+            Box::new(server_sessions_idle.clone()),
             Box::new(audit_lines_total.clone()),
             Box::new(webhook_deliveries_total.clone()),
         ] {
@@ -209,6 +230,9 @@ impl Metrics {
         // Make the series visible from the first scrape.
         for d in ["client_to_server", "server_to_client"] {
             bytes_total.with_label_values(&[d]);
+        }
+        for o in ["hit", "miss", "discard"] {
+            server_reuse_total.with_label_values(&[o]);
         }
         Self {
             registry,
@@ -228,6 +252,8 @@ impl Metrics {
             clones_total,
             resets_total,
             scheduled_snapshots_total,
+            server_reuse_total,
+            server_sessions_idle,
             audit_lines_total,
             webhook_deliveries_total,
         }

@@ -382,6 +382,10 @@ cancel_count() {
 forwarded=$(cancel_count forwarded)
 ignored=$(cancel_count ignored)
 log "offshoot: cancel requests forwarded=${forwarded:-0} ignored=${ignored:-0}"
+reuse_count() {
+    sed -n "s/^offshoot_server_reuse_total{outcome=\"$1\"} //p" <<<"$metrics" | tr -d '\r'
+}
+log "offshoot: server sessions reused=$(reuse_count hit) missed=$(reuse_count miss) discarded=$(reuse_count discard)"
 
 if ((failed > 0)); then
     problems=$(grep -E ' (WARN|ERROR) ' "$tmp/offshoot.log" | tail -n 20)

@@ -54,6 +54,12 @@ pub struct ProxyConfig {
     /// proxy exits anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A server session kept for reuse (see `server_reuse`) and not taken again
+    /// within this time is closed.
+    #[serde(with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    /// Most server sessions kept for reuse per branch; 0 turns reuse off.
+    pub max_idle_per_branch: usize,
 }
 
 impl Default for ProxyConfig {
@@ -69,6 +75,8 @@ impl Default for ProxyConfig {
             cancel_rate: 10,
             max_unauthenticated_per_address: 64,
             shutdown_grace: Duration::from_secs(10),
+            server_idle_timeout: Duration::from_secs(60),
+            max_idle_per_branch: 16,
         }
     }
 }

@@ -114,6 +114,12 @@ pub struct SourceConfig {
     pub server_tls: ServerTls,
     /// PEM CA certificates trusted for `server_tls = "verify-full"`.
     pub server_ca: Option<PathBuf>,
+    /// Keep a server session open after its client ends cleanly and hand it, reset,
+    /// to the next client of the same role, database and startup parameters
+    /// (default true). Where the proxy does not authenticate clients itself
+    /// (`trust`), only sessions the server opened without asking for a password are
+    /// kept. See `proxy.server_idle_timeout` and `proxy.max_idle_per_branch`.
+    pub server_reuse: bool,
     /// How branches are made (`engine = "database"` or `"instance"`) and the keys
     /// that only that engine has. Read by [`parse`] before the other keys, so a key of
     /// the other engine is an error naming it.
@@ -243,6 +249,7 @@ impl Default for SourceConfig {
             max_branches_per_role: 0,
             server_tls: ServerTls::Disable,
             server_ca: None,
+            server_reuse: true,
             engine: EngineConfig::default(),
         }
     }

@@ -52,15 +52,27 @@ either_stream!(ServerStream { Tcp, Unix, Tls });
 /// How the startup through the server ended.
 pub enum Outcome {
     /// ReadyForQuery was relayed; the session is open.
-    Ready,
+    Ready(Greeting),
     /// The server refused (bad password, no such role...); its ErrorResponse was relayed.
     Refused,
     /// The client went away or broke protocol during authentication.
     ClientGone,
 }
 
+/// What a server said while a session opened that a later client of the same
+/// session, reused, must be shown again.
+#[derive(Default)]
+pub struct Greeting {
+    /// The ParameterStatus messages, as the server sent them.
+    pub params: Vec<u8>,
+    /// Whether the server asked for any proof (a password, SCRAM) before
+    /// AuthenticationOk; under `trust` only sessions it opened without asking are
+    /// reused.
+    pub challenged: bool,
+}
+
 /// Reads one whole message from `stream` using `buf` (which may hold more).
-async fn read_message<S: AsyncRead + Unpin>(
+pub(super) async fn read_message<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
 ) -> io::Result<BytesMut> {
@@ -103,9 +115,15 @@ async fn forward<C: AsyncWrite + Unpin>(
     rest: &[u8],
     out: &mut BytesMut,
     key: &mut impl FnMut(u32, u32) -> Vec<u8>,
+    greeting: &mut Greeting,
 ) -> io::Result<Option<Outcome>> {
     let mut body = &msg[5..];
     match msg[0] {
+        b'S' => {
+            greeting.params.extend_from_slice(msg);
+            out.extend_from_slice(msg);
+            Ok(None)
+        }
         b'K' if body.len() == 8 => {
             let pid = body.get_u32();
             let secret = body.get_u32();
@@ -122,7 +140,7 @@ async fn forward<C: AsyncWrite + Unpin>(
             out.extend_from_slice(rest);
             client.write_all(out).await?;
             client.flush().await?;
-            Ok(Some(Outcome::Ready))
+            Ok(Some(Outcome::Ready(std::mem::take(greeting))))
         }
         _ => {
             out.extend_from_slice(msg);
@@ -146,6 +164,7 @@ where
     server.write_all(startup).await?;
     let mut buf = BytesMut::with_capacity(4096);
     let mut out = BytesMut::with_capacity(1024);
+    let mut greeting = Greeting::default();
     loop {
         let msg = read_message(server, &mut buf).await?;
         let body = &msg[5..];
@@ -153,6 +172,9 @@ where
             b'R' => {
                 out.extend_from_slice(&msg);
                 let code = auth_code(body).unwrap_or(u32::MAX);
+                if code != 0 {
+                    greeting.challenged = true;
+                }
                 if auth_needs_reply(code) {
                     client.write_all(&out).await?;
                     out.clear();
@@ -167,7 +189,8 @@ where
                 }
             }
             _ => {
-                if let Some(done) = forward(client, &msg, &buf, &mut out, &mut key).await? {
+                let done = forward(client, &msg, &buf, &mut out, &mut key, &mut greeting).await?;
+                if let Some(done) = done {
                     return Ok(done);
                 }
             }
@@ -220,6 +243,7 @@ where
     server.write_all(startup).await?;
     let mut buf = BytesMut::with_capacity(4096);
     let mut out = BytesMut::with_capacity(1024);
+    let mut greeting = Greeting::default();
     let mut exchange: Option<ClientExchange> = None;
     let mut server_verified = false;
     loop {
@@ -354,7 +378,8 @@ where
                 }
             }
             _ => {
-                if let Some(done) = forward(client, &msg, &buf, &mut out, &mut key).await? {
+                let done = forward(client, &msg, &buf, &mut out, &mut key, &mut greeting).await?;
+                if let Some(done) = done {
                     return Ok(done);
                 }
             }
@@ -466,7 +491,7 @@ mod tests {
         assert!(err.to_string().contains("unencrypted"), "{err}");
         assert!(received.is_empty(), "the password was never sent");
         let (result, received) = login_against(script(), proven(), true).await;
-        assert!(matches!(result, Ok(Outcome::Ready)));
+        assert!(matches!(result, Ok(Outcome::Ready(_))));
         assert_eq!(received[0][5..], *b"app-secret\0");
     }
 

@@ -2,6 +2,9 @@
 //! first if needed, with progress notices to an authenticated client), then the
 //! proxy connects to the branch's server and carries the startup through it.
 
+use std::sync::Arc;
+
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, warn};
 
@@ -9,6 +12,7 @@ use super::auth::Proven;
 use super::backend::{self, ServerStream};
 use super::cancel::KeyGuard;
 use super::negotiate::ClientStream;
+use super::pool::{Key, Ticket};
 use super::protocol::{self, Startup};
 use super::route::{server_params, Route};
 use super::Proxy;
@@ -21,6 +25,15 @@ pub(super) struct Session {
     pub server: ServerStream,
     /// Held until the session ends: the branch's connection count and the cancel key.
     pub hold: (ConnGuard, Option<KeyGuard>),
+    /// Set when the server session may be kept for the next client once this one
+    /// ends cleanly.
+    pub reuse: Option<Ticket>,
+}
+
+/// A server connection, new or kept from an earlier client.
+enum Opened {
+    New(ServerStream),
+    Kept(Ticket, ServerStream),
 }
 
 /// Leases the branch and opens its server session, logged in as the route's role.
@@ -36,38 +49,92 @@ pub(super) async fn connect(
     proven: Option<&Proven>,
     key_len: usize,
 ) -> Result<Option<Session>, ClientError> {
-    let Some((lease, mut server)) = reach(proxy, client, route, creator).await? else {
+    let params = |database: &str| server_params(startup, &route.user, database);
+    let keep_as = |database: &str| match reusable(proxy, route) {
+        true => Key::new(&route.id, &params(database)),
+        false => None,
+    };
+    let reached = reach(proxy, client, route, creator, keep_as).await?;
+    let Some((lease, opened, reuse_key)) = reached else {
         return Ok(None);
     };
     let upstream = proxy.access.upstream(route.id.source.as_str());
     let addr = lease.endpoint.addr.clone();
-
-    let params = server_params(startup, &route.user, &lease.endpoint.database);
-    let startup_msg = protocol::encode_startup(&params);
-    let mut key_guard = None;
     let cancels = proxy.cancels.clone();
-    let key = |pid, secret| {
+    let mut key_guard = None;
+    let mut backend_key = None;
+    let mut key = |pid, secret| {
         let (ppid, psecret, guard) =
             cancels.issue(addr.clone(), upstream.clone(), pid, secret, key_len);
         key_guard = Some(guard);
+        backend_key = Some((pid, secret));
         protocol::encode_backend_key(ppid, &psecret)
     };
+    let mut server = match opened {
+        Opened::New(s) => s,
+        Opened::Kept(ticket, server) => {
+            // What a new session would have shown: AuthenticationOk (the proxy sent
+            // it already to a client it authenticated), the login's
+            // ParameterStatus values, a cancel key of the client's own, idle.
+            let mut hello = BytesMut::with_capacity(ticket.greeting.params.len() + 64);
+            if proven.is_none() {
+                hello.extend_from_slice(&super::auth::auth_ok());
+            }
+            hello.extend_from_slice(&ticket.greeting.params);
+            hello.extend_from_slice(&key(ticket.backend.0, ticket.backend.1));
+            hello.extend_from_slice(b"Z\0\0\0\x05I");
+            if client.write_all(&hello).await.is_err() || client.flush().await.is_err() {
+                return Ok(None);
+            }
+            debug!("server session reused");
+            return Ok(Some(Session {
+                server,
+                hold: (lease.guard, key_guard),
+                reuse: Some(ticket),
+            }));
+        }
+    };
+    let startup_msg = protocol::encode_startup(&params(&lease.endpoint.database));
     let policy = backend::LoginPolicy {
         secure: !matches!(server, ServerStream::Tcp(_)),
         max_iterations: proxy.access.credentials.max_iterations(),
     };
     let outcome = match proven {
-        None => backend::authenticate(client, &mut server, &startup_msg, key).await,
+        None => backend::authenticate(client, &mut server, &startup_msg, &mut key).await,
         Some(p) => {
             let user = &route.user;
-            backend::login(client, &mut server, &startup_msg, user, p, &policy, key).await
+            backend::login(
+                client,
+                &mut server,
+                &startup_msg,
+                user,
+                p,
+                &policy,
+                &mut key,
+            )
+            .await
         }
     };
     match outcome {
-        Ok(backend::Outcome::Ready) => Ok(Some(Session {
-            server,
-            hold: (lease.guard, key_guard),
-        })),
+        Ok(backend::Outcome::Ready(greeting)) => {
+            // Under `trust` only a session the server opened without any proof may
+            // go to another client: any client would have been let in the same.
+            let keep = proven.is_some() || !greeting.challenged;
+            let reuse = match (reuse_key, backend_key) {
+                (Some(key), Some(backend)) if keep => Some(Ticket {
+                    key,
+                    addr: addr.clone(),
+                    backend,
+                    greeting: Arc::new(greeting),
+                }),
+                _ => None,
+            };
+            Ok(Some(Session {
+                server,
+                hold: (lease.guard, key_guard),
+                reuse,
+            }))
+        }
         Ok(backend::Outcome::Refused) => {
             proxy
                 .metrics
@@ -93,15 +160,26 @@ pub(super) async fn connect(
     }
 }
 
-/// Leases the branch and opens a connection to its server. A branch server found
-/// dead (killed, or crashed) is started again once, through the registry.
-/// `Ok(None)`: the client left meanwhile.
+/// Whether sessions of this route's source may be kept for reuse.
+fn reusable(proxy: &Proxy, route: &Route) -> bool {
+    proxy.pool.enabled()
+        && proxy
+            .registry
+            .source(route.id.source.as_str())
+            .is_some_and(|s| s.config.server_reuse)
+}
+
+/// Leases the branch and opens a connection to its server, or takes a session
+/// kept for `key` (made from the branch's database; `None`: not to be kept). A
+/// branch server found dead (killed, or crashed) is started again once, through
+/// the registry. `Ok(None)`: the client left meanwhile.
 async fn reach(
     proxy: &Proxy,
     client: &mut ClientStream,
     route: &Route,
     creator: Option<&Creator>,
-) -> Result<Option<(Lease, ServerStream)>, ClientError> {
+    key: impl Fn(&str) -> Option<Key>,
+) -> Result<Option<(Lease, Opened, Option<Key>)>, ClientError> {
     let upstream = proxy.access.upstream(route.id.source.as_str());
     let mut retried = false;
     loop {
@@ -109,8 +187,14 @@ async fn reach(
             return Ok(None);
         };
         let addr = lease.endpoint.addr.clone();
+        let key = key(&lease.endpoint.database);
+        if let Some(k) = &key {
+            if let Some((ticket, server)) = proxy.pool.take(k, &addr) {
+                return Ok(Some((lease, Opened::Kept(ticket, server), None)));
+            }
+        }
         match ServerStream::connect(&addr, upstream.as_ref()).await {
-            Ok(server) => return Ok(Some((lease, server))),
+            Ok(server) => return Ok(Some((lease, Opened::New(server), key))),
             Err(e) => {
                 warn!(server = %addr, error = %e, "cannot reach branch server");
                 drop(lease);

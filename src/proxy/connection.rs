@@ -91,19 +91,32 @@ async fn run(
     debug!("session open");
     // Held until the session ends: the branch's connection count, the cancel key,
     // and the connection's slot under the connection limit.
-    let hold = (session.hold, slot);
-    tokio::select! {
-        r = relay::run(&mut client, session.server, &proxy.counters) => match r {
-            Ok(()) => debug!("connection closed"),
-            Err(e) => debug!(error = %e, "connection ended"),
-        },
+    let (lease, key) = session.hold;
+    let keep = session.reuse.is_some();
+    let relayed = tokio::select! {
+        r = relay::run(&mut client, session.server, &proxy.counters, keep) => Some(r),
+        () = lease.ended() => None,
+    };
+    match relayed {
+        Some(Ok(relay::End::Idle(server))) => {
+            // The client's cancel key dies with it; the lease is held until the
+            // session is parked, so the branch cannot be drained in between.
+            drop(key);
+            if let Some(ticket) = session.reuse {
+                proxy.pool.park(server, ticket).await;
+            }
+            debug!("connection closed; server session kept");
+        }
+        Some(Ok(relay::End::Closed)) => debug!("connection closed"),
+        Some(Err(e)) => debug!(error = %e, "connection ended"),
         // A forced reset: the relay has stopped and the server session is closed;
         // the client is told why, as PostgreSQL does when a session is ended.
-        () = hold.0 .0.ended() => {
-            let err = ClientError::BranchReset(hold.0 .0.branch().clone());
+        None => {
+            let err = ClientError::BranchReset(lease.branch().clone());
             refuse(&proxy, &mut client, &err).await;
         }
     }
+    drop((lease, slot));
 }
 
 /// From the StartupMessage to an open server session: version, authentication,

@@ -7,7 +7,8 @@
 //! 3. [`route`]: the names in the packet become a source and a branch;
 //! 4. `authorize`: the source's policies (replication, role lists);
 //! 5. `connect`: the registry leases the branch, [`backend`] logs in to its server;
-//! 6. [`relay`]: bytes are pumped until either side closes.
+//! 6. [`relay`]: bytes are pumped until either side closes; a client that ends
+//!    cleanly leaves its server session to the [`pool`] for the next client.
 //!
 //! [`Proxy`] is what every connection shares.
 
@@ -79,10 +80,12 @@ mod connection;
 mod limits;
 pub mod listener;
 mod negotiate;
+pub mod pool;
 pub mod protocol;
 pub mod relay;
 pub mod route;
 pub mod tls;
+pub mod track;
 
 pub use negotiate::ClientStream;
 
@@ -208,6 +211,8 @@ pub struct Proxy {
     cancels: Arc<cancel::CancelMap>,
     relays: relay::RelayPool,
     counters: relay::Counters,
+    /// Server sessions kept between clients.
+    pool: Arc<pool::Pool>,
 }
 
 impl Proxy {
@@ -223,6 +228,16 @@ impl Proxy {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
+        let pool = Arc::new(pool::Pool::new(
+            config.max_idle_per_branch,
+            config.server_idle_timeout,
+            &metrics,
+        ));
+        // A branch's kept sessions close before its server stops or its clone goes.
+        let drain = pool.clone();
+        registry.on_drain(move |id| {
+            drain.drain(id);
+        });
         let counters = relay::Counters {
             to_server: metrics.bytes_total.with_label_values(&["client_to_server"]),
             to_client: metrics.bytes_total.with_label_values(&["server_to_client"]),
@@ -244,7 +259,13 @@ impl Proxy {
             cancels: Arc::new(cancel::CancelMap::default()),
             relays: relay::RelayPool::start(threads)?,
             counters,
+            pool,
         })
+    }
+
+    /// The server sessions kept between clients (its sweeper runs in `app`).
+    pub fn pool(&self) -> Arc<pool::Pool> {
+        self.pool.clone()
     }
 
     /// Client connections open right now (in startup or relayed).

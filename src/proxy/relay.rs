@@ -1,4 +1,6 @@
 //! The byte pump after startup: no message parsing, as few syscalls as possible.
+//! Where the server session may be kept for another client, a [`Tracker`] is
+//! shown each read (headers only) and holds back a clean Terminate.
 //!
 //! A request/response round trip costs four syscalls here (read and write in each
 //! direction) plus the amortised `epoll_wait`. Two things make that so:
@@ -26,6 +28,8 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tracing::debug;
+
+use super::track::Tracker;
 
 /// Size of the per-thread read buffer.
 const SCRATCH: usize = 64 * 1024;
@@ -69,7 +73,17 @@ struct Half {
     pending: Vec<u8>,
     pos: usize,
     eof: bool,
+    /// The scan held back the rest of the stream (the client's Terminate).
+    cut: bool,
     bytes: IntCounter,
+}
+
+/// Why a direction stopped.
+enum Stop {
+    /// Its source ended.
+    Eof,
+    /// Its scan held back the rest.
+    Cut,
 }
 
 impl Half {
@@ -78,18 +92,21 @@ impl Half {
             pending: Vec::new(),
             pos: 0,
             eof: false,
+            cut: false,
             bytes,
         }
     }
 
     /// Moves bytes from `from` to `to` until `from` has nothing more right now.
-    /// Ready(Ok) once `from` has ended and everything was delivered.
+    /// Ready(Ok) once `from` has ended, or `scan` (shown each read, returning how
+    /// much of it to pass on) held back the rest, and everything was delivered.
     fn poll<A: RawSocket, B: RawSocket>(
         &mut self,
         cx: &mut Context<'_>,
         from: &A,
         to: &B,
-    ) -> Poll<io::Result<()>> {
+        mut scan: impl FnMut(&[u8]) -> usize,
+    ) -> Poll<io::Result<Stop>> {
         loop {
             if self.pos < self.pending.len() {
                 let data = &self.pending[self.pos..];
@@ -109,9 +126,12 @@ impl Half {
                 }
                 continue;
             }
+            if self.cut {
+                return Poll::Ready(Ok(Stop::Cut));
+            }
             if self.eof {
                 let _ = SockRef::from(to).shutdown(Shutdown::Write);
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(Stop::Eof));
             }
             ready!(from.poll_read_ready(cx))?;
             let step = SCRATCH_BUF.with(|cell| {
@@ -138,7 +158,11 @@ impl Half {
                     Err(e) => return Err(e),
                 }
                 self.bytes.inc_by(got as u64);
-                let data = &scratch[..got];
+                let pass = scan(&scratch[..got]);
+                if pass < got {
+                    self.cut = true;
+                }
+                let data = &scratch[..pass];
                 let written =
                     match to.try_io(Interest::WRITABLE, || (&*SockRef::from(to)).write(data)) {
                         Ok(n) => n,
@@ -166,8 +190,19 @@ pub struct Counters {
     pub to_client: IntCounter,
 }
 
+/// How a relayed session ended.
+pub enum End {
+    /// Either side closed (or the client left mid-transaction): the server
+    /// session ends with it.
+    Closed,
+    /// The client ended cleanly (Terminate, idle, nothing unanswered) and its
+    /// Terminate was held back: the server session is open, idle, and may be kept.
+    Idle(super::backend::ServerStream),
+}
+
 /// Pumps bytes both ways until either side has closed (after passing on what it
-/// sent), or either fails.
+/// sent), or either fails. With a `tracker`, a client's clean Terminate is held
+/// back instead and the pump returns `true`: the server session stays open.
 ///
 /// PostgreSQL clients never half-close: a client's end of stream follows its
 /// Terminate, and nothing the server might still send has a reader. Ending there,
@@ -177,33 +212,65 @@ pub async fn pump<C: RawSocket, S: RawSocket>(
     client: &C,
     server: &S,
     counters: Counters,
-) -> io::Result<()> {
+    mut tracker: Option<&mut Tracker>,
+) -> io::Result<bool> {
     let mut up = Half::new(counters.to_server);
     let mut down = Half::new(counters.to_client);
     poll_fn(|cx| {
-        if let Poll::Ready(r) = up.poll(cx, client, server) {
-            return Poll::Ready(r);
+        let up_scan = |d: &[u8]| match tracker.as_deref_mut() {
+            Some(t) => t.client(d),
+            None => d.len(),
+        };
+        if let Poll::Ready(r) = up.poll(cx, client, server, up_scan) {
+            return Poll::Ready(r.map(|stop| matches!(stop, Stop::Cut)));
         }
-        down.poll(cx, server, client)
+        let down_scan = |d: &[u8]| {
+            if let Some(t) = tracker.as_deref_mut() {
+                t.server(d);
+            }
+            d.len()
+        };
+        down.poll(cx, server, client, down_scan).map_ok(|_| false)
     })
     .await
 }
 
 /// Relays an open session until either side closes: plain client sockets go
 /// through the [`pump`], TLS on either side through tokio's generic [`copy`].
+/// `keep`: follow the session so that a clean end leaves the server session open
+/// ([`End::Idle`]); only sessions over plain TCP or Unix sockets are kept.
 /// The client is borrowed, so the caller can still tell it why the session ended
 /// when the relay is stopped from outside.
 pub async fn run(
     client: &mut super::ClientStream,
     server: super::backend::ServerStream,
     counters: &Counters,
-) -> io::Result<()> {
+    keep: bool,
+) -> io::Result<End> {
     use super::backend::ServerStream;
     use super::ClientStream;
+    let mut tracker = keep.then(Tracker::new);
     match (client, server) {
-        (ClientStream::Plain(c), ServerStream::Tcp(s)) => pump(&*c, &s, counters.clone()).await,
-        (ClientStream::Plain(c), ServerStream::Unix(s)) => pump(&*c, &s, counters.clone()).await,
-        (client, mut server) => copy(client, &mut server, counters).await,
+        (ClientStream::Plain(c), ServerStream::Tcp(s)) => {
+            let idle = pump(&*c, &s, counters.clone(), tracker.as_mut()).await?;
+            Ok(if idle {
+                End::Idle(ServerStream::Tcp(s))
+            } else {
+                End::Closed
+            })
+        }
+        (ClientStream::Plain(c), ServerStream::Unix(s)) => {
+            let idle = pump(&*c, &s, counters.clone(), tracker.as_mut()).await?;
+            Ok(if idle {
+                End::Idle(ServerStream::Unix(s))
+            } else {
+                End::Closed
+            })
+        }
+        (client, mut server) => {
+            copy(client, &mut server, counters).await?;
+            Ok(End::Closed)
+        }
     }
 }
 

@@ -197,6 +197,7 @@ impl Registry {
             };
             (branch.record.clone(), tx)
         };
+        self.drain_parked(id);
         let this = self.clone();
         self.runtime
             .spawn(async move { this.stop(record, tx, actor).await })
@@ -278,6 +279,7 @@ impl Registry {
         }
         let lost = self.lock().branches.get_mut(id).is_some_and(|b| b.lost());
         if lost {
+            self.drain_parked(id);
             warn!(branch = %id, "the branch's server is gone; the next connection starts it again");
             self.audit.record(
                 Event::new(Action::BranchSuspended, Actor::proxy())
@@ -344,6 +346,7 @@ impl Registry {
             })?;
             (branch.record.clone(), tx)
         };
+        self.drain_parked(id);
         let this = self.clone();
         self.runtime
             .spawn(async move { this.remove(record, force, reason, tx, actor).await })

@@ -30,7 +30,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -151,7 +151,13 @@ pub struct Registry {
     clock: Clock,
     /// Where transitions are recorded ([`Registry::with_audit`]); off by default.
     audit: Audit,
+    /// Closes a branch's server sessions kept for reuse (set by the proxy): they
+    /// hold no lease, and must not outlive the server or clone they are open on.
+    drain: OnceLock<Drain>,
 }
+
+/// See [`Registry::on_drain`].
+type Drain = Box<dyn Fn(&BranchId) + Send + Sync>;
 
 impl Registry {
     /// Must be called inside the control-plane runtime.
@@ -196,6 +202,20 @@ impl Registry {
             runtime: tokio::runtime::Handle::current(),
             clock,
             audit: Audit::disabled(),
+            drain: OnceLock::new(),
+        }
+    }
+
+    /// Sets what closes a branch's kept server sessions; called before a branch's
+    /// server is stopped (suspension, a lost server) or its clone removed. Set once.
+    pub fn on_drain(&self, drain: impl Fn(&BranchId) + Send + Sync + 'static) {
+        let _ = self.drain.set(Box::new(drain));
+    }
+
+    /// Closes the server sessions kept for reuse on branch `id`.
+    pub fn drain_parked(&self, id: &BranchId) {
+        if let Some(drain) = self.drain.get() {
+            drain(id);
         }
     }
 

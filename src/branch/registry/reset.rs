@@ -186,6 +186,8 @@ impl Registry {
         };
         info!(branch = %id, snapshot = snapshot.as_deref().unwrap_or("newest"), "resetting branch");
         self.sessions_left(&id).await;
+        // Server sessions kept for reuse belong to the old clone.
+        self.drain_parked(&id);
         if let Err(err) = source.engine.destroy(&old, true).await {
             warn!(branch = %id, error = %err, "reset failed: the old clone could not be removed; it stays");
             if let Some(b) = self.lock().branches.get_mut(&id) {
