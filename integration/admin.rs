@@ -212,6 +212,8 @@ async fn the_cli_drives_the_api() {
     assert!(!ok);
     assert!(out.contains("invalid branch name"), "{out}");
     let (ok, out) = cli(&["delete", "shop.from-cli"]);
+    assert!(!ok && out.contains("persistent"), "{out}");
+    let (ok, out) = cli(&["delete", "shop.from-cli", "--force"]);
     assert!(ok, "{out}");
     assert!(!pg.databases().await.contains(&"shop__from-cli".to_string()));
     let (ok, out) = cli(&["delete", "shop.from-cli"]);

@@ -240,7 +240,7 @@ async fn a_scheduled_snapshot_refreshes_an_idle_qa_branch_while_a_busy_one_waits
         body["error"]
             .as_str()
             .unwrap()
-            .contains("protected by its policy (match = \"qa*\")"),
+            .contains("is protected (its policy)"),
         "{body}"
     );
     {

@@ -21,6 +21,7 @@ use tracing::warn;
 
 mod events;
 mod guard;
+mod lifecycle;
 mod reset;
 pub mod token;
 
@@ -119,6 +120,10 @@ impl From<DeleteError> for ApiError {
                 format!("branch {id} has {conns} open connection(s)"),
             )
             .hint("delete with ?force=true to terminate them"),
+            e @ DeleteError::Guarded { .. } => {
+                ApiError::of_kind(ErrorKind::Conflict, e.to_string())
+                    .hint("delete with ?force=true to remove it anyway")
+            }
             DeleteError::Busy(id) => ApiError::of_kind(
                 ErrorKind::Busy,
                 format!("branch {id} is being created, started, suspended or deleted; try again"),
@@ -197,6 +202,19 @@ struct CreateBody {
     /// Snapshot to clone (sources with snapshots); default the newest.
     #[serde(default)]
     snapshot: Option<String>,
+    /// When it exists: `reuse` (200 with it, the default) or `fail` (409).
+    #[serde(default)]
+    if_exists: crate::branch::IfExists,
+    /// Removed this long after creation ("3d"), or at `expires_at` (RFC 3339).
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    expires_at: Option<String>,
+    /// Overrides its policy's `protected`; `protected_until` (RFC 3339) implies it.
+    #[serde(default)]
+    protected: Option<bool>,
+    #[serde(default)]
+    protected_until: Option<String>,
 }
 
 async fn create(
@@ -206,11 +224,25 @@ async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     let Json(body) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let id = branch_id(&s, &body.source, &body.branch)?;
-    let opts = CreateOptions {
+    let mut opts = CreateOptions {
         persistent: body.persistent,
         snapshot: body.snapshot,
+        if_exists: body.if_exists,
         actor,
+        ..CreateOptions::default()
     };
+    let persistent = body.persistent
+        || source_of(&s, &body.source)?
+            .config
+            .policy(&id.branch)
+            .persistent;
+    let lifecycle = lifecycle::CreateLifecycle {
+        ttl: body.ttl,
+        expires_at: body.expires_at,
+        protected: body.protected,
+        protected_until: body.protected_until,
+    };
+    lifecycle.apply(s.registry.clock().now(), persistent, &mut opts)?;
     let (view, created) = s.registry.ensure(&id, &opts, s.provision_timeout).await?;
     let status = if created {
         StatusCode::CREATED
@@ -356,7 +388,7 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/branches", get(list).post(create))
         .route(
             "/api/v1/branches/{source}/{branch}",
-            get(show).delete(delete),
+            get(show).delete(delete).patch(lifecycle::patch),
         )
         .route(
             "/api/v1/branches/{source}/{branch}/suspend",

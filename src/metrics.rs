@@ -41,6 +41,10 @@ pub struct Metrics {
     pub resets_total: IntCounterVec,
     /// Snapshots taken by the schedule, by source and outcome (`ok`, `failed`).
     pub scheduled_snapshots_total: IntCounterVec,
+    /// Branches or connections refused by a policy or quota, by source and the key
+    /// that refused (`connect_roles`, `create_roles`, `max_branches` of a policy,
+    /// `max_branches_per_role`, `source_max_branches`, `max_total_size`).
+    pub policy_refusals_total: IntCounterVec,
     /// Server sessions kept for reuse: taken (hit), wanted but none kept (miss),
     /// closed instead of reused (discard).
     pub server_reuse_total: IntCounterVec,
@@ -173,6 +177,14 @@ impl Metrics {
             &["source", "outcome"],
         )
         .expect("valid metric");
+        let policy_refusals_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_policy_refusals_total",
+                "Branches or connections refused by a policy or quota, by source and key",
+            ),
+            &["source", "reason"],
+        )
+        .expect("valid metric");
         let server_reuse_total = IntCounterVec::new(
             Opts::new(
                 "offshoot_server_reuse_total",
@@ -220,6 +232,7 @@ impl Metrics {
             Box::new(clones_total.clone()),
             Box::new(resets_total.clone()),
             Box::new(scheduled_snapshots_total.clone()),
+            Box::new(policy_refusals_total.clone()),
             Box::new(server_reuse_total.clone()),
             Box::new(server_sessions_idle.clone()),
             Box::new(audit_lines_total.clone()),
@@ -252,6 +265,7 @@ impl Metrics {
             clones_total,
             resets_total,
             scheduled_snapshots_total,
+            policy_refusals_total,
             server_reuse_total,
             server_sessions_idle,
             audit_lines_total,

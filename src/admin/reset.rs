@@ -67,25 +67,17 @@ impl From<ResetError> for ApiError {
     }
 }
 
-/// A branch its policy protects is reset only with `force` (a scheduled refresh
-/// is not refused: the policy asked for it).
+/// A protected branch (by its policy or through the API) is reset only with
+/// `force`; a scheduled refresh is not refused (the policy asked for it).
 fn refuse_protected(s: &AppState, id: &BranchId) -> Result<(), ApiError> {
-    let Some(src) = s.registry.source(id.source.as_str()) else {
-        return Ok(());
-    };
-    let policy = src.config.policy(&id.branch);
-    if !policy.protected {
-        return Ok(());
+    match s.registry.reset_guard(id) {
+        None => Ok(()),
+        Some(guard) => Err(ApiError::of_kind(
+            ErrorKind::Conflict,
+            format!("branch {id} is {guard}"),
+        )
+        .hint("reset with \"force\": true to reset it anyway")),
     }
-    let by = match policy.name {
-        Some(pattern) => format!("its policy (match = \"{pattern}\")"),
-        None => "its source".to_owned(),
-    };
-    Err(ApiError::of_kind(
-        ErrorKind::Conflict,
-        format!("branch {id} is protected by {by}"),
-    )
-    .hint("reset with \"force\": true to reset it anyway"))
 }
 
 /// Resets the branch and answers with it as it is now, once the new clone serves

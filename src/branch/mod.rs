@@ -9,6 +9,6 @@ pub mod schedule;
 pub mod store;
 
 pub use registry::{
-    BranchView, CreateOptions, DeleteError, Lease, Phase, Registry, RemoveReason, ResetError,
-    Source,
+    BranchView, Changes, CreateOptions, DeleteError, Due, Guard, IfExists, Lease, Phase, Registry,
+    RemoveReason, ResetError, Source, UpdateError,
 };

@@ -17,19 +17,18 @@ use crate::names::BranchId;
 
 impl Registry {
     /// Runs one creation (and the first start of the clone's server) to its end and
-    /// publishes the outcome.
+    /// publishes the outcome. `resetting`: the new clone of a reset, audited and
+    /// counted as the reset (by `reset`), not as a creation.
     pub(super) async fn provision(
         self: Arc<Self>,
         mut record: BranchRecord,
         tx: watch::Sender<Outcome>,
         actor: Actor,
+        resetting: bool,
     ) {
         let id = record.id();
         let source = &self.sources[&id.source];
         let started = self.clock.instant();
-        // The new clone of a reset (only a reset hands over a record with `reset_at`):
-        // audited and counted as the reset, not as a creation.
-        let resetting = record.reset_at.is_some();
         info!(branch = %id, clone = %record.clone_name, "creating branch");
         let result = match self.store.save(&record) {
             Err(e) => Err(EngineError::io("cannot write the branch record", e)),
@@ -311,8 +310,10 @@ impl Registry {
     }
 
     /// Removes a settled branch. Connections wait for the outcome meanwhile;
-    /// afterwards a new connection makes a fresh clone. The audit trail names the
-    /// reaper (idle) or an API caller; [`Registry::delete_by`] names the caller.
+    /// afterwards a new connection makes a fresh clone. A protected or persistent
+    /// branch is removed only by a forced deletion through the API (the reaper
+    /// never removes one). The audit trail names the reaper (idle) or an API
+    /// caller; [`Registry::delete_by`] names the caller.
     pub async fn delete(
         self: &Arc<Self>,
         id: &BranchId,
@@ -337,6 +338,14 @@ impl Registry {
                 .branches
                 .get_mut(id)
                 .ok_or_else(|| DeleteError::NotFound(id.clone()))?;
+            if !(force && reason == RemoveReason::Api) {
+                if let Some(guard) = self.guard(&branch.record) {
+                    return Err(DeleteError::Guarded {
+                        id: id.clone(),
+                        guard,
+                    });
+                }
+            }
             let tx = branch.expire(force).map_err(|r| match r {
                 Refusal::Busy => DeleteError::Busy(id.clone()),
                 Refusal::InUse(conns) => DeleteError::InUse {
@@ -372,7 +381,9 @@ impl Registry {
         let started = self.clock.instant();
         let result = source.engine.destroy(&record, force).await;
         let action = match reason {
-            RemoveReason::Idle => Action::BranchExpired,
+            RemoveReason::Idle | RemoveReason::Lifetime | RemoveReason::Ttl => {
+                Action::BranchExpired
+            }
             RemoveReason::Api => Action::BranchDeleted,
         };
         let mut event = Event::new(action, actor)

@@ -108,6 +108,7 @@ impl Registry {
             persistent: false,
             snapshot: snapshot.clone(),
             actor: actor.clone(),
+            ..CreateOptions::default()
         };
         let (old, tx) = loop {
             let held = {
@@ -206,21 +207,23 @@ impl Registry {
             return Err(ResetError::Kept { id, err });
         }
         let now = self.clock.unix_ms();
-        let record = BranchRecord {
+        let mut record = BranchRecord {
             state: RecordState::Provisioning,
             last_active: now,
             snapshot,
             copy_mode: None,
-            reset_at: Some(now),
             ..old
         };
+        record.reborn(now);
         if let Some(b) = self.lock().branches.get_mut(&id) {
             b.remake(record.clone());
         }
         let done = tx.subscribe();
         // From here on it is a creation: the record is saved before the clone is
         // made, and a failure removes both.
-        self.clone().provision(record, tx, actor.clone()).await;
+        self.clone()
+            .provision(record, tx, actor.clone(), true)
+            .await;
         let outcome = done.borrow().clone();
         match outcome {
             Some(Ok(())) => {
