@@ -22,6 +22,7 @@ use tracing::warn;
 mod events;
 mod guard;
 mod lifecycle;
+mod rehearsals;
 mod reset;
 pub mod token;
 
@@ -408,6 +409,10 @@ fn router(state: AppState) -> Router {
         )
         .route("/api/v1/orphans", get(orphans))
         .route("/api/v1/events", get(events::list))
+        .route(
+            "/api/v1/rehearsals/recording/{source}/{branch}",
+            get(rehearsals::recording).delete(rehearsals::drop_recording),
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             events::sync_writes,

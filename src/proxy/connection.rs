@@ -93,8 +93,17 @@ async fn run(
     // and the connection's slot under the connection limit.
     let (lease, key) = session.hold;
     let keep = session.reuse.is_some();
+    let relay = async {
+        match session.recorder {
+            // A recorded session is closed at its end, never kept.
+            Some(r) => super::record::run(&mut client, session.server, &proxy.counters, r)
+                .await
+                .map(|()| relay::End::Closed),
+            None => relay::run(&mut client, session.server, &proxy.counters, keep).await,
+        }
+    };
     let relayed = tokio::select! {
-        r = relay::run(&mut client, session.server, &proxy.counters, keep) => Some(r),
+        r = relay => Some(r),
         () = lease.ended() => None,
     };
     match relayed {
