@@ -67,20 +67,16 @@ async fn database_reset_refuses_open_sessions_unless_forced() {
 
     let (status, body) = reset(&proxy, "qa", "{}");
     assert_eq!(status, 409, "{body}");
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap()
-            .contains("1 open connection"),
-        "{body}"
-    );
-    assert!(body["hint"].as_str().unwrap().contains("force"), "{body}");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("1 open connection"), "{body}");
+    assert!(msg.contains("force"), "{body}");
+    assert_eq!(body["error"]["code"], "conflict", "{body}");
     assert_eq!(count(&a).await, 4, "a refused reset changes nothing");
     // Every write takes a JSON body.
     let (status, _) = proxy.api("POST", "/api/v1/branches/shop/qa/reset", None);
     assert_eq!(status, 400);
     let (status, body) = reset(&proxy, "qa", r#"{"forse":true}"#);
-    assert_eq!(status, 400, "{body}");
+    assert_eq!(status, 422, "{body}");
     let (status, body) = reset(&proxy, "nobody", "{}");
     assert_eq!(status, 404, "{body}");
     let (status, body) = reset(&proxy, "qa", r#"{"snapshot":"19990101T000000Z"}"#);
@@ -237,7 +233,7 @@ async fn a_scheduled_snapshot_refreshes_an_idle_qa_branch_while_a_busy_one_waits
     let (status, body) = reset(&proxy, "qa-idle", "{}");
     assert_eq!(status, 409, "{body}");
     assert!(
-        body["error"]
+        body["error"]["message"]
             .as_str()
             .unwrap()
             .contains("is protected (its policy)"),

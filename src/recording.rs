@@ -27,7 +27,7 @@ pub const MAX_TEXT: usize = 16 * 1024;
 pub const MAX_BYTES: usize = 8 << 20;
 
 /// One statement as the wire showed it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Recorded {
     /// The proxy's number for the session (1, 2, ... per branch).
     pub session: u64,
@@ -45,7 +45,7 @@ pub struct Recorded {
 }
 
 /// A branch's recording.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Recording {
     pub statements: Vec<Recorded>,
     /// Statements not kept once [`MAX_STATEMENTS`] were.

@@ -141,7 +141,7 @@ impl CreateLifecycle {
 }
 
 /// `PATCH /api/v1/branches/{source}/{branch}`: keys left out stay as they are.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PatchBody {
     /// Removed this long from now; `null` removes the TTL (the policy applies).
@@ -156,12 +156,24 @@ pub(super) struct PatchBody {
     protected_until: Option<Option<String>>,
 }
 
+/// Changes a branch's TTL or protection; keys left out stay as they are.
+#[utoipa::path(patch, path = "/api/v1/branches/{source}/{branch}", operation_id = "update_branch",
+    tag = "branches", request_body = PatchBody,
+    params(("source" = String, Path, description = "The source's name"),
+           ("branch" = String, Path, description = "The branch's name")),
+    responses(
+        (status = 200, description = "The branch as changed", body = crate::branch::BranchView),
+        (status = 400, description = "A bad time, duration or combination", body = crate::error::ErrorBody),
+        (status = 404, description = "No such source or branch", body = crate::error::ErrorBody),
+        (status = 409, description = "Being created or deleted, or a TTL on a persistent branch", body = crate::error::ErrorBody),
+        (status = 422, description = "A JSON body with unknown fields", body = crate::error::ErrorBody),
+    ))]
 pub(super) async fn patch(
     State(s): State<AppState>,
     Path((source, branch)): Path<(String, String)>,
     body: Result<Json<PatchBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Json(body) = body.map_err(super::errors::bad_body)?;
     let id = branch_id(&s, &source, &branch)?;
     let now = s.registry.clock().now();
     let expires_at = match (body.ttl, body.expires_at) {

@@ -13,7 +13,7 @@ use crate::error::ErrorKind;
 use crate::names::BranchId;
 
 /// The request body; `{}` resets to the newest snapshot without force.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ResetBody {
     /// The snapshot to make the branch from; default the newest (or the live
@@ -82,14 +82,25 @@ fn refuse_protected(s: &AppState, id: &BranchId) -> Result<(), ApiError> {
 
 /// Resets the branch and answers with it as it is now, once the new clone serves
 /// (202 if that takes longer than `provision_timeout`; the reset goes on).
+#[utoipa::path(post, path = "/api/v1/branches/{source}/{branch}/reset", operation_id = "reset_branch",
+    tag = "branches", request_body = ResetBody,
+    params(("source" = String, Path, description = "The source's name"),
+           ("branch" = String, Path, description = "The branch's name")),
+    responses(
+        (status = 200, description = "The branch, made again and serving", body = crate::branch::BranchView),
+        (status = 202, description = "Still being reset after provision_timeout; it goes on", body = crate::error::ErrorBody),
+        (status = 400, description = "No JSON body, or a bad one", body = crate::error::ErrorBody),
+        (status = 404, description = "No such source, branch or snapshot", body = crate::error::ErrorBody),
+        (status = 409, description = "Open connections or protected (unless force), or in flight", body = crate::error::ErrorBody),
+        (status = 422, description = "A JSON body with unknown fields", body = crate::error::ErrorBody),
+    ))]
 pub(super) async fn reset(
     State(s): State<AppState>,
     super::events::ApiActor(actor): super::events::ApiActor,
     Path((source, branch)): Path<(String, String)>,
     body: Result<Json<ResetBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Json(body) =
-        body.map_err(|e| ApiError::new(axum::http::StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Json(body) = body.map_err(super::errors::bad_body)?;
     let id = branch_id(&s, &source, &branch)?;
     if !body.force {
         refuse_protected(&s, &id)?;

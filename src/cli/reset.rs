@@ -18,7 +18,7 @@ pub fn reset(
     let path = format!("/api/v1/branches/{source}/{branch}/reset");
     let v = api(admin, "POST", &path, Some(&body.to_string()))?;
     // 202: still going after the proxy's provision_timeout.
-    if let Some(msg) = v["error"].as_str() {
+    if let Some(msg) = v["error"]["message"].as_str() {
         println!("{msg}; see `offshoot branch list`");
         return Ok(());
     }

@@ -13,8 +13,10 @@ use pgwire::messages::Message;
 
 use crate::names::{BranchId, NameError};
 
+mod api;
 mod engine;
 
+pub use api::{status_code_word, ApiError, ErrorBody, ErrorDetail};
 pub use engine::EngineError;
 
 /// Why a branch could not be made ready.

@@ -110,7 +110,7 @@ pub struct CreateOptions {
 }
 
 /// What a creation does when the branch exists already.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum IfExists {
     /// Return the existing branch (never another one, nor the source).

@@ -12,7 +12,7 @@ use crate::config::EngineKind;
 use crate::names::BranchId;
 
 /// A branch as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct BranchView {
     pub source: String,
     pub branch: String,

@@ -5,6 +5,7 @@
 //! `servers`: engines with a server per clone (start, suspension, resume, a dead
 //! server); `snapshots`: snapshot deletion against creations.
 
+mod audit;
 mod policies;
 mod reset;
 mod servers;
