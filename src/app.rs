@@ -359,6 +359,9 @@ fn announce(
             format!(" --admin {}", client_addr(cfg.admin.listen))
         };
         text.push_str(&format!("  offshoot branch list{admin}\n"));
+        if let Some(first) = cfg.sources.keys().next() {
+            text.push_str(&format!("  offshoot branch show {first}.pr-42{admin}\n"));
+        }
         let instance = cfg
             .sources
             .iter()
