@@ -207,6 +207,7 @@ async fn serve(
     let reaper = tokio::spawn(reaper::run(
         registry.clone(),
         cfg.reaper.interval,
+        cfg.reaper.size_interval,
         tasks.clone(),
     ));
     let schedule = tokio::spawn(schedule::run(registry.clone(), tasks.clone()));
