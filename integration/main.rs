@@ -21,6 +21,7 @@ mod policies;
 mod preauth;
 mod privsep;
 mod protocol;
+mod refresh;
 mod rehearse;
 mod reuse;
 mod routing;
