@@ -207,6 +207,7 @@ async fn serve(
     let reaper = tokio::spawn(reaper::run(
         registry.clone(),
         cfg.reaper.interval,
+        cfg.reaper.size_interval,
         tasks.clone(),
     ));
     handles.push(tokio::spawn(proxy.pool().run(tasks.clone())).abort_handle());
@@ -357,6 +358,9 @@ fn announce(
             format!(" --admin {}", client_addr(cfg.admin.listen))
         };
         text.push_str(&format!("  offshoot branch list{admin}\n"));
+        if let Some(first) = cfg.sources.keys().next() {
+            text.push_str(&format!("  offshoot branch show {first}.pr-42{admin}\n"));
+        }
         let instance = cfg
             .sources
             .iter()
