@@ -29,6 +29,7 @@ pub mod branch;
 pub mod events;
 pub mod output;
 pub mod progress;
+mod reset;
 pub mod snapshot;
 
 /// Environment variable holding the admin token.
