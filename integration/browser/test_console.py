@@ -340,14 +340,16 @@ class Suite:
         # The demo's example migrations; the third rewrites order_items.
         args = [
             str(BIN), "rehearse", "shop", "--probe",
-            "--sql", str(ROOT / "examples/migrations"),
+            "--sql", "examples/migrations",
             "--admin", f"127.0.0.1:{self.proxy.admin_port}",
             "--proxy", f"127.0.0.1:{self.proxy.pg_port}",
             "--user", "postgres",
         ]
         if self.proxy.token() is not None:
             args += ["--token-file", str(self.proxy.state / "admin.token")]
-        out = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            args, capture_output=True, text=True, timeout=600, cwd=ROOT
+        )
         assert out.returncode == 3, f"exit {out.returncode}: {out.stdout}{out.stderr}"
         self.go("/rehearsals")
         expect(page.locator("h1")).to_have_text("Rehearsals")

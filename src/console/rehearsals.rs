@@ -311,6 +311,17 @@ fn run_span(r: &Report) -> f64 {
     r.duration_ms.max(last).max(1.0)
 }
 
+/// A round spacing (1, 2 or 5 times a power of ten, in ms) giving 3 to 8 ticks.
+fn tick_step(span_ms: f64) -> f64 {
+    let raw = span_ms / 5.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag)
+}
+
 const TW: f64 = 720.0;
 const TL: f64 = 52.0;
 const TR: f64 = 12.0;
@@ -352,21 +363,18 @@ fn timeline(t: &ProbeTable, span_ms: f64) -> String {
         }
     }
     let base = 6.0 + 2.0 * (LANE + 4.0);
-    for k in 0..=4 {
-        let ms = span_ms * k as f64 / 4.0;
+    let step = tick_step(span_ms);
+    let mut ms = 0.0;
+    while ms <= span_ms {
         let xx = x(ms);
-        let anchor = match k {
-            0 => "start",
-            4 => "end",
-            _ => "middle",
-        };
+        let anchor = if ms == 0.0 { "start" } else { "middle" };
         let _ = write!(
             svg,
-            r#"<line class="grid" x1="{xx:.1}" y1="{y0}" x2="{xx:.1}" y2="{base}"/><text class="axis" x="{xx:.1}" y="{ty}" text-anchor="{anchor}">{label}</text>"#,
-            y0 = 4.0,
+            r#"<line class="grid" x1="{xx:.1}" y1="4" x2="{xx:.1}" y2="{base}"/><text class="axis" x="{xx:.1}" y="{ty}" text-anchor="{anchor}">{label}</text>"#,
             ty = base + 14.0,
             label = human_ms(ms),
         );
+        ms += step;
     }
     svg.push_str("</svg>");
     svg
@@ -426,7 +434,7 @@ fn statements(b: &mut String, r: &Report) {
             .collect();
         let _ = write!(
             b,
-            r#"<tr id="st-{n}"><td class="num">{n}</td><td class="wrap"><code>{sql}</code><div class="muted">{origin}</div></td><td class="num">{start}</td><td class="num">{dur}</td><td class="wrap">{result}</td><td>{locks}</td><td>{rewrites}</td></tr>"#,
+            r#"<tr id="st-{n}"><td class="num">{n}</td><td class="wrap"><code>{sql}</code><div class="muted">{origin}</div></td><td class="num">{start}</td><td class="num">{dur}</td><td class="wrap">{result}</td><td class="wrap">{locks}</td><td class="wrap">{rewrites}</td></tr>"#,
             n = s.n,
             sql = esc(&s.sql),
             origin = esc(&s.origin),
