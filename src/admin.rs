@@ -44,6 +44,8 @@ struct AppState {
     provision_timeout: Duration,
     /// How clients reach the proxy, for a branch's connection strings.
     reach: Reach,
+    /// `<state.dir>/rehearsals/`: the stored rehearsal reports.
+    rehearsals: std::path::PathBuf,
 }
 
 fn unknown_source(state: &AppState, source: &str) -> ApiError {
@@ -495,6 +497,9 @@ fn routes() -> Routes {
     )
     .add(M::GET, "/api/v1/orphans", orphans)
     .add(M::GET, "/api/v1/events", events::list)
+    .add(M::GET, "/api/v1/rehearsals", rehearsals::list)
+    .add(M::POST, "/api/v1/rehearsals", rehearsals::store)
+    .add(M::GET, "/api/v1/rehearsals/{id}", rehearsals::show)
     .add(
         M::GET,
         "/api/v1/rehearsals/recording/{source}/{branch}",
@@ -524,6 +529,7 @@ pub struct Bound {
     guard: Arc<guard::Guard>,
     gate: Arc<crate::console::Gate>,
     token_path: std::path::PathBuf,
+    rehearsals: std::path::PathBuf,
 }
 
 impl Bound {
@@ -560,6 +566,7 @@ pub async fn bind(cfg: &crate::config::Config) -> anyhow::Result<Bound> {
             cfg.admin.public_read,
         )),
         token_path: path,
+        rehearsals: cfg.state.dir.join("rehearsals"),
     })
 }
 
@@ -577,6 +584,7 @@ pub async fn serve(
         metrics,
         provision_timeout,
         reach: console.reach.clone(),
+        rehearsals: bound.rehearsals.clone(),
     };
     // The guard (Host, cross-site, JSON writes) runs first; then the console's gate
     // checks the token (bearer header, or the console's session cookie).

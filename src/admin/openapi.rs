@@ -35,6 +35,9 @@ use crate::error::{ErrorBody, ErrorDetail};
         super::delete_snapshot,
         super::orphans,
         super::events::list,
+        super::rehearsals::list,
+        super::rehearsals::store,
+        super::rehearsals::show,
         super::rehearsals::recording,
         super::rehearsals::drop_recording,
     ),
@@ -46,7 +49,7 @@ use crate::error::{ErrorBody, ErrorDetail};
         (name = "snapshots", description = "Sealed copies of a source that branches start from"),
         (name = "sources", description = "The configured sources"),
         (name = "events", description = "The audit trail"),
-        (name = "rehearsals", description = "What migration rehearsals read from the proxy"),
+        (name = "rehearsals", description = "Migration rehearsals' reports, and what they read from the proxy"),
         (name = "operations", description = "Health, metrics, orphans and this document"),
     )
 )]
