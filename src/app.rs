@@ -207,6 +207,7 @@ async fn serve(
     let reaper = tokio::spawn(reaper::run(
         registry.clone(),
         cfg.reaper.interval,
+        cfg.reaper.size_interval,
         tasks.clone(),
     ));
     handles.push(tokio::spawn(proxy.pool().run(tasks.clone())).abort_handle());

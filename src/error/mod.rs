@@ -53,6 +53,12 @@ pub enum ProvisionError {
         policy: String,
         limit: usize,
     },
+    #[error("the branches of source {source_name} hold {total}, at or past its max_total_size of {limit}; delete branches or raise the limit")]
+    SizeQuota {
+        source_name: String,
+        limit: String,
+        total: String,
+    },
     #[error("the proxy is shutting down")]
     ShuttingDown,
 }
@@ -214,7 +220,8 @@ impl ProvisionError {
         match self {
             ProvisionError::Quota { .. }
             | ProvisionError::RoleQuota { .. }
-            | ProvisionError::PolicyQuota { .. } => ErrorKind::Quota,
+            | ProvisionError::PolicyQuota { .. }
+            | ProvisionError::SizeQuota { .. } => ErrorKind::Quota,
             ProvisionError::CreateForbidden { .. } => ErrorKind::Forbidden,
             ProvisionError::Timeout(_) => ErrorKind::ProvisionTimeout,
             ProvisionError::Deleting(_) => ErrorKind::Busy,

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::{Registry, Source};
 use crate::branch::engine::{
-    CopyMode, Endpoint, Engine, Made, Recovered, ServerAddr, Servers, SnapshotInfo,
+    CopyMode, Endpoint, Engine, Made, Recovered, ServerAddr, Servers, SnapshotInfo, Usage,
 };
 use crate::branch::store::{BranchRecord, Store};
 use crate::clock::Clock;
@@ -89,6 +89,8 @@ pub struct FakeEngine {
     pub stop_gate: Gate,
     pub destroy_gate: Gate,
     pub snapshot_gate: Gate,
+    /// What `usage` answers for every clone; `None`: it cannot tell.
+    pub clone_bytes: Option<u64>,
 }
 
 #[async_trait]
@@ -126,6 +128,13 @@ impl Engine for FakeEngine {
     }
     fn servers(&self) -> Option<&dyn Servers> {
         self.servers.then_some(self as &dyn Servers)
+    }
+    async fn usage(&self, rec: &BranchRecord) -> Result<Option<Usage>, EngineError> {
+        let exists = self.clones.lock().unwrap().contains(&rec.clone_name);
+        Ok(self
+            .clone_bytes
+            .filter(|_| exists)
+            .map(|bytes| Usage { bytes, exact: true }))
     }
     async fn recover(&self, rec: &BranchRecord) -> Result<Recovered, EngineError> {
         Ok(if self.clones.lock().unwrap().contains(&rec.clone_name) {

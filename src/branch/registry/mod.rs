@@ -10,6 +10,7 @@
 //! - `policy`: who may make a branch and how many (quotas, roles), which branches
 //!   are persistent or protected, and which are due for suspension or expiry.
 //! - `adopt`: restart adoption, interrupted creations, orphans.
+//! - `size`: branch sizes, measured in the background and cached.
 //! - `snapshots`: which branches use a snapshot, and deleting one safely.
 //! - `update`: changing a branch's TTL and protection after its creation.
 //! - `view`: [`BranchView`], the branch as the API shows it.
@@ -38,6 +39,7 @@ use tokio::sync::watch;
 mod adopt;
 mod lifecycle;
 mod policy;
+mod size;
 mod snapshots;
 mod state;
 mod trail;
@@ -178,6 +180,8 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     gauges: BTreeMap<SourceName, PhaseGauges>,
     orphans: Mutex<Vec<Orphan>>,
+    /// Branch sizes as last measured (see `size`); locked after `book`, never before.
+    sizes: Mutex<size::Sizes>,
     shutting_down: AtomicBool,
     /// The control-plane runtime: creations, suspensions and deletions run there,
     /// not on the relay thread of the connection that asked (their file and SQL work
@@ -225,6 +229,7 @@ impl Registry {
             metrics,
             gauges,
             orphans: Mutex::new(Vec::new()),
+            sizes: Mutex::new(size::Sizes::new()),
             shutting_down: AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),
             clock,
