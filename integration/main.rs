@@ -20,6 +20,7 @@ mod md5;
 mod policies;
 mod preauth;
 mod protocol;
+mod refresh;
 mod rehearse;
 mod reuse;
 mod routing;

@@ -26,6 +26,7 @@ mod guard;
 mod lifecycle;
 mod openapi;
 mod rehearsals;
+mod reset;
 pub mod token;
 
 use crate::branch::engine::{CopyMode, SnapshotInfo};
@@ -487,6 +488,11 @@ fn routes() -> Routes {
         M::POST,
         "/api/v1/branches/{source}/{branch}/suspend",
         suspend,
+    )
+    .add(
+        M::POST,
+        "/api/v1/branches/{source}/{branch}/reset",
+        reset::reset,
     )
     .add(M::GET, "/api/v1/sources/{source}/snapshots", list_snapshots)
     .add(M::POST, "/api/v1/sources/{source}/snapshots", take_snapshot)

@@ -13,8 +13,8 @@ use crate::auth::Credentials;
 use crate::branch::engine::database::DatabaseEngine;
 use crate::branch::engine::instance;
 use crate::branch::engine::Engine;
-use crate::branch::reaper;
 use crate::branch::store::Store;
+use crate::branch::{reaper, schedule};
 use crate::branch::{Registry, Source};
 use crate::clock::Clock;
 use crate::config::{Config, EngineConfig, RouteBy, TlsConfig};
@@ -210,6 +210,7 @@ async fn serve(
         cfg.reaper.size_interval,
         tasks.clone(),
     ));
+    let schedule = tokio::spawn(schedule::run(registry.clone(), tasks.clone()));
     handles.push(tokio::spawn(proxy.pool().run(tasks.clone())).abort_handle());
     let accept = tokio::spawn(listener::run(proxy.clone(), listener, tasks.clone()));
     handles.push(tokio::spawn(reload_on_sighup(cfg.tls.clone(), proxy.clone())).abort_handle());
@@ -238,6 +239,7 @@ async fn serve(
         );
     }
     let _ = reaper.await;
+    let _ = schedule.await;
     // Branch servers are stopped with the proxy; their data stays, and the next
     // connection after a restart starts them again.
     registry.suspend_all().await;

@@ -30,6 +30,7 @@ use crate::error::{ErrorBody, ErrorDetail};
         super::delete,
         super::lifecycle::patch,
         super::suspend,
+        super::reset::reset,
         super::list_snapshots,
         super::take_snapshot,
         super::delete_snapshot,

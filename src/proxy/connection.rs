@@ -93,15 +93,21 @@ async fn run(
     // and the connection's slot under the connection limit.
     let (lease, key) = session.hold;
     let keep = session.reuse.is_some();
-    let relayed = match session.recorder {
-        // A recorded session is closed at its end, never kept.
-        Some(r) => super::record::run(client, session.server, &proxy.counters, r)
-            .await
-            .map(|()| relay::End::Closed),
-        None => relay::run(client, session.server, &proxy.counters, keep).await,
+    let relay = async {
+        match session.recorder {
+            // A recorded session is closed at its end, never kept.
+            Some(r) => super::record::run(&mut client, session.server, &proxy.counters, r)
+                .await
+                .map(|()| relay::End::Closed),
+            None => relay::run(&mut client, session.server, &proxy.counters, keep).await,
+        }
+    };
+    let relayed = tokio::select! {
+        r = relay => Some(r),
+        () = lease.ended() => None,
     };
     match relayed {
-        Ok(relay::End::Idle(server)) => {
+        Some(Ok(relay::End::Idle(server))) => {
             // The client's cancel key dies with it; the lease is held until the
             // session is parked, so the branch cannot be drained in between.
             drop(key);
@@ -110,8 +116,14 @@ async fn run(
             }
             debug!("connection closed; server session kept");
         }
-        Ok(relay::End::Closed) => debug!("connection closed"),
-        Err(e) => debug!(error = %e, "connection ended"),
+        Some(Ok(relay::End::Closed)) => debug!("connection closed"),
+        Some(Err(e)) => debug!(error = %e, "connection ended"),
+        // A forced reset: the relay has stopped and the server session is closed;
+        // the client is told why, as PostgreSQL does when a session is ended.
+        None => {
+            let err = ClientError::BranchReset(lease.branch().clone());
+            refuse(&proxy, &mut client, &err).await;
+        }
     }
     drop((lease, slot));
 }

@@ -16,6 +16,7 @@ use crate::names::BranchId;
 pub mod database;
 pub mod instance;
 pub(crate) mod naming;
+pub mod transform;
 
 /// Where the proxy connects for a branch's sessions.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -84,6 +84,9 @@ pub struct FakeEngine {
     pub fail_start: Mutex<Option<String>>,
     pub snapshots: Mutex<BTreeSet<String>>,
     pub snapshot_deletes: AtomicUsize,
+    /// Snapshots taken through `take_snapshot`, named `t001`, `t002`, ...
+    pub snapshots_taken: AtomicUsize,
+    pub fail_snapshot: Mutex<Option<String>>,
     pub create_gate: Gate,
     pub start_gate: Gate,
     pub stop_gate: Gate,
@@ -178,6 +181,22 @@ impl Engine for FakeEngine {
                 branches: vec![],
             })
             .collect())
+    }
+    async fn take_snapshot(&self) -> Result<SnapshotInfo, EngineError> {
+        if let Some(msg) = self.fail_snapshot.lock().unwrap().clone() {
+            return Err(EngineError::failed(msg));
+        }
+        let n = self.snapshots_taken.fetch_add(1, Ordering::SeqCst) + 1;
+        // Named to sort after any snapshot a test put in by hand.
+        let name = format!("t{n:03}");
+        self.snapshots.lock().unwrap().insert(name.clone());
+        Ok(SnapshotInfo {
+            name,
+            created_at: String::new(),
+            origin: "fake".into(),
+            size_bytes: 0,
+            branches: vec![],
+        })
     }
     async fn delete_snapshot(&self, name: &str) -> Result<(), EngineError> {
         self.snapshot_deletes.fetch_add(1, Ordering::SeqCst);

@@ -10,6 +10,7 @@
 //! - `policy`: who may make a branch and how many (quotas, roles), which branches
 //!   are persistent or protected, and which are due for suspension or expiry.
 //! - `adopt`: restart adoption, interrupted creations, orphans.
+//! - `reset`: making a branch again under its name, from a snapshot.
 //! - `size`: branch sizes, measured in the background and cached.
 //! - `snapshots`: which branches use a snapshot, and deleting one safely.
 //! - `update`: changing a branch's TTL and protection after its creation.
@@ -39,6 +40,7 @@ use tokio::sync::watch;
 mod adopt;
 mod lifecycle;
 mod policy;
+mod reset;
 mod size;
 mod snapshots;
 mod state;
@@ -53,6 +55,7 @@ mod tests;
 
 pub use adopt::Orphan;
 pub use policy::{Creator, Due, Guard};
+pub use reset::ResetError;
 pub use state::{ConnGuard, Lease, Phase};
 pub use update::{Changes, UpdateError};
 pub use view::BranchView;
@@ -212,6 +215,14 @@ impl Registry {
             metrics.client_connections.with_label_values(&[s]);
             metrics.provision_seconds.with_label_values(&[s]);
             metrics.branches_created_total.with_label_values(&[s]);
+            for outcome in ["ok", "failed"] {
+                metrics.resets_total.with_label_values(&[s, outcome]);
+                if src.config.snapshot_every.is_some() {
+                    metrics
+                        .scheduled_snapshots_total
+                        .with_label_values(&[s, outcome]);
+                }
+            }
             if src.engine.servers().is_some() {
                 metrics.start_seconds.with_label_values(&[s]);
                 metrics.suspensions_total.with_label_values(&[s]);
@@ -267,6 +278,11 @@ impl Registry {
         // A panic while holding the lock leaves the book consistent (every mutation is
         // a single insert/remove/state step), so poisoning is not fatal.
         self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The metrics the registry's work is counted in.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The clock every time stamp and idle period is read from.
@@ -425,7 +441,7 @@ impl Registry {
         let mut book = self.lock();
         let dead = matches!(
             book.branches.get(id).map(Branch::state),
-            Some(State::Provisioning { done } | State::Starting { done })
+            Some(State::Provisioning { done } | State::Starting { done } | State::Resetting { done })
                 if done.has_changed().is_err()
         );
         if dead {
@@ -519,7 +535,7 @@ impl Registry {
         let this = self.clone();
         let actor = opts.actor.clone();
         self.runtime
-            .spawn(async move { this.provision(record, tx, actor).await });
+            .spawn(async move { this.provision(record, tx, actor, false).await });
         Ok(Err(Wait::Outcome(rx)))
     }
 
