@@ -29,7 +29,7 @@ async fn branches_are_managed_through_the_api() {
     for (body, want) in [
         (r#"{"source":"shop","branch":"Bad!"}"#, 400),
         (r#"{"source":"nope","branch":"x"}"#, 404),
-        (r#"{"source":"shop"}"#, 400),
+        (r#"{"source":"shop"}"#, 422),
         ("not json", 400),
     ] {
         let (status, text) = proxy.api("POST", "/api/v1/branches", Some(body));
@@ -212,6 +212,8 @@ async fn the_cli_drives_the_api() {
     assert!(!ok);
     assert!(out.contains("invalid branch name"), "{out}");
     let (ok, out) = cli(&["delete", "shop.from-cli"]);
+    assert!(!ok && out.contains("persistent"), "{out}");
+    let (ok, out) = cli(&["delete", "shop.from-cli", "--force"]);
     assert!(ok, "{out}");
     assert!(!pg.databases().await.contains(&"shop__from-cli".to_string()));
     let (ok, out) = cli(&["delete", "shop.from-cli"]);
@@ -256,9 +258,12 @@ async fn refusals_are_written_for_people_in_the_cli_and_the_api() {
     let (status, body) = proxy.api("DELETE", "/api/v1/branches/shop/busy", None);
     assert_eq!(status, 409, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["kind"], "conflict", "{body}");
+    assert_eq!(v["error"]["code"], "conflict", "{body}");
     assert!(
-        v["hint"].as_str().unwrap().contains("?force=true"),
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("?force=true"),
         "{body}"
     );
     let (ok, err) = cli(&proxy, &["branch", "delete", "shop.busy"]);
@@ -271,7 +276,7 @@ async fn refusals_are_written_for_people_in_the_cli_and_the_api() {
     let (status, body) = proxy.api("POST", "/api/v1/branches/shop/busy/suspend", None);
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("does not suspend branches"), "{body}");
-    assert!(body.contains(r#""kind":"unsupported""#), "{body}");
+    assert!(body.contains(r#""code":"unsupported""#), "{body}");
     let (ok, err) = cli(&proxy, &["branch", "suspend", "shop.busy"]);
     assert!(!ok);
     assert!(err.contains("does not suspend branches"), "{err}");

@@ -101,8 +101,8 @@ async fn creations_refusals_deletions_expiry_and_snapshots_are_recorded() {
     assert_eq!(refusal["reason"], "quota (max_branches 2)");
     assert_eq!(refusal["actor"]["kind"], "client");
 
-    // Deletion by the API.
-    let (status, _) = proxy.api("DELETE", "/api/v1/branches/shop/api-1", None);
+    // Deletion by the API (a persistent branch: forced).
+    let (status, _) = proxy.api("DELETE", "/api/v1/branches/shop/api-1?force=true", None);
     assert_eq!(status, 204);
     let deleted = events(&proxy, "?branch=api-1&limit=1");
     assert_eq!(actions(&deleted), ["branch.deleted"]);

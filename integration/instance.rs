@@ -264,7 +264,7 @@ async fn snapshots_are_chosen_and_cannot_be_deleted_while_used() {
     let (status, text) = proxy.api("POST", "/api/v1/branches", Some(body));
     assert_eq!(status, 404, "{text}");
     assert!(text.contains("does not exist"), "{text}");
-    assert!(text.contains(r#""kind":"not_found""#), "{text}");
+    assert!(text.contains(r#""code":"not_found""#), "{text}");
 
     let path = format!("/api/v1/sources/shop/snapshots/{old}");
     let (status, text) = proxy.api("DELETE", &path, None);

@@ -266,7 +266,7 @@ async fn interrupted_creation_is_settled_on_restart() {
     proxy.kill9_and_restart();
     let (status, body) = proxy.api("DELETE", "/api/v1/branches/shop/foreign?force=true", None);
     assert_eq!(status, 409, "{body}");
-    assert!(body.contains(r#""kind":"conflict""#), "{body}");
+    assert!(body.contains(r#""code":"conflict""#), "{body}");
     assert!(body.contains("marker"), "{body}");
     assert!(pg.databases().await.contains(&"shop__foreign".to_string()));
     let (status, _) = proxy.api("DELETE", "/api/v1/branches/shop/half", None);

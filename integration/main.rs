@@ -5,6 +5,7 @@ mod harness;
 
 mod admin;
 mod admin_access;
+mod admin_api;
 mod audit;
 mod auth;
 mod config;

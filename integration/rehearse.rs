@@ -433,3 +433,134 @@ async fn dropping_data_and_bad_arguments() {
     );
     nothing_left(&f).await;
 }
+
+/// The venv `integration/rehearse/setup.sh` fills (`.ci/run` calls it).
+fn alembic() -> Option<std::path::PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
+    let bin = cache.join("offshoot/rehearse-venv/bin/alembic");
+    bin.exists().then_some(bin)
+}
+
+const ALEMBIC_ENV: &str = r#"
+import os
+from alembic import context
+from sqlalchemy import create_engine
+
+url = os.environ["DATABASE_URL"].replace("postgresql://", "postgresql+psycopg://", 1)
+engine = create_engine(url)
+with engine.connect() as connection:
+    context.configure(connection=connection, target_metadata=None, transaction_per_migration=True)
+    with context.begin_transaction():
+        context.run_migrations()
+"#;
+
+const ALEMBIC_VERSION: &str = r#"
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+
+def upgrade():
+    op.add_column("items", sa.Column("price", sa.Integer(), nullable=True))
+    op.execute("UPDATE items SET price = id * 100")
+    op.create_index("items_price_idx", "items", ["price"])
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alembic_migration_shows_its_statements() {
+    let Some(alembic) = alembic() else {
+        return skip(
+            "an_alembic_migration_shows_its_statements",
+            "alembic is not installed (run integration/rehearse/setup.sh)",
+        );
+    };
+    let f = Fixture::start(Engine::Database, "").await;
+    let alembic = alembic.display().to_string();
+    let run = rehearse(
+        &f.proxy,
+        &[
+            (
+                "alembic.ini",
+                "[alembic]\nscript_location = %(here)s/migrations\n",
+            ),
+            ("migrations/env.py", ALEMBIC_ENV),
+            ("migrations/script.py.mako", ""),
+            ("migrations/versions/0001_price.py", ALEMBIC_VERSION),
+        ],
+        &[
+            "--probe",
+            "--",
+            &alembic,
+            "-c",
+            "{dir}/alembic.ini",
+            "upgrade",
+            "head",
+        ],
+    );
+    let r = &run.report;
+    assert_eq!(run.code, 0, "{}\n{r:#}", run.output);
+    assert_eq!(r["migration"]["kind"], "command");
+    assert_eq!(r["migration"]["command_exit"], 0);
+    let st = r["statements"].as_array().unwrap();
+    let find = |start: &str| {
+        st.iter()
+            .find(|s| s["sql"].as_str().unwrap().starts_with(start))
+            .cloned()
+            .unwrap_or_else(|| panic!("no statement {start:?} in {r:#}"))
+    };
+    let add = find("ALTER TABLE items ADD COLUMN price INTEGER");
+    assert_eq!(add["tag"], "ALTER TABLE");
+    assert!(add["origin"].as_str().unwrap().starts_with("session "));
+    let lock = add["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "items")
+        .cloned();
+    assert_eq!(
+        lock.unwrap_or_default()["mode"],
+        "AccessExclusiveLock",
+        "{add:#}"
+    );
+    let update = find("UPDATE items SET price = id * 100");
+    assert_eq!(
+        (update["tag"].as_str(), update["rows"].as_u64()),
+        (Some("UPDATE"), Some(3))
+    );
+    let index = find("CREATE INDEX items_price_idx ON items (price)");
+    assert_eq!(
+        index["indexes_built"][0]["index"], "items_price_idx",
+        "{index:#}"
+    );
+    assert_eq!(index["indexes_built"][0]["concurrently"], false);
+    // SQLAlchemy's own queries go through the extended protocol: their parameters show.
+    assert!(
+        st.iter().any(|s| s["params"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|v| v == "alembic_version"))),
+        "{r:#}"
+    );
+    // The statements run in order, within the run.
+    let times: Vec<f64> = st
+        .iter()
+        .map(|s| s["started_ms"].as_f64().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]) && times[0] >= 0.0,
+        "{times:?}"
+    );
+    let added: Vec<&str> = r["schema_diff"]["added"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        added.contains(&"items.price") && added.contains(&"alembic_version"),
+        "{added:?}"
+    );
+    nothing_left(&f).await;
+}

@@ -35,7 +35,7 @@ async fn database_branches_clone_a_snapshot_not_the_live_source() {
     // ... but a new snapshot needs the source to itself.
     let (status, body) = take(&proxy);
     assert_eq!(status, 502, "{body}");
-    assert_eq!(body["kind"], "server_error", "{body}");
+    assert_eq!(body["error"]["code"], "server_error", "{body}");
     assert!(body.to_string().contains("being accessed"), "{body}");
     drop(holder);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;

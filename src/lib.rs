@@ -16,6 +16,8 @@
 //!   client.
 //! - [`console`]: the web console the admin listener serves at `/`, and the login
 //!   that guards the listener; [`history`]: the in-memory samples its charts draw.
+//! - [`recording`]: statements recorded on rehearsal branches' sessions, kept until
+//!   the rehearsal takes them.
 //! - [`rehearse`]: migration rehearsal on a branch, through the proxy: statements,
 //!   locks, rewrites, hazards, the probe of concurrent traffic, the report.
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
@@ -51,5 +53,6 @@ pub mod metrics;
 pub mod names;
 pub mod pg;
 pub mod proxy;
+pub mod recording;
 pub mod rehearse;
 pub mod upstream;

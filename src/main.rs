@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use offshoot::cli::branch::BranchArgs;
+use offshoot::cli::snapshot::SnapshotArgs;
+use offshoot::cli::ApiArgs;
 use offshoot::config::Config;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -44,20 +47,15 @@ enum Command {
     Serve(ConfigArg),
     /// Check a configuration file and exit.
     Check(ConfigArg),
-    /// List, create or delete branches through a running proxy's admin API.
-    Branch {
-        #[command(flatten)]
-        api: ApiArgs,
-        #[command(subcommand)]
-        action: BranchAction,
-    },
+    /// List, show, create or delete branches through a running proxy's admin API.
+    Branch(BranchArgs),
     /// Take, list or delete snapshots of an `instance` source through a running
     /// proxy's admin API.
-    Snapshot {
-        #[command(flatten)]
-        api: ApiArgs,
-        #[command(subcommand)]
-        action: SnapshotAction,
+    Snapshot(SnapshotArgs),
+    /// Print a shell completion script: `offshoot completions bash > /etc/bash_completion.d/offshoot`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
     },
     /// Rehearse a migration on a fresh branch of SOURCE and report what it did:
     /// statements, locks, rewrites, hazards, schema diff, data checks.
@@ -68,133 +66,6 @@ enum Command {
         #[command(flatten)]
         args: Box<offshoot::rehearse::command::Args>,
     },
-}
-
-/// How the CLI reaches a running proxy's admin API.
-#[derive(clap::Args)]
-struct ApiArgs {
-    /// The admin API address (`admin.listen` of the running proxy).
-    #[arg(
-        long,
-        default_value = "127.0.0.1:9187",
-        env = "OFFSHOOT_ADMIN",
-        global = true
-    )]
-    admin: String,
-    /// File holding the admin API token. Default: `OFFSHOOT_ADMIN_TOKEN`, else the
-    /// token file of the configuration below (`admin.token_file`, or
-    /// `<state.dir>/admin.token`).
-    #[arg(long, global = true)]
-    token_file: Option<PathBuf>,
-    /// The running proxy's configuration, read only to find its token file.
-    #[arg(long, short, env = "OFFSHOOT_CONFIG", global = true)]
-    config: Option<PathBuf>,
-}
-
-impl ApiArgs {
-    fn connect(&self) -> anyhow::Result<offshoot::cli::AdminApi> {
-        offshoot::cli::AdminApi::connect(
-            &self.admin,
-            self.token_file.as_deref(),
-            self.config.as_deref(),
-        )
-    }
-}
-
-#[derive(Subcommand)]
-enum SnapshotAction {
-    /// Copy the source now and seal the copy; new branches start from it.
-    Create {
-        /// The source's name.
-        source: String,
-    },
-    /// Show the source's snapshots and the branches made from each.
-    List {
-        /// The source's name.
-        source: String,
-    },
-    /// Delete a snapshot; refused while a branch was made from it.
-    Delete {
-        /// The source's name.
-        source: String,
-        /// The snapshot's name (see `snapshot list`).
-        name: String,
-    },
-}
-
-#[derive(Subcommand)]
-enum BranchAction {
-    /// Show every branch with its state, connections and last activity.
-    List,
-    /// Create a branch ahead of time (first connections then find it ready).
-    Create {
-        /// `<source>.<branch>`, e.g. `shop.pr-42`.
-        name: String,
-        /// Never expire this branch.
-        #[arg(long)]
-        persistent: bool,
-        /// Snapshot to clone (`instance` sources); default the newest.
-        #[arg(long)]
-        snapshot: Option<String>,
-    },
-    /// Stop a branch's server now (`instance` sources); the next connection starts it.
-    Suspend {
-        /// `<source>.<branch>`, e.g. `shop.pr-42`.
-        name: String,
-    },
-    /// Delete a branch. Refused while clients are connected, unless --force.
-    Delete {
-        /// `<source>.<branch>`, e.g. `shop.pr-42`.
-        name: String,
-        /// Terminate open sessions first.
-        #[arg(long)]
-        force: bool,
-    },
-}
-
-fn split_name(name: &str) -> anyhow::Result<(&str, &str)> {
-    name.rsplit_once('.')
-        .ok_or_else(|| anyhow::anyhow!("{name:?}: expected <source>.<branch>, e.g. shop.pr-42"))
-}
-
-fn branch_command(api: &ApiArgs, action: &BranchAction) -> std::process::ExitCode {
-    let admin = match api.connect() {
-        Ok(a) => a,
-        Err(e) => return exit_code(Err(e)),
-    };
-    let admin = &admin;
-    let result = match action {
-        BranchAction::List => offshoot::cli::list(admin),
-        BranchAction::Create {
-            name,
-            persistent,
-            snapshot,
-        } => split_name(name).and_then(|(s, b)| {
-            offshoot::cli::create(admin, s, b, *persistent, snapshot.as_deref())
-        }),
-        BranchAction::Suspend { name } => {
-            split_name(name).and_then(|(s, b)| offshoot::cli::suspend(admin, s, b))
-        }
-        BranchAction::Delete { name, force } => {
-            split_name(name).and_then(|(s, b)| offshoot::cli::delete(admin, s, b, *force))
-        }
-    };
-    exit_code(result)
-}
-
-fn snapshot_command(api: &ApiArgs, action: &SnapshotAction) -> std::process::ExitCode {
-    let admin = match api.connect() {
-        Ok(a) => a,
-        Err(e) => return exit_code(Err(e)),
-    };
-    let admin = &admin;
-    exit_code(match action {
-        SnapshotAction::Create { source } => offshoot::cli::snapshot_create(admin, source),
-        SnapshotAction::List { source } => offshoot::cli::snapshot_list(admin, source),
-        SnapshotAction::Delete { source, name } => {
-            offshoot::cli::snapshot_delete(admin, source, name)
-        }
-    })
 }
 
 fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
@@ -226,8 +97,17 @@ fn main() -> std::process::ExitCode {
     }
     let config = match &cli.command {
         Command::Serve(ConfigArg { config }) | Command::Check(ConfigArg { config }) => config,
-        Command::Branch { api, action } => return branch_command(api, action),
-        Command::Snapshot { api, action } => return snapshot_command(api, action),
+        Command::Branch(args) => return exit_code(args.run()),
+        Command::Snapshot(args) => return exit_code(args.run()),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "offshoot",
+                &mut std::io::stdout(),
+            );
+            return std::process::ExitCode::SUCCESS;
+        }
         Command::Rehearse { api, args } => {
             return match api.connect() {
                 Ok(admin) => offshoot::rehearse::command::main(&admin, args),

@@ -36,6 +36,10 @@ pub struct Metrics {
     pub suspensions_total: IntCounterVec,
     /// Clones whose files were copied, by source and mode (reflink or copy).
     pub clones_total: IntCounterVec,
+    /// Branches or connections refused by a policy or quota, by source and the key
+    /// that refused (`connect_roles`, `create_roles`, `max_branches` of a policy,
+    /// `max_branches_per_role`, `source_max_branches`, `max_total_size`).
+    pub policy_refusals_total: IntCounterVec,
     /// Server sessions kept for reuse: taken (hit), wanted but none kept (miss),
     /// closed instead of reused (discard).
     pub server_reuse_total: IntCounterVec,
@@ -152,6 +156,14 @@ impl Metrics {
             &["source", "mode"],
         )
         .expect("valid metric");
+        let policy_refusals_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_policy_refusals_total",
+                "Branches or connections refused by a policy or quota, by source and key",
+            ),
+            &["source", "reason"],
+        )
+        .expect("valid metric");
         let server_reuse_total = IntCounterVec::new(
             Opts::new(
                 "offshoot_server_reuse_total",
@@ -197,6 +209,7 @@ impl Metrics {
             Box::new(start_seconds.clone()),
             Box::new(suspensions_total.clone()),
             Box::new(clones_total.clone()),
+            Box::new(policy_refusals_total.clone()),
             Box::new(server_reuse_total.clone()),
             Box::new(server_sessions_idle.clone()),
             Box::new(audit_lines_total.clone()),
@@ -227,6 +240,7 @@ impl Metrics {
             start_seconds,
             suspensions_total,
             clones_total,
+            policy_refusals_total,
             server_reuse_total,
             server_sessions_idle,
             audit_lines_total,

@@ -55,23 +55,34 @@ pub(super) async fn sync_writes(State(s): State<AppState>, req: Request, next: N
     response
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct EventsQuery {
+    /// Only events of this source.
     source: Option<String>,
+    /// Only events of this branch.
     branch: Option<String>,
+    /// An action (`branch.expired`), or a prefix pattern (`branch.*`).
     action: Option<String>,
     /// RFC 3339, or a duration back from now (`10m`).
     since: Option<String>,
+    /// At most this many events.
     limit: Option<String>,
 }
 
-/// `GET /api/v1/events?source=&branch=&action=&since=&limit=`.
+/// The audit trail, newest first, filtered.
+#[utoipa::path(get, path = "/api/v1/events", operation_id = "list_events", tag = "events", params(EventsQuery),
+    responses(
+        (status = 200, description = "The events, newest first", body = Vec<crate::audit::Event>),
+        (status = 400, description = "A bad filter, named", body = crate::error::ErrorBody),
+        (status = 500, description = "The audit trail cannot be read", body = crate::error::ErrorBody),
+    ))]
 pub(super) async fn list(
     State(s): State<AppState>,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Query(q) = query.map_err(super::errors::bad_query)?;
     let filter = Filter::parse(
         q.source,
         q.branch,

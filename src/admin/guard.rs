@@ -21,10 +21,9 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use serde_json::json;
 
 use crate::config::AdminConfig;
+use crate::error::ApiError;
 
 /// The admin listener's Host and cross-site rules, built once from `[admin]`.
 pub struct Guard {
@@ -38,7 +37,7 @@ pub struct Refusal(pub StatusCode, pub String);
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        ApiError::new(self.0, self.1).into_response()
     }
 }
 

@@ -46,7 +46,7 @@ pub const FILE: &str = "audit.jsonl";
 const QUEUE: usize = 4096;
 
 /// What happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Action {
     /// A branch was made (by a client's first connection or the API).
     #[serde(rename = "branch.created")]
@@ -132,7 +132,7 @@ impl Action {
 }
 
 /// Who caused an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ActorKind {
     /// A client connection through the proxy.
@@ -149,7 +149,7 @@ pub enum ActorKind {
 }
 
 /// Who caused an event, with what is known of them.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Actor {
     pub kind: ActorKind,
     /// The database role of a client (authenticated, or claimed under `trust`).
@@ -201,7 +201,7 @@ impl Actor {
 }
 
 /// How it ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     #[default]
@@ -212,9 +212,10 @@ pub enum Outcome {
 
 /// One line of the audit trail. Build with [`Event::new`] and the setters; `at` is
 /// filled in from the audit's clock when it is recorded.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     #[serde(with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub at: SystemTime,
     pub action: Action,
     pub source: Option<String>,

@@ -8,5 +8,6 @@ pub mod registry;
 pub mod store;
 
 pub use registry::{
-    BranchView, CreateOptions, DeleteError, Lease, Phase, Registry, RemoveReason, Source,
+    BranchView, Changes, CreateOptions, DeleteError, Due, Guard, IfExists, Lease, Phase, Registry,
+    RemoveReason, Source, UpdateError,
 };

@@ -1,7 +1,9 @@
 //! Idle suspension and expiry: one step ([`reap_once`]) and a loop around it ([`run`]).
 //!
-//! A branch idle past its source's `suspend_after` has its server stopped (engines
-//! whose clones run one); past `idle_expire` it is removed altogether.
+//! A branch idle past its policy's `suspend_after` has its server stopped (engines
+//! whose clones run one); past `idle_expire`, past `max_lifetime` since its creation
+//! or last reset, or past its TTL, it is removed altogether, once no connection is
+//! open. Persistent and protected branches are never removed here.
 //!
 //! The step takes the time as an argument, so tests can ask "what expires at T?"
 //! without sleeping; the loop reads it from the registry's clock. The registry re-checks every condition under its lock when the
@@ -14,22 +16,16 @@ use futures_util::stream::{self, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::registry::{DeleteError, Registry, RemoveReason};
+use super::registry::{DeleteError, Due, Registry, RemoveReason};
 use crate::names::BranchId;
-
-/// Why a branch expired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExpireReason {
-    /// No connection for at least the source's `idle_expire`.
-    Idle,
-}
 
 /// What one step did to one branch.
 #[derive(Debug)]
 pub enum Outcome {
     Expired {
         id: BranchId,
-        reason: ExpireReason,
+        /// `Idle`, `Lifetime` or `Ttl`.
+        reason: RemoveReason,
         idle: Duration,
     },
     /// Its server was stopped; the data stays.
@@ -42,12 +38,12 @@ pub enum Outcome {
 /// another they would make a batch of branches expire late.
 const PARALLEL_EXPIRIES: usize = 4;
 
-/// Expires every branch idle past its policy at `now`, suspends those idle past
-/// `suspend_after`, and saves activity stamps.
+/// Expires every branch past a deadline of its policy (or its TTL) at `now`,
+/// suspends those idle past `suspend_after`, and saves activity stamps.
 pub async fn reap_once(registry: &Arc<Registry>, now: SystemTime) -> Vec<Outcome> {
     registry.flush_activity();
-    let mut out: Vec<Outcome> = stream::iter(registry.idle_candidates(now))
-        .map(|(id, idle)| expire(registry, id, idle))
+    let mut out: Vec<Outcome> = stream::iter(registry.expiry_candidates(now))
+        .map(|due| expire(registry, due))
         .buffer_unordered(PARALLEL_EXPIRIES)
         .collect()
         .await;
@@ -76,17 +72,17 @@ async fn suspend(registry: &Arc<Registry>, id: BranchId, idle: Duration) -> Opti
     }
 }
 
-async fn expire(registry: &Arc<Registry>, id: BranchId, idle: Duration) -> Outcome {
-    match registry.delete(&id, false, RemoveReason::Idle).await {
+async fn expire(registry: &Arc<Registry>, due: Due) -> Outcome {
+    let Due { id, reason, idle } = due;
+    match registry.delete(&id, false, reason).await {
         Ok(()) => {
-            info!(branch = %id, idle = %humantime::format_duration(trunc(idle)), reason = "idle", "branch expired");
-            Outcome::Expired {
-                id,
-                reason: ExpireReason::Idle,
-                idle,
-            }
+            info!(branch = %id, idle = %humantime::format_duration(trunc(idle)), reason = reason.as_str(), "branch expired");
+            Outcome::Expired { id, reason, idle }
         }
-        Err(e @ (DeleteError::InUse { .. } | DeleteError::Busy(_))) => Outcome::Kept {
+        // A connection arrived, or it was protected in between.
+        Err(
+            e @ (DeleteError::InUse { .. } | DeleteError::Busy(_) | DeleteError::Guarded { .. }),
+        ) => Outcome::Kept {
             id,
             why: e.to_string(),
         },
@@ -162,7 +158,7 @@ mod tests {
                 idle,
             } => {
                 assert_eq!(gone, &id("idle"));
-                assert_eq!(*reason, ExpireReason::Idle);
+                assert_eq!(*reason, RemoveReason::Idle);
                 assert_eq!(*idle, Duration::from_secs(61));
             }
             other => panic!("unexpected {other:?}"),

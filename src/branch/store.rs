@@ -51,6 +51,20 @@ pub struct BranchRecord {
     /// files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy_mode: Option<crate::branch::engine::CopyMode>,
+    /// Unix milliseconds of the creation or the last reset: where `max_lifetime`
+    /// counts from. Unset (records written before resets existed): `created_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub born_at: Option<u64>,
+    /// Unix milliseconds at which the branch is removed, set by a TTL; it replaces
+    /// the idle and lifetime deadlines of its policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// Set through the API: overrides the policy's `protected`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected: Option<bool>,
+    /// Unix milliseconds at which the protection ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected_until: Option<u64>,
 }
 
 impl BranchRecord {
@@ -59,6 +73,16 @@ impl BranchRecord {
             source: self.source.clone(),
             branch: self.branch.clone(),
         }
+    }
+
+    /// When the branch's lifetime started: its creation or its last reset.
+    pub fn born_at(&self) -> u64 {
+        self.born_at.unwrap_or(self.created_at)
+    }
+
+    /// Restarts the lifetime clock (a reset made the branch again at `now_ms`).
+    pub fn reborn(&mut self, now_ms: u64) {
+        self.born_at = Some(now_ms);
     }
 }
 
@@ -151,6 +175,10 @@ mod tests {
             created_by: None,
             snapshot: None,
             copy_mode: None,
+            born_at: None,
+            expires_at: None,
+            protected: None,
+            protected_until: None,
         }
     }
 
@@ -170,5 +198,35 @@ mod tests {
         store.remove(&b.id()).unwrap();
         store.remove(&b.id()).unwrap();
         assert_eq!(store.load_all().unwrap().0, vec![rec("a")]);
+    }
+
+    #[test]
+    fn lifecycle_fields_survive_a_restart_and_old_records_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut r = rec("pr-1");
+        assert_eq!(
+            r.born_at(),
+            1,
+            "without a reset, the lifetime starts at creation"
+        );
+        r.reborn(50);
+        r.expires_at = Some(100);
+        r.protected = Some(true);
+        r.protected_until = Some(200);
+        store.save(&r).unwrap();
+        assert_eq!(store.load_all().unwrap().0, vec![r.clone()]);
+        assert_eq!(r.born_at(), 50);
+
+        let old = r#"{"source":"shop","branch":"old","engine":"database","clone_name":"c",
+            "state":"ready","created_at":7,"last_active":8}"#;
+        fs::write(dir.path().join("branches/shop/old.json"), old).unwrap();
+        let (all, bad) = store.load_all().unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        let old = all.iter().find(|r| r.branch.as_str() == "old").unwrap();
+        assert_eq!(
+            (old.born_at(), old.expires_at, old.protected),
+            (7, None, None)
+        );
     }
 }

@@ -31,7 +31,9 @@ pub enum ServerTls {
 }
 
 /// How a source's branches are made.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, serde::Serialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     /// `CREATE DATABASE <clone> TEMPLATE <source>` on the source's server.
@@ -165,7 +167,9 @@ pub struct DatabaseConfig {
 }
 
 /// `clone_strategy` of a `database` source.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, serde::Serialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum CloneStrategy {
     /// `STRATEGY FILE_COPY`, with `file_copy_method = clone` on PostgreSQL 18 and

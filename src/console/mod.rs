@@ -25,11 +25,11 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::branch::Registry;
+use crate::branch::{BranchView, Registry};
 use crate::config::RouteBy;
+use crate::error::ApiError;
 use crate::history::{History, Reading, Totals};
 use crate::metrics::Metrics;
 use crate::names::{BranchId, BranchName, SourceName};
@@ -44,6 +44,46 @@ pub struct Reach {
     pub separator: String,
     /// The role shown for branches that record no creator.
     pub user: String,
+}
+
+/// How to connect to one branch, ready to copy.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Connection {
+    /// A URL for psql and most drivers: `postgres://user@host:port/db`.
+    pub url: String,
+    /// libpq keywords: `host=... port=... dbname=... user=...`.
+    pub libpq: String,
+    /// A JDBC URL.
+    pub jdbc: String,
+}
+
+impl Reach {
+    /// The connection strings of branch `v` (its creator's role, else the
+    /// configured one), for the way this proxy routes.
+    pub fn connection(&self, v: &BranchView) -> Connection {
+        let role = v.created_by.as_deref().unwrap_or(&self.user);
+        let (user, db) = match self.route_by {
+            RouteBy::Database => (
+                role.to_owned(),
+                format!("{}{}{}", v.source, self.separator, v.branch),
+            ),
+            RouteBy::User => (
+                format!("{role}{}{}", self.separator, v.branch),
+                v.source.clone(),
+            ),
+        };
+        let (host, port) = (self.addr.ip(), self.addr.port());
+        let url_host = if host.is_ipv6() {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        Connection {
+            url: format!("postgres://{user}@{url_host}:{port}/{db}"),
+            libpq: format!("host={host} port={port} dbname={db} user={user}"),
+            jdbc: format!("jdbc:postgresql://{url_host}:{port}/{db}?user={user}"),
+        }
+    }
 }
 
 /// What the console's pages read.
@@ -150,18 +190,18 @@ async fn login(
     body: Result<Json<LoginBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Ok(Json(body)) = body else {
-        return (
+        return ApiError::new(
             StatusCode::BAD_REQUEST,
-            Json(json!({ "error": "send the token as JSON: {\"token\": \"...\"}" })),
+            "send the token as JSON: {\"token\": \"...\"}",
         )
-            .into_response();
+        .into_response();
     };
     if !c.gate.has_token() {
-        return (
+        return ApiError::new(
             StatusCode::CONFLICT,
-            Json(json!({ "error": "this server has no admin token: nothing to log in to" })),
+            "this server has no admin token: nothing to log in to",
         )
-            .into_response();
+        .into_response();
     }
     match c.gate.login(body.token.trim()) {
         Some(id) => (
@@ -169,11 +209,9 @@ async fn login(
             [(header::SET_COOKIE, session::set_cookie(&id))],
         )
             .into_response(),
-        None => (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({ "error": "that is not the admin token" })),
-        )
-            .into_response(),
+        None => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "that is not the admin token").into_response()
+        }
     }
 }
 

@@ -282,41 +282,13 @@ pub fn detail(c: &Console, access: Access, v: &BranchView) -> String {
     layout(c, access, &name, Nav::Branches, &body)
 }
 
-/// The psql URL, libpq keywords and JDBC URL of a branch.
+/// The psql URL, libpq keywords and JDBC URL of a branch, with their labels.
 fn connection_strings(reach: &Reach, v: &BranchView) -> Vec<(&'static str, &'static str, String)> {
-    let role = v.created_by.as_deref().unwrap_or(&reach.user);
-    let (user, db) = match reach.route_by {
-        RouteBy::Database => (
-            role.to_owned(),
-            format!("{}{}{}", v.source, reach.separator, v.branch),
-        ),
-        RouteBy::User => (
-            format!("{role}{}{}", reach.separator, v.branch),
-            v.source.clone(),
-        ),
-    };
-    let (host, port) = (reach.addr.ip(), reach.addr.port());
-    let url_host = if host.is_ipv6() {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    };
+    let c = reach.connection(v);
     vec![
-        (
-            "psql",
-            "psql URL",
-            format!("postgres://{user}@{url_host}:{port}/{db}"),
-        ),
-        (
-            "libpq",
-            "libpq",
-            format!("host={host} port={port} dbname={db} user={user}"),
-        ),
-        (
-            "jdbc",
-            "JDBC",
-            format!("jdbc:postgresql://{url_host}:{port}/{db}?user={user}"),
-        ),
+        ("psql", "psql URL", c.url),
+        ("libpq", "libpq", c.libpq),
+        ("jdbc", "JDBC", c.jdbc),
     ]
 }
 

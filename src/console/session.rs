@@ -18,10 +18,10 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::Json;
 use base64::Engine as _;
-use serde_json::json;
 use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
 
 /// The session cookie's name.
 pub const COOKIE: &str = "offshoot_session";
@@ -173,9 +173,13 @@ pub fn clear_cookie() -> HeaderValue {
     HeaderValue::from_static("offshoot_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0")
 }
 
-/// Paths anyone may fetch: the login page, its assets, and the health check.
+/// Paths anyone may fetch: the login page, its assets, the health check, and the
+/// OpenAPI document (the same for every deployment; see `admin::openapi`).
 fn is_public(path: &str) -> bool {
-    path == "/login" || path.starts_with("/assets/") || path == "/healthz"
+    path == "/login"
+        || path.starts_with("/assets/")
+        || path == "/healthz"
+        || path == "/api/v1/openapi.json"
 }
 
 /// Pages of the console (as opposed to the API): an unauthenticated read is sent to
@@ -260,7 +264,7 @@ pub fn encode_next(path: &str) -> String {
 }
 
 fn refuse(status: StatusCode, message: &str) -> Response {
-    (status, Json(json!({ "error": message }))).into_response()
+    ApiError::new(status, message).into_response()
 }
 
 #[cfg(test)]

@@ -13,8 +13,10 @@ use pgwire::messages::Message;
 
 use crate::names::{BranchId, NameError};
 
+mod api;
 mod engine;
 
+pub use api::{status_code_word, ApiError, ErrorBody, ErrorDetail};
 pub use engine::EngineError;
 
 /// Why a branch could not be made ready.
@@ -32,12 +34,23 @@ pub enum ProvisionError {
     Conflict(String),
     #[error("branch {0} is being deleted")]
     Deleting(BranchId),
-    #[error("role \"{role}\" may not create branches of source {source_name} (sources.{source_name}.create_roles)")]
-    CreateForbidden { role: String, source_name: String },
+    #[error("role \"{role}\" may not create branch {branch} ({key})")]
+    CreateForbidden {
+        role: String,
+        branch: BranchId,
+        /// The key that says so: `sources.X.create_roles` or a policy's.
+        key: String,
+    },
     #[error("role \"{role}\" already has {limit} branches of source {source_name} (sources.{source_name}.max_branches_per_role); delete one or raise the limit")]
     RoleQuota {
         role: String,
         source_name: String,
+        limit: usize,
+    },
+    #[error("policy \"{policy}\" of source {source_name} already governs {limit} branches (its max_branches); delete one or raise the limit")]
+    PolicyQuota {
+        source_name: String,
+        policy: String,
         limit: usize,
     },
     #[error("the proxy is shutting down")]
@@ -199,7 +212,9 @@ impl ErrorKind {
 impl ProvisionError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            ProvisionError::Quota { .. } | ProvisionError::RoleQuota { .. } => ErrorKind::Quota,
+            ProvisionError::Quota { .. }
+            | ProvisionError::RoleQuota { .. }
+            | ProvisionError::PolicyQuota { .. } => ErrorKind::Quota,
             ProvisionError::CreateForbidden { .. } => ErrorKind::Forbidden,
             ProvisionError::Timeout(_) => ErrorKind::ProvisionTimeout,
             ProvisionError::Deleting(_) => ErrorKind::Busy,

@@ -32,15 +32,29 @@ pub(super) fn authorize(
         return Ok(None);
     }
     let listed = |roles: &[String]| roles.is_empty() || roles.contains(&route.user);
-    if !listed(&cfg.connect_roles) {
+    let policy = cfg.policy(&route.id.branch);
+    if !listed(policy.connect_roles) {
+        proxy
+            .metrics
+            .policy_refusals_total
+            .with_label_values(&[route.id.source.as_str(), "connect_roles"])
+            .inc();
+        let key = match policy.index {
+            Some(i) => format!(
+                "policy \"{}\", sources.{}.policies[{i}].connect_roles",
+                policy.name.unwrap_or_default(),
+                route.id.source
+            ),
+            None => format!("sources.{}.connect_roles", route.id.source),
+        };
         return Err(ClientError::Forbidden(format!(
-            "role \"{}\" may not connect to branches of source {} (sources.{}.connect_roles)",
-            route.user, route.id.source, route.id.source
+            "role \"{}\" may not connect to branch {} ({key})",
+            route.user, route.id
         )));
     }
     Ok(Some(Creator {
         role: route.user.clone(),
-        may_create: listed(&cfg.create_roles),
+        may_create: listed(policy.create_roles),
         max_branches: cfg.max_branches_per_role,
     }))
 }

@@ -28,6 +28,8 @@ pub(super) struct Session {
     /// Set when the server session may be kept for the next client once this one
     /// ends cleanly.
     pub reuse: Option<Ticket>,
+    /// Set on rehearsal branches only: the relay records the session's statements.
+    pub recorder: Option<super::record::Recorder>,
 }
 
 /// A server connection, new or kept from an earlier client.
@@ -91,6 +93,7 @@ pub(super) async fn connect(
                 server,
                 hold: (lease.guard, key_guard),
                 reuse: Some(ticket),
+                recorder: super::record::recorder(&route.id, startup),
             }));
         }
     };
@@ -133,6 +136,7 @@ pub(super) async fn connect(
                 server,
                 hold: (lease.guard, key_guard),
                 reuse,
+                recorder: super::record::recorder(&route.id, startup),
             }))
         }
         Ok(backend::Outcome::Refused) => {

@@ -119,7 +119,14 @@ async fn relay(
     // and the connection's slot under the connection limit.
     let (lease, key) = session.hold;
     let keep = session.reuse.is_some();
-    match relay::run(client, session.server, &proxy.counters, keep).await {
+    let relayed = match session.recorder {
+        // A recorded session is closed at its end, never kept.
+        Some(r) => super::record::run(client, session.server, &proxy.counters, r)
+            .await
+            .map(|()| relay::End::Closed),
+        None => relay::run(client, session.server, &proxy.counters, keep).await,
+    };
+    match relayed {
         Ok(relay::End::Idle(server)) => {
             // The client's cancel key dies with it; the lease is held until the
             // session is parked, so the branch cannot be drained in between.

@@ -82,6 +82,7 @@ pub mod listener;
 mod negotiate;
 pub mod pool;
 pub mod protocol;
+mod record;
 pub mod relay;
 pub mod route;
 pub mod tls;

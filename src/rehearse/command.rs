@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -11,8 +12,9 @@ use serde_json::Value;
 
 use super::hazards::{parse_fail_on, DEFAULT_FAIL_ON};
 use super::report::{markdown, Report};
-use super::{new_id, read_sql_paths, rehearse, Options, Plan, Target};
+use super::{new_id, read_sql_paths, rehearse, FetchRecording, Options, Plan, Target};
 use crate::cli::{request, AdminApi};
+use crate::recording::{Recording, BRANCH_PREFIX};
 
 /// Exit code of a rehearsal that could not run (as for a failed migration).
 const EXIT_FAILED: u8 = 1;
@@ -96,6 +98,12 @@ fn run(admin: &AdminApi, args: &Args) -> Result<u8> {
         .name
         .clone()
         .unwrap_or_else(|| format!("rehearse-{}", new_id()));
+    if matches!(plan, Plan::Command(_)) && !branch.starts_with(BRANCH_PREFIX) {
+        bail!(
+            "--name {branch:?}: a command's statements are recorded only on branches \
+             named {BRANCH_PREFIX}..., so the name must start with it"
+        );
+    }
     let mut body = serde_json::json!({ "source": args.source, "branch": branch });
     if let Some(s) = &args.snapshot {
         body["snapshot"] = s.as_str().into();
@@ -119,6 +127,7 @@ fn run(admin: &AdminApi, args: &Args) -> Result<u8> {
         max_transaction: args.max_transaction,
         index_size_threshold: args.index_size_threshold,
         fail_on,
+        recording: Some(fetch_recording(admin, &args.source, &branch)),
     };
     let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -130,6 +139,8 @@ fn run(admin: &AdminApi, args: &Args) -> Result<u8> {
         Ok(r) => write_reports(r, args),
         Err(_) => Ok(()),
     };
+    let recording = format!("/api/v1/rehearsals/recording/{}/{branch}", args.source);
+    let _ = api(admin, "DELETE", &recording, None);
     if args.keep {
         println!(
             "branch kept: {} (password from PGPASSWORD)",
@@ -144,6 +155,27 @@ fn run(admin: &AdminApi, args: &Args) -> Result<u8> {
     let report = result?;
     written?;
     Ok(report.exit_code)
+}
+
+/// Reads the proxy's recording of the branch through the admin API.
+fn fetch_recording(admin: &AdminApi, source: &str, branch: &str) -> FetchRecording {
+    let admin = AdminApi {
+        addr: admin.addr.clone(),
+        token: admin.token.clone(),
+    };
+    let path = format!("/api/v1/rehearsals/recording/{source}/{branch}");
+    Arc::new(move || {
+        let v = api(&admin, "GET", &path, None)?;
+        let recording: Recording = serde_json::from_value(v)?;
+        if recording.dropped > 0 {
+            eprintln!(
+                "offshoot: the proxy kept the first {} statements of the migration; {} more were not recorded",
+                recording.statements.len(),
+                recording.dropped
+            );
+        }
+        Ok(recording.statements)
+    })
 }
 
 fn write_reports(r: &Report, args: &Args) -> Result<()> {

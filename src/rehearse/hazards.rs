@@ -257,7 +257,7 @@ pub fn find(i: &Inputs<'_>) -> Vec<Hazard> {
 }
 
 /// The rank of a table lock mode, weakest first.
-fn strength(mode: &str) -> usize {
+pub fn strength(mode: &str) -> usize {
     [
         "AccessShareLock",
         "RowShareLock",

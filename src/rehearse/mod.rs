@@ -26,6 +26,7 @@ pub mod split;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, Context, Result};
@@ -37,6 +38,7 @@ use self::classify::normalize;
 use self::observe::{SAMPLE_EVERY, SIDE_APP};
 use self::report::{Check, Migration, Outcome, Report, Settings, REPORT_VERSION};
 use self::run::Ran;
+use crate::recording::Recorded;
 
 /// `application_name` of the session that runs `--sql` files.
 pub const MIGRATION_APP: &str = "offshoot-rehearse";
@@ -161,7 +163,11 @@ pub enum Plan {
     Command(Vec<String>),
 }
 
-#[derive(Debug, Clone)]
+/// Reads what the proxy recorded on the branch's sessions (a `-- COMMAND` run);
+/// blocking.
+pub type FetchRecording = Arc<dyn Fn() -> Result<Vec<Recorded>> + Send + Sync>;
+
+#[derive(Clone)]
 pub struct Options {
     pub target: Target,
     pub source: String,
@@ -173,6 +179,8 @@ pub struct Options {
     pub max_transaction: Duration,
     pub index_size_threshold: u64,
     pub fail_on: Vec<String>,
+    /// Where a command run's statements come from.
+    pub recording: Option<FetchRecording>,
 }
 
 /// A fresh report id: 8 hex digits.
@@ -198,6 +206,7 @@ pub async fn rehearse(opts: &Options) -> Result<Report> {
     let wal_before = catalog::wal_position(&side).await?;
 
     let start = Instant::now();
+    let start_unix = crate::recording::unix_ms();
     let stop = CancellationToken::new();
     let (touched_tx, touched_rx) = mpsc::unbounded_channel();
     let sampler_client = observe::connect(&conninfo, SIDE_APP).await?;
@@ -223,7 +232,7 @@ pub async fn rehearse(opts: &Options) -> Result<Report> {
 
     let mut migration = Migration::default();
     let mut rels_during = rels_before.clone();
-    let ran: Vec<Ran> = match &opts.plan {
+    let mut ran: Vec<Ran> = match &opts.plan {
         Plan::Sql(files) => {
             migration.kind = "sql".into();
             migration.files = files.iter().map(|f| f.name.clone()).collect();
@@ -256,7 +265,17 @@ pub async fn rehearse(opts: &Options) -> Result<Report> {
                 }
                 Err(e) => migration.error = Some(format!("{e:#}")),
             }
-            Vec::new()
+            match &opts.recording {
+                Some(fetch) => {
+                    let fetch = fetch.clone();
+                    let recorded = tokio::task::spawn_blocking(move || fetch())
+                        .await
+                        .context("reading the recording")?
+                        .context("cannot read the proxy's recording of the migration")?;
+                    run::from_recording(recorded, start_unix)
+                }
+                None => Vec::new(),
+            }
         }
     };
     // A few more samples see the last locks go.
@@ -292,13 +311,17 @@ pub async fn rehearse(opts: &Options) -> Result<Report> {
     let mut spans: Vec<report::LockSpan> = sampled
         .spans
         .into_iter()
-        .map(|(oid, mut s)| {
-            if let Some(n) = names.get(&oid) {
-                s.relation = n.clone();
-            }
-            s
+        .filter_map(|(oid, mut s)| {
+            // A relation no reading ever named lived only inside one statement
+            // (the new heap of a rewrite): its table's lock is the one that counts.
+            s.relation = names.get(&oid)?.clone();
+            Some(s)
         })
         .collect();
+    let mut loose_rewrites = Vec::new();
+    if matches!(opts.plan, Plan::Command(_)) {
+        loose_rewrites = run::attach_changes(&mut ran, &rels_before, &rels_after);
+    }
     let statements = attribute::attribute(&ran, &mut spans, &names);
     let existed: HashSet<String> = rels_before.values().map(|r| r.name.clone()).collect();
     let existed_tables: HashSet<String> = rels_before
@@ -316,14 +339,7 @@ pub async fn rehearse(opts: &Options) -> Result<Report> {
         .collect();
     let mut all_rewrites: Vec<report::Rewrite> =
         statements.iter().flat_map(|s| s.rewrites.clone()).collect();
-    let loose_rewrites = if matches!(opts.plan, Plan::Command(_)) {
-        let mut r = Ran::empty();
-        run::compare(&rels_before, &rels_after, &mut r);
-        all_rewrites.extend(r.rewrites.clone());
-        r.rewrites
-    } else {
-        Vec::new()
-    };
+    all_rewrites.extend(loose_rewrites.iter().cloned());
     let diff = catalog::diff(&schema_before, &schema_after);
     let row_counts = attribute::merge_counts(&counts_before, &counts_after);
     let transactions = attribute::transactions(&ran);

@@ -7,6 +7,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use super::hazards::strength;
+
 /// The JSON schema's version; bumped when a field changes meaning or goes away
 /// (added fields do not bump it).
 pub const REPORT_VERSION: u32 = 1;
@@ -356,8 +358,16 @@ pub fn markdown(r: &Report) -> String {
                 _ => s.tag.clone(),
             },
         };
-        let locks: Vec<String> = s
-            .locks
+        // The strongest lock per relation; the JSON has them all.
+        let mut strongest: Vec<&StatementLock> = Vec::new();
+        for l in &s.locks {
+            match strongest.iter_mut().find(|k| k.relation == l.relation) {
+                Some(k) if strength(&k.mode) < strength(&l.mode) => *k = l,
+                Some(_) => {}
+                None => strongest.push(l),
+            }
+        }
+        let locks: Vec<String> = strongest
             .iter()
             .map(|l| {
                 format!(

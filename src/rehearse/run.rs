@@ -3,6 +3,7 @@
 //! migration's transaction, so rewrites and new indexes show where they happened);
 //! or a command with the branch in its environment.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
@@ -10,10 +11,12 @@ use anyhow::{anyhow, Context, Result};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::catalog::{self, Relations};
+use super::classify::normalize;
 use super::classify::{classify, Command, TxEffect};
 use super::report::{CheckResult, IndexBuilt, Rewrite, SqlError};
 use super::split::split;
 use super::{SqlFile, Target};
+use crate::recording::Recorded;
 
 /// Violations shown per check.
 const MAX_VIOLATIONS: usize = 20;
@@ -274,4 +277,116 @@ pub async fn run_command(argv: &[String], target: &Target) -> Result<i32> {
         .await
         .with_context(|| format!("cannot run {prog:?}"))?;
     Ok(status.code().unwrap_or(128 + 9))
+}
+
+/// Statements the proxy recorded (a command's sessions), from `start_unix` on, in
+/// the order they were sent; transactions followed per session.
+pub fn from_recording(mut recorded: Vec<Recorded>, start_unix: f64) -> Vec<Ran> {
+    recorded.retain(|r| r.started_unix_ms >= start_unix);
+    recorded.sort_by(|a, b| a.started_unix_ms.total_cmp(&b.started_unix_ms));
+    let mut out: Vec<Ran> = Vec::new();
+    // Per session: the open transaction (its number) and its statements.
+    let mut open: HashMap<u64, (usize, Vec<usize>)> = HashMap::new();
+    let mut tx_count = 0;
+    for r in recorded {
+        let mut command = classify(&r.sql);
+        let (tag, rows) = split_tag(r.tag.as_deref().unwrap_or(""));
+        if !tag.is_empty() {
+            command.tag = tag;
+        }
+        let started_ms = r.started_unix_ms - start_unix;
+        let end = started_ms + r.duration_ms;
+        if command.tx == TxEffect::Begin && !open.contains_key(&r.session) {
+            tx_count += 1;
+            open.insert(r.session, (tx_count, Vec::new()));
+        }
+        let ends = command.tx == TxEffect::End;
+        let i = out.len();
+        out.push(Ran {
+            origin: format!("session {}", r.session),
+            sql: r.sql,
+            params: r.params,
+            command,
+            started_ms,
+            duration_ms: r.duration_ms,
+            rows,
+            error: r.sqlstate.map(|sqlstate| SqlError {
+                sqlstate,
+                message: r.message.unwrap_or_default(),
+            }),
+            rewrites: Vec::new(),
+            indexes_built: Vec::new(),
+            wal_bytes: None,
+            tx_end_ms: end,
+            tx: open.get(&r.session).map(|(t, _)| *t),
+            new_relations: Vec::new(),
+        });
+        if let Some((_, members)) = open.get_mut(&r.session) {
+            members.push(i);
+        }
+        if ends {
+            if let Some((_, members)) = open.remove(&r.session) {
+                for m in members {
+                    out[m].tx_end_ms = end;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `INSERT 0 3` → (`INSERT`, Some(3)); `ALTER TABLE` → (`ALTER TABLE`, None).
+fn split_tag(tag: &str) -> (String, Option<u64>) {
+    let last = tag.rsplit(';').next().unwrap_or("").trim();
+    let words: Vec<&str> = last.split(' ').collect();
+    match words.last().and_then(|w| w.parse::<u64>().ok()) {
+        Some(n) => {
+            let name = words
+                .iter()
+                .take_while(|w| w.parse::<u64>().is_err())
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" ");
+            (name, Some(n))
+        }
+        None => (last.to_owned(), None),
+    }
+}
+
+/// Rewrites and indexes found by comparing before and after, matched to the
+/// recorded statement that names their table (or index); returns the rewrites no
+/// statement names.
+pub fn attach_changes(ran: &mut [Ran], before: &Relations, after: &Relations) -> Vec<Rewrite> {
+    let mut all = Ran::empty();
+    compare(before, after, &mut all);
+    let mut loose = Vec::new();
+    for w in all.rewrites {
+        let target = normalize(&w.relation);
+        let by = ran.iter_mut().rev().find(|r| {
+            r.error.is_none()
+                && r.command.target.as_deref() == Some(target.as_str())
+                && r.command.mode == Some("AccessExclusiveLock")
+        });
+        match by {
+            Some(r) => r.rewrites.push(w),
+            None => loose.push(w),
+        }
+    }
+    for mut ix in all.indexes_built {
+        let bare = normalize(&ix.index)
+            .rsplit('.')
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let by = ran.iter_mut().rev().find(|r| {
+            r.error.is_none()
+                && r.command.tag == "CREATE INDEX"
+                && r.sql.to_ascii_lowercase().contains(&bare)
+        });
+        if let Some(r) = by {
+            ix.concurrently = r.command.concurrently;
+            r.indexes_built.push(ix);
+        }
+    }
+    loose
 }

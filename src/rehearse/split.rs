@@ -189,6 +189,25 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_examples_read_as_one_statement_each() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/migrations");
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 3);
+        for p in names {
+            let st = split(&std::fs::read_to_string(&p).unwrap());
+            assert_eq!(st.len(), 1, "{p:?}");
+            assert!(
+                st[0].sql.starts_with("ALTER") || st[0].sql.starts_with("CREATE"),
+                "{p:?}"
+            );
+        }
+    }
+
+    #[test]
     fn unterminated_pieces_run_to_the_end() {
         assert_eq!(sqls("SELECT 'abc; SELECT 2"), ["SELECT 'abc; SELECT 2"]);
         assert_eq!(sqls("SELECT $x$ ;"), ["SELECT $x$ ;"]);

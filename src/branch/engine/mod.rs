@@ -55,7 +55,9 @@ pub enum Recovered {
 
 /// How a clone's files were made: by the proxy (`instance` engine) or by the
 /// server's `CREATE DATABASE` (`database` engine).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum CopyMode {
     /// Copy-on-write clones: no data is copied until one side writes.
@@ -97,7 +99,7 @@ pub struct Made {
 }
 
 /// A sealed snapshot of a source, as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct SnapshotInfo {
     /// Named by its creation time (UTC), so names sort by age.
     pub name: String,

@@ -15,7 +15,7 @@ use crate::branch::store::{BranchRecord, RecordState};
 
 /// Something found on disk or on a server that no live record explains. Reported,
 /// never deleted: the proxy cannot prove it made it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Orphan {
     pub source: Option<String>,
     pub location: String,

@@ -301,8 +301,10 @@ impl Registry {
     }
 
     /// Removes a settled branch. Connections wait for the outcome meanwhile;
-    /// afterwards a new connection makes a fresh clone. The audit trail names the
-    /// reaper (idle) or an API caller; [`Registry::delete_by`] names the caller.
+    /// afterwards a new connection makes a fresh clone. A protected or persistent
+    /// branch is removed only by a forced deletion through the API (the reaper
+    /// never removes one). The audit trail names the reaper (idle) or an API
+    /// caller; [`Registry::delete_by`] names the caller.
     pub async fn delete(
         self: &Arc<Self>,
         id: &BranchId,
@@ -327,6 +329,14 @@ impl Registry {
                 .branches
                 .get_mut(id)
                 .ok_or_else(|| DeleteError::NotFound(id.clone()))?;
+            if !(force && reason == RemoveReason::Api) {
+                if let Some(guard) = self.guard(&branch.record) {
+                    return Err(DeleteError::Guarded {
+                        id: id.clone(),
+                        guard,
+                    });
+                }
+            }
             let tx = branch.expire(force).map_err(|r| match r {
                 Refusal::Busy => DeleteError::Busy(id.clone()),
                 Refusal::InUse(conns) => DeleteError::InUse {
@@ -362,7 +372,9 @@ impl Registry {
         let started = self.clock.instant();
         let result = source.engine.destroy(&record, force).await;
         let action = match reason {
-            RemoveReason::Idle => Action::BranchExpired,
+            RemoveReason::Idle | RemoveReason::Lifetime | RemoveReason::Ttl => {
+                Action::BranchExpired
+            }
             RemoveReason::Api => Action::BranchDeleted,
         };
         let mut event = Event::new(action, actor)

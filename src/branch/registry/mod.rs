@@ -7,10 +7,11 @@
 //!   (or the admin API) a Ready branch.
 //! - `lifecycle`: the work behind the transitions: creation, start, suspension,
 //!   deletion.
-//! - `policy`: who may make a branch and how many (quotas, roles), and which
-//!   branches are due for suspension or expiry.
+//! - `policy`: who may make a branch and how many (quotas, roles), which branches
+//!   are persistent or protected, and which are due for suspension or expiry.
 //! - `adopt`: restart adoption, interrupted creations, orphans.
 //! - `snapshots`: which branches use a snapshot, and deleting one safely.
+//! - `update`: changing a branch's TTL and protection after its creation.
 //! - `view`: [`BranchView`], the branch as the API shows it.
 //!
 //! Invariants:
@@ -40,6 +41,7 @@ mod policy;
 mod snapshots;
 mod state;
 mod trail;
+mod update;
 mod view;
 
 #[cfg(test)]
@@ -48,8 +50,9 @@ pub(crate) mod fake;
 mod tests;
 
 pub use adopt::Orphan;
-pub use policy::Creator;
+pub use policy::{Creator, Due, Guard};
 pub use state::{ConnGuard, Lease, Phase};
+pub use update::{Changes, UpdateError};
 pub use view::BranchView;
 
 use state::{Activity, Branch, Ended, Entry, PhaseGauges, State, Wait};
@@ -92,6 +95,26 @@ pub struct CreateOptions {
     pub snapshot: Option<String>,
     /// Who asks, for the audit trail (the default: an API caller with no details).
     pub actor: Actor,
+    /// Unix milliseconds at which it is removed (a TTL), replacing its policy's
+    /// idle and lifetime deadlines.
+    pub expires_at: Option<u64>,
+    /// Overrides its policy's `protected`.
+    pub protected: Option<bool>,
+    /// Unix milliseconds at which its protection ends.
+    pub protected_until: Option<u64>,
+    /// When the branch exists already: return it (the default) or refuse.
+    pub if_exists: IfExists,
+}
+
+/// What a creation does when the branch exists already.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum IfExists {
+    /// Return the existing branch (never another one, nor the source).
+    #[default]
+    Reuse,
+    /// Refuse with a conflict.
+    Fail,
 }
 
 /// Why a deletion was refused.
@@ -103,6 +126,8 @@ pub enum DeleteError {
     InUse { id: BranchId, conns: usize },
     #[error("branch {0} is being created, started, suspended or deleted; try again")]
     Busy(BranchId),
+    #[error("branch {id} is {guard}; a forced deletion removes it anyway")]
+    Guarded { id: BranchId, guard: Guard },
     #[error("could not delete branch {id}: {err}")]
     Engine { id: BranchId, err: EngineError },
 }
@@ -110,16 +135,29 @@ pub enum DeleteError {
 /// Why a branch was removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RemoveReason {
-    /// Nobody used it for the source's `idle_expire`.
+    /// Nobody used it for its policy's `idle_expire`.
     Idle,
+    /// It reached its policy's `max_lifetime` since creation or its last reset.
+    Lifetime,
+    /// It reached the TTL it was given.
+    Ttl,
     /// Deleted through the admin API.
     Api,
 }
 
 impl RemoveReason {
+    pub const ALL: [RemoveReason; 4] = [
+        RemoveReason::Idle,
+        RemoveReason::Lifetime,
+        RemoveReason::Ttl,
+        RemoveReason::Api,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RemoveReason::Idle => "idle",
+            RemoveReason::Lifetime => "lifetime",
+            RemoveReason::Ttl => "ttl",
             RemoveReason::Api => "api",
         }
     }
@@ -174,7 +212,7 @@ impl Registry {
                 metrics.start_seconds.with_label_values(&[s]);
                 metrics.suspensions_total.with_label_values(&[s]);
             }
-            for reason in [RemoveReason::Idle, RemoveReason::Api] {
+            for reason in RemoveReason::ALL {
                 metrics
                     .branches_expired_total
                     .with_label_values(&[s, reason.as_str()]);
@@ -299,6 +337,11 @@ impl Registry {
         let created = {
             let book = self.lock();
             match (book.branches.get(id), &opts.snapshot) {
+                (Some(_), _) if opts.if_exists == IfExists::Fail => {
+                    return Err(ProvisionError::Conflict(format!(
+                        "branch {id} exists already (\"if_exists\": \"fail\")"
+                    )));
+                }
                 (Some(b), Some(want)) if b.record.snapshot.as_ref().is_some_and(|s| s != want) => {
                     return Err(ProvisionError::Conflict(format!(
                         "branch {id} exists and was made from snapshot {}, not {want}; \
@@ -455,6 +498,10 @@ impl Registry {
             created_by: creator.map(|c| c.role.clone()),
             snapshot: opts.snapshot.clone(),
             copy_mode: None,
+            born_at: Some(now),
+            expires_at: opts.expires_at,
+            protected: opts.protected,
+            protected_until: opts.protected_until,
         };
         let (tx, rx) = watch::channel(None);
         let branch = self.branch(

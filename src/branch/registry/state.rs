@@ -40,7 +40,7 @@ use crate::metrics::Metrics;
 use crate::names::SourceName;
 
 /// The phase a branch is in, as the API and the `offshoot_branches` gauge show it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     /// The clone is being made.

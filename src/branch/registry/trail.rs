@@ -12,7 +12,10 @@ pub(super) fn refusal(e: &ProvisionError) -> String {
     match e {
         ProvisionError::Quota { limit, .. } => format!("quota (max_branches {limit})"),
         ProvisionError::RoleQuota { limit, .. } => format!("max_branches_per_role {limit}"),
-        ProvisionError::CreateForbidden { .. } => "create_roles".to_owned(),
+        ProvisionError::CreateForbidden { key, .. } => key.clone(),
+        ProvisionError::PolicyQuota { policy, limit, .. } => {
+            format!("policy \"{policy}\" max_branches {limit}")
+        }
         other => other.kind().as_str().to_owned(),
     }
 }
@@ -22,11 +25,16 @@ fn span(d: std::time::Duration) -> String {
 }
 
 impl Registry {
-    /// The reason recorded for a removal: the limit that expired it (`idle 2h`).
+    /// The reason recorded for a removal: the limit that expired it (`idle 2h`,
+    /// `max_lifetime 7d`, `ttl`).
     pub(super) fn removal_reason(&self, id: &BranchId, reason: RemoveReason) -> Option<String> {
-        let config = &self.sources.get(&id.source)?.config;
+        let policy = self.sources.get(&id.source)?.config.policy(&id.branch);
         match reason {
-            RemoveReason::Idle => config.idle_expire.map(|d| format!("idle {}", span(d))),
+            RemoveReason::Idle => policy.idle_expire.map(|d| format!("idle {}", span(d))),
+            RemoveReason::Lifetime => policy
+                .max_lifetime
+                .map(|d| format!("max_lifetime {}", span(d))),
+            RemoveReason::Ttl => Some("ttl".to_owned()),
             RemoveReason::Api => None,
         }
     }
@@ -36,7 +44,8 @@ impl Registry {
         match actor.kind {
             ActorKind::Reaper => {
                 let config = &self.sources.get(&id.source)?.config;
-                config.suspend_after().map(|d| format!("idle {}", span(d)))
+                let policy = config.policy(&id.branch);
+                policy.suspend_after.map(|d| format!("idle {}", span(d)))
             }
             ActorKind::Proxy => Some("shutdown".to_owned()),
             _ => None,
@@ -47,7 +56,7 @@ impl Registry {
 /// Who removes a branch for `reason`, when the caller did not say.
 pub(super) fn remover(reason: RemoveReason) -> Actor {
     match reason {
-        RemoveReason::Idle => Actor::reaper(),
+        RemoveReason::Idle | RemoveReason::Lifetime | RemoveReason::Ttl => Actor::reaper(),
         RemoveReason::Api => Actor::api(None, None),
     }
 }

@@ -12,7 +12,7 @@ use crate::config::EngineKind;
 use crate::names::BranchId;
 
 /// A branch as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct BranchView {
     pub source: String,
     pub branch: String,
@@ -31,6 +31,17 @@ pub struct BranchView {
     /// `reflink` or `copy` (engines that copy files).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub copy_mode: Option<CopyMode>,
+    /// The `match` pattern of the policy governing it; null: the source's keys.
+    pub policy: Option<String>,
+    /// When the reaper will remove it if nobody uses it (its TTL, or the earlier of
+    /// its idle and lifetime deadlines, not before its protection ends); null: never.
+    pub expires_at: Option<String>,
+    /// Deleting or resetting it needs `force` now.
+    pub protected: bool,
+    /// When its protection ends; null: it does not.
+    pub protected_until: Option<String>,
+    /// Its creation or last reset: where `max_lifetime` counts from.
+    pub born_at: String,
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -49,7 +60,8 @@ impl Registry {
         book.branches.values().map(|b| self.view_of(b)).collect()
     }
 
-    fn view_of(&self, b: &Branch) -> BranchView {
+    pub(super) fn view_of(&self, b: &Branch) -> BranchView {
+        let protection = self.protection_at(&b.record, self.clock.unix_ms());
         BranchView {
             source: b.record.source.to_string(),
             branch: b.record.branch.to_string(),
@@ -63,6 +75,14 @@ impl Registry {
             created_by: b.record.created_by.clone(),
             snapshot: b.record.snapshot.clone(),
             copy_mode: b.record.copy_mode,
+            policy: self.governing(&b.record).name.map(str::to_owned),
+            expires_at: self.expires_at(b).map(rfc3339),
+            protected: protection.is_some(),
+            protected_until: match protection {
+                Some(super::Guard::Protected { until, .. }) => until.map(rfc3339),
+                _ => None,
+            },
+            born_at: rfc3339(b.record.born_at()),
         }
     }
 }

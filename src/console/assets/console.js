@@ -20,13 +20,12 @@ async function api(method, url, body) {
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (_) { /* not JSON */ }
   if (!res.ok) {
-    // {"error": "...", "kind"?: "...", "hint"?: "..."}: the message and what to do.
+    // {"error": {"code": "...", "message": "...", "sqlstate"?: "..."}}: the API's one error shape.
     const err = data && data.error;
-    let msg = (err && (err.message || err)) || text || res.statusText;
-    if (typeof msg !== "string") msg = JSON.stringify(msg);
-    if (data && data.hint) msg += ` (${data.hint})`;
+    const msg = (err && typeof err.message === "string" && err.message) || res.statusText || `HTTP ${res.status}`;
     const e = new Error(msg);
     e.status = res.status;
+    e.code = err && err.code;
     throw e;
   }
   return data;

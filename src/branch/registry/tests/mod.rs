@@ -5,6 +5,8 @@
 //! `servers`: engines with a server per clone (start, suspension, resume, a dead
 //! server); `snapshots`: snapshot deletion against creations.
 
+mod audit;
+mod policies;
 mod servers;
 mod snapshots;
 

@@ -249,12 +249,12 @@ async fn suspended_branches_expire_but_persistent_ones_only_suspend() {
     for i in &ids {
         assert!(reg.suspend(i).await.unwrap());
     }
-    assert!(reg.idle_candidates(clock.now()).is_empty());
+    assert!(reg.expiry_candidates(clock.now()).is_empty());
     clock.advance(Duration::from_secs(540));
     let expiring: Vec<_> = reg
-        .idle_candidates(clock.now())
+        .expiry_candidates(clock.now())
         .into_iter()
-        .map(|c| c.0)
+        .map(|c| c.id)
         .collect();
     assert_eq!(expiring, vec![id("a")]);
     reg.delete(&id("a"), false, RemoveReason::Idle)
