@@ -363,3 +363,36 @@ async fn the_served_document_passes_a_validator() {
     let (ok, said) = validate(&bin, &broken);
     assert!(!ok, "a broken reference passed: {said}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_wrong_console_logins_gets_429() {
+    let Fixture { pg: _pg, proxy } = Fixture::start(Engine::Database, "").await;
+    let port = proxy.admin;
+    let host = format!("127.0.0.1:{port}");
+    let headers = [
+        ("Host", host.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let wrong = r#"{"token":"not-it"}"#;
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let (s, b) = raw(port, "POST", "/login", &headers, wrong);
+        statuses.push(s);
+        if s == 429 {
+            let m = error_of(s, &b, 429, "too_many_requests");
+            assert!(m.contains("try again in"), "{m}");
+        } else {
+            error_of(s, &b, 401, "unauthorized");
+        }
+    }
+    assert_eq!(statuses[..5], [401; 5], "{statuses:?}");
+    assert_eq!(statuses[5..], [429; 3], "{statuses:?}");
+    // The right token waits too, from this address, for a while ...
+    let token = admin_token(port).expect("serve made a token");
+    let right = format!(r#"{{"token":"{token}"}}"#);
+    let (s, _) = raw(port, "POST", "/login", &headers, &right);
+    assert_eq!(s, 429);
+    // ... but the API with the bearer token is not held up.
+    let (s, b) = proxy.api("GET", "/api/v1/branches", None);
+    assert_eq!(s, 200, "{b}");
+}

@@ -160,6 +160,40 @@ async fn safe_migration_passes(engine: Engine) {
         "{}",
         run.markdown
     );
+    // The proxy keeps the report, lists it, and the audit trail names it.
+    let id = r["id"].as_str().unwrap();
+    let (status, body) = f
+        .proxy
+        .api("GET", &format!("/api/v1/rehearsals/{id}"), None);
+    assert_eq!(status, 200, "{body}");
+    let stored: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(&stored, r);
+    let (_, body) = f.proxy.api("GET", "/api/v1/rehearsals", None);
+    let list: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(list[0]["id"], id, "{list}");
+    assert_eq!(list[0]["outcome"], "passed");
+    assert_eq!(list[0]["statements"], 3);
+    let reported = || {
+        let (_, body) = f
+            .proxy
+            .api("GET", "/api/v1/events?action=rehearsal.reported", None);
+        body.contains(id)
+    };
+    assert!(
+        eventually(10, reported).await,
+        "{}",
+        f.proxy.api("GET", "/api/v1/events", None).1
+    );
+    for path in ["/api/v1/rehearsals/..%2fx", "/api/v1/rehearsals/00000000"] {
+        assert_eq!(f.proxy.api("GET", path, None).0, 404, "{path}");
+    }
+    let (status, body) = f.proxy.api(
+        "POST",
+        "/api/v1/rehearsals",
+        Some(r#"{"report_version":9}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("report_version"), "{body}");
     nothing_left(&f).await;
 }
 

@@ -26,6 +26,7 @@ mod guard;
 mod lifecycle;
 mod openapi;
 mod rehearsals;
+mod reset;
 pub mod token;
 
 use crate::branch::engine::{CopyMode, SnapshotInfo};
@@ -44,6 +45,8 @@ struct AppState {
     provision_timeout: Duration,
     /// How clients reach the proxy, for a branch's connection strings.
     reach: Reach,
+    /// `<state.dir>/rehearsals/`: the stored rehearsal reports.
+    rehearsals: std::path::PathBuf,
 }
 
 fn unknown_source(state: &AppState, source: &str) -> ApiError {
@@ -486,6 +489,11 @@ fn routes() -> Routes {
         "/api/v1/branches/{source}/{branch}/suspend",
         suspend,
     )
+    .add(
+        M::POST,
+        "/api/v1/branches/{source}/{branch}/reset",
+        reset::reset,
+    )
     .add(M::GET, "/api/v1/sources/{source}/snapshots", list_snapshots)
     .add(M::POST, "/api/v1/sources/{source}/snapshots", take_snapshot)
     .add(
@@ -495,6 +503,9 @@ fn routes() -> Routes {
     )
     .add(M::GET, "/api/v1/orphans", orphans)
     .add(M::GET, "/api/v1/events", events::list)
+    .add(M::GET, "/api/v1/rehearsals", rehearsals::list)
+    .add(M::POST, "/api/v1/rehearsals", rehearsals::store)
+    .add(M::GET, "/api/v1/rehearsals/{id}", rehearsals::show)
     .add(
         M::GET,
         "/api/v1/rehearsals/recording/{source}/{branch}",
@@ -524,6 +535,7 @@ pub struct Bound {
     guard: Arc<guard::Guard>,
     gate: Arc<crate::console::Gate>,
     token_path: std::path::PathBuf,
+    rehearsals: std::path::PathBuf,
 }
 
 impl Bound {
@@ -560,6 +572,7 @@ pub async fn bind(cfg: &crate::config::Config) -> anyhow::Result<Bound> {
             cfg.admin.public_read,
         )),
         token_path: path,
+        rehearsals: cfg.state.dir.join("rehearsals"),
     })
 }
 
@@ -577,6 +590,7 @@ pub async fn serve(
         metrics,
         provision_timeout,
         reach: console.reach.clone(),
+        rehearsals: bound.rehearsals.clone(),
     };
     // The guard (Host, cross-site, JSON writes) runs first; then the console's gate
     // checks the token (bearer header, or the console's session cookie).

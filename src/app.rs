@@ -13,8 +13,8 @@ use crate::auth::Credentials;
 use crate::branch::engine::database::DatabaseEngine;
 use crate::branch::engine::instance;
 use crate::branch::engine::Engine;
-use crate::branch::reaper;
 use crate::branch::store::Store;
+use crate::branch::{reaper, schedule};
 use crate::branch::{Registry, Source};
 use crate::clock::Clock;
 use crate::config::{Config, EngineConfig, RouteBy, TlsConfig};
@@ -207,8 +207,10 @@ async fn serve(
     let reaper = tokio::spawn(reaper::run(
         registry.clone(),
         cfg.reaper.interval,
+        cfg.reaper.size_interval,
         tasks.clone(),
     ));
+    let schedule = tokio::spawn(schedule::run(registry.clone(), tasks.clone()));
     handles.push(tokio::spawn(proxy.pool().run(tasks.clone())).abort_handle());
     let accept = tokio::spawn(listener::run(proxy.clone(), listener, tasks.clone()));
     handles.push(tokio::spawn(reload_on_sighup(cfg.tls.clone(), proxy.clone())).abort_handle());
@@ -237,6 +239,7 @@ async fn serve(
         );
     }
     let _ = reaper.await;
+    let _ = schedule.await;
     // Branch servers are stopped with the proxy; their data stays, and the next
     // connection after a restart starts them again.
     registry.suspend_all().await;
@@ -357,6 +360,9 @@ fn announce(
             format!(" --admin {}", client_addr(cfg.admin.listen))
         };
         text.push_str(&format!("  offshoot branch list{admin}\n"));
+        if let Some(first) = cfg.sources.keys().next() {
+            text.push_str(&format!("  offshoot branch show {first}.pr-42{admin}\n"));
+        }
         let instance = cfg
             .sources
             .iter()

@@ -36,6 +36,11 @@ pub struct Metrics {
     pub suspensions_total: IntCounterVec,
     /// Clones whose files were copied, by source and mode (reflink or copy).
     pub clones_total: IntCounterVec,
+    /// Branches made again under their name (resets and refreshes), by source and
+    /// outcome (`ok`, `failed`).
+    pub resets_total: IntCounterVec,
+    /// Snapshots taken by the schedule, by source and outcome (`ok`, `failed`).
+    pub scheduled_snapshots_total: IntCounterVec,
     /// Branches or connections refused by a policy or quota, by source and the key
     /// that refused (`connect_roles`, `create_roles`, `max_branches` of a policy,
     /// `max_branches_per_role`, `source_max_branches`, `max_total_size`).
@@ -156,6 +161,22 @@ impl Metrics {
             &["source", "mode"],
         )
         .expect("valid metric");
+        let resets_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_resets_total",
+                "Branches made again from a snapshot under the same name (reset or refresh)",
+            ),
+            &["source", "outcome"],
+        )
+        .expect("valid metric");
+        let scheduled_snapshots_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_scheduled_snapshots_total",
+                "Snapshots taken by a source's schedule (snapshot_every)",
+            ),
+            &["source", "outcome"],
+        )
+        .expect("valid metric");
         let policy_refusals_total = IntCounterVec::new(
             Opts::new(
                 "offshoot_policy_refusals_total",
@@ -209,6 +230,8 @@ impl Metrics {
             Box::new(start_seconds.clone()),
             Box::new(suspensions_total.clone()),
             Box::new(clones_total.clone()),
+            Box::new(resets_total.clone()),
+            Box::new(scheduled_snapshots_total.clone()),
             Box::new(policy_refusals_total.clone()),
             Box::new(server_reuse_total.clone()),
             Box::new(server_sessions_idle.clone()),
@@ -240,6 +263,8 @@ impl Metrics {
             start_seconds,
             suspensions_total,
             clones_total,
+            resets_total,
+            scheduled_snapshots_total,
             policy_refusals_total,
             server_reuse_total,
             server_sessions_idle,

@@ -170,6 +170,7 @@ pub(super) struct PatchBody {
     ))]
 pub(super) async fn patch(
     State(s): State<AppState>,
+    super::events::ApiActor(actor): super::events::ApiActor,
     Path((source, branch)): Path<(String, String)>,
     body: Result<Json<PatchBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -203,7 +204,10 @@ pub(super) async fn patch(
         protected: body.protected,
         protected_until,
     };
-    let view = s.registry.update(&id, &changes).map_err(update_error)?;
+    let view = s
+        .registry
+        .update(&id, &changes, actor)
+        .map_err(update_error)?;
     Ok(Json(view))
 }
 

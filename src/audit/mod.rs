@@ -81,11 +81,14 @@ pub enum Action {
     /// A snapshot was deleted.
     #[serde(rename = "snapshot.deleted")]
     SnapshotDeleted,
+    /// A migration rehearsal's report was stored (`reason`: outcome and report id).
+    #[serde(rename = "rehearsal.reported")]
+    RehearsalReported,
 }
 
 impl Action {
     /// Every action, for validating webhook subscriptions and filters.
-    pub const ALL: [Action; 11] = [
+    pub const ALL: [Action; 12] = [
         Action::BranchCreated,
         Action::BranchCreateFailed,
         Action::BranchRefused,
@@ -97,6 +100,7 @@ impl Action {
         Action::BranchUpdated,
         Action::SnapshotTaken,
         Action::SnapshotDeleted,
+        Action::RehearsalReported,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -112,6 +116,7 @@ impl Action {
             Action::BranchUpdated => "branch.updated",
             Action::SnapshotTaken => "snapshot.taken",
             Action::SnapshotDeleted => "snapshot.deleted",
+            Action::RehearsalReported => "rehearsal.reported",
         }
     }
 

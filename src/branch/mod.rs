@@ -5,9 +5,10 @@
 pub mod engine;
 pub mod reaper;
 pub mod registry;
+pub mod schedule;
 pub mod store;
 
 pub use registry::{
     BranchView, Changes, CreateOptions, DeleteError, Due, Guard, IfExists, Lease, Phase, Registry,
-    RemoveReason, Source, UpdateError,
+    RemoveReason, ResetError, Source, UpdateError,
 };

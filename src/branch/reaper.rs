@@ -1,5 +1,7 @@
 //! Idle suspension and expiry: one step ([`reap_once`]) and a loop around it ([`run`]).
 //!
+//! Branch sizes are measured here too, on their own interval.
+//!
 //! A branch idle past its policy's `suspend_after` has its server stopped (engines
 //! whose clones run one); past `idle_expire`, past `max_lifetime` since its creation
 //! or last reset, or past its TTL, it is removed altogether, once no connection is
@@ -100,9 +102,16 @@ fn trunc(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs())
 }
 
-/// Calls [`reap_once`] every `interval` until `shutdown`; saves activity once more
-/// on the way out.
-pub async fn run(registry: Arc<Registry>, interval: Duration, shutdown: CancellationToken) {
+/// Calls [`reap_once`] every `interval` until `shutdown`, and measures branch sizes
+/// every `size_interval` in a task of its own (a slow measurement never delays an
+/// expiry); saves activity once more on the way out.
+pub async fn run(
+    registry: Arc<Registry>,
+    interval: Duration,
+    size_interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let sizes = tokio::spawn(measure(registry.clone(), size_interval, shutdown.clone()));
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -113,7 +122,20 @@ pub async fn run(registry: Arc<Registry>, interval: Duration, shutdown: Cancella
             }
         }
     }
+    let _ = sizes.await;
     registry.flush_activity();
+}
+
+/// Calls [`Registry::refresh_sizes`] every `interval` until `shutdown`.
+async fn measure(registry: Arc<Registry>, interval: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => registry.refresh_sizes().await,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! `offshoot branch list|show|create|suspend|delete`.
+//! `offshoot branch list|show|create|suspend|reset|delete`.
 
 use anyhow::{anyhow, Result};
 use serde_json::Value;
@@ -45,6 +45,19 @@ pub enum BranchAction {
         /// `<source>.<branch>`, e.g. `shop.pr-42`.
         name: String,
     },
+    /// Make a branch again from a snapshot, under the same name and address.
+    /// Refused while clients are connected, unless --force.
+    Reset {
+        /// `<source>.<branch>`, e.g. `shop.qa`.
+        name: String,
+        /// Snapshot to make it from; default the newest (or the live source, where
+        /// the source has no snapshots).
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Terminate open sessions (they get 57P01) instead of refusing.
+        #[arg(long)]
+        force: bool,
+    },
     /// Delete a branch. Refused while clients are connected, unless --force.
     Delete {
         /// `<source>.<branch>`, e.g. `shop.pr-42`.
@@ -75,6 +88,14 @@ impl BranchArgs {
             BranchAction::Suspend { name } => {
                 let (s, b) = split_name(name)?;
                 suspend(admin, s, b)
+            }
+            BranchAction::Reset {
+                name,
+                snapshot,
+                force,
+            } => {
+                let (s, b) = split_name(name)?;
+                super::reset::reset(admin, s, b, snapshot.as_deref(), *force)
             }
             BranchAction::Delete { name, force } => {
                 let (s, b) = split_name(name)?;

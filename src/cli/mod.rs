@@ -27,6 +27,7 @@ use crate::config::Config;
 pub mod branch;
 pub mod output;
 pub mod progress;
+mod reset;
 pub mod snapshot;
 
 /// Environment variable holding the admin token.

@@ -234,6 +234,9 @@ impl Config {
         if self.reaper.interval.is_zero() {
             return Err(invalid("reaper.interval", "must be greater than zero"));
         }
+        if self.reaper.size_interval.is_zero() {
+            return Err(invalid("reaper.size_interval", "must be greater than zero"));
+        }
         for (i, hook) in self.webhooks.iter().enumerate() {
             hook.validate(i)?;
         }

@@ -267,12 +267,17 @@ pub struct ReaperConfig {
     /// How often idle branches are looked for and activity is saved.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// How often branch sizes are measured (for `size_bytes` and
+    /// `max_total_size`); each measurement asks every branch's engine.
+    #[serde(with = "humantime_serde")]
+    pub size_interval: Duration,
 }
 
 impl Default for ReaperConfig {
     fn default() -> Self {
         Self {
             interval: Duration::from_secs(15),
+            size_interval: Duration::from_secs(60),
         }
     }
 }

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -187,6 +187,7 @@ struct LoginBody {
 /// Exchanges the admin token for a session cookie.
 async fn login(
     State(c): Shared,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Result<Json<LoginBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Ok(Json(body)) = body else {
@@ -203,14 +204,27 @@ async fn login(
         )
         .into_response();
     }
-    match c.gate.login(body.token.trim()) {
-        Some(id) => (
+    let addr = peer.map(|Extension(ConnectInfo(a))| a.ip());
+    match c.gate.login_from(addr, body.token.trim()) {
+        Ok(id) => (
             StatusCode::NO_CONTENT,
             [(header::SET_COOKIE, session::set_cookie(&id))],
         )
             .into_response(),
-        None => {
+        Err(session::LoginRefused::Wrong) => {
             ApiError::new(StatusCode::UNAUTHORIZED, "that is not the admin token").into_response()
+        }
+        Err(session::LoginRefused::TooMany(wait)) => {
+            let secs = wait.as_secs().max(1);
+            tracing::warn!(client = ?addr, "console logins throttled after repeated wrong tokens");
+            let mut resp = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("too many wrong tokens from here; try again in {secs} s"),
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+            resp
         }
     }
 }

@@ -10,7 +10,8 @@
 //! answers; and a browser that says the request is cross-site is refused.
 //! Sessions live in memory: a restart logs everybody out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,14 @@ pub const COOKIE: &str = "offshoot_session";
 pub const CONSOLE_HEADER: &str = "x-offshoot-console";
 /// How long a login lasts.
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// The window failed logins are counted in.
+const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+/// Failed logins allowed from one address per window; more are answered 429
+/// without looking at the token.
+const FAILS_PER_ADDRESS: usize = 5;
+/// Failed logins allowed from all addresses together per window (a storm from
+/// many addresses); this also bounds the memory the counts take.
+const FAILS_TOTAL: usize = 50;
 /// Sessions kept at most; the oldest goes first (a flood of logins cannot grow memory).
 const MAX_SESSIONS: usize = 1024;
 
@@ -54,6 +63,53 @@ pub struct Gate {
     token: Option<String>,
     public_read: bool,
     sessions: Mutex<HashMap<String, Instant>>,
+    failures: Mutex<Failures>,
+}
+
+/// Recent failed logins, by address and in all.
+#[derive(Default)]
+struct Failures {
+    by_address: HashMap<IpAddr, VecDeque<Instant>>,
+    all: VecDeque<Instant>,
+}
+
+impl Failures {
+    fn forget_before(&mut self, since: Instant) {
+        let old = |q: &mut VecDeque<Instant>| {
+            while q.front().is_some_and(|t| *t < since) {
+                q.pop_front();
+            }
+        };
+        old(&mut self.all);
+        self.by_address.retain(|_, q| {
+            old(q);
+            !q.is_empty()
+        });
+    }
+
+    /// How long until `addr` may try again, if it is over a limit now.
+    fn wait(&self, addr: Option<IpAddr>, now: Instant) -> Option<Duration> {
+        let until = |q: &VecDeque<Instant>| {
+            q.front()
+                .map(|t| (*t + LOGIN_WINDOW).saturating_duration_since(now))
+        };
+        let mine = addr.and_then(|a| self.by_address.get(&a));
+        if let Some(q) = mine.filter(|q| q.len() >= FAILS_PER_ADDRESS) {
+            return until(q);
+        }
+        (self.all.len() >= FAILS_TOTAL)
+            .then(|| until(&self.all))
+            .flatten()
+    }
+}
+
+/// Why a login did not give a session.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LoginRefused {
+    /// Not the admin token.
+    Wrong,
+    /// Too many wrong tokens lately; try again after this long.
+    TooMany(Duration),
 }
 
 impl Gate {
@@ -63,6 +119,7 @@ impl Gate {
             token: token.filter(|t| !t.is_empty()),
             public_read,
             sessions: Mutex::new(HashMap::new()),
+            failures: Mutex::new(Failures::default()),
         }
     }
 
@@ -80,8 +137,33 @@ impl Gate {
             .is_some_and(|t| bool::from(digest(t).as_ref().ct_eq(digest(given).as_ref())))
     }
 
-    /// Checks a token from the login form; on success returns a new session id.
-    pub fn login(&self, token: &str) -> Option<String> {
+    /// Checks a token from the login form sent from `addr`, unless that address
+    /// (or everybody) has sent too many wrong ones lately; on success returns a new
+    /// session id.
+    pub fn login_from(&self, addr: Option<IpAddr>, token: &str) -> Result<String, LoginRefused> {
+        let now = Instant::now();
+        {
+            let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+            failures.forget_before(now.checked_sub(LOGIN_WINDOW).unwrap_or(now));
+            if let Some(wait) = failures.wait(addr, now) {
+                return Err(LoginRefused::TooMany(wait));
+            }
+        }
+        match self.login(token) {
+            Some(id) => Ok(id),
+            None => {
+                let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+                failures.all.push_back(now);
+                if let Some(a) = addr {
+                    failures.by_address.entry(a).or_default().push_back(now);
+                }
+                Err(LoginRefused::Wrong)
+            }
+        }
+    }
+
+    /// Checks a token; on success returns a new session id.
+    fn login(&self, token: &str) -> Option<String> {
         if !self.token_matches(token) {
             return None;
         }
@@ -289,6 +371,33 @@ mod tests {
         assert!(matches!(gate.proof(&h), Proof::Cookie));
         gate.logout(&h);
         assert!(matches!(gate.proof(&h), Proof::None));
+    }
+
+    #[test]
+    fn a_storm_of_wrong_tokens_is_throttled() {
+        let gate = Gate::new(Some("s3cret".into()), false);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        for _ in 0..FAILS_PER_ADDRESS {
+            assert_eq!(gate.login_from(Some(a), "guess"), Err(LoginRefused::Wrong));
+        }
+        // Even the right token waits now, from that address; another is not held up.
+        assert!(matches!(
+            gate.login_from(Some(a), "s3cret"),
+            Err(LoginRefused::TooMany(w)) if w <= LOGIN_WINDOW && !w.is_zero()
+        ));
+        assert!(gate.login_from(Some(b), "s3cret").is_ok());
+        // Many addresses together meet the total limit.
+        for i in 0..FAILS_TOTAL {
+            let addr = IpAddr::from([10, 1, (i / 256) as u8, (i % 256) as u8]);
+            let _ = gate.login_from(Some(addr), "guess");
+        }
+        let c: IpAddr = "10.0.0.3".parse().unwrap();
+        assert!(matches!(
+            gate.login_from(Some(c), "guess"),
+            Err(LoginRefused::TooMany(_))
+        ));
+        assert!(gate.failures.lock().unwrap().by_address.len() <= FAILS_TOTAL);
     }
 
     #[test]

@@ -53,6 +53,12 @@ pub enum ProvisionError {
         policy: String,
         limit: usize,
     },
+    #[error("the branches of source {source_name} hold {total}, at or past its max_total_size of {limit}; delete branches or raise the limit")]
+    SizeQuota {
+        source_name: String,
+        limit: String,
+        total: String,
+    },
     #[error("the proxy is shutting down")]
     ShuttingDown,
 }
@@ -94,6 +100,10 @@ pub enum ClientError {
     AuthUnavailable,
     #[error("{0}")]
     Forbidden(String),
+    /// The session's branch was made again (a forced reset) under it; named as
+    /// the client connected to it (`shop.qa`).
+    #[error("terminating connection because branch {}.{} was reset", .0.source, .0.branch)]
+    BranchReset(BranchId),
 }
 
 /// Why a startup packet does not name a reachable branch.
@@ -143,6 +153,8 @@ pub enum ErrorKind {
     Unsupported,
     /// Any other failure to make a branch.
     ProvisionFailed,
+    /// A session ended because its branch was reset.
+    Reset,
 }
 
 /// What one kind of failure is to a client and to the API.
@@ -178,6 +190,7 @@ pub const fn mapping(kind: ErrorKind) -> Mapping {
         ErrorKind::ServerStart => ("58000", 502),
         ErrorKind::Unsupported => ("0A000", 409),
         ErrorKind::ProvisionFailed => ("58000", 500),
+        ErrorKind::Reset => ("57P01", 409),
     };
     Mapping { sqlstate, status }
 }
@@ -205,6 +218,7 @@ impl ErrorKind {
             ErrorKind::ServerStart => "server_start",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::ProvisionFailed => "provision_failed",
+            ErrorKind::Reset => "reset",
         }
     }
 }
@@ -214,7 +228,8 @@ impl ProvisionError {
         match self {
             ProvisionError::Quota { .. }
             | ProvisionError::RoleQuota { .. }
-            | ProvisionError::PolicyQuota { .. } => ErrorKind::Quota,
+            | ProvisionError::PolicyQuota { .. }
+            | ProvisionError::SizeQuota { .. } => ErrorKind::Quota,
             ProvisionError::CreateForbidden { .. } => ErrorKind::Forbidden,
             ProvisionError::Timeout(_) => ErrorKind::ProvisionTimeout,
             ProvisionError::Deleting(_) => ErrorKind::Busy,
@@ -275,6 +290,7 @@ impl ClientError {
             | ClientError::CleartextNeedsTls
             | ClientError::AuthUnavailable => ErrorKind::AuthFailed,
             ClientError::Forbidden(_) => ErrorKind::Forbidden,
+            ClientError::BranchReset(_) => ErrorKind::Reset,
         }
     }
 
@@ -294,6 +310,7 @@ impl ClientError {
             ClientError::NoLogin(_) | ClientError::CleartextNeedsTls => "28000",
             ClientError::AuthUnavailable => "08006",
             ClientError::Forbidden(_) => "42501",
+            ClientError::BranchReset(_) => "57P01",
         }
     }
 

@@ -110,7 +110,7 @@ async fn open(
 /// logged at the end is logged inside it.
 async fn relay(
     proxy: &Proxy,
-    client: ClientStream,
+    mut client: ClientStream,
     session: connect::Session,
     slot: Slot,
     span: &tracing::Span,
@@ -119,15 +119,21 @@ async fn relay(
     // and the connection's slot under the connection limit.
     let (lease, key) = session.hold;
     let keep = session.reuse.is_some();
-    let relayed = match session.recorder {
-        // A recorded session is closed at its end, never kept.
-        Some(r) => super::record::run(client, session.server, &proxy.counters, r)
-            .await
-            .map(|()| relay::End::Closed),
-        None => relay::run(client, session.server, &proxy.counters, keep).await,
+    let relay = async {
+        match session.recorder {
+            // A recorded session is closed at its end, never kept.
+            Some(r) => super::record::run(&mut client, session.server, &proxy.counters, r)
+                .await
+                .map(|()| relay::End::Closed),
+            None => relay::run(&mut client, session.server, &proxy.counters, keep).await,
+        }
+    };
+    let relayed = tokio::select! {
+        r = relay => Some(r),
+        () = lease.ended() => None,
     };
     match relayed {
-        Ok(relay::End::Idle(server)) => {
+        Some(Ok(relay::End::Idle(server))) => {
             // The client's cancel key dies with it; the lease is held until the
             // session is parked, so the branch cannot be drained in between.
             drop(key);
@@ -140,8 +146,16 @@ async fn relay(
             }
             span.in_scope(|| debug!("connection closed; server session kept"));
         }
-        Ok(relay::End::Closed) => span.in_scope(|| debug!("connection closed")),
-        Err(e) => span.in_scope(|| debug!(error = %e, "connection ended")),
+        Some(Ok(relay::End::Closed)) => span.in_scope(|| debug!("connection closed")),
+        Some(Err(e)) => span.in_scope(|| debug!(error = %e, "connection ended")),
+        // A forced reset: the relay has stopped and the server session is closed;
+        // the client is told why, as PostgreSQL does when a session is ended.
+        None => {
+            let err = ClientError::BranchReset(lease.branch().clone());
+            refuse(proxy, &mut client, &err)
+                .instrument(span.clone())
+                .await;
+        }
     }
     drop((lease, slot));
 }

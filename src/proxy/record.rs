@@ -53,7 +53,7 @@ pub fn recorder(id: &BranchId, startup: &Startup) -> Option<Recorder> {
 
 /// Relays the session until either side closes, recording its statements.
 pub async fn run(
-    client: ClientStream,
+    client: &mut ClientStream,
     server: ServerStream,
     counters: &Counters,
     recorder: Recorder,

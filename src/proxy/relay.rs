@@ -239,8 +239,10 @@ pub async fn pump<C: RawSocket, S: RawSocket>(
 /// through the [`pump`], TLS on either side through tokio's generic [`copy`].
 /// `keep`: follow the session so that a clean end leaves the server session open
 /// ([`End::Idle`]); only sessions over plain TCP or Unix sockets are kept.
+/// The client is borrowed, so the caller can still tell it why the session ended
+/// when the relay is stopped from outside.
 pub async fn run(
-    client: super::ClientStream,
+    client: &mut super::ClientStream,
     server: super::backend::ServerStream,
     counters: &Counters,
     keep: bool,
@@ -250,7 +252,7 @@ pub async fn run(
     let mut tracker = keep.then(Tracker::new);
     match (client, server) {
         (ClientStream::Plain(c), ServerStream::Tcp(s)) => {
-            let idle = pump(&c, &s, counters.clone(), tracker.as_mut()).await?;
+            let idle = pump(&*c, &s, counters.clone(), tracker.as_mut()).await?;
             Ok(if idle {
                 End::Idle(ServerStream::Tcp(s))
             } else {
@@ -258,15 +260,15 @@ pub async fn run(
             })
         }
         (ClientStream::Plain(c), ServerStream::Unix(s)) => {
-            let idle = pump(&c, &s, counters.clone(), tracker.as_mut()).await?;
+            let idle = pump(&*c, &s, counters.clone(), tracker.as_mut()).await?;
             Ok(if idle {
                 End::Idle(ServerStream::Unix(s))
             } else {
                 End::Closed
             })
         }
-        (mut client, mut server) => {
-            copy(&mut client, &mut server, counters).await?;
+        (client, mut server) => {
+            copy(client, &mut server, counters).await?;
             Ok(End::Closed)
         }
     }

@@ -139,6 +139,17 @@ fn run(admin: &AdminApi, args: &Args) -> Result<u8> {
         Ok(r) => write_reports(r, args),
         Err(_) => Ok(()),
     };
+    if let Ok(r) = &result {
+        // Kept by the proxy too (`GET /api/v1/rehearsals/<id>`, the console); a
+        // refusal there does not change the run's outcome.
+        match serde_json::to_string(r)
+            .map_err(anyhow::Error::from)
+            .and_then(|body| api(admin, "POST", "/api/v1/rehearsals", Some(&body)))
+        {
+            Ok(_) => eprintln!("report {} stored: GET /api/v1/rehearsals/{}", r.id, r.id),
+            Err(e) => eprintln!("offshoot: the report was not stored by the proxy: {e:#}"),
+        }
+    }
     let recording = format!("/api/v1/rehearsals/recording/{}/{branch}", args.source);
     let _ = api(admin, "DELETE", &recording, None);
     if args.keep {

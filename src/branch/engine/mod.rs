@@ -16,6 +16,7 @@ use crate::names::BranchId;
 pub mod database;
 pub mod instance;
 pub(crate) mod naming;
+pub mod transform;
 
 /// Where the proxy connects for a branch's sessions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +132,17 @@ fn no_snapshots(source: &str) -> EngineError {
     ))
 }
 
+/// The disk a clone takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    /// The clone's own bytes: its database's size (`database` engine), or the bytes
+    /// it does not share with its snapshot (`instance` engine).
+    pub bytes: u64,
+    /// False when blocks shared with the snapshot could not be told apart and are
+    /// counted too (the apparent size).
+    pub exact: bool,
+}
+
 /// What an engine that runs a server per clone hands out: the only way the
 /// registry starts, stops or finds those servers.
 #[async_trait]
@@ -184,6 +196,13 @@ pub trait Engine: Send + Sync + 'static {
     /// `(location, reason)`. Reported, never removed.
     async fn strays(&self) -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    /// How much disk the clone of `rec` takes; `None` when the engine cannot tell.
+    /// Called in the background, never on a connection's path.
+    async fn usage(&self, rec: &BranchRecord) -> Result<Option<Usage>, EngineError> {
+        let _ = rec;
+        Ok(None)
     }
 
     /// The source's snapshots, oldest first.

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::{Registry, Source};
 use crate::branch::engine::{
-    CopyMode, Endpoint, Engine, Made, Recovered, ServerAddr, Servers, SnapshotInfo,
+    CopyMode, Endpoint, Engine, Made, Recovered, ServerAddr, Servers, SnapshotInfo, Usage,
 };
 use crate::branch::store::{BranchRecord, Store};
 use crate::clock::Clock;
@@ -84,11 +84,16 @@ pub struct FakeEngine {
     pub fail_start: Mutex<Option<String>>,
     pub snapshots: Mutex<BTreeSet<String>>,
     pub snapshot_deletes: AtomicUsize,
+    /// Snapshots taken through `take_snapshot`, named `t001`, `t002`, ...
+    pub snapshots_taken: AtomicUsize,
+    pub fail_snapshot: Mutex<Option<String>>,
     pub create_gate: Gate,
     pub start_gate: Gate,
     pub stop_gate: Gate,
     pub destroy_gate: Gate,
     pub snapshot_gate: Gate,
+    /// What `usage` answers for every clone; `None`: it cannot tell.
+    pub clone_bytes: Option<u64>,
 }
 
 #[async_trait]
@@ -126,6 +131,13 @@ impl Engine for FakeEngine {
     }
     fn servers(&self) -> Option<&dyn Servers> {
         self.servers.then_some(self as &dyn Servers)
+    }
+    async fn usage(&self, rec: &BranchRecord) -> Result<Option<Usage>, EngineError> {
+        let exists = self.clones.lock().unwrap().contains(&rec.clone_name);
+        Ok(self
+            .clone_bytes
+            .filter(|_| exists)
+            .map(|bytes| Usage { bytes, exact: true }))
     }
     async fn recover(&self, rec: &BranchRecord) -> Result<Recovered, EngineError> {
         Ok(if self.clones.lock().unwrap().contains(&rec.clone_name) {
@@ -169,6 +181,22 @@ impl Engine for FakeEngine {
                 branches: vec![],
             })
             .collect())
+    }
+    async fn take_snapshot(&self) -> Result<SnapshotInfo, EngineError> {
+        if let Some(msg) = self.fail_snapshot.lock().unwrap().clone() {
+            return Err(EngineError::failed(msg));
+        }
+        let n = self.snapshots_taken.fetch_add(1, Ordering::SeqCst) + 1;
+        // Named to sort after any snapshot a test put in by hand.
+        let name = format!("t{n:03}");
+        self.snapshots.lock().unwrap().insert(name.clone());
+        Ok(SnapshotInfo {
+            name,
+            created_at: String::new(),
+            origin: "fake".into(),
+            size_bytes: 0,
+            branches: vec![],
+        })
     }
     async fn delete_snapshot(&self, name: &str) -> Result<(), EngineError> {
         self.snapshot_deletes.fetch_add(1, Ordering::SeqCst);

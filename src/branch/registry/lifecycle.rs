@@ -17,12 +17,14 @@ use crate::names::BranchId;
 
 impl Registry {
     /// Runs one creation (and the first start of the clone's server) to its end and
-    /// publishes the outcome.
+    /// publishes the outcome. `resetting`: the new clone of a reset, audited and
+    /// counted as the reset (by `reset`), not as a creation.
     pub(super) async fn provision(
         self: Arc<Self>,
         mut record: BranchRecord,
         tx: watch::Sender<Outcome>,
         actor: Actor,
+        resetting: bool,
     ) {
         let id = record.id();
         let source = &self.sources[&id.source];
@@ -65,17 +67,22 @@ impl Registry {
                     .provision_seconds
                     .with_label_values(&[id.source.as_str()])
                     .observe(secs);
-                self.metrics
-                    .branches_created_total
-                    .with_label_values(&[id.source.as_str()])
-                    .inc();
+                if !resetting {
+                    self.metrics
+                        .branches_created_total
+                        .with_label_values(&[id.source.as_str()])
+                        .inc();
+                }
                 info!(branch = %id, ms = (secs * 1000.0) as u64, "branch ready");
-                self.audit.record(
-                    Event::new(Action::BranchCreated, actor)
-                        .branch(&id)
-                        .snapshot(record.snapshot.as_deref())
-                        .duration(self.clock.instant() - started),
-                );
+                // A reset's new clone is audited as the reset, by `reset`.
+                if !resetting {
+                    self.audit.record(
+                        Event::new(Action::BranchCreated, actor)
+                            .branch(&id)
+                            .snapshot(record.snapshot.as_deref())
+                            .duration(self.clock.instant() - started),
+                    );
+                }
                 if let Some(b) = self.lock().branches.get_mut(&id) {
                     b.record = record;
                     b.started();
@@ -96,13 +103,15 @@ impl Registry {
                     error!(branch = %id, error = %e, "could not remove branch record");
                 }
                 self.lock().branches.remove(&id);
-                self.audit.record(
-                    Event::new(Action::BranchCreateFailed, actor)
-                        .branch(&id)
-                        .snapshot(record.snapshot.as_deref())
-                        .duration(self.clock.instant() - started)
-                        .failed(err.client_message()),
-                );
+                if !resetting {
+                    self.audit.record(
+                        Event::new(Action::BranchCreateFailed, actor)
+                            .branch(&id)
+                            .snapshot(record.snapshot.as_deref())
+                            .duration(self.clock.instant() - started)
+                            .failed(err.client_message()),
+                    );
+                }
                 Err(ProvisionError::Engine {
                     id: id.clone(),
                     err,

@@ -10,6 +10,8 @@
 //! - `policy`: who may make a branch and how many (quotas, roles), which branches
 //!   are persistent or protected, and which are due for suspension or expiry.
 //! - `adopt`: restart adoption, interrupted creations, orphans.
+//! - `reset`: making a branch again under its name, from a snapshot.
+//! - `size`: branch sizes, measured in the background and cached.
 //! - `snapshots`: which branches use a snapshot, and deleting one safely.
 //! - `update`: changing a branch's TTL and protection after its creation.
 //! - `view`: [`BranchView`], the branch as the API shows it.
@@ -38,6 +40,8 @@ use tokio::sync::watch;
 mod adopt;
 mod lifecycle;
 mod policy;
+mod reset;
+mod size;
 mod snapshots;
 mod state;
 mod trail;
@@ -51,6 +55,7 @@ mod tests;
 
 pub use adopt::Orphan;
 pub use policy::{Creator, Due, Guard};
+pub use reset::ResetError;
 pub use state::{ConnGuard, Lease, Phase};
 pub use update::{Changes, UpdateError};
 pub use view::BranchView;
@@ -178,6 +183,8 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     gauges: BTreeMap<SourceName, PhaseGauges>,
     orphans: Mutex<Vec<Orphan>>,
+    /// Branch sizes as last measured (see `size`); locked after `book`, never before.
+    sizes: Mutex<size::Sizes>,
     shutting_down: AtomicBool,
     /// The control-plane runtime: creations, suspensions and deletions run there,
     /// not on the relay thread of the connection that asked (their file and SQL work
@@ -208,6 +215,14 @@ impl Registry {
             metrics.client_connections.with_label_values(&[s]);
             metrics.provision_seconds.with_label_values(&[s]);
             metrics.branches_created_total.with_label_values(&[s]);
+            for outcome in ["ok", "failed"] {
+                metrics.resets_total.with_label_values(&[s, outcome]);
+                if src.config.snapshot_every.is_some() {
+                    metrics
+                        .scheduled_snapshots_total
+                        .with_label_values(&[s, outcome]);
+                }
+            }
             if src.engine.servers().is_some() {
                 metrics.start_seconds.with_label_values(&[s]);
                 metrics.suspensions_total.with_label_values(&[s]);
@@ -225,6 +240,7 @@ impl Registry {
             metrics,
             gauges,
             orphans: Mutex::new(Vec::new()),
+            sizes: Mutex::new(size::Sizes::new()),
             shutting_down: AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),
             clock,
@@ -262,6 +278,11 @@ impl Registry {
         // A panic while holding the lock leaves the book consistent (every mutation is
         // a single insert/remove/state step), so poisoning is not fatal.
         self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The metrics the registry's work is counted in.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The clock every time stamp and idle period is read from.
@@ -420,7 +441,7 @@ impl Registry {
         let mut book = self.lock();
         let dead = matches!(
             book.branches.get(id).map(Branch::state),
-            Some(State::Provisioning { done } | State::Starting { done })
+            Some(State::Provisioning { done } | State::Starting { done } | State::Resetting { done })
                 if done.has_changed().is_err()
         );
         if dead {
@@ -514,7 +535,7 @@ impl Registry {
         let this = self.clone();
         let actor = opts.actor.clone();
         self.runtime
-            .spawn(async move { this.provision(record, tx, actor).await });
+            .spawn(async move { this.provision(record, tx, actor, false).await });
         Ok(Err(Wait::Outcome(rx)))
     }
 

@@ -129,6 +129,17 @@ impl Registry {
                 });
             }
         }
+        if let Some(limit) = source.config.max_total_size {
+            let total = self.total_size(book, &id.source);
+            if total >= limit.bytes() {
+                refused("max_total_size");
+                return Err(ProvisionError::SizeQuota {
+                    source_name: id.source.to_string(),
+                    limit: limit.to_string(),
+                    total: crate::config::ByteSize(total).to_string(),
+                });
+            }
+        }
         if of_source().count() >= source.config.max_branches {
             refused("source_max_branches");
             return Err(ProvisionError::Quota {

@@ -40,7 +40,9 @@ fn pending(book: &Book, source: &SourceName, name: &str) -> Option<Pending> {
         return Some(Pending::Deletion(done.clone()));
     }
     book.branches.iter().find_map(|(id, b)| match b.state() {
-        State::Provisioning { done } if &id.source == source && b.record.snapshot.is_none() => {
+        State::Provisioning { done } | State::Resetting { done }
+            if &id.source == source && b.record.snapshot.is_none() =>
+        {
             Some(Pending::Creation(id.clone(), done.clone()))
         }
         _ => None,

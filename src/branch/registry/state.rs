@@ -16,6 +16,9 @@
 //! | Ready, Suspended | deletion (idle or API), unused or forced     | Expiring     |
 //! | Expiring     | clone removed                                    | (none)       |
 //! | Expiring     | removal failed                                   | Suspended (server engines) / Ready |
+//! | Ready, Suspended | reset, unused or forced (sessions terminated)| Resetting    |
+//! | Resetting    | old clone removed                                | Provisioning |
+//! | Resetting    | old clone could not be removed                   | Suspended (server engines) / Ready |
 //!
 //! Invariants:
 //! - A connection is granted only in `Ready`. In the states with a `done` receiver
@@ -25,11 +28,12 @@
 //!   disagree, and no scan of all branches is needed to keep them right.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus::IntGauge;
 use serde::Serialize;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::Creator;
 use crate::branch::engine::Endpoint;
@@ -37,7 +41,7 @@ use crate::branch::store::BranchRecord;
 use crate::clock::Clock;
 use crate::error::ProvisionError;
 use crate::metrics::Metrics;
-use crate::names::SourceName;
+use crate::names::{BranchId, SourceName};
 
 /// The phase a branch is in, as the API and the `offshoot_branches` gauge show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -100,6 +104,10 @@ pub(super) enum State {
     /// The clone is being removed; connections look again when that has ended (and
     /// then make a fresh clone, or find the branch still there if the removal failed).
     Expiring { done: Ended },
+    /// The branch is being made again under the same name (a reset): its old clone
+    /// is being removed. Then it moves on to Provisioning with the same `done`, so a
+    /// connection arriving at any point of a reset waits for the new clone.
+    Resetting { done: watch::Receiver<Outcome> },
 }
 
 impl State {
@@ -107,7 +115,8 @@ impl State {
     /// the branch no longer serves, and the next connection will start it.
     pub(super) fn phase(&self) -> Phase {
         match self {
-            State::Provisioning { .. } => Phase::Provisioning,
+            // The clone is being made again: to a client, the same as a creation.
+            State::Provisioning { .. } | State::Resetting { .. } => Phase::Provisioning,
             State::Starting { .. } => Phase::Starting,
             State::Ready => Phase::Ready,
             State::Suspending { .. } | State::Suspended => Phase::Suspended,
@@ -159,6 +168,10 @@ pub struct Activity {
     last_active_ms: AtomicU64,
     dirty: AtomicBool,
     clock: Clock,
+    /// Cancelled when the branch's open sessions must end (a forced reset); each
+    /// lease holds the token current when it was granted, so sessions opened after
+    /// a reset are not ended by it.
+    sessions: Mutex<CancellationToken>,
 }
 
 impl Activity {
@@ -168,7 +181,20 @@ impl Activity {
             last_active_ms: AtomicU64::new(last_active_ms),
             dirty: AtomicBool::new(false),
             clock,
+            sessions: Mutex::new(CancellationToken::new()),
         }
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, CancellationToken> {
+        // The guarded value is one token, whole after any panic.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells every open session of the branch to end; sessions leased from now on
+    /// get a fresh token.
+    pub(super) fn end_sessions(&self) {
+        let old = std::mem::take(&mut *self.sessions());
+        old.cancel();
     }
 
     fn touch(&self) {
@@ -195,6 +221,21 @@ impl Activity {
 pub struct ConnGuard {
     activity: Arc<Activity>,
     gauge: IntGauge,
+    ended: CancellationToken,
+    branch: BranchId,
+}
+
+impl ConnGuard {
+    /// The branch the session is on.
+    pub fn branch(&self) -> &BranchId {
+        &self.branch
+    }
+
+    /// Resolves when the registry ends the branch's sessions (a forced reset): the
+    /// session must close, telling its client why.
+    pub fn ended(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.ended.cancelled()
+    }
 }
 
 impl Drop for ConnGuard {
@@ -304,6 +345,10 @@ impl Branch {
                 let wait = Wait::Branch(done.clone());
                 (State::Expiring { done }, Entry::Wait(wait))
             }
+            State::Resetting { done } => {
+                let wait = Wait::Outcome(done.clone());
+                (State::Resetting { done }, Entry::Wait(wait))
+            }
         })
     }
 
@@ -317,6 +362,8 @@ impl Branch {
             guard: ConnGuard {
                 activity: self.activity.clone(),
                 gauge,
+                ended: self.activity.sessions().clone(),
+                branch: self.record.id(),
             },
         }
     }
@@ -410,6 +457,47 @@ impl Branch {
         self.step(|old| match old {
             State::Expiring { .. } if has_servers => (State::Suspended, ()),
             State::Expiring { .. } => (State::Ready, ()),
+            other => (other, ()),
+        })
+    }
+
+    /// Ready or Suspended → Resetting, when unused or `force`d; a forced reset tells
+    /// the open sessions to end. Returns where to publish the new clone's outcome.
+    pub(super) fn reset(&mut self, force: bool) -> Result<watch::Sender<Outcome>, Refusal> {
+        let conns = self.activity.connections();
+        let r = self.step(|old| match old {
+            s @ (State::Ready | State::Suspended) if conns > 0 && !force => {
+                (s, Err(Refusal::InUse(conns)))
+            }
+            State::Ready | State::Suspended => {
+                let (tx, rx) = watch::channel(None);
+                (State::Resetting { done: rx }, Ok(tx))
+            }
+            other => (other, Err(Refusal::Busy)),
+        });
+        if r.is_ok() {
+            self.activity.end_sessions();
+        }
+        r
+    }
+
+    /// Resetting → Provisioning: the old clone is gone and the new one is being made
+    /// from `record`; connections keep waiting on the same outcome.
+    pub(super) fn remake(&mut self, record: BranchRecord) {
+        self.record = record;
+        self.step(|old| match old {
+            State::Resetting { done } => (State::Provisioning { done }, ()),
+            other => (other, ()),
+        })
+    }
+
+    /// Resetting → back to serving the old clone, which could not be removed:
+    /// Suspended for engines with a server per clone (the removal may have stopped
+    /// it), Ready otherwise.
+    pub(super) fn reset_failed(&mut self, has_servers: bool) {
+        self.step(|old| match old {
+            State::Resetting { .. } if has_servers => (State::Suspended, ()),
+            State::Resetting { .. } => (State::Ready, ()),
             other => (other, ()),
         })
     }

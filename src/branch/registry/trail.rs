@@ -16,6 +16,7 @@ pub(super) fn refusal(e: &ProvisionError) -> String {
         ProvisionError::PolicyQuota { policy, limit, .. } => {
             format!("policy \"{policy}\" max_branches {limit}")
         }
+        ProvisionError::SizeQuota { limit, .. } => format!("max_total_size {limit}"),
         other => other.kind().as_str().to_owned(),
     }
 }

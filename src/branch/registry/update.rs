@@ -7,6 +7,7 @@ use tracing::info;
 
 use super::policy::rfc3339;
 use super::{BranchView, Registry};
+use crate::audit::{Action, Actor, Event};
 use crate::names::BranchId;
 
 /// What to change; `None` leaves a field as it is.
@@ -37,8 +38,14 @@ pub enum UpdateError {
 }
 
 impl Registry {
-    /// Applies `changes` to the settled branch `id` and saves its record.
-    pub fn update(&self, id: &BranchId, changes: &Changes) -> Result<BranchView, UpdateError> {
+    /// Applies `changes` to the settled branch `id` and saves its record; the audit
+    /// trail records the new settings as its reason, on behalf of `actor`.
+    pub fn update(
+        &self,
+        id: &BranchId,
+        changes: &Changes,
+        actor: Actor,
+    ) -> Result<BranchView, UpdateError> {
         let mut book = self.lock();
         let branch = book
             .branches
@@ -76,12 +83,19 @@ impl Registry {
         self.store
             .save(&rec)
             .map_err(|e| UpdateError::Store(id.clone(), e))?;
-        info!(
-            branch = %id,
-            expires_at = rec.expires_at.map(rfc3339).unwrap_or_else(|| "policy".into()),
-            protected = ?rec.protected,
-            protected_until = rec.protected_until.map(rfc3339).unwrap_or_default(),
-            "branch lifecycle changed"
+        let expires = rec.expires_at.map_or("policy".into(), rfc3339);
+        let protection = match (rec.protected, rec.protected_until) {
+            (None, _) => "policy".to_owned(),
+            (Some(false), _) => "off".to_owned(),
+            (Some(true), None) => "on".to_owned(),
+            (Some(true), Some(t)) => format!("until {}", rfc3339(t)),
+        };
+        info!(branch = %id, expires_at = %expires, protected = %protection, "branch lifecycle changed");
+        self.audit.record(
+            Event::new(Action::BranchUpdated, actor)
+                .branch(id)
+                .snapshot(rec.snapshot.as_deref())
+                .reason(format!("expires_at {expires}, protected {protection}")),
         );
         branch.record = rec;
         let branch = &book.branches[id];

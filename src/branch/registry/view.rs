@@ -42,6 +42,11 @@ pub struct BranchView {
     pub protected_until: Option<String>,
     /// Its creation or last reset: where `max_lifetime` counts from.
     pub born_at: String,
+    /// Its own bytes as last measured in the background; null until then.
+    pub size_bytes: Option<u64>,
+    /// False when `size_bytes` is the apparent size (blocks shared with the
+    /// snapshot counted too); null with `size_bytes`.
+    pub size_exact: Option<bool>,
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -62,6 +67,7 @@ impl Registry {
 
     pub(super) fn view_of(&self, b: &Branch) -> BranchView {
         let protection = self.protection_at(&b.record, self.clock.unix_ms());
+        let size = self.size_of(&b.record.id());
         BranchView {
             source: b.record.source.to_string(),
             branch: b.record.branch.to_string(),
@@ -83,6 +89,8 @@ impl Registry {
                 _ => None,
             },
             born_at: rfc3339(b.record.born_at()),
+            size_bytes: size.map(|u| u.bytes),
+            size_exact: size.map(|u| u.exact),
         }
     }
 }

@@ -393,6 +393,20 @@ impl Engine for DatabaseEngine {
         Ok(self.lookup(&rec.clone_name).await?.is_some())
     }
 
+    async fn usage(&self, rec: &BranchRecord) -> Result<Option<super::Usage>, EngineError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT pg_database_size(oid) FROM pg_database WHERE datname = $1",
+                &[&rec.clone_name],
+            )
+            .await?;
+        Ok(row.map(|r| super::Usage {
+            bytes: u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
+            exact: true,
+        }))
+    }
+
     async fn destroy(&self, rec: &BranchRecord, force: bool) -> Result<(), EngineError> {
         match self.lookup(&rec.clone_name).await? {
             None => return Ok(()),

@@ -73,7 +73,8 @@ impl DatabaseEngine {
                 list.push(SnapshotDb {
                     name: name.to_owned(),
                     datname,
-                    size_bytes: r.get::<_, i64>(2).max(0) as u64,
+                    // NULL for a database dropped while this query ran.
+                    size_bytes: r.get::<_, Option<i64>>(2).unwrap_or(0).max(0) as u64,
                 });
             } else {
                 let why = if named {

@@ -3,8 +3,8 @@
 //!
 //! Storage (`sources.<name>.storage`, default `<state.dir>/instances/<source>`) is
 //! laid out as [`layout`] describes; [`snapshots`] takes and seals snapshots;
-//! [`server`] runs a branch's server; [`copy`] copies data directories and
-//! [`postmaster`] watches one server.
+//! [`server`] runs a branch's server; [`copy`] copies data directories,
+//! [`postmaster`] watches one server and [`usage`] measures a branch's own bytes.
 //!
 //! Invariant: a branch directory is removed only if its `branch.json` names that
 //! branch of this source; anything else under `branches/` is reported, never
@@ -15,6 +15,7 @@ mod layout;
 pub mod postmaster;
 mod server;
 mod snapshots;
+mod usage;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -271,6 +272,15 @@ impl Engine for InstanceEngine {
                 remove_tree(&self.layout.branch_dir(rec))?;
                 Ok(Recovered::Absent)
             }
+        }
+    }
+
+    async fn usage(&self, rec: &BranchRecord) -> Result<Option<super::Usage>, EngineError> {
+        let data = self.layout.branch_dir(rec).join("data");
+        match usage::usage(&data).await {
+            Ok(u) => Ok(Some(u)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(EngineError::io("could not measure the branch's data", e)),
         }
     }
 

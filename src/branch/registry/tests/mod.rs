@@ -7,6 +7,7 @@
 
 mod audit;
 mod policies;
+mod reset;
 mod servers;
 mod snapshots;
 

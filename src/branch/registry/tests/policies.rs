@@ -42,6 +42,10 @@ fn expired(out: &[Outcome]) -> Vec<(String, RemoveReason)> {
     v
 }
 
+fn api() -> crate::audit::Actor {
+    crate::audit::Actor::api(None, None)
+}
+
 fn at(ms: u64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
@@ -133,7 +137,7 @@ async fn a_ttl_replaces_the_policy_deadlines_and_can_be_changed() {
         ..Default::default()
     };
     assert_eq!(
-        reg.update(&id("pr-7"), &changes).unwrap().expires_at,
+        reg.update(&id("pr-7"), &changes, api()).unwrap().expires_at,
         Some(at(later))
     );
     let rec = Store::open(dir.path()).unwrap().load_all().unwrap().0;
@@ -146,7 +150,7 @@ async fn a_ttl_replaces_the_policy_deadlines_and_can_be_changed() {
 
     // A persistent branch takes no TTL.
     drop(reg.acquire(&id("qa"), WAIT).await.unwrap());
-    let e = reg.update(&id("qa"), &changes).unwrap_err();
+    let e = reg.update(&id("qa"), &changes, api()).unwrap_err();
     assert!(matches!(e, UpdateError::Persistent { .. }), "{e}");
     assert!(e.to_string().contains("its policy"), "{e}");
 }
@@ -179,7 +183,7 @@ async fn protection_refuses_deletion_until_forced_or_expired() {
         protected_until: Some(Some(until)),
         ..Default::default()
     };
-    let v = reg.update(&id("other"), &changes).unwrap();
+    let v = reg.update(&id("other"), &changes, api()).unwrap();
     assert!(v.protected);
     assert_eq!(v.protected_until, Some(at(until)));
     assert_eq!(v.expires_at, Some(at(until)));
@@ -215,7 +219,7 @@ async fn deleting_a_persistent_branch_needs_force_and_protection_can_be_lifted()
         protected: Some(false),
         ..Default::default()
     };
-    assert!(!reg.update(&id("keep-2"), &off).unwrap().protected);
+    assert!(!reg.update(&id("keep-2"), &off, api()).unwrap().protected);
     assert_eq!(reg.reset_guard(&id("keep-2")), None);
     reg.delete(&id("keep-2"), false, RemoveReason::Api)
         .await
@@ -260,6 +264,38 @@ async fn a_policy_counts_its_own_branches_and_if_exists_fail_refuses() {
         .unwrap();
     assert!(!created);
     assert_eq!(v.branch, "pr-1");
+}
+
+#[tokio::test]
+async fn max_total_size_refuses_new_branches_once_measured_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Arc::new(FakeEngine {
+        clone_bytes: Some(600 << 20),
+        ..Default::default()
+    });
+    let reg = registry(engine, shop("max_total_size = \"1GB\"\n"), dir.path());
+    drop(reg.acquire(&id("a"), WAIT).await.unwrap());
+    // Not measured yet: nothing is known to be past the limit.
+    assert_eq!(reg.view(&id("a")).unwrap().size_bytes, None);
+    drop(reg.acquire(&id("b"), WAIT).await.unwrap());
+    reg.refresh_sizes().await;
+    let v = reg.view(&id("a")).unwrap();
+    assert_eq!((v.size_bytes, v.size_exact), (Some(600 << 20), Some(true)));
+    let Err(e) = reg.acquire(&id("c"), WAIT).await else {
+        panic!("1200MB of 1GB: refused")
+    };
+    assert!(matches!(e, ProvisionError::SizeQuota { .. }), "{e}");
+    assert_eq!(e.sqlstate(), "53400");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("1200MB") && msg.contains("max_total_size of 1GB"),
+        "{msg}"
+    );
+    // Deleting one makes room at once.
+    reg.delete(&id("b"), false, RemoveReason::Api)
+        .await
+        .unwrap();
+    drop(reg.acquire(&id("c"), WAIT).await.unwrap());
 }
 
 impl Registry {
