@@ -553,3 +553,99 @@ async fn https_webhooks_check_the_receivers_certificate() {
         "nothing was sent to a receiver whose certificate did not check out"
     );
 }
+
+/// `offshoot <args> --admin <address> --config <the proxy's>`: the command, ready
+/// to run (the CLI finds the token through the configuration).
+fn cli(proxy: &ProxyProc, args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_offshoot"));
+    cmd.args(args)
+        .arg("--admin")
+        .arg(format!("127.0.0.1:{}", proxy.admin))
+        .arg("--config")
+        .arg(proxy.dir.path().join("offshoot.toml"));
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_prints_and_follows_the_trail() {
+    use std::io::BufRead;
+    let Fixture { pg: _pg, proxy } = Fixture::start(Engine::Database, "").await;
+    drop(proxy.connect("shop.c1").await.unwrap());
+    let (status, body) = proxy.api(
+        "POST",
+        "/api/v1/branches",
+        Some(r#"{"source":"shop","branch":"c2"}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+
+    let out = cli(
+        &proxy,
+        &["events", "--branch", "shop.c1", "--output", "json"],
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(actions(&list), ["branch.created"]);
+    assert_eq!(list[0]["branch"], "c1");
+
+    // A table for people, oldest first.
+    let out = cli(&proxy, &["events", "--source", "shop"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows.len(), 3, "{text}");
+    assert!(
+        rows[0].starts_with("AT") && rows[0].contains("ACTION"),
+        "{text}"
+    );
+    assert!(
+        rows[1].contains("shop.c1") && rows[1].contains("client postgres@127.0.0.1"),
+        "{text}"
+    );
+    assert!(
+        rows[2].contains("shop.c2") && rows[2].contains("api (admin)"),
+        "{text}"
+    );
+
+    let out = cli(&proxy, &["events", "--since", "yesterday"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("since") && err.contains("RFC 3339"), "{err}");
+
+    // --follow prints what there is, then each new event once, as it comes.
+    let mut child = cli(&proxy, &["events", "--follow", "--output", "json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+    assert_eq!(next()["branch"], "c1");
+    assert_eq!(next()["branch"], "c2");
+    let (status, _) = proxy.api("DELETE", "/api/v1/branches/shop/c2", None);
+    assert_eq!(status, 204);
+    let deleted = next();
+    assert_eq!(deleted["action"], "branch.deleted");
+    assert_eq!(deleted["branch"], "c2");
+    drop(proxy.connect("shop.c3").await.unwrap());
+    let created = next();
+    assert_eq!(created["action"], "branch.created");
+    assert_eq!(created["branch"], "c3");
+    // Nothing is printed twice.
+    assert!(rx.recv_timeout(std::time::Duration::from_secs(3)).is_err());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -303,3 +303,200 @@ async fn a_scheduled_snapshot_refreshes_an_idle_qa_branch_while_a_busy_one_waits
         );
     }
 }
+
+/// The demo schema (`conf/demo-shop.sql`) loaded into database `shop` of `pg`.
+async fn load_demo_shop(pg: &PgServer) {
+    let seed = std::fs::read_to_string(repo_file("conf/demo-shop.sql")).unwrap();
+    pg.direct("shop").await.batch_execute(&seed).await.unwrap();
+}
+
+fn repo_file(rel: &str) -> String {
+    format!("{}/{rel}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Emails of `customers` as the source has them, and as branch `branch` has them.
+async fn emails(c: &tokio_postgres::Client) -> Vec<String> {
+    c.query("SELECT email FROM customers ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn masking_hides_every_original_email(engine: Engine) {
+    let extra = format!(
+        "snapshot_transform = [\"{}\"]\n",
+        repo_file("conf/mask.sql")
+    );
+    let pg = PgServer::start();
+    pg.make_source("shop").await;
+    load_demo_shop(&pg).await;
+    let originals = emails(&pg.direct("shop").await).await;
+    assert_eq!(originals.len(), 2000);
+    let joined = "SELECT count(*) FROM orders o JOIN customers c ON c.id = o.customer_id";
+    let source_orders: i64 = pg
+        .direct("shop")
+        .await
+        .query_one(joined, &[])
+        .await
+        .unwrap()
+        .get(0);
+    let Fixture { pg, proxy } = Fixture::over(pg, engine, "", &extra);
+
+    // No snapshot yet: the first branch takes (and masks) one, never the live source.
+    for branch in ["shop.a", "shop.b"] {
+        let c = proxy.connect(branch).await.unwrap();
+        let masked = emails(&c).await;
+        assert_eq!(masked.len(), originals.len());
+        for e in &masked {
+            assert!(!originals.contains(e), "original email {e} in {branch}");
+            assert!(e.ends_with("@example.invalid"), "{e}");
+        }
+        let names: i64 = c
+            .query_one(
+                "SELECT count(*) FROM customers WHERE name LIKE 'Customer %'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(names, 2000);
+        let orders: i64 = c.query_one(joined, &[]).await.unwrap().get(0);
+        assert_eq!(orders, source_orders, "joins still hold");
+    }
+    let snaps = snapshot_names(&proxy);
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    // Deterministic: the next snapshot masks the same way.
+    let second = take_snapshot(&proxy);
+    let body = format!(r#"{{"source":"shop","branch":"c","snapshot":"{second}"}}"#);
+    let (status, text) = proxy.api("POST", "/api/v1/branches", Some(&body));
+    assert_eq!(status, 201, "{text}");
+    let c = proxy.connect("shop.c").await.unwrap();
+    let a = proxy.connect("shop.a").await.unwrap();
+    assert_eq!(emails(&c).await, emails(&a).await);
+    // The source itself is untouched.
+    assert_eq!(emails(&pg.direct("shop").await).await, originals);
+    assert!(proxy.log().contains("snapshot transform applied"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_masking_hides_every_original_email() {
+    masking_hides_every_original_email(Engine::Database).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_masking_hides_every_original_email() {
+    masking_hides_every_original_email(Engine::Instance).await;
+}
+
+async fn a_failing_transform_discards_the_snapshot(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("mask-bad.sql");
+    std::fs::write(
+        &bad,
+        "-- two statements; the second names a table that is not there\n\
+         UPDATE items SET note = 'masked; ' || md5(note);\n\
+         UPDATE nosuchtable SET x = 1;\n",
+    )
+    .unwrap();
+    let extra = format!("snapshot_transform = [\"{}\"]\n", bad.display());
+    let Fixture { pg, proxy } = Fixture::start(engine, &extra).await;
+    let (status, body) = proxy.api("POST", "/api/v1/sources/shop/snapshots", None);
+    assert!(status >= 400, "{status} {body}");
+    let msg = json(&body)["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    for part in [
+        "mask-bad.sql",
+        "statement 2",
+        "relation \"nosuchtable\" does not exist",
+        "discarded",
+    ] {
+        assert!(msg.contains(part), "{part:?} in {msg}");
+    }
+    assert!(
+        !msg.contains(&dir.path().display().to_string()),
+        "no paths: {msg}"
+    );
+    assert!(snapshot_names(&proxy).is_empty());
+    if matches!(engine, Engine::Database) {
+        let left: Vec<String> = pg
+            .databases()
+            .await
+            .into_iter()
+            .filter(|d| d.starts_with("shop@"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    } else {
+        let snaps = instance_storage(&proxy, "shop").join("snapshots");
+        let left: Vec<_> = std::fs::read_dir(&snaps).unwrap().flatten().collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+    // A branch is never made from the live source instead.
+    let err = proxy.connect("shop.a").await.unwrap_err();
+    let text = err
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(text.contains("statement 2"), "{err}");
+    assert!(proxy.branches().as_array().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_a_failing_transform_discards_the_snapshot() {
+    a_failing_transform_discards_the_snapshot(Engine::Database).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_a_failing_transform_discards_the_snapshot() {
+    a_failing_transform_discards_the_snapshot(Engine::Instance).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_in_progress_is_listed_with_its_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = dir.path().join("slow.sql");
+    std::fs::write(&slow, "SELECT pg_sleep(4);\n").unwrap();
+    let extra = format!("snapshot_transform = [\"{}\"]\n", slow.display());
+    let Fixture { pg: _pg, proxy } = Fixture::start(Engine::Database, &extra).await;
+    let port = proxy.admin;
+    let taking = tokio::task::spawn_blocking(move || {
+        http(port, "POST", "/api/v1/sources/shop/snapshots", None)
+    });
+    let mut seen = Value::Null;
+    assert!(
+        eventually(30, || {
+            let (_, body) = proxy.api("GET", "/api/v1/sources/shop/snapshots", None);
+            let list = json(&body);
+            match list
+                .as_array()
+                .and_then(|l| l.iter().find(|s| !s["progress"].is_null()))
+            {
+                Some(s) if s["progress"]["phase"] == "transforming" => {
+                    seen = s.clone();
+                    true
+                }
+                _ => false,
+            }
+        })
+        .await,
+        "the snapshot was listed while its transform ran"
+    );
+    let (status, body) = taking.await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(seen["name"], json(&body)["name"], "{seen}");
+    let list = snapshot_names(&proxy);
+    assert_eq!(list.len(), 1);
+    let (_, body) = proxy.api("GET", "/api/v1/sources/shop/snapshots", None);
+    assert!(json(&body)[0]["progress"].is_null(), "{body}");
+    let log = proxy.log();
+    for phase in [
+        "phase=\"copying\"",
+        "phase=\"transforming\"",
+        "phase=\"sealing\"",
+    ] {
+        assert!(log.contains(phase), "{phase} in the log");
+    }
+}

@@ -338,6 +338,8 @@ async fn list_snapshots(
         snap.branches.sort();
         snap.branches.dedup();
     }
+    // The one being taken, with its phase and bytes copied.
+    list.extend(src.engine.snapshot_in_progress());
     Ok(Json(list))
 }
 

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use crate::auth::Credentials;
 use crate::branch::engine::database::DatabaseEngine;
 use crate::branch::engine::instance;
+use crate::branch::engine::transform::Transform;
 use crate::branch::engine::Engine;
 use crate::branch::store::Store;
 use crate::branch::{reaper, schedule};
@@ -97,6 +98,12 @@ async fn serve(
                 .unwrap_or_else(|| server.clone()),
             upstream.clone(),
         ));
+        let transforms = scfg
+            .snapshot_transform
+            .iter()
+            .map(|p| Transform::load(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow!("sources.{name}.snapshot_transform: {e}"))?;
         let engine: Arc<dyn Engine> = match &scfg.engine {
             EngineConfig::Instance(icfg) => {
                 let embedded_conn = scfg.uses_embedded().then(|| server.clone());
@@ -105,7 +112,16 @@ async fn serve(
                 let state_dir = state_dir.to_path_buf();
                 let clock = clock.clone();
                 tokio::task::spawn_blocking(move || {
-                    instance::build(&source, &db, &icfg, embedded_conn, bin, &state_dir, clock)
+                    instance::build(
+                        &source,
+                        &db,
+                        &icfg,
+                        embedded_conn,
+                        bin,
+                        &state_dir,
+                        clock,
+                        transforms,
+                    )
                 })
                 .await??
             }
@@ -113,7 +129,8 @@ async fn serve(
                 let engine = DatabaseEngine::new(&server, &db, &upstream, clock.clone())
                     .map_err(|e| anyhow!("sources.{name}.server: {e}"))?
                     .for_source(name.as_str())
-                    .with_strategy(dcfg.clone_strategy);
+                    .with_strategy(dcfg.clone_strategy)
+                    .with_transforms(transforms);
                 if let Err(e) = engine.check_template().await {
                     warn!(source = %name, error = %e, "source is not usable yet; clients will get this error");
                 }

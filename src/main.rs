@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use offshoot::cli::branch::BranchArgs;
+use offshoot::cli::events::EventsArgs;
 use offshoot::cli::snapshot::SnapshotArgs;
 use offshoot::cli::ApiArgs;
 use offshoot::config::Config;
@@ -52,6 +53,9 @@ enum Command {
     /// Take, list or delete snapshots of an `instance` source through a running
     /// proxy's admin API.
     Snapshot(SnapshotArgs),
+    /// Print the audit trail of a running proxy (who made, suspended, expired or
+    /// deleted which branch), or follow it with `--follow`.
+    Events(EventsArgs),
     /// Print a shell completion script: `offshoot completions bash > /etc/bash_completion.d/offshoot`.
     Completions {
         /// The shell to complete for.
@@ -99,6 +103,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(ConfigArg { config }) | Command::Check(ConfigArg { config }) => config,
         Command::Branch(args) => return exit_code(args.run()),
         Command::Snapshot(args) => return exit_code(args.run()),
+        Command::Events(args) => return exit_code(args.run()),
         Command::Completions { shell } => {
             clap_complete::generate(
                 *shell,

@@ -16,6 +16,7 @@ use crate::names::BranchId;
 pub mod database;
 pub mod instance;
 pub(crate) mod naming;
+pub mod progress;
 pub mod transform;
 
 /// Where the proxy connects for a branch's sessions.
@@ -111,6 +112,9 @@ pub struct SnapshotInfo {
     pub size_bytes: u64,
     /// Branches made from it that still exist.
     pub branches: Vec<String>,
+    /// Set only on a snapshot still being taken: its phase and bytes copied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<progress::Progress>,
 }
 
 /// The one "snapshot does not exist" error.
@@ -213,6 +217,11 @@ pub trait Engine: Send + Sync + 'static {
     /// Takes and seals a new snapshot of the source.
     async fn take_snapshot(&self) -> Result<SnapshotInfo, EngineError> {
         Err(no_snapshots(&self.source_label()))
+    }
+
+    /// The snapshot being taken now, if any, with its progress.
+    fn snapshot_in_progress(&self) -> Option<SnapshotInfo> {
+        None
     }
 
     /// Deletes a snapshot no branch uses.

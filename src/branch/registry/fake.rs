@@ -179,6 +179,7 @@ impl Engine for FakeEngine {
                 origin: "fake".into(),
                 size_bytes: 0,
                 branches: vec![],
+                progress: None,
             })
             .collect())
     }
@@ -196,6 +197,7 @@ impl Engine for FakeEngine {
             origin: "fake".into(),
             size_bytes: 0,
             branches: vec![],
+            progress: None,
         })
     }
     async fn delete_snapshot(&self, name: &str) -> Result<(), EngineError> {

@@ -61,6 +61,10 @@ pub struct DatabaseEngine {
     strategy: CloneStrategy,
     /// How clones are made on this server, settled on first use.
     mode: tokio::sync::OnceCell<CopyMode>,
+    /// `snapshot_transform`: run on each new snapshot before it is marked.
+    transforms: Vec<super::transform::Transform>,
+    /// The snapshot being taken, for the API.
+    progress: super::progress::Tracker,
 }
 
 impl DatabaseEngine {
@@ -105,7 +109,16 @@ impl DatabaseEngine {
             clock,
             strategy: CloneStrategy::default(),
             mode: tokio::sync::OnceCell::new(),
+            transforms: Vec::new(),
+            progress: Default::default(),
         })
+    }
+
+    /// Sets `snapshot_transform`. A source with transforms never clones its live
+    /// database: a branch made before any snapshot exists takes one first.
+    pub fn with_transforms(mut self, transforms: Vec<super::transform::Transform>) -> Self {
+        self.transforms = transforms;
+        self
     }
 
     /// Sets `clone_strategy` (default `auto`).
@@ -273,8 +286,13 @@ impl Engine for DatabaseEngine {
     }
 
     async fn create(&self, rec: &BranchRecord) -> Result<Made, EngineError> {
-        // The snapshot asked for, else the newest, else the live source.
-        let snapshots = self.snapshot_dbs().await?;
+        // The snapshot asked for, else the newest, else the live source (unless the
+        // source has transforms: then a snapshot is taken first).
+        let mut snapshots = self.snapshot_dbs().await?;
+        if snapshots.is_empty() && !self.transforms.is_empty() {
+            self.take_if_none().await?;
+            snapshots = self.snapshot_dbs().await?;
+        }
         let from = match &rec.snapshot {
             Some(want) => Some(
                 snapshots
@@ -485,6 +503,10 @@ impl Engine for DatabaseEngine {
             .iter()
             .map(|s| self.snapshot_info(s))
             .collect())
+    }
+
+    fn snapshot_in_progress(&self) -> Option<SnapshotInfo> {
+        self.progress.current()
     }
 
     async fn take_snapshot(&self) -> Result<SnapshotInfo, EngineError> {

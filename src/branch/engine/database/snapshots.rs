@@ -12,7 +12,8 @@ use super::{DatabaseEngine, SNAPSHOT_PREFIX};
 use crate::branch::engine::naming::{
     fit_ident, new_snapshot_name, snapshot_time, valid_snapshot_name,
 };
-use crate::branch::engine::{snapshot_missing, SnapshotInfo};
+use crate::branch::engine::progress::SnapshotPhase;
+use crate::branch::engine::{snapshot_missing, transform, SnapshotInfo};
 use crate::error::EngineError;
 use crate::names::{quote_ident, quote_literal};
 
@@ -99,16 +100,34 @@ impl DatabaseEngine {
             ),
             size_bytes: s.size_bytes,
             branches: Vec::new(),
+            progress: None,
         }
     }
 
-    /// Takes a snapshot: a marked copy of the source, closed to connections.
+    /// Takes a snapshot: a marked copy of the source, transformed, closed to
+    /// connections.
     pub(super) async fn take(&self) -> Result<SnapshotInfo, EngineError> {
         let _one = self.taking.lock().await;
+        self.take_locked().await
+    }
+
+    /// Takes the first snapshot, unless one exists by the time it may.
+    pub(super) async fn take_if_none(&self) -> Result<(), EngineError> {
+        let _one = self.taking.lock().await;
+        if self.snapshot_dbs().await?.is_empty() {
+            tracing::info!(source = %self.source, "no snapshot yet, and the source has transforms: taking the first one");
+            self.take_locked().await?;
+        }
+        Ok(())
+    }
+
+    /// [`DatabaseEngine::take`]; the caller holds `taking`.
+    async fn take_locked(&self) -> Result<SnapshotInfo, EngineError> {
         let existing = self.snapshot_dbs().await?;
         let name = new_snapshot_name(self.clock.now(), |n| existing.iter().any(|s| s.name == n));
         let datname = snapshot_db_name(&self.template, &name);
         let db = quote_ident(&datname);
+        let taking = self.progress.begin(&self.source, &name, self.clock.now());
         let (mode, client, _slot) = self.clone_session().await?;
         let copy = mode.create_options();
         client
@@ -117,19 +136,35 @@ impl DatabaseEngine {
                 quote_ident(&self.template)
             ))
             .await?;
-        // Marked, and closed to clients: nobody's session can block a clone of it.
-        let seal = format!(
-            "COMMENT ON DATABASE {db} IS {}; ALTER DATABASE {db} ALLOW_CONNECTIONS false",
-            quote_literal(&self.snapshot_marker(&name))
-        );
-        if let Err(e) = client.batch_execute(&seal).await {
+        // Unmarked until here, so never cloned: a transform that fails (or a crash)
+        // leaves nothing a branch could be made from.
+        let transformed = if self.transforms.is_empty() {
+            Ok(())
+        } else {
+            taking.phase(SnapshotPhase::Transforming);
+            self.transform(&datname).await
+        };
+        let sealed = match transformed {
+            Ok(()) => {
+                taking.phase(SnapshotPhase::Sealing);
+                // Marked, and closed to clients: nobody's session can block a clone.
+                let seal = format!(
+                    "COMMENT ON DATABASE {db} IS {}; ALTER DATABASE {db} ALLOW_CONNECTIONS false",
+                    quote_literal(&self.snapshot_marker(&name))
+                );
+                client.batch_execute(&seal).await.map_err(EngineError::from)
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sealed {
+            // WITH (FORCE): the transform's session may not have closed yet.
             if let Err(drop_err) = client
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
                 .await
             {
-                warn!(database = %datname, error = %drop_err, "could not remove an unmarked snapshot");
+                warn!(database = %datname, error = %drop_err, "could not remove an unsealed snapshot");
             }
-            return Err(e.into());
+            return Err(e);
         }
         let size_bytes = client
             .query_one(
@@ -145,6 +180,18 @@ impl DatabaseEngine {
             datname,
             size_bytes,
         }))
+    }
+
+    /// Runs the source's transforms in snapshot database `datname`, as the proxy's
+    /// role (its owner), on a session of their own.
+    async fn transform(&self, datname: &str) -> Result<(), EngineError> {
+        let mut config = self.admin.clone();
+        config.dbname(datname);
+        let client = self
+            .upstream
+            .pg_connect(&config, "snapshot transform")
+            .await?;
+        transform::run_all(&client, &self.transforms).await
     }
 
     /// Drops one of this source's snapshots.

@@ -54,6 +54,10 @@ pub struct InstanceEngine {
     taking: Mutex<()>,
     /// Whether the storage shares blocks, learnt from the first copy.
     mode: std::sync::Mutex<Option<CopyMode>>,
+    /// `snapshot_transform`: run on each new snapshot's server before it is sealed.
+    transforms: Vec<super::transform::Transform>,
+    /// The snapshot being taken, for the API.
+    progress: super::progress::Tracker,
 }
 
 /// A blocking task that panicked or was cancelled.
@@ -97,6 +101,8 @@ impl InstanceEngine {
             snapshot_lock: RwLock::new(()),
             taking: Mutex::new(()),
             mode: std::sync::Mutex::new(None),
+            transforms: Vec::new(),
+            progress: Default::default(),
         };
         engine.clear_interrupted_snapshots();
         for dir in engine
@@ -336,6 +342,10 @@ impl Engine for InstanceEngine {
             .collect())
     }
 
+    fn snapshot_in_progress(&self) -> Option<SnapshotInfo> {
+        self.progress.current()
+    }
+
     async fn take_snapshot(&self) -> Result<SnapshotInfo, EngineError> {
         let _one = self.taking.lock().await;
         let meta = self.take_locked().await?;
@@ -355,7 +365,9 @@ impl Engine for InstanceEngine {
     }
 }
 
-/// Builds the engine of an `instance` source. Blocking (it may clear leftovers).
+/// Builds the engine of an `instance` source, with its snapshot transforms.
+/// Blocking (it may clear leftovers).
+#[allow(clippy::too_many_arguments)]
 pub fn build(
     name: &SourceName,
     database: &str,
@@ -364,6 +376,7 @@ pub fn build(
     bin: PgBin,
     state_dir: &Path,
     clock: Clock,
+    transforms: Vec<super::transform::Transform>,
 ) -> anyhow::Result<Arc<InstanceEngine>> {
     let origin = match (&config.upstream, &config.data_dir, embedded_conn) {
         (Some(up), _, _) => Origin::Upstream(up.clone()),
@@ -377,7 +390,7 @@ pub fn build(
         Some(dir) => dir.clone(),
         None => state_dir.join("instances").join(name.as_str()),
     };
-    Ok(Arc::new(InstanceEngine::open(
+    let mut engine = InstanceEngine::open(
         name.clone(),
         database.to_owned(),
         config.clone(),
@@ -385,5 +398,7 @@ pub fn build(
         bin,
         root,
         clock,
-    )?))
+    )?;
+    engine.transforms = transforms;
+    Ok(Arc::new(engine))
 }

@@ -9,7 +9,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::RwLockReadGuard;
 use tracing::{info, warn};
@@ -22,7 +22,8 @@ use super::layout::{
 use super::postmaster::{self, PidState};
 use super::{join_failed, InstanceEngine};
 use crate::branch::engine::naming::{new_snapshot_name, valid_snapshot_name};
-use crate::branch::engine::{snapshot_in_use, snapshot_missing, SnapshotInfo};
+use crate::branch::engine::progress::{SnapshotPhase, Taking};
+use crate::branch::engine::{snapshot_in_use, snapshot_missing, transform, SnapshotInfo};
 use crate::branch::store::unix_ms;
 use crate::error::EngineError;
 use crate::fsutil::{remove_tree, replace_file, sync_dir, write_json_atomic, PRIVATE};
@@ -164,6 +165,7 @@ impl InstanceEngine {
             origin: m.origin.clone(),
             size_bytes: m.size_bytes,
             branches,
+            progress: None,
         }
     }
 
@@ -245,7 +247,8 @@ impl InstanceEngine {
         let name = new_snapshot_name(now, |n| self.layout.snapshot_dir(n).exists());
         let partial = self.layout.partial_snapshot_dir(&name);
         let started = self.clock.instant();
-        let result = self.fill_and_seal(&partial, &name, now).await;
+        let taking = self.progress.begin(self.source.as_str(), &name, now);
+        let result = self.fill_and_seal(&partial, &name, now, &taking).await;
         match result {
             Ok(meta) => {
                 let io = |e| EngineError::io("sealing the snapshot", e);
@@ -272,6 +275,7 @@ impl InstanceEngine {
         partial: &Path,
         name: &str,
         now: SystemTime,
+        taking: &Taking,
     ) -> Result<SnapshotMeta, EngineError> {
         let io = |e| EngineError::io("taking a snapshot", e);
         // The snapshot's directory stays the proxy's, like a branch's: only data/ is
@@ -280,6 +284,71 @@ impl InstanceEngine {
         fs::set_permissions(partial, fs::Permissions::from_mode(BRANCH_DIR_MODE)).map_err(io)?;
         fs::write(partial.join(PARTIAL_MARKER), self.source.as_str()).map_err(io)?;
         let data = partial.join("data");
+        // Bytes copied, measured on disk while the copy runs.
+        let watching = {
+            let data = data.clone();
+            taking.watch(Duration::from_secs(1), move || tree_size(&data))
+        };
+        let copied = self.fill(&data).await;
+        watching.abort();
+        copied?;
+        taking.copied(tree_size(&data));
+        taking.phase(SnapshotPhase::Sealing);
+        if !data.join("postgresql.conf").exists() {
+            // Debian keeps it under /etc; the settings that matter are passed at start.
+            // Created by rename, given by descriptor: never through a planted link.
+            let conf = data.join("postgresql.conf");
+            replace_file(&conf, b"", PRIVATE, self.bin.owner()).map_err(io)?;
+        }
+        if !data.join("pg_hba.conf").exists() {
+            return Err(EngineError::failed(
+                "the copied data directory has no pg_hba.conf (Debian keeps it under \
+                 /etc/postgresql); copy it into the data directory first",
+            ));
+        }
+        // Seal: run recovery to its end and shut down cleanly, so clones start
+        // without replaying WAL.
+        let socket_dir = self.layout.seal_socket_dir();
+        let log = partial.join("seal.log");
+        let settings = self.settings(
+            &socket_dir,
+            &format!("offshoot/{}/seal", self.source),
+            false,
+        );
+        self.server(&data, &socket_dir, &log, &settings)
+            .start()
+            .await
+            .map_err(|e| match e {
+                EngineError::StartFailed { fatal } => EngineError::StartFailed {
+                    fatal: format!("sealing the snapshot: {fatal}"),
+                },
+                other => other,
+            })?;
+        if !self.transforms.is_empty() {
+            // On the snapshot's own server, before it is sealed; a failure discards
+            // the snapshot (the caller stops the server and removes the directory).
+            taking.phase(SnapshotPhase::Transforming);
+            self.run_transforms(&socket_dir).await?;
+            taking.phase(SnapshotPhase::Sealing);
+        }
+        postmaster::stop(&data, &socket_dir).await?;
+        let _ = fs::remove_file(data.join("postmaster.opts"));
+        let meta = SnapshotMeta {
+            source: self.source.to_string(),
+            name: name.to_owned(),
+            created_at: unix_ms(now),
+            origin: self.origin.describe(),
+            size_bytes: tree_size(&data),
+        };
+        write_json_atomic(&partial.join(SNAPSHOT_META), &meta).map_err(io)?;
+        Ok(meta)
+    }
+
+    /// Copies the source's data into `data` (an empty directory is made for
+    /// `pg_basebackup`).
+    async fn fill(&self, data: &Path) -> Result<(), EngineError> {
+        let io = |e| EngineError::io("taking a snapshot", e);
+        let data = data.to_path_buf();
         match &self.origin {
             Origin::Upstream(conn) => {
                 // pg_basebackup runs as the servers' user and fills an empty directory.
@@ -354,47 +423,44 @@ impl InstanceEngine {
                 .map_err(|e| EngineError::io("copying the source's data_dir", e))?;
             }
         }
-        if !data.join("postgresql.conf").exists() {
-            // Debian keeps it under /etc; the settings that matter are passed at start.
-            // Created by rename, given by descriptor: never through a planted link.
-            let conf = data.join("postgresql.conf");
-            replace_file(&conf, b"", PRIVATE, self.bin.owner()).map_err(io)?;
-        }
-        if !data.join("pg_hba.conf").exists() {
-            return Err(EngineError::failed(
-                "the copied data directory has no pg_hba.conf (Debian keeps it under \
-                 /etc/postgresql); copy it into the data directory first",
-            ));
-        }
-        // Seal: run recovery to its end and shut down cleanly, so clones start
-        // without replaying WAL.
-        let socket_dir = self.layout.seal_socket_dir();
-        let log = partial.join("seal.log");
-        let settings = self.settings(
-            &socket_dir,
-            &format!("offshoot/{}/seal", self.source),
-            false,
-        );
-        self.server(&data, &socket_dir, &log, &settings)
-            .start()
-            .await
-            .map_err(|e| match e {
-                EngineError::StartFailed { fatal } => EngineError::StartFailed {
-                    fatal: format!("sealing the snapshot: {fatal}"),
-                },
-                other => other,
-            })?;
-        postmaster::stop(&data, &socket_dir).await?;
-        let _ = fs::remove_file(data.join("postmaster.opts"));
-        let meta = SnapshotMeta {
-            source: self.source.to_string(),
-            name: name.to_owned(),
-            created_at: unix_ms(now),
-            origin: self.origin.describe(),
-            size_bytes: tree_size(&data),
+        Ok(())
+    }
+
+    /// Runs the source's transforms on the sealing server listening in
+    /// `socket_dir`, in the branches' database, as the role snapshots are copied
+    /// with (`postgres` for a `data_dir` source).
+    async fn run_transforms(&self, socket_dir: &Path) -> Result<(), EngineError> {
+        let (user, password) = match &self.origin {
+            Origin::Upstream(conn) => match conn.parse::<tokio_postgres::Config>() {
+                Ok(c) => (
+                    c.get_user().unwrap_or("postgres").to_owned(),
+                    c.get_password().map(<[u8]>::to_vec),
+                ),
+                Err(_) => ("postgres".to_owned(), None),
+            },
+            Origin::DataDir(_) => ("postgres".to_owned(), None),
         };
-        write_json_atomic(&partial.join(SNAPSHOT_META), &meta).map_err(io)?;
-        Ok(meta)
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(socket_dir)
+            .port(postmaster::PORT)
+            .user(&user)
+            .dbname(&self.database)
+            .application_name("offshoot snapshot transform");
+        if let Some(p) = password {
+            config.password(p);
+        }
+        let (client, conn) = config.connect(tokio_postgres::NoTls).await.map_err(|e| {
+            EngineError::failed_with(
+                "cannot connect to the new snapshot's server to run its transforms",
+                e,
+            )
+        })?;
+        let session = tokio::spawn(conn);
+        let result = transform::run_all(&client, &self.transforms).await;
+        drop(client);
+        let _ = session.await;
+        result
     }
 
     /// Deletes a snapshot no branch uses.
