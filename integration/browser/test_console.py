@@ -245,6 +245,9 @@ class Suite:
             f"jdbc:postgresql://127.0.0.1:{self.proxy.pg_port}/shop.qa-ui?user=postgres"
         )
         expect(page.locator("#conn-libpq")).to_contain_text("dbname=shop.qa-ui")
+        # Its recent events come from the audit trail: how it was made, and by whom.
+        expect(page.locator('#recent-events li[data-action="branch.created"]')).to_have_count(1)
+        expect(page.locator("dt:text-is('expires at') + dd")).not_to_be_empty()
         page.click('button[data-copy="conn-psql"]')
         expect(page.locator('button[data-copy="conn-psql"]')).to_have_text("Copied")
         assert page.evaluate("navigator.clipboard.readText()") == psql_url
