@@ -24,7 +24,12 @@ workload against direct, offshoot and pgbouncer in turn, each for DURATION secon
   latency   pgbench -S, 1 client: average latency and the latency added vs direct
   connect   pgbench -C -S, CONNECT_CLIENTS clients (and as many threads): a new
             connection per transaction. PgBouncer keeps its server connections
-            across client connections, so only the client side is new there.
+            across client connections, so only the client side is new there;
+            Offshoot keeps them too (server_reuse, on by default).
+  connect_noreuse
+            the same through Offshoot only, on a second source with
+            server_reuse = false (branch benchoff.nr, also a clone of bench):
+            every client connection starts a PostgreSQL backend, as direct.
   tpcb      pgbench's default TPC-B-like mix, CLIENTS clients
 
 Every run uses -n (no vacuum) and -T DURATION. For each Offshoot and PgBouncer run
@@ -54,7 +59,7 @@ Environment:
   CONNECT_CLIENTS=8   clients of the connect workload
   THREADS=2           pgbench worker threads (-j), at most the number of clients
                       (the connect workload uses one thread per client)
-  WORKLOADS="select prepared latency connect tpcb"
+  WORKLOADS="select prepared latency connect connect_noreuse tpcb"
                       which workloads to run, in this order
   OFFSHOOT_BIN        use this offshoot binary instead of building one
   PG_BIN              directory with initdb, pg_ctl, postgres, pgbench, psql
@@ -96,7 +101,7 @@ SCALE=${SCALE:-10}
 CLIENTS=${CLIENTS:-16}
 CONNECT_CLIENTS=${CONNECT_CLIENTS:-8}
 THREADS=${THREADS:-2}
-WORKLOADS=${WORKLOADS:-"select prepared latency connect tpcb"}
+WORKLOADS=${WORKLOADS:-"select prepared latency connect connect_noreuse tpcb"}
 PG_SHARED_BUFFERS=${PG_SHARED_BUFFERS:-256MB}
 SKIP_PGBOUNCER=${SKIP_PGBOUNCER:-0}
 KEEP_TMP=${KEEP_TMP:-0}
@@ -193,13 +198,15 @@ WL_TITLE[latency]="select-only, 1 client"
 # than clients it would measure its own queueing; one thread per client here.
 WL_ARGS[connect]="-C -S -c $CONNECT_CLIENTS -j $CONNECT_CLIENTS"
 WL_TITLE[connect]="select-only, new connection per txn (-C), $CONNECT_CLIENTS clients"
+WL_ARGS[connect_noreuse]=${WL_ARGS[connect]}
+WL_TITLE[connect_noreuse]="the same (-C), Offshoot with server_reuse = false"
 WL_ARGS[tpcb]="-c $CLIENTS -j $(min "$THREADS" "$CLIENTS")"
 WL_TITLE[tpcb]="TPC-B-like mix, $CLIENTS clients"
 
 read -ra WL_LIST <<<"${WORKLOADS//,/ }"
 ((${#WL_LIST[@]} > 0)) || die "WORKLOADS is empty"
 for wl in "${WL_LIST[@]}"; do
-    [[ -n ${WL_ARGS[$wl]+set} ]] || die "unknown workload '$wl' in WORKLOADS (known: select prepared latency connect tpcb)"
+    [[ -n ${WL_ARGS[$wl]+set} ]] || die "unknown workload '$wl' in WORKLOADS (known: select prepared latency connect connect_noreuse tpcb)"
 done
 
 # --- Tools, cluster, proxy (benches/harness.sh) ------------------------------
@@ -258,7 +265,14 @@ log "PostgreSQL: pgbench -i -s $SCALE bench"
 harness_start_offshoot "[sources.bench]
 server = \"host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres\"
 database = \"bench\"
-idle_expire = \"1h\""
+idle_expire = \"1h\"
+
+# The same data with server sessions never kept (the connect_noreuse workload).
+[sources.benchoff]
+server = \"host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres\"
+database = \"bench\"
+idle_expire = \"1h\"
+server_reuse = false"
 
 # The first connection to bench.b1 clones bench; the direct and PgBouncer runs then
 # use the same clone so that all three targets read the same data.
@@ -267,6 +281,10 @@ CLONE_DB=$(timeout 120 "$PSQL" -X -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PROXY
     die "cannot connect to bench.b1 through offshoot (status $?)"
 [[ -n $CLONE_DB ]] || die "offshoot returned no database name for bench.b1"
 log "Offshoot: bench.b1 is database $CLONE_DB"
+if [[ " ${WL_LIST[*]} " == *" connect_noreuse "* ]]; then
+    timeout 120 "$PSQL" -X -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PROXY_PORT" -U postgres \
+        -d benchoff.nr -c 'SELECT 1' >/dev/null || die "cannot connect to benchoff.nr through offshoot"
+fi
 
 # --- PgBouncer --------------------------------------------------------------
 
@@ -318,7 +336,24 @@ target_port() {
     pgbouncer) echo "$BOUNCER_PORT" ;;
     esac
 }
-target_db() { [[ $1 == offshoot ]] && echo bench.b1 || echo "$CLONE_DB"; }
+# $1 target, $2 workload.
+target_db() {
+    if [[ $1 == offshoot && ${2:-} == connect_noreuse ]]; then
+        echo benchoff.nr
+    elif [[ $1 == offshoot ]]; then
+        echo bench.b1
+    else
+        echo "$CLONE_DB"
+    fi
+}
+# The targets workload $1 runs against: connect_noreuse only measures Offshoot.
+targets_of() {
+    if [[ $1 == connect_noreuse ]]; then
+        echo offshoot
+    else
+        echo "${TARGETS[@]}"
+    fi
+}
 target_pid() {
     case $1 in
     offshoot) echo "$OFFSHOOT_PID" ;;
@@ -348,7 +383,7 @@ run_pgbench() {
     pid=$(target_pid "$target")
     [[ -n $pid ]] && before=$(proc_cpu_split "$pid")
     timeout -k 10 "$RUN_TIMEOUT" "$PGBENCH" -h 127.0.0.1 -p "$(target_port "$target")" -U postgres \
-        -n -T "$secs" "${args[@]}" "$(target_db "$target")" >"$out" 2>&1 || rc=$?
+        -n -T "$secs" "${args[@]}" "$(target_db "$target" "$wl")" >"$out" 2>&1 || rc=$?
     [[ -n $pid ]] && after=$(proc_cpu_split "$pid" || true)
 
     local tps lat txn failed
@@ -393,7 +428,7 @@ fi
 for ((round = 1; round <= ROUNDS; round++)); do
     log "Round $round/$ROUNDS (${DURATION}s per run)"
     for wl in "${WL_LIST[@]}"; do
-        for target in "${TARGETS[@]}"; do
+        for target in $(targets_of "$wl"); do
             run_pgbench "$target" "$wl" "$round" "$DURATION"
         done
     done
@@ -425,9 +460,14 @@ tables() {
     echo "| workload | direct TPS | offshoot TPS (× direct) | pgbouncer TPS (× direct) | offshoot CPU µs/txn | pgbouncer CPU µs/txn |"
     echo "|---|---:|---:|---:|---:|---:|"
     for wl in "${WL_LIST[@]}"; do
-        d=$(median_of TPS "$wl" direct)
+        # connect_noreuse compares with the connect workload's direct runs.
+        d=$(median_of TPS "${wl%_noreuse}" direct)
         o=$(median_of TPS "$wl" offshoot)
         printf '| %s | %s | %s%s ' "${WL_TITLE[$wl]}" "$(fmt_tps "$d")" "$(fmt_tps "$o")" "$(fmt_ratio "$o" "$d")"
+        if [[ $wl == connect_noreuse ]]; then
+            printf '| — | %s | — |\n' "$(fmt_cpu "$(median_of CPU "$wl" offshoot)")"
+            continue
+        fi
         if ((have_bouncer)); then
             b=$(median_of TPS "$wl" pgbouncer)
             printf '| %s%s ' "$(fmt_tps "$b")" "$(fmt_ratio "$b" "$d")"
@@ -506,7 +546,7 @@ $(harness_describe)
 - Offshoot: source \`bench\`, clients use \`bench.b1\` (database $CLONE_DB); direct and PgBouncer runs use $CLONE_DB too
 - All traffic is TCP over 127.0.0.1 with sslmode=disable; pgbench, PostgreSQL and the proxies share the same CPUs.
 - Every pgbench run uses \`-n -T $DURATION\`; targets are interleaved within each round. Values are medians over the rounds.
-- The -C row: pgbench uses one thread per client (it connects synchronously). Direct and Offshoot start a new PostgreSQL backend per transaction; PgBouncer (session mode) reuses its server connections, so only the client connection is new.
+- The -C rows: pgbench uses one thread per client (it connects synchronously). Direct starts a new PostgreSQL backend per transaction; PgBouncer (session mode) and Offshoot (\`server_reuse\`, on by default) reuse their server connections, so only the client connection is new; the "server_reuse = false" row is Offshoot starting a backend per connection (source \`benchoff\`, branch \`benchoff.nr\`, another clone of bench), compared with the same direct runs.
 - Latency is pgbench's "latency average" (printed to 1 µs).
 - CPU µs/txn: the proxy process's user+system CPU time during the run (/proc/<pid>/stat, ${CLK_TCK} ticks/s) divided by the transactions pgbench processed; "in the kernel" is the system part of that time.
 
@@ -521,7 +561,7 @@ fi
 RAW=$'\n<details><summary>All runs</summary>\n\n| round | workload | target | TPS | latency ms | transactions | CPU µs/txn | CPU in the kernel % |\n|---:|---|---|---:|---:|---:|---:|---:|\n'
 for ((round = 1; round <= ROUNDS; round++)); do
     for wl in "${WL_LIST[@]}"; do
-        for target in "${TARGETS[@]}"; do
+        for target in $(targets_of "$wl"); do
             key="$wl|$target|$round"
             if [[ -n ${TPS[$key]+set} ]]; then
                 RAW+="| $round | $wl | $target | $(fmt_tps "${TPS[$key]}") | ${LAT[$key]} | ${TXN[$key]} | ${CPU[$key]:-} | ${SYS[$key]:-} |"$'\n'

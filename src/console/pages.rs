@@ -13,10 +13,11 @@ use crate::config::RouteBy;
 
 /// The page a link in the header points at.
 #[derive(PartialEq, Eq, Clone, Copy)]
-enum Nav {
+pub(super) enum Nav {
     Overview,
     Branches,
     Charts,
+    Rehearsals,
     None,
 }
 
@@ -36,7 +37,7 @@ pub fn esc(s: &str) -> String {
     out
 }
 
-fn layout(c: &Console, access: Access, title: &str, nav: Nav, body: &str) -> String {
+pub(super) fn layout(c: &Console, access: Access, title: &str, nav: Nav, body: &str) -> String {
     let link = |n: Nav, href: &str, text: &str| {
         let current = if n == nav {
             r#" aria-current="page""#
@@ -62,7 +63,7 @@ fn layout(c: &Console, access: Access, title: &str, nav: Nav, body: &str) -> Str
 <link rel="stylesheet" href="/assets/console.css">
 </head><body data-sep="{sep}">
 <header><a class="brand" href="/"><img src="/assets/icon.svg" alt="" width="20" height="20"> Offshoot</a>
-<nav>{o}{b}{ch}</nav><div class="who">{who}</div></header>
+<nav>{o}{b}{ch}{r}</nav><div class="who">{who}</div></header>
 <main>{body}</main>
 <script src="/assets/console.js"></script>
 </body></html>"#,
@@ -71,6 +72,7 @@ fn layout(c: &Console, access: Access, title: &str, nav: Nav, body: &str) -> Str
         o = link(Nav::Overview, "/", "Overview"),
         b = link(Nav::Branches, "/branches", "Branches"),
         ch = link(Nav::Charts, "/charts", "Charts"),
+        r = link(Nav::Rehearsals, "/rehearsals", "Rehearsals"),
     )
 }
 
@@ -200,8 +202,9 @@ pub fn branches(c: &Console, access: Access) -> String {
 <th data-key="source">Source</th><th data-key="branch">Branch</th><th data-key="state">State</th>
 <th data-key="connections" class="num">Connections</th><th data-key="idle" class="num">Idle for</th>
 <th data-key="age" class="num">Age</th><th data-key="persistent">Persistent</th>
+<th data-key="policy">Policy</th><th data-key="expires_at">Expires at</th><th data-key="protected">Protected</th>
 <th data-key="snapshot">Snapshot</th><th data-key="copy_mode">Copy mode</th></tr></thead>
-<tbody><tr><td colspan="9" class="muted">Loading…</td></tr></tbody></table>
+<tbody><tr><td colspan="12" class="muted">Loading…</td></tr></tbody></table>
 <p class="empty" id="no-branches" hidden>No branches yet. Connecting creates one: <code>psql "{}"</code></p>"#,
         esc(&hint)
     );
@@ -259,6 +262,17 @@ pub fn detail(c: &Console, access: Access, v: &BranchView) -> String {
     if let Some(by) = &v.created_by {
         let _ = write!(body, "<dt>created by</dt><dd>{}</dd>", esc(by));
     }
+    let _ = write!(
+        body,
+        "<dt>policy</dt><dd>{}</dd><dt>expires at</dt><dd>{}</dd><dt>protected</dt><dd>{}</dd>",
+        esc(v.policy.as_deref().unwrap_or("the source's settings")),
+        esc(v.expires_at.as_deref().unwrap_or("never")),
+        match (v.protected, &v.protected_until) {
+            (true, Some(until)) => format!("yes, until {}", esc(until)),
+            (true, None) => "yes".to_owned(),
+            (false, _) => "no".to_owned(),
+        },
+    );
     body.push_str("</dl></section><section class=\"card\"><h2>Connect</h2>");
     for (id, label, value) in connection_strings(&c.reach, v) {
         let _ = write!(
@@ -268,6 +282,8 @@ pub fn detail(c: &Console, access: Access, v: &BranchView) -> String {
         );
     }
     body.push_str("</section>");
+    // Filled by the page's script from /api/v1/events (why it changed, who did it).
+    body.push_str(r#"<section class="card" id="recent-events"><h2>Recent events</h2><ul class="events"><li class="muted">Loading…</li></ul></section>"#);
     if access.can_write() {
         body.push_str(r#"<section class="card actions"><h2>Actions</h2>"#);
         let suspendable = c

@@ -36,35 +36,43 @@ pub(super) async fn serve(
         source = tracing::field::Empty,
         branch = tracing::field::Empty
     );
-    run(proxy, tcp, peer, span.clone(), slot, pending)
-        .instrument(span)
-        .await
+    let opened = open(&proxy, tcp, peer, span.clone(), pending)
+        .instrument(span.clone())
+        .await;
+    if let Some((client, session)) = opened {
+        relay(&proxy, client, session, slot, &span).await;
+    }
 }
 
-async fn run(
-    proxy: Arc<Proxy>,
+/// The phases up to an open server session. `None`: the connection ended (the
+/// client was told why, where there was something to tell).
+async fn open(
+    proxy: &Proxy,
     tcp: TcpStream,
     peer: SocketAddr,
     span: tracing::Span,
-    slot: Slot,
     pending: Pending,
-) {
+) -> Option<(ClientStream, connect::Session)> {
     let _ = tcp.set_nodelay(true);
     // One deadline for everything before authentication is settled: TLS, the
     // negotiation and the authentication exchange together.
     let deadline = Instant::now() + proxy.config.startup_timeout;
-    let hello = match tokio::time::timeout_at(deadline, negotiate::negotiate(&proxy, tcp)).await {
-        Err(_) => return timed_out(&proxy),
-        Ok(Ok(None)) => return,
+    let hello = match tokio::time::timeout_at(deadline, negotiate::negotiate(proxy, tcp)).await {
+        Err(_) => {
+            timed_out(proxy);
+            return None;
+        }
+        Ok(Ok(None)) => return None,
         Ok(Err((stream, err))) => {
             match stream {
-                Some(mut s) => refuse(&proxy, &mut s, &err).await,
+                Some(mut s) => refuse(proxy, &mut s, &err).await,
                 None => debug!(error = %err, "refused"),
             }
-            return;
+            return None;
         }
         Ok(Ok(Some(negotiate::Negotiated::Cancel { pid, secret }))) => {
-            return super::cancel::answer(&proxy, peer.ip(), pid, &secret).await;
+            super::cancel::answer(proxy, peer.ip(), pid, &secret).await;
+            return None;
         }
         Ok(Ok(Some(negotiate::Negotiated::Startup(hello)))) => hello,
     };
@@ -74,7 +82,7 @@ async fn run(
         end_point,
     } = hello;
     let opened = startup_phases(
-        &proxy,
+        proxy,
         &mut client,
         pending,
         &startup,
@@ -83,12 +91,30 @@ async fn run(
         &span,
     )
     .await;
-    let session = match opened {
-        Ok(Some(s)) => s,
-        Ok(None) => return,
-        Err(e) => return refuse(&proxy, &mut client, &e).await,
-    };
-    debug!("session open");
+    match opened {
+        Ok(Some(s)) => {
+            debug!("session open");
+            Some((client, s))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            refuse(proxy, &mut client, &e).await;
+            None
+        }
+    }
+}
+
+/// Relays an open session to its end, and parks its server session when the
+/// client ended cleanly. The relay runs outside the connection's span, which
+/// would otherwise be entered and left at every wake-up of the pump; what is
+/// logged at the end is logged inside it.
+async fn relay(
+    proxy: &Proxy,
+    mut client: ClientStream,
+    session: connect::Session,
+    slot: Slot,
+    span: &tracing::Span,
+) {
     // Held until the session ends: the branch's connection count, the cancel key,
     // and the connection's slot under the connection limit.
     let (lease, key) = session.hold;
@@ -112,17 +138,23 @@ async fn run(
             // session is parked, so the branch cannot be drained in between.
             drop(key);
             if let Some(ticket) = session.reuse {
-                proxy.pool.park(server, ticket).await;
+                proxy
+                    .pool
+                    .park(server, ticket)
+                    .instrument(span.clone())
+                    .await;
             }
-            debug!("connection closed; server session kept");
+            span.in_scope(|| debug!("connection closed; server session kept"));
         }
-        Some(Ok(relay::End::Closed)) => debug!("connection closed"),
-        Some(Err(e)) => debug!(error = %e, "connection ended"),
+        Some(Ok(relay::End::Closed)) => span.in_scope(|| debug!("connection closed")),
+        Some(Err(e)) => span.in_scope(|| debug!(error = %e, "connection ended")),
         // A forced reset: the relay has stopped and the server session is closed;
         // the client is told why, as PostgreSQL does when a session is ended.
         None => {
             let err = ClientError::BranchReset(lease.branch().clone());
-            refuse(&proxy, &mut client, &err).await;
+            refuse(proxy, &mut client, &err)
+                .instrument(span.clone())
+                .await;
         }
     }
     drop((lease, slot));

@@ -67,6 +67,7 @@ if (table) {
       case "age": return ago(b.created_at).secs;
       case "connections": return b.connections;
       case "persistent": return b.persistent ? 1 : 0;
+      case "protected": return b.protected ? 1 : 0;
       default: return (b[key] || "").toString();
     }
   };
@@ -91,12 +92,15 @@ if (table) {
         el("td", { class: "num" }, b.connections > 0 ? "in use" : ago(b.last_active).text),
         el("td", { class: "num", title: b.created_at }, ago(b.created_at).text),
         el("td", {}, b.persistent ? "yes" : "no"),
+        el("td", {}, b.policy || "—"),
+        el("td", { title: b.expires_at || "" }, b.expires_at ? new Date(b.expires_at).toLocaleString() : "never"),
+        el("td", { title: b.protected_until || "" }, b.protected ? "yes" : "no"),
         el("td", {}, b.snapshot || "—"),
         el("td", {}, b.copy_mode || "—"));
     }));
     empty.hidden = rows.length > 0;
     if (rows.length > 0 && shown.length === 0) {
-      tbody.replaceChildren(el("tr", {}, el("td", { colspan: 9, class: "muted" }, "No branch matches the filter.")));
+      tbody.replaceChildren(el("tr", {}, el("td", { colspan: 12, class: "muted" }, "No branch matches the filter.")));
     }
   }
 
@@ -123,6 +127,35 @@ if (table) {
   }
   refresh();
   setInterval(refresh, 2000);
+}
+
+// ---- A branch's recent events (the audit trail) ----
+const recent = document.getElementById("recent-events");
+const detailCard = document.getElementById("detail");
+if (recent && detailCard) {
+  const list = recent.querySelector("ul");
+  const q = new URLSearchParams({ source: detailCard.dataset.source, branch: detailCard.dataset.branch, limit: "20" });
+  const load = async () => {
+    try {
+      const events = await api("GET", "/api/v1/events?" + q);
+      if (!events.length) {
+        list.replaceChildren(el("li", { class: "muted" }, "No events recorded for this branch."));
+        return;
+      }
+      list.replaceChildren(...events.map(e => {
+        const who = e.actor ? e.actor.kind + (e.actor.role ? ` ${e.actor.role}` : "") : "";
+        const why = e.reason ? ` (${e.reason})` : "";
+        const err = e.error ? `: ${e.error}` : "";
+        return el("li", { "data-action": e.action, title: e.at },
+          el("time", { datetime: e.at }, new Date(e.at).toLocaleString()), " ",
+          el("strong", {}, e.action), ` by ${who}${why}${err}`);
+      }));
+    } catch (err) {
+      list.replaceChildren(el("li", { class: "muted" }, "Events unavailable: " + err.message));
+    }
+  };
+  load();
+  setInterval(load, 5000);
 }
 
 // ---- Create form ----
