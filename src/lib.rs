@@ -18,6 +18,7 @@
 //!   that guards the listener; [`history`]: the in-memory samples its charts draw.
 //! - [`recording`]: statements recorded on rehearsal branches' sessions, kept until
 //!   the rehearsal takes them.
+//! - [`sqltext`]: SQL text split into statements (migrations, snapshot transforms).
 //! - [`rehearse`]: migration rehearsal on a branch, through the proxy: statements,
 //!   locks, rewrites, hazards, the probe of concurrent traffic, the report.
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
@@ -55,4 +56,5 @@ pub mod pg;
 pub mod proxy;
 pub mod recording;
 pub mod rehearse;
+pub mod sqltext;
 pub mod upstream;

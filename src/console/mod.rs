@@ -14,7 +14,7 @@
 
 pub mod chart;
 mod pages;
-mod rehearsals;
+pub(crate) mod rehearsals;
 pub mod session;
 
 use std::net::SocketAddr;
