@@ -449,3 +449,78 @@ async fn an_instance_branch_reports_the_bytes_it_does_not_share() {
         view(&proxy, "big").unwrap()
     );
 }
+
+/// Runs `offshoot branch <args>` against `proxy`; returns success and the output.
+fn branch_cli(proxy: &ProxyProc, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_offshoot"))
+        .arg("branch")
+        .args(args)
+        .arg("--admin")
+        .arg(format!("127.0.0.1:{}", proxy.admin))
+        .arg("--config")
+        .arg(proxy.dir.path().join("offshoot.toml"))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sets_ttl_and_protection() {
+    let Fixture { proxy, pg: _pg } = fixture().await;
+    let (ok, out) = branch_cli(
+        &proxy,
+        &[
+            "create",
+            "shop.pr-7",
+            "--ttl",
+            "3d",
+            "--protected",
+            "--if-exists",
+            "reuse",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("protected"), "{out}");
+    // Protected with no end, nothing removes it: no deadline shows.
+    let v = view(&proxy, "pr-7").unwrap();
+    assert_eq!(
+        (&v["protected"], &v["expires_at"]),
+        (&true.into(), &Value::Null),
+        "{v}"
+    );
+    let (ok, out) = branch_cli(&proxy, &["create", "shop.pr-7", "--if-exists", "fail"]);
+    assert!(!ok && out.contains("exists already"), "{out}");
+
+    let (ok, out) = branch_cli(&proxy, &["delete", "shop.pr-7"]);
+    assert!(
+        !ok && out.contains("protected") && out.contains("--force"),
+        "{out}"
+    );
+    let (ok, out) = branch_cli(
+        &proxy,
+        &["update", "shop.pr-7", "--ttl", "1d", "--unprotected"],
+    );
+    assert!(ok, "{out}");
+    let v = view(&proxy, "pr-7").unwrap();
+    assert_eq!(v["protected"], false, "{v}");
+    let left = time(&v["expires_at"])
+        .duration_since(SystemTime::now())
+        .unwrap();
+    assert!(left < Duration::from_secs(86400 + 60), "{v}");
+    let (ok, out) = branch_cli(&proxy, &["update", "shop.pr-7"]);
+    assert!(!ok && out.contains("nothing to change"), "{out}");
+    let (ok, out) = branch_cli(&proxy, &["delete", "shop.pr-7"]);
+    assert!(ok, "{out}");
+
+    proxy.connect("shop.qa").await.unwrap();
+    let (ok, out) = branch_cli(&proxy, &["delete", "shop.qa"]);
+    assert!(
+        !ok && out.contains("persistent") && out.contains("--force"),
+        "{out}"
+    );
+    let (ok, out) = branch_cli(&proxy, &["delete", "shop.qa", "--force"]);
+    assert!(ok, "{out}");
+}

@@ -207,6 +207,7 @@ async fn serve(
             history,
             reach: reach(cfg, embedded),
             gate: admin.gate(),
+            rehearsals: cfg.state.dir.join("rehearsals"),
         });
         info!(addr = %cfg.admin.listen, "admin HTTP listening");
         handles.push(

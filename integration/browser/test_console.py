@@ -6,8 +6,8 @@ a temporary state directory, free ports), drives Debian's Chromium through
 Playwright like a person would, and checks what the pages show: logging in, a
 branch appearing in the live table after a psql connection, creating, suspending
 and deleting branches with their confirmations, the connection strings (used for
-real with psql), and the charts. Screenshots go to docs/screenshots/ (or
-$OFFSHOOT_SCREENSHOTS).
+real with psql), the charts, and a rehearsal report with its probe timelines.
+Screenshots go to docs/screenshots/ (or $OFFSHOOT_SCREENSHOTS).
 
 Usage: python3 integration/browser/test_console.py
   OFFSHOOT_BIN      the binary (default: target/debug/offshoot)
@@ -385,6 +385,51 @@ class Suite:
         expect(page.locator("polyline.s-ready")).to_have_count(1, timeout=SLOW_MS)
         expect(page.locator("circle.dot.cold").first).to_be_attached(timeout=SLOW_MS)
         self.shot("charts.png")
+
+    def test_rehearsal_report(self):
+        page = self.page
+        # The demo's example migrations; the third rewrites order_items.
+        args = [
+            str(BIN), "rehearse", "shop", "--probe",
+            "--sql", "examples/migrations",
+            "--admin", f"127.0.0.1:{self.proxy.admin_port}",
+            "--proxy", f"127.0.0.1:{self.proxy.pg_port}",
+            "--user", "postgres",
+        ]
+        if self.proxy.token() is not None:
+            args += ["--token-file", str(self.proxy.state / "admin.token")]
+        out = subprocess.run(
+            args, capture_output=True, text=True, timeout=600, cwd=ROOT
+        )
+        assert out.returncode == 3, f"exit {out.returncode}: {out.stdout}{out.stderr}"
+        self.go("/rehearsals")
+        expect(page.locator("h1")).to_have_text("Rehearsals")
+        row = page.locator("#rehearsals tbody tr").first
+        expect(row).to_contain_text("hazards found")
+        report_id = row.get_attribute("data-id")
+        row.locator("a").click()
+        expect(page).to_have_url(self.proxy.admin + f"/rehearsals/{report_id}")
+        expect(page.locator("#outcome")).to_have_text("hazards found")
+        hazard = page.locator('tr.hazard[data-rule="table-rewrite"]')
+        expect(hazard).to_contain_text("order_items")
+        expect(hazard).to_contain_text("rewritten in")
+        # One timeline per probed table, one bar per stall the report holds.
+        report = page.evaluate(
+            "async (id) => (await fetch('/api/v1/rehearsals/' + id)).json()", report_id
+        )
+        tables = report["probe"]["tables"]
+        assert any(t["table"].endswith("order_items") for t in tables), tables
+        expect(page.locator("svg.timeline")).to_have_count(len(tables))
+        for t in tables:
+            chart = page.locator(f'.probe-table[data-table="{t["table"]}"] svg.timeline')
+            expect(chart).to_be_visible()
+            expect(chart.locator("rect.stall")).to_have_count(len(t["stalls"]))
+        expect(page.locator("#statements tbody tr")).to_have_count(len(report["statements"]))
+        self.shot("rehearsal.png")
+        # An id that names no report is a 404 page.
+        resp = page.goto(self.proxy.admin + "/rehearsals/ffffffff")
+        assert resp.status == 404, resp.status
+        expect(page.locator("h1")).to_have_text("Not found")
 
     def test_logout_ends_the_session(self):
         page = self.page

@@ -1,4 +1,4 @@
-//! `offshoot branch list|show|create|suspend|reset|delete`.
+//! `offshoot branch list|show|create|update|suspend|reset|delete`.
 
 use anyhow::{anyhow, Result};
 use serde_json::Value;
@@ -39,6 +39,44 @@ pub enum BranchAction {
         /// Snapshot to clone (`instance` sources); default the newest.
         #[arg(long)]
         snapshot: Option<String>,
+        /// Remove it this long after creation ("3d", "12h"), whatever its policy says.
+        #[arg(long, conflicts_with = "expires_at")]
+        ttl: Option<String>,
+        /// Remove it at this time (RFC 3339, e.g. 2030-01-31T18:00:00Z).
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// Refuse its deletion and reset unless forced.
+        #[arg(long)]
+        protected: bool,
+        /// Protected until this time (RFC 3339); implies --protected.
+        #[arg(long)]
+        protected_until: Option<String>,
+        /// When it exists already: `reuse` it (the default) or `fail`.
+        #[arg(long, value_parser = ["reuse", "fail"])]
+        if_exists: Option<String>,
+    },
+    /// Change a branch's TTL or protection.
+    Update {
+        /// `<source>.<branch>`, e.g. `shop.pr-42`.
+        name: String,
+        /// Remove it this long from now ("1d").
+        #[arg(long, conflicts_with_all = ["expires_at", "no_ttl"])]
+        ttl: Option<String>,
+        /// Remove it at this time (RFC 3339).
+        #[arg(long, conflicts_with = "no_ttl")]
+        expires_at: Option<String>,
+        /// Drop its TTL: its policy's deadlines apply again.
+        #[arg(long)]
+        no_ttl: bool,
+        /// Protect it (until --protected-until, if given).
+        #[arg(long, conflicts_with = "unprotected")]
+        protected: bool,
+        /// Lift its protection, its policy's included.
+        #[arg(long, conflicts_with = "protected_until")]
+        unprotected: bool,
+        /// Protected until this time (RFC 3339); implies --protected.
+        #[arg(long)]
+        protected_until: Option<String>,
     },
     /// Stop a branch's server now (`instance` sources); the next connection starts it.
     Suspend {
@@ -58,11 +96,13 @@ pub enum BranchAction {
         #[arg(long)]
         force: bool,
     },
-    /// Delete a branch. Refused while clients are connected, unless --force.
+    /// Delete a branch. Refused while clients are connected, or when it is protected
+    /// or persistent, unless --force.
     Delete {
         /// `<source>.<branch>`, e.g. `shop.pr-42`.
         name: String,
-        /// Terminate open sessions first.
+        /// Terminate open sessions first, and delete it even if protected or
+        /// persistent.
         #[arg(long)]
         force: bool,
     },
@@ -81,9 +121,65 @@ impl BranchArgs {
                 name,
                 persistent,
                 snapshot,
+                ttl,
+                expires_at,
+                protected,
+                protected_until,
+                if_exists,
             } => {
                 let (s, b) = split_name(name)?;
-                create(admin, s, b, *persistent, snapshot.as_deref())
+                let mut body = serde_json::json!({ "persistent": persistent });
+                let mut set = |k: &str, v: &Option<String>| {
+                    if let Some(v) = v {
+                        body[k] = v.as_str().into();
+                    }
+                };
+                set("snapshot", snapshot);
+                set("ttl", ttl);
+                set("expires_at", expires_at);
+                set("protected_until", protected_until);
+                set("if_exists", if_exists);
+                if *protected {
+                    body["protected"] = true.into();
+                }
+                create(admin, s, b, body)
+            }
+            BranchAction::Update {
+                name,
+                ttl,
+                expires_at,
+                no_ttl,
+                protected,
+                unprotected,
+                protected_until,
+            } => {
+                let (s, b) = split_name(name)?;
+                let mut body = serde_json::json!({});
+                if let Some(t) = ttl {
+                    body["ttl"] = t.as_str().into();
+                }
+                if let Some(t) = expires_at {
+                    body["expires_at"] = t.as_str().into();
+                }
+                if *no_ttl {
+                    body["ttl"] = Value::Null;
+                }
+                if *protected {
+                    body["protected"] = true.into();
+                }
+                if *unprotected {
+                    body["protected"] = false.into();
+                }
+                if let Some(t) = protected_until {
+                    body["protected_until"] = t.as_str().into();
+                }
+                if body.as_object().is_some_and(|o| o.is_empty()) {
+                    return Err(anyhow!(
+                        "nothing to change: give --ttl, --expires-at, --no-ttl, --protected, \
+                         --unprotected or --protected-until"
+                    ));
+                }
+                update(admin, s, b, &body)
             }
             BranchAction::Suspend { name } => {
                 let (s, b) = split_name(name)?;
@@ -194,31 +290,49 @@ pub fn show(admin: &AdminApi, source: &str, branch: &str, format: output::Format
     output::print(format, &answer, detail_table)
 }
 
-/// Creates a branch ahead of time, from `snapshot` if given (else the newest).
-pub fn create(
-    admin: &AdminApi,
-    source: &str,
-    branch: &str,
-    persistent: bool,
-    snapshot: Option<&str>,
-) -> Result<()> {
-    let mut body =
-        serde_json::json!({ "source": source, "branch": branch, "persistent": persistent });
-    if let Some(s) = snapshot {
-        body["snapshot"] = s.into();
-    }
+/// Creates a branch ahead of time; `body` holds the creation's options
+/// (`persistent`, `snapshot`, `ttl`, `protected`, `if_exists` ...).
+pub fn create(admin: &AdminApi, source: &str, branch: &str, mut body: Value) -> Result<()> {
+    body["source"] = source.into();
+    body["branch"] = branch.into();
     let v = api(admin, "POST", "/api/v1/branches", Some(&body.to_string()))?;
     let from = match v["snapshot"].as_str() {
         Some(s) => format!(", snapshot {s}"),
         None => String::new(),
     };
     println!(
-        "{}.{} is {} (clone {}{from})",
+        "{}.{} is {} (clone {}{from}){}",
         source,
         branch,
         v["state"].as_str().unwrap_or("?"),
-        v["clone_name"].as_str().unwrap_or("?")
+        v["clone_name"].as_str().unwrap_or("?"),
+        lifecycle(&v)
     );
+    Ok(())
+}
+
+/// `, expires at T, protected until T`: what governs the branch's end, when set.
+fn lifecycle(v: &Value) -> String {
+    let mut out = String::new();
+    if let Some(t) = v["expires_at"].as_str() {
+        out.push_str(&format!(", expires at {t}"));
+    }
+    if v["protected"].as_bool() == Some(true) {
+        match v["protected_until"].as_str() {
+            Some(t) => out.push_str(&format!(", protected until {t}")),
+            None => out.push_str(", protected"),
+        }
+    }
+    out
+}
+
+/// Changes a branch's TTL or protection (`PATCH`).
+pub fn update(admin: &AdminApi, source: &str, branch: &str, body: &Value) -> Result<()> {
+    let path = format!("/api/v1/branches/{source}/{branch}");
+    let v = api(admin, "PATCH", &path, Some(&body.to_string()))?;
+    let now = lifecycle(&v);
+    let now = now.strip_prefix(", ").unwrap_or("no TTL, not protected");
+    println!("{source}.{branch}: {now}");
     Ok(())
 }
 
@@ -245,10 +359,12 @@ pub fn delete(admin: &AdminApi, source: &str, branch: &str, force: bool) -> Resu
                     .split("; delete with ?force=true")
                     .next()
                     .unwrap_or("");
-                anyhow!(
-                    "{message} (HTTP {}); use --force to terminate them",
-                    r.status
-                )
+                let what = if r.message.contains("anyway") {
+                    "delete it anyway"
+                } else {
+                    "terminate them"
+                };
+                anyhow!("{message} (HTTP {}); use --force to {what}", r.status)
             }
             Ok(r) => r.into(),
             Err(e) => e,

@@ -5,6 +5,7 @@
 //!
 //! - [`pages`]: the HTML of each page.
 //! - [`chart`]: the inline SVG charts.
+//! - [`rehearsals`]: the stored rehearsal reports and their probe timelines.
 //! - [`session`]: the token check, the login cookie and the CSRF rules, applied to
 //!   every route of the admin listener (API included).
 //!
@@ -13,6 +14,7 @@
 
 pub mod chart;
 mod pages;
+mod rehearsals;
 pub mod session;
 
 use std::net::SocketAddr;
@@ -92,6 +94,8 @@ pub struct Console {
     pub history: Arc<History>,
     pub reach: Reach,
     pub gate: Arc<Gate>,
+    /// `<state.dir>/rehearsals/`: the stored rehearsal reports.
+    pub rehearsals: std::path::PathBuf,
 }
 
 const CSS: &str = include_str!("assets/console.css");
@@ -107,6 +111,8 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/events", get(events))
         .route("/charts", get(charts))
         .route("/charts/panel", get(charts_panel))
+        .route("/rehearsals", get(rehearsals::list))
+        .route("/rehearsals/{id}", get(rehearsals::show))
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
         .route("/assets/console.css", get(|| asset("text/css", CSS)))

@@ -13,11 +13,12 @@ use crate::config::RouteBy;
 
 /// The page a link in the header points at.
 #[derive(PartialEq, Eq, Clone, Copy)]
-enum Nav {
+pub(super) enum Nav {
     Overview,
     Branches,
     Charts,
     Events,
+    Rehearsals,
     None,
 }
 
@@ -37,7 +38,7 @@ pub fn esc(s: &str) -> String {
     out
 }
 
-fn layout(c: &Console, access: Access, title: &str, nav: Nav, body: &str) -> String {
+pub(super) fn layout(c: &Console, access: Access, title: &str, nav: Nav, body: &str) -> String {
     let link = |n: Nav, href: &str, text: &str| {
         let current = if n == nav {
             r#" aria-current="page""#
@@ -63,7 +64,7 @@ fn layout(c: &Console, access: Access, title: &str, nav: Nav, body: &str) -> Str
 <link rel="stylesheet" href="/assets/console.css">
 </head><body data-sep="{sep}">
 <header><a class="brand" href="/"><img src="/assets/icon.svg" alt="" width="20" height="20"> Offshoot</a>
-<nav>{o}{b}{ev}{ch}</nav><div class="who">{who}</div></header>
+<nav>{o}{b}{ev}{ch}{r}</nav><div class="who">{who}</div></header>
 <main>{body}</main>
 <script src="/assets/console.js"></script>
 </body></html>"#,
@@ -73,6 +74,7 @@ fn layout(c: &Console, access: Access, title: &str, nav: Nav, body: &str) -> Str
         b = link(Nav::Branches, "/branches", "Branches"),
         ev = link(Nav::Events, "/events", "Events"),
         ch = link(Nav::Charts, "/charts", "Charts"),
+        r = link(Nav::Rehearsals, "/rehearsals", "Rehearsals"),
     )
 }
 
