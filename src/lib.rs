@@ -18,6 +18,7 @@
 //!   that guards the listener; [`history`]: the in-memory samples its charts draw.
 //! - [`recording`]: statements recorded on rehearsal branches' sessions, kept until
 //!   the rehearsal takes them.
+//! - [`sqltext`]: SQL text split into statements (migrations, snapshot transforms).
 //! - [`rehearse`]: migration rehearsal on a branch, through the proxy: statements,
 //!   locks, rewrites, hazards, the probe of concurrent traffic, the report.
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
@@ -58,4 +59,5 @@ pub mod privsep;
 pub mod proxy;
 pub mod recording;
 pub mod rehearse;
+pub mod sqltext;
 pub mod upstream;

@@ -330,6 +330,54 @@ class Suite:
         expect(row.locator(".state")).to_have_text("ready", timeout=SLOW_MS)
         self.shot("branches.png")
 
+    def test_reset_protect_and_events(self):
+        page = self.page
+        # The table shows each branch's size, in readable units.
+        self.go("/branches")
+        size = page.locator('tr[data-branch="shop.pr-7"] [data-field="size"]')
+        expect(size).to_have_text(re.compile(r"^(—|\d+(\.\d)? (B|kB|MB|GB|TB))$"))
+        # Reset, from the branch's page: the audit trail shows it on the page.
+        self.go("/branches/shop/pr-7")
+        accept_dialog(page, "shop.pr-7", lambda: page.click('button[data-action="reset"]'))
+        expect(page.locator(".actions [role=status]")).to_contain_text(
+            "shop.pr-7 was reset", timeout=SLOW_MS
+        )
+        expect(page.locator('[data-field="state"]')).to_have_text("ready", timeout=SLOW_MS)
+        expect(page.locator('#recent-events li[data-action="branch.reset"]')).to_be_visible(
+            timeout=SLOW_MS
+        )
+        # A change of TTL shows the new deadline.
+        asked = []
+
+        def answer(d):
+            asked.append(d.message)
+            d.accept("2d")
+
+        page.once("dialog", answer)
+        page.click('button[data-action="ttl"]')
+        expect(page.locator('[data-field="expires_at"]')).not_to_have_text("never")
+        assert asked and "shop.pr-7" in asked[0], asked
+        # Protected, it refuses a delete and says why.
+        accept_dialog(page, "shop.pr-7", lambda: page.click('button[data-action="protect"]'))
+        expect(page.locator('[data-field="protected"]')).to_have_text("yes")
+        accept_dialog(page, "shop.pr-7", lambda: page.click('button[data-action="delete"]'))
+        expect(page.locator(".actions .error")).to_contain_text("protected")
+        expect(page.locator('[data-field="state"]')).to_have_text("ready")
+        accept_dialog(page, "shop.pr-7", lambda: page.click('button[data-action="unprotect"]'))
+        expect(page.locator('[data-field="protected"]')).to_have_text("no")
+        # The Events page: the deleted branch's event, found with the filters.
+        self.go("/events")
+        page.select_option("#event-filters select[name=source]", "shop")
+        page.fill("#event-filters input[name=action]", "branch.deleted")
+        page.click("#event-filters button[type=submit]")
+        row = page.locator('#events tr[data-branch="shop.qa-ui"][data-action="branch.deleted"]')
+        expect(row).to_be_visible(timeout=SLOW_MS)
+        expect(page.locator('#events tr[data-action="branch.reset"]')).to_have_count(0)
+        page.fill("#event-filters input[name=action]", "")
+        page.click("#event-filters button[type=submit]")
+        expect(page.locator('#events tr[data-action="branch.reset"]').first).to_be_visible()
+        self.shot("events.png")
+
     def test_charts_draw_the_history(self):
         page = self.page
         self.go("/charts")

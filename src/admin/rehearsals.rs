@@ -19,12 +19,11 @@ use tracing::warn;
 use super::events::ApiActor;
 use super::{ApiError, AppState};
 use crate::audit::{Action, Event};
+use crate::console::rehearsals::{stored_reports, valid_id};
 use crate::recording::Recordings;
 
 /// The report versions this server stores.
 const VERSIONS: [u64; 1] = [1];
-/// Reports listed at most (newest first).
-const LIST_MAX: usize = 200;
 
 /// The statements recorded on a rehearsal branch's sessions, oldest first.
 #[utoipa::path(get, path = "/api/v1/rehearsals/recording/{source}/{branch}",
@@ -50,14 +49,6 @@ pub(super) async fn drop_recording(
 ) -> impl IntoResponse {
     Recordings::global().take(&source, &branch);
     StatusCode::NO_CONTENT
-}
-
-/// A report id: 8 lowercase hex digits (so it is also a safe file name).
-fn valid_id(id: &str) -> bool {
-    id.len() == 8
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn file(dir: &FsPath, id: &str) -> PathBuf {
@@ -142,19 +133,8 @@ pub(super) async fn store(
 pub(super) async fn list(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let dir = s.rehearsals.clone();
     let summaries = tokio::task::spawn_blocking(move || -> Vec<Value> {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Vec::new();
-        };
-        let mut out: Vec<Value> = entries
-            .filter_map(|e| e.ok())
-            .filter(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".json"))
-                    .is_some_and(valid_id)
-            })
-            .filter_map(|e| std::fs::read(e.path()).ok())
-            .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
+        stored_reports(&dir)
+            .into_iter()
             .map(|r| {
                 json!({
                     "id": r["id"],
@@ -167,15 +147,7 @@ pub(super) async fn list(State(s): State<AppState>) -> Result<impl IntoResponse,
                     "hazards": r["hazards"].as_array().map_or(0, Vec::len),
                 })
             })
-            .collect();
-        out.sort_by(|a, b| {
-            b["started_at"]
-                .as_str()
-                .cmp(&a["started_at"].as_str())
-                .then_with(|| b["id"].as_str().cmp(&a["id"].as_str()))
-        });
-        out.truncate(LIST_MAX);
-        out
+            .collect()
     })
     .await
     .map_err(|e| internal("list the reports", e))?;
@@ -206,24 +178,4 @@ pub(super) async fn show(
     let report: Value =
         serde_json::from_slice(&bytes).map_err(|e| internal("read the report", e))?;
     Ok(Json(report))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_are_safe_file_names() {
-        assert!(valid_id("0a1b2c3d"));
-        for bad in [
-            "",
-            "0A1B2C3D",
-            "../../x",
-            "0a1b2c3",
-            "0a1b2c3d0",
-            "0a1b2c3g",
-        ] {
-            assert!(!valid_id(bad), "{bad}");
-        }
-    }
 }

@@ -14,7 +14,7 @@
 
 pub mod chart;
 mod pages;
-mod rehearsals;
+pub(crate) mod rehearsals;
 pub mod session;
 
 use std::net::SocketAddr;
@@ -108,6 +108,7 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/", get(overview))
         .route("/branches", get(branches))
         .route("/branches/{source}/{branch}", get(detail))
+        .route("/events", get(events))
         .route("/charts", get(charts))
         .route("/charts/panel", get(charts_panel))
         .route("/rehearsals", get(rehearsals::list))
@@ -161,6 +162,10 @@ async fn detail(
         )
         .into_response(),
     }
+}
+
+async fn events(State(c): Shared, Extension(access): Extension<Access>) -> Html<String> {
+    Html(pages::events(&c, access))
 }
 
 async fn charts(State(c): Shared, Extension(access): Extension<Access>) -> Html<String> {

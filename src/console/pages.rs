@@ -17,6 +17,7 @@ pub(super) enum Nav {
     Overview,
     Branches,
     Charts,
+    Events,
     Rehearsals,
     None,
 }
@@ -63,7 +64,7 @@ pub(super) fn layout(c: &Console, access: Access, title: &str, nav: Nav, body: &
 <link rel="stylesheet" href="/assets/console.css">
 </head><body data-sep="{sep}">
 <header><a class="brand" href="/"><img src="/assets/icon.svg" alt="" width="20" height="20"> Offshoot</a>
-<nav>{o}{b}{ch}{r}</nav><div class="who">{who}</div></header>
+<nav>{o}{b}{ev}{ch}{r}</nav><div class="who">{who}</div></header>
 <main>{body}</main>
 <script src="/assets/console.js"></script>
 </body></html>"#,
@@ -71,6 +72,7 @@ pub(super) fn layout(c: &Console, access: Access, title: &str, nav: Nav, body: &
         sep = esc(&c.reach.separator),
         o = link(Nav::Overview, "/", "Overview"),
         b = link(Nav::Branches, "/branches", "Branches"),
+        ev = link(Nav::Events, "/events", "Events"),
         ch = link(Nav::Charts, "/charts", "Charts"),
         r = link(Nav::Rehearsals, "/rehearsals", "Rehearsals"),
     )
@@ -203,8 +205,9 @@ pub fn branches(c: &Console, access: Access) -> String {
 <th data-key="connections" class="num">Connections</th><th data-key="idle" class="num">Idle for</th>
 <th data-key="age" class="num">Age</th><th data-key="persistent">Persistent</th>
 <th data-key="policy">Policy</th><th data-key="expires_at">Expires at</th><th data-key="protected">Protected</th>
+<th data-key="size_bytes" class="num">Size</th>
 <th data-key="snapshot">Snapshot</th><th data-key="copy_mode">Copy mode</th></tr></thead>
-<tbody><tr><td colspan="12" class="muted">Loading…</td></tr></tbody></table>
+<tbody><tr><td colspan="13" class="muted">Loading…</td></tr></tbody></table>
 <p class="empty" id="no-branches" hidden>No branches yet. Connecting creates one: <code>psql "{}"</code></p>"#,
         esc(&hint)
     );
@@ -219,6 +222,7 @@ fn create_form(c: &Console) -> String {
     format!(
         r#"<form id="create" class="card inline"><label>Source <select name="source">{options}</select></label>
 <label>Branch <input name="branch" required maxlength="40" placeholder="pr-42"></label>
+<label>TTL <input name="ttl" maxlength="20" placeholder="3d (optional)"></label>
 <label class="check"><input type="checkbox" name="persistent"> persistent</label>
 <button type="submit">Create branch</button><span class="error" role="alert"></span></form>"#
     )
@@ -264,7 +268,8 @@ pub fn detail(c: &Console, access: Access, v: &BranchView) -> String {
     }
     let _ = write!(
         body,
-        "<dt>policy</dt><dd>{}</dd><dt>expires at</dt><dd>{}</dd><dt>protected</dt><dd>{}</dd>",
+        r#"<dt>size</dt><dd>{}</dd><dt>policy</dt><dd>{}</dd><dt>expires at</dt><dd data-field="expires_at">{}</dd><dt>protected</dt><dd data-field="protected">{}</dd>"#,
+        esc(&v.size_bytes.map_or("not measured yet".to_owned(), bytes)),
         esc(v.policy.as_deref().unwrap_or("the source's settings")),
         esc(v.expires_at.as_deref().unwrap_or("never")),
         match (v.protected, &v.protected_until) {
@@ -285,7 +290,7 @@ pub fn detail(c: &Console, access: Access, v: &BranchView) -> String {
     // Filled by the page's script from /api/v1/events (why it changed, who did it).
     body.push_str(r#"<section class="card" id="recent-events"><h2>Recent events</h2><ul class="events"><li class="muted">Loading…</li></ul></section>"#);
     if access.can_write() {
-        body.push_str(r#"<section class="card actions"><h2>Actions</h2>"#);
+        body.push_str(r#"<section class="card actions"><h2>Actions</h2><button data-action="reset">Reset</button> "#);
         let suspendable = c
             .registry
             .source(&v.source)
@@ -293,7 +298,12 @@ pub fn detail(c: &Console, access: Access, v: &BranchView) -> String {
         if suspendable {
             body.push_str(r#"<button data-action="suspend">Suspend</button> "#);
         }
-        body.push_str(r#"<button class="danger" data-action="delete">Delete</button><p class="error" role="alert"></p></section>"#);
+        let _ = write!(
+            body,
+            r#"<button data-action="protect"{p}>Protect</button> <button data-action="unprotect"{u}>Unprotect</button> <button data-action="ttl">Change TTL</button> <button class="danger" data-action="delete">Delete</button><p class="error" role="alert"></p><p class="muted" role="status"></p></section>"#,
+            p = if v.protected { " hidden" } else { "" },
+            u = if v.protected { "" } else { " hidden" },
+        );
     }
     layout(c, access, &name, Nav::Branches, &body)
 }
@@ -316,6 +326,26 @@ fn example_url(reach: &Reach) -> String {
         RouteBy::Database => format!("postgres://{user}@{host}:{port}/SOURCE{sep}BRANCH"),
         RouteBy::User => format!("postgres://{user}{sep}BRANCH@{host}:{port}/SOURCE"),
     }
+}
+
+/// The audit trail, newest first; its rows come from `/api/v1/events`, refreshed
+/// every 5 s with the filters in the toolbar (also read from the page's query).
+pub fn events(c: &Console, access: Access) -> String {
+    let mut sources = String::new();
+    for src in c.registry.sources() {
+        let _ = write!(sources, r#"<option>{}</option>"#, esc(src.name.as_str()));
+    }
+    let body = format!(
+        r#"<h1>Events</h1><form class="toolbar" id="event-filters">
+<select name="source" aria-label="Source"><option value="">all sources</option>{sources}</select>
+<input type="search" name="branch" placeholder="Branch" aria-label="Branch" maxlength="63">
+<input type="search" name="action" placeholder="Action, e.g. branch.* or branch.expired" aria-label="Action" maxlength="40">
+<button type="submit">Filter</button><span class="muted" id="updated" aria-live="polite"></span></form>
+<p class="error" role="alert" id="events-error"></p>
+<table id="events"><thead><tr><th>Time</th><th>Action</th><th>Source</th><th>Branch</th><th>By</th><th>Why</th><th>Outcome</th></tr></thead>
+<tbody><tr><td colspan="7" class="muted">Loading…</td></tr></tbody></table>"#
+    );
+    layout(c, access, "Events", Nav::Events, &body)
 }
 
 pub fn charts(c: &Console, access: Access) -> String {

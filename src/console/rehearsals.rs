@@ -48,16 +48,18 @@ pre.diff { background: var(--code); padding: .6rem .8rem; border-radius: 6px; ov
 pre.diff .add { color: var(--ready); } pre.diff .del { color: var(--danger); }
 </style>"#;
 
-/// A report id: 8 lowercase hex digits (the API stores no other).
-fn valid_id(id: &str) -> bool {
+/// A report id: 8 lowercase hex digits (the API stores no other), so it is also a
+/// safe file name. The API's handlers check ids with this too.
+pub(crate) fn valid_id(id: &str) -> bool {
     id.len() == 8
         && id
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// The stored reports' summaries, newest first.
-fn summaries(dir: &FsPath) -> Vec<Value> {
+/// The stored reports, newest first (at most `LIST_MAX`), read as JSON; the API's
+/// list summarises the same ones.
+pub(crate) fn stored_reports(dir: &FsPath) -> Vec<Value> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -97,7 +99,7 @@ pub(super) async fn list(
     Extension(access): Extension<Access>,
 ) -> Html<String> {
     let dir = c.rehearsals.clone();
-    let reports = tokio::task::spawn_blocking(move || summaries(&dir))
+    let reports = tokio::task::spawn_blocking(move || stored_reports(&dir))
         .await
         .unwrap_or_default();
     Html(list_page(&c, access, &reports))

@@ -22,7 +22,6 @@ pub mod hazards;
 pub mod observe;
 pub mod report;
 pub mod run;
-pub mod split;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -419,7 +418,7 @@ fn probe_targets(plan: &Plan, rels: &Relations) -> Vec<String> {
         .collect();
     let mut out: Vec<String> = Vec::new();
     for f in files {
-        for st in split::split(&f.text) {
+        for st in crate::sqltext::split(&f.text) {
             if let Some(t) = classify::classify(&st.sql).target {
                 if let Some(name) = tables.get(&t) {
                     if !out.iter().any(|o| o == name) {

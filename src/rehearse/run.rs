@@ -14,9 +14,9 @@ use super::catalog::{self, Relations};
 use super::classify::normalize;
 use super::classify::{classify, Command, TxEffect};
 use super::report::{CheckResult, IndexBuilt, Rewrite, SqlError};
-use super::split::split;
 use super::{SqlFile, Target};
 use crate::recording::Recorded;
+use crate::sqltext::split;
 
 /// Violations shown per check.
 const MAX_VIOLATIONS: usize = 20;

@@ -40,6 +40,15 @@ function ago(iso) {
   return { text, secs: s };
 }
 
+// "23.4 MB": decimal units, as the server's pages write them.
+function bytes(n) {
+  if (n === null || n === undefined) return "—";
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let v = n, i = 0;
+  while (v >= 1000 && i < units.length - 1) { v /= 1000; i++; }
+  return i === 0 ? `${n} B` : `${v.toFixed(1)} ${units[i]}`;
+}
+
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
@@ -68,6 +77,7 @@ if (table) {
       case "connections": return b.connections;
       case "persistent": return b.persistent ? 1 : 0;
       case "protected": return b.protected ? 1 : 0;
+      case "size_bytes": return b.size_bytes === null || b.size_bytes === undefined ? -1 : b.size_bytes;
       default: return (b[key] || "").toString();
     }
   };
@@ -95,12 +105,13 @@ if (table) {
         el("td", {}, b.policy || "—"),
         el("td", { title: b.expires_at || "" }, b.expires_at ? new Date(b.expires_at).toLocaleString() : "never"),
         el("td", { title: b.protected_until || "" }, b.protected ? "yes" : "no"),
+        el("td", { class: "num", "data-field": "size", title: b.size_exact === false ? "apparent size (blocks shared with the snapshot counted)" : "" }, bytes(b.size_bytes)),
         el("td", {}, b.snapshot || "—"),
         el("td", {}, b.copy_mode || "—"));
     }));
     empty.hidden = rows.length > 0;
     if (rows.length > 0 && shown.length === 0) {
-      tbody.replaceChildren(el("tr", {}, el("td", { colspan: 12, class: "muted" }, "No branch matches the filter.")));
+      tbody.replaceChildren(el("tr", {}, el("td", { colspan: 13, class: "muted" }, "No branch matches the filter.")));
     }
   }
 
@@ -171,7 +182,10 @@ if (create) {
     const button = create.querySelector("button");
     button.disabled = true;
     try {
-      await api("POST", "/api/v1/branches", { source, branch, persistent: f.get("persistent") === "on" });
+      const body = { source, branch, persistent: f.get("persistent") === "on" };
+      const ttl = (f.get("ttl") || "").trim();
+      if (ttl) body.ttl = ttl;
+      await api("POST", "/api/v1/branches", body);
       location.href = `/branches/${encodeURIComponent(source)}/${encodeURIComponent(branch)}`;
     } catch (e) {
       out.textContent = e.message;
@@ -197,6 +211,13 @@ if (detail) {
     st.className = `state s-${b.state}`;
     field("connections").textContent = b.connections;
     field("idle").textContent = b.connections > 0 ? "in use" : ago(b.last_active).text;
+    field("expires_at").textContent = b.expires_at || "never";
+    field("protected").textContent = b.protected ? (b.protected_until ? `yes, until ${b.protected_until}` : "yes") : "no";
+    if (actions) {
+      const p = actions.querySelector('[data-action="protect"]'), u = actions.querySelector('[data-action="unprotect"]');
+      if (p) p.hidden = b.protected;
+      if (u) u.hidden = !b.protected;
+    }
   }
   function vanished() {
     gone = true;
@@ -220,12 +241,31 @@ if (detail) {
         delete: `Delete branch ${name}? Its data is removed for good.`,
         "force-delete": `Delete branch ${name} and terminate its open sessions? Its data is removed for good.`,
         suspend: `Suspend branch ${name}? Its server stops; the next connection starts it again.`,
+        reset: `Reset branch ${name} to a fresh copy of its source? Its changes are lost.`,
+        protect: `Protect branch ${name}? It is then never deleted nor expired until unprotected.`,
+        unprotect: `Unprotect branch ${name}? Its expiry and deletion apply again.`,
       };
-      if (!confirm(questions[action])) return;
+      let ttl = null;
+      if (action === "ttl") {
+        ttl = prompt(`New TTL for branch ${name} (e.g. 3d or 12h; empty: the policy's own)`, "1d");
+        if (ttl === null) return;
+      } else if (!confirm(questions[action])) {
+        return;
+      }
       ev.target.disabled = true;
+      const status = actions.querySelector('[role="status"]');
+      if (status) status.textContent = "";
       try {
         if (action === "suspend") {
           show(await api("POST", url + "/suspend"));
+        } else if (action === "reset") {
+          const b = await api("POST", url + "/reset", { snapshot: null, force: false });
+          if (b && b.state) show(b);
+          if (status) status.textContent = `${name} was reset.`;
+        } else if (action === "protect" || action === "unprotect") {
+          show(await api("PATCH", url, { protected: action === "protect" }));
+        } else if (action === "ttl") {
+          show(await api("PATCH", url, { ttl: ttl.trim() === "" ? null : ttl.trim() }));
         } else {
           await api("DELETE", action === "force-delete" ? url + "?force=true" : url);
           vanished();
@@ -233,7 +273,7 @@ if (detail) {
       } catch (e) {
         out.textContent = e.message;
         // Open sessions keep a branch; offer to end them, as the API can.
-        if (action === "delete" && e.status === 409 && !actions.querySelector('[data-action="force-delete"]')) {
+        if (action === "delete" && e.status === 409 && !/protected/.test(e.message) && !actions.querySelector('[data-action="force-delete"]')) {
           const force = el("button", { class: "danger", "data-action": "force-delete" }, "Delete and terminate sessions");
           ev.target.after(" ", force);
         }
@@ -291,4 +331,61 @@ if (panel) {
     const res = await fetch("/charts/panel", { credentials: "same-origin" });
     if (res.ok) panel.innerHTML = await res.text();
   }, 10000);
+}
+
+// ---- Events (the audit trail) ----
+const eventsTable = document.getElementById("events");
+if (eventsTable) {
+  const tbody = eventsTable.querySelector("tbody");
+  const form = document.getElementById("event-filters");
+  const updated = document.getElementById("updated");
+  const out = document.getElementById("events-error");
+  const params = new URLSearchParams(location.search);
+  for (const k of ["source", "branch", "action"]) {
+    if (params.get(k)) form.elements[k].value = params.get(k);
+  }
+  async function load() {
+    const q = new URLSearchParams({ limit: "200" });
+    for (const k of ["source", "branch", "action"]) {
+      const v = form.elements[k].value.trim();
+      if (v) q.set(k, v);
+    }
+    try {
+      const events = await api("GET", "/api/v1/events?" + q);
+      out.textContent = "";
+      updated.textContent = "updated " + new Date().toLocaleTimeString();
+      if (!events.length) {
+        tbody.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No event matches.")));
+        return;
+      }
+      tbody.replaceChildren(...events.map(e => {
+        const who = e.actor ? e.actor.kind + (e.actor.role ? ` ${e.actor.role}` : "") : "";
+        const branchCell = e.source && e.branch
+          ? el("a", { href: `/branches/${encodeURIComponent(e.source)}/${encodeURIComponent(e.branch)}` }, e.branch)
+          : (e.branch || "—");
+        return el("tr", { "data-action": e.action, "data-branch": e.source && e.branch ? `${e.source}${sep}${e.branch}` : "" },
+          el("td", { title: e.at }, el("time", { datetime: e.at }, new Date(e.at).toLocaleString())),
+          el("td", {}, el("strong", {}, e.action)),
+          el("td", {}, e.source || "—"),
+          el("td", {}, branchCell),
+          el("td", {}, who),
+          el("td", {}, e.reason || ""),
+          el("td", {}, e.error ? `${e.outcome}: ${e.error}` : e.outcome));
+      }));
+    } catch (err) {
+      out.textContent = err.message;
+    }
+  }
+  form.addEventListener("submit", ev => {
+    ev.preventDefault();
+    const q = new URLSearchParams();
+    for (const k of ["source", "branch", "action"]) {
+      const v = form.elements[k].value.trim();
+      if (v) q.set(k, v);
+    }
+    history.replaceState(null, "", "/events" + (q.toString() ? "?" + q : ""));
+    load();
+  });
+  load();
+  setInterval(load, 5000);
 }

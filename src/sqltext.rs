@@ -1,4 +1,5 @@
-//! Splitting a migration file into statements, the way the server would read them:
+//! Splitting SQL text (a migration file, a snapshot transform) into statements, the
+//! way the server would read them:
 //! `;` ends a statement only outside strings (`'...'`, `E'...'` with backslash
 //! escapes), quoted identifiers, dollar-quoted bodies (`$fn$ ... $fn$`) and comments
 //! (`-- ...` and nested `/* ... */`).
@@ -214,6 +215,39 @@ mod tests {
         assert_eq!(sqls("/* open"), Vec::<String>::new());
         for s in ["'", "\"", "$", "$a", "E'\\", "/*", "--", ";;;", "é'é;"] {
             let _ = split(s);
+        }
+    }
+
+    #[test]
+    fn statements_split_at_semicolons_outside_quotes_and_comments() {
+        let sql = "-- header; not a statement\n\
+                   UPDATE a SET x = 'semi;colon' , y = 'it''s;';\n\
+                   /* block; /* nested; */ still; */ SELECT \"odd;name\" FROM t;\n\
+                   DO $$ BEGIN PERFORM 1; END $$;\n\
+                   CREATE FUNCTION f() RETURNS int AS $fn$ SELECT 1; $fn$ LANGUAGE sql;\n\
+                   SELECT E'a\\';b', 'C:\\';\n\
+                   ;  -- empty\n\
+                   SELECT $1";
+        let got = sqls(sql);
+        assert_eq!(
+            got,
+            vec![
+                "UPDATE a SET x = 'semi;colon' , y = 'it''s;'",
+                "SELECT \"odd;name\" FROM t",
+                "DO $$ BEGIN PERFORM 1; END $$",
+                "CREATE FUNCTION f() RETURNS int AS $fn$ SELECT 1; $fn$ LANGUAGE sql",
+                "SELECT E'a\\';b', 'C:\\'",
+                "SELECT $1",
+            ]
+        );
+        assert!(sqls("-- nothing\n /* at all */ ;\n").is_empty());
+        // Unterminated input never panics.
+        assert_eq!(
+            sqls("SELECT a$b$ FROM t; SELECT 2"),
+            vec!["SELECT a$b$ FROM t", "SELECT 2"]
+        );
+        for s in ["'abc", "$$ abc", "/* abc", "\"abc", "$x", "E'\\", "$é"] {
+            let _ = sqls(s);
         }
     }
 }
