@@ -173,6 +173,38 @@ async fn safe_migration_passes(engine: Engine) {
     assert_eq!(list[0]["id"], id, "{list}");
     assert_eq!(list[0]["outcome"], "passed");
     assert_eq!(list[0]["statements"], 3);
+    // The CLI lists the same reports (its JSON is the API's) and shows one as the
+    // Markdown the run wrote.
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_offshoot"))
+            .arg("rehearsals")
+            .args(args)
+            .args(["--admin", &format!("127.0.0.1:{}", f.proxy.admin)])
+            .arg("--token-file")
+            .arg(f.proxy.dir.path().join("state/admin.token"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let listed: Value = serde_json::from_str(&cli(&["list", "--output", "json"])).unwrap();
+    assert_eq!(listed, list);
+    let table = cli(&["list"]);
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with(id) && l.contains("passed")),
+        "{table}"
+    );
+    assert_eq!(cli(&["show", id]), run.markdown);
+    let shown: Value = serde_json::from_str(&cli(&["show", id, "-o", "json"])).unwrap();
+    assert_eq!(&shown, r);
     let reported = || {
         let (_, body) = f
             .proxy

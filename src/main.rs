@@ -56,6 +56,9 @@ enum Command {
     /// Print the audit trail of a running proxy (who made, suspended, expired or
     /// deleted which branch), or follow it with `--follow`.
     Events(EventsArgs),
+    /// List the migration rehearsal reports a running proxy keeps, or show one as
+    /// Markdown or JSON.
+    Rehearsals(offshoot::rehearse::reports::RehearsalsArgs),
     /// Print a shell completion script: `offshoot completions bash > /etc/bash_completion.d/offshoot`.
     Completions {
         /// The shell to complete for.
@@ -111,6 +114,7 @@ fn main() -> std::process::ExitCode {
         Command::Branch(args) => return exit_code(args.run()),
         Command::Snapshot(args) => return exit_code(args.run()),
         Command::Events(args) => return exit_code(args.run()),
+        Command::Rehearsals(args) => return exit_code(args.run()),
         Command::Completions { shell } => {
             clap_complete::generate(
                 *shell,

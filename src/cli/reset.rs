@@ -1,8 +1,9 @@
 //! `offshoot branch reset`: the branch made again from a snapshot, same name and
-//! address.
+//! address, with a spinner on a terminal.
 
 use anyhow::Result;
 
+use super::progress::Spinner;
 use super::{api, AdminApi};
 
 /// Resets `source.branch` to `snapshot` (default the newest); `force` ends the
@@ -16,7 +17,10 @@ pub fn reset(
 ) -> Result<()> {
     let body = serde_json::json!({ "snapshot": snapshot, "force": force });
     let path = format!("/api/v1/branches/{source}/{branch}/reset");
-    let v = api(admin, "POST", &path, Some(&body.to_string()))?;
+    let spinner = Spinner::start(format!("resetting {source}.{branch}"));
+    let v = api(admin, "POST", &path, Some(&body.to_string()));
+    spinner.finish();
+    let v = v?;
     // 202: still going after the proxy's provision_timeout.
     if let Some(msg) = v["error"]["message"].as_str() {
         println!("{msg}; see `offshoot branch list`");

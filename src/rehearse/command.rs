@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::hazards::{parse_fail_on, DEFAULT_FAIL_ON};
 use super::report::{markdown, Report};
 use super::{new_id, read_sql_paths, rehearse, FetchRecording, Options, Plan, Target};
+use crate::cli::progress::{on_terminal, Spinner};
 use crate::cli::{request, AdminApi};
 use crate::recording::{Recording, BRANCH_PREFIX};
 
@@ -108,8 +109,16 @@ fn run(admin: &AdminApi, args: &Args) -> Result<u8> {
     if let Some(s) = &args.snapshot {
         body["snapshot"] = s.as_str().into();
     }
-    api(admin, "POST", "/api/v1/branches", Some(&body.to_string()))
-        .context("cannot create the rehearsal branch")?;
+    // Progress on a terminal only; a command's own output would interleave with
+    // a spinner, so a command run shows none while it runs.
+    let spinner = Spinner::start(format!("making branch {}.{branch}", args.source));
+    let made = api(admin, "POST", "/api/v1/branches", Some(&body.to_string()));
+    spinner.finish();
+    made.context("cannot create the rehearsal branch")?;
+    let spinner = Spinner::start_if(
+        on_terminal() && matches!(plan, Plan::Sql(_)),
+        format!("rehearsing on {}.{branch}", args.source),
+    );
     let opts = Options {
         target: Target {
             host,
@@ -135,6 +144,7 @@ fn run(admin: &AdminApi, args: &Args) -> Result<u8> {
         .build()
         .context("cannot start the runtime")
         .and_then(|rt| rt.block_on(rehearse(&opts)));
+    spinner.finish();
     let written = match &result {
         Ok(r) => write_reports(r, args),
         Err(_) => Ok(()),

@@ -21,6 +21,7 @@ pub mod command;
 pub mod hazards;
 pub mod observe;
 pub mod report;
+pub mod reports;
 pub mod run;
 
 use std::collections::{HashMap, HashSet};
