@@ -223,14 +223,7 @@ async fn the_cli_drives_the_api() {
 /// Runs `offshoot <args> --admin <proxy's admin address>` with the proxy's
 /// configuration (where the CLI finds the admin token); returns success and stderr.
 fn cli(proxy: &ProxyProc, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_offshoot"))
-        .args(args)
-        .arg("--admin")
-        .arg(format!("127.0.0.1:{}", proxy.admin))
-        .arg("--config")
-        .arg(proxy.dir.path().join("offshoot.toml"))
-        .output()
-        .unwrap();
+    let out = offshoot_cli(proxy, args);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

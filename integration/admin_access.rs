@@ -1,7 +1,6 @@
 //! Who may use the admin API: the Host and cross-site checks, the bearer token,
 //! JSON-only writes, `public_read`, and the token `serve` makes for the CLI.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -9,27 +8,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
-
-/// One HTTP/1.1 request with exactly the headers given; returns (status, headers
-/// and body as text).
-fn raw(port: u16, request_line: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut req = format!("{request_line} HTTP/1.1\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    s.write_all(req.as_bytes()).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, resp)
-}
 
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
@@ -43,7 +21,7 @@ fn the_cross_site_post(port: u16, path: &str, extra: &[(&str, &str)]) -> (u16, S
         ("Content-Type", "text/plain"),
     ];
     headers.extend_from_slice(extra);
-    raw(port, &format!("POST {path}"), &headers, "")
+    http_exact(port, &format!("POST {path}"), &headers, "")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,7 +39,7 @@ async fn cross_site_and_rebinding_requests_are_refused_and_change_nothing() {
     let (status, text) = the_cross_site_post(proxy.admin, snapshots, &[]);
     assert_eq!(status, 421, "{text}");
     assert!(text.contains("admin.allowed_hosts"), "{text}");
-    let (status, text) = raw(
+    let (status, text) = http_exact(
         proxy.admin,
         &format!("POST {snapshots}"),
         &[
@@ -74,7 +52,7 @@ async fn cross_site_and_rebinding_requests_are_refused_and_change_nothing() {
     );
     assert_eq!(status, 403, "a foreign Origin, even with the token: {text}");
     assert!(text.contains("cross-site"), "{text}");
-    let (status, text) = raw(
+    let (status, text) = http_exact(
         proxy.admin,
         &format!("POST {snapshots}"),
         &[
@@ -86,7 +64,7 @@ async fn cross_site_and_rebinding_requests_are_refused_and_change_nothing() {
         "",
     );
     assert_eq!(status, 403, "{text}");
-    let (status, text) = raw(
+    let (status, text) = http_exact(
         proxy.admin,
         &format!("POST {snapshots}"),
         &[
@@ -98,7 +76,7 @@ async fn cross_site_and_rebinding_requests_are_refused_and_change_nothing() {
     );
     assert_eq!(status, 415, "{text}");
     assert!(text.contains("application/json"), "{text}");
-    let (status, text) = raw(
+    let (status, text) = http_exact(
         proxy.admin,
         "POST /api/v1/branches",
         &[
@@ -111,7 +89,7 @@ async fn cross_site_and_rebinding_requests_are_refused_and_change_nothing() {
     assert_eq!(status, 415, "{text}");
 
     // A DNS-rebound page reads with its own name as Host: refused, token or not.
-    let (status, text) = raw(
+    let (status, text) = http_exact(
         proxy.admin,
         "GET /api/v1/branches",
         &[
@@ -121,7 +99,7 @@ async fn cross_site_and_rebinding_requests_are_refused_and_change_nothing() {
         "",
     );
     assert_eq!(status, 421, "{text}");
-    let (status, _) = raw(
+    let (status, _) = http_exact(
         proxy.admin,
         "DELETE /api/v1/branches/shop/qa?force=true",
         &[
@@ -141,7 +119,7 @@ async fn cross_site_and_rebinding_requests_are_refused_and_change_nothing() {
     assert_eq!(pg.databases().await, before);
 
     // The same write, made properly, works: the refusals above were the checks.
-    let (status, text) = raw(
+    let (status, text) = http_exact(
         proxy.admin,
         "POST /api/v1/branches",
         &[
@@ -172,7 +150,7 @@ async fn the_token_is_required_and_compared() {
         "/api/v1/sources",
         "/api/v1/orphans",
     ] {
-        let (status, text) = raw(
+        let (status, text) = http_exact(
             proxy.admin,
             &format!("GET {path}"),
             &[("Host", "localhost")],
@@ -194,10 +172,10 @@ async fn the_token_is_required_and_compared() {
         );
     }
     // Only the health probe (and the console's login page) answer without it.
-    let (status, _) = raw(proxy.admin, "GET /healthz", &[("Host", "localhost")], "");
+    let (status, _) = http_exact(proxy.admin, "GET /healthz", &[("Host", "localhost")], "");
     assert_eq!(status, 200);
     // A console page sends a person to the login form instead.
-    let (status, text) = raw(proxy.admin, "GET /branches", &[("Host", "localhost")], "");
+    let (status, text) = http_exact(proxy.admin, "GET /branches", &[("Host", "localhost")], "");
     assert_eq!(status, 303, "{text}");
     assert!(text.contains("/login"), "{text}");
     let wrong = bearer(&format!("{}x", &token[..token.len() - 1]));
@@ -223,7 +201,7 @@ async fn the_token_is_required_and_compared() {
             ],
         ),
     ] {
-        let (status, text) = raw(
+        let (status, text) = http_exact(
             proxy.admin,
             line,
             &headers,
@@ -232,7 +210,7 @@ async fn the_token_is_required_and_compared() {
         assert_eq!(status, 401, "{line} {headers:?}: {text}");
     }
     assert!(proxy.branch_names().is_empty());
-    let (status, text) = raw(
+    let (status, text) = http_exact(
         proxy.admin,
         "GET /api/v1/branches",
         &[("Host", "localhost"), ("Authorization", &bearer(&token))],
@@ -422,7 +400,7 @@ fn public_read_lets_reads_through_but_not_writes() {
         "/api/v1/branches",
         "/api/v1/sources",
     ] {
-        let (status, text) = raw(
+        let (status, text) = http_exact(
             serve.admin,
             &format!("GET {path}"),
             &[("Host", "localhost")],
@@ -431,16 +409,16 @@ fn public_read_lets_reads_through_but_not_writes() {
         assert_eq!(status, 200, "{path}: {text}");
     }
     // Host and cross-site checks still apply to reads.
-    let (status, _) = raw(serve.admin, "GET /api/v1/branches", &[("Host", "evil")], "");
+    let (status, _) = http_exact(serve.admin, "GET /api/v1/branches", &[("Host", "evil")], "");
     assert_eq!(status, 421);
-    let (status, _) = raw(
+    let (status, _) = http_exact(
         serve.admin,
         "GET /api/v1/branches",
         &[("Host", "localhost"), ("Origin", "http://evil")],
         "",
     );
     assert_eq!(status, 403);
-    let (status, text) = raw(
+    let (status, text) = http_exact(
         serve.admin,
         "POST /api/v1/branches",
         &[("Host", "localhost"), ("Content-Type", "application/json")],

@@ -2,10 +2,7 @@
 //! document served at `/api/v1/openapi.json` and covering every route, and the
 //! CLI's `--output json` giving exactly the API's JSON.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
-use std::time::Duration;
 
 use serde_json::Value;
 
@@ -13,26 +10,8 @@ use crate::harness::*;
 
 /// One request with exactly these headers; returns the status and the body.
 fn raw(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    s.write_all(req.as_bytes()).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let (status, resp) = http_exact(port, &format!("{method} {path}"), headers, body);
+    (status, http_body(&resp).to_owned())
 }
 
 /// Asserts `body` is the one error shape with `code`, and returns its message.
@@ -61,14 +40,7 @@ fn error_of(status: u16, body: &str, want_status: u16, code: &str) -> String {
 }
 
 fn cli(proxy: &ProxyProc, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_offshoot"))
-        .args(args)
-        .arg("--admin")
-        .arg(format!("127.0.0.1:{}", proxy.admin))
-        .arg("--config")
-        .arg(proxy.dir.path().join("offshoot.toml"))
-        .output()
-        .unwrap();
+    let out = offshoot_cli(proxy, args);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

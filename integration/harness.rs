@@ -559,16 +559,55 @@ pub fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, St
     if s.read_to_string(&mut resp).is_err() {
         return (0, String::new());
     }
-    let status = resp
-        .split(' ')
+    (http_status(&resp), http_body(&resp).to_owned())
+}
+
+/// The status code of an HTTP/1.1 response (0 when there is none).
+pub fn http_status(resp: &str) -> u16 {
+    resp.split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+        .unwrap_or(0)
+}
+
+/// The body of an HTTP/1.1 response (empty when there is none).
+pub fn http_body(resp: &str) -> &str {
+    resp.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
+/// One HTTP/1.1 request with exactly the headers given (plus `Connection: close`
+/// and `Content-Length`), and no token; returns the status and the whole
+/// response, headers included.
+pub fn http_exact(
+    port: u16,
+    request_line: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!("{request_line} HTTP/1.1\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    (http_status(&resp), resp)
+}
+
+/// Runs `offshoot <args> --admin <proxy's admin address> --config <its config>`
+/// (the CLI finds the admin token through the configuration).
+pub fn offshoot_cli(proxy: &ProxyProc, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_offshoot"))
+        .args(args)
+        .arg("--admin")
+        .arg(format!("127.0.0.1:{}", proxy.admin))
+        .arg("--config")
+        .arg(proxy.dir.path().join("offshoot.toml"))
+        .output()
+        .unwrap()
 }
 
 /// The SQLSTATE of a failed connection or query.

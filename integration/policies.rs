@@ -452,15 +452,10 @@ async fn an_instance_branch_reports_the_bytes_it_does_not_share() {
 
 /// Runs `offshoot branch <args>` against `proxy`; returns success and the output.
 fn branch_cli(proxy: &ProxyProc, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_offshoot"))
-        .arg("branch")
-        .args(args)
-        .arg("--admin")
-        .arg(format!("127.0.0.1:{}", proxy.admin))
-        .arg("--config")
-        .arg(proxy.dir.path().join("offshoot.toml"))
-        .output()
-        .unwrap();
+    let args: Vec<&str> = std::iter::once("branch")
+        .chain(args.iter().copied())
+        .collect();
+    let out = offshoot_cli(proxy, &args);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
