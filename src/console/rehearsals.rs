@@ -23,9 +23,8 @@ use serde_json::Value;
 
 use super::pages::{esc, layout, Nav};
 use super::{Access, Console};
-use crate::rehearse::hazards::strength;
 use crate::rehearse::report::{
-    human_bytes, human_ms, mode_words, CheckResult, Outcome, ProbeTable, Report, StatementLock,
+    human_bytes, human_ms, mode_words, strongest_locks, CheckResult, Outcome, ProbeTable, Report,
 };
 
 /// Reports listed at most.
@@ -402,15 +401,7 @@ fn statements(b: &mut String, r: &Report) {
             },
         };
         // The strongest lock per relation, as the Markdown shows them.
-        let mut strongest: Vec<&StatementLock> = Vec::new();
-        for l in &s.locks {
-            match strongest.iter_mut().find(|k| k.relation == l.relation) {
-                Some(k) if strength(&k.mode) < strength(&l.mode) => *k = l,
-                Some(_) => {}
-                None => strongest.push(l),
-            }
-        }
-        let locks: Vec<String> = strongest
+        let locks: Vec<String> = strongest_locks(&s.locks)
             .iter()
             .map(|l| {
                 format!(

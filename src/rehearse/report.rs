@@ -282,6 +282,20 @@ fn md_cell(s: &str, max: usize) -> String {
     cut.replace('|', "\\|").replace('`', "'")
 }
 
+/// The strongest lock each relation was held under, in order of first
+/// appearance: what the Markdown and the console show per statement.
+pub fn strongest_locks(locks: &[StatementLock]) -> Vec<&StatementLock> {
+    let mut strongest: Vec<&StatementLock> = Vec::new();
+    for l in locks {
+        match strongest.iter_mut().find(|k| k.relation == l.relation) {
+            Some(k) if strength(&k.mode) < strength(&l.mode) => *k = l,
+            Some(_) => {}
+            None => strongest.push(l),
+        }
+    }
+    strongest
+}
+
 /// The report as Markdown: summary, hazards, probe, statements, schema diff, data.
 pub fn markdown(r: &Report) -> String {
     let mut m = String::new();
@@ -359,15 +373,7 @@ pub fn markdown(r: &Report) -> String {
             },
         };
         // The strongest lock per relation; the JSON has them all.
-        let mut strongest: Vec<&StatementLock> = Vec::new();
-        for l in &s.locks {
-            match strongest.iter_mut().find(|k| k.relation == l.relation) {
-                Some(k) if strength(&k.mode) < strength(&l.mode) => *k = l,
-                Some(_) => {}
-                None => strongest.push(l),
-            }
-        }
-        let locks: Vec<String> = strongest
+        let locks: Vec<String> = strongest_locks(&s.locks)
             .iter()
             .map(|l| {
                 format!(
