@@ -358,6 +358,9 @@ mod tests {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = default_threads();
         assert!(threads >= 1);
-        assert!(threads <= cores.div_ceil(2), "{threads} threads on {cores} cores");
+        assert!(
+            threads <= cores.div_ceil(2),
+            "{threads} threads on {cores} cores"
+        );
     }
 }
