@@ -98,7 +98,12 @@ harness_init() {
     # A Unix socket path must fit in 107 bytes.
     ((${#BENCH_TMP} < 80)) || die "temp dir path $BENCH_TMP is too long for a Unix socket; set TMPDIR=/tmp"
     mkdir -p "$BENCH_TMP/sock"
-    [[ $EUID -eq 0 ]] && chown -R postgres: "$BENCH_TMP"
+    if [[ $EUID -eq 0 ]]; then
+        chown -R postgres: "$BENCH_TMP"
+        # Offshoot started as root drops to its own user (process.user), which must
+        # reach its state dir in here; mktemp made the dir 0700.
+        chmod 711 "$BENCH_TMP"
+    fi
     log "Temp dir: $BENCH_TMP"
 }
 
