@@ -7,14 +7,50 @@ use serde_json::Value;
 
 use crate::harness::*;
 
+/// One test per engine of `async fn $body(engine: Engine)`, in a module named
+/// after the body: `refresh::$body::database` and `refresh::$body::instance`, so
+/// a failure names its engine.
+macro_rules! per_engine {
+    ($body:ident) => {
+        mod $body {
+            use super::Engine;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn database() {
+                super::$body(Engine::Database).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn instance() {
+                super::$body(Engine::Instance).await;
+            }
+        }
+    };
+}
+
 fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or(Value::Null)
 }
 
+/// `POST /api/v1/branches/shop/{branch}/reset` with `body`.
 fn reset(proxy: &ProxyProc, branch: &str, body: &str) -> (u16, Value) {
+    reset_at(proxy.admin, branch, body)
+}
+
+fn reset_at(admin_port: u16, branch: &str, body: &str) -> (u16, Value) {
     let path = format!("/api/v1/branches/shop/{branch}/reset");
-    let (status, text) = proxy.api("POST", &path, Some(body));
+    let (status, text) = http(admin_port, "POST", &path, Some(body));
     (status, json(&text))
+}
+
+/// [`reset`] on a blocking thread, so the test's own sessions go on meanwhile.
+fn reset_in_background(
+    proxy: &ProxyProc,
+    branch: &str,
+    body: &str,
+) -> tokio::task::JoinHandle<(u16, Value)> {
+    let (port, branch, body) = (proxy.admin, branch.to_owned(), body.to_owned());
+    tokio::task::spawn_blocking(move || reset_at(port, &branch, &body))
 }
 
 /// The audit events `/api/v1/events` returns for `query`, newest first.
@@ -88,20 +124,9 @@ async fn database_reset_refuses_open_sessions_unless_forced() {
         .to_owned();
     let query = long_query(a);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (status, body) = tokio::task::spawn_blocking({
-        let port = proxy.admin;
-        move || {
-            let (s, b) = http(
-                port,
-                "POST",
-                "/api/v1/branches/shop/qa/reset",
-                Some(r#"{"force":true}"#),
-            );
-            (s, json(&b))
-        }
-    })
-    .await
-    .unwrap();
+    let (status, body) = reset_in_background(&proxy, "qa", r#"{"force":true}"#)
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["state"], "ready", "{body}");
     assert_eq!(
@@ -160,16 +185,7 @@ async fn instance_reset_takes_the_newest_snapshot_and_arrivals_wait_for_it() {
 
     let query = long_query(a);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let port = proxy.admin;
-    let resetting = tokio::task::spawn_blocking(move || {
-        let (s, b) = http(
-            port,
-            "POST",
-            "/api/v1/branches/shop/qa/reset",
-            Some(r#"{"force":true}"#),
-        );
-        (s, json(&b))
-    });
+    let resetting = reset_in_background(&proxy, "qa", r#"{"force":true}"#);
     // A connection arriving while the branch is made again waits for the new clone.
     assert!(
         eventually(30, || proxy.branches()[0]["state"] == "provisioning").await,
@@ -207,13 +223,9 @@ fn snapshot_names(proxy: &ProxyProc) -> Vec<String> {
 }
 
 fn snapshot_of(proxy: &ProxyProc, branch: &str) -> String {
-    let list = proxy.branches();
-    let b = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["branch"] == branch)
-        .unwrap_or_else(|| panic!("no branch {branch} in {list}"));
+    let b = proxy
+        .branch(branch)
+        .unwrap_or_else(|| panic!("no branch {branch} in {}", proxy.branches()));
     b["snapshot"].as_str().unwrap_or("").to_owned()
 }
 
@@ -380,15 +392,7 @@ async fn masking_hides_every_original_email(engine: Engine) {
     assert!(proxy.log().contains("snapshot transform applied"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn database_masking_hides_every_original_email() {
-    masking_hides_every_original_email(Engine::Database).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn instance_masking_hides_every_original_email() {
-    masking_hides_every_original_email(Engine::Instance).await;
-}
+per_engine!(masking_hides_every_original_email);
 
 async fn a_failing_transform_discards_the_snapshot(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
@@ -444,15 +448,7 @@ async fn a_failing_transform_discards_the_snapshot(engine: Engine) {
     assert!(proxy.branches().as_array().unwrap().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn database_a_failing_transform_discards_the_snapshot() {
-    a_failing_transform_discards_the_snapshot(Engine::Database).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn instance_a_failing_transform_discards_the_snapshot() {
-    a_failing_transform_discards_the_snapshot(Engine::Instance).await;
-}
+per_engine!(a_failing_transform_discards_the_snapshot);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_in_progress_is_listed_with_its_phase() {

@@ -20,7 +20,10 @@
 //!   the rehearsal takes them.
 //! - [`sqltext`]: SQL text split into statements (migrations, snapshot transforms).
 //! - [`rehearse`]: migration rehearsal on a branch, through the proxy: statements,
-//!   locks, rewrites, hazards, the probe of concurrent traffic, the report.
+//!   locks, rewrites, hazards, the probe of concurrent traffic; run by the CLI
+//!   (`offshoot rehearse`) and by the admin API (`POST /api/v1/rehearsals`).
+//! - [`rehearsal_report`]: the rehearsal report's types, JSON and Markdown (a leaf
+//!   the console reads too).
 //! - [`embedded`] and [`pg`]: the managed local PostgreSQL of the demo (and tests).
 //! - [`privsep`]: a proxy started as root drops to its own user; a small helper
 //!   keeps root for the servers' file and process work, one typed request each.
@@ -58,6 +61,7 @@ pub mod pg;
 pub mod privsep;
 pub mod proxy;
 pub mod recording;
+pub mod rehearsal_report;
 pub mod rehearse;
 pub mod sqltext;
 pub mod upstream;

@@ -58,7 +58,7 @@ enum Command {
     Events(EventsArgs),
     /// List the migration rehearsal reports a running proxy keeps, or show one as
     /// Markdown or JSON.
-    Rehearsals(offshoot::rehearse::reports::RehearsalsArgs),
+    Rehearsals(offshoot::cli::rehearsals::RehearsalsArgs),
     /// Print a shell completion script: `offshoot completions bash > /etc/bash_completion.d/offshoot`.
     Completions {
         /// The shell to complete for.
@@ -71,7 +71,7 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
         #[command(flatten)]
-        args: Box<offshoot::rehearse::command::Args>,
+        args: Box<offshoot::cli::rehearse::Args>,
     },
 }
 
@@ -126,7 +126,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Rehearse { api, args } => {
             return match api.connect() {
-                Ok(admin) => offshoot::rehearse::command::main(&admin, args),
+                Ok(admin) => offshoot::cli::rehearse::main(&admin, args),
                 Err(e) => exit_code(Err(e)),
             }
         }

@@ -8,8 +8,8 @@
 //! - [`output`]: `--output table|json` for every listing (aligned tables; JSON is
 //!   the API's own answer, byte for byte).
 //! - [`progress`]: a spinner for long operations, shown only on a terminal.
-//! - [`branch`], [`snapshot`], [`events`]: the commands, each with its clap
-//!   definitions.
+//! - [`branch`], [`snapshot`], [`events`], [`rehearse`], [`rehearsals`]: the
+//!   commands, each with its clap definitions.
 //!
 //! A new command goes in its own file here, with an `Args` struct `main.rs` flattens
 //! into its subcommands and a `run` method.
@@ -29,6 +29,8 @@ pub mod branch;
 pub mod events;
 pub mod output;
 pub mod progress;
+pub mod rehearsals;
+pub mod rehearse;
 mod reset;
 pub mod snapshot;
 

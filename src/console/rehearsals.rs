@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use super::pages::{esc, layout, Nav};
 use super::{Access, Console};
-use crate::rehearse::report::{
+use crate::rehearsal_report::{
     human_bytes, human_ms, mode_words, strongest_locks, CheckResult, Outcome, ProbeTable, Report,
 };
 
@@ -528,7 +528,7 @@ fn data(b: &mut String, r: &Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rehearse::report::Stall;
+    use crate::rehearsal_report::Stall;
 
     #[test]
     fn ids_are_safe_file_names() {

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::classify::{normalize, TxEffect};
 use super::observe::SAMPLE_EVERY;
-use super::report::{self, RowCount, StatementLock, StatementReport};
 use super::run::Ran;
+use crate::rehearsal_report::{self as report, RowCount, StatementLock, StatementReport};
 
 /// Matches sampled locks to the statements running when they were first seen, and
 /// adds the documented lock of a statement the sampler did not catch.

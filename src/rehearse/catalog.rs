@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use tokio_postgres::Client;
 
-use super::report::{SchemaChange, SchemaDiff, SchemaObject};
+use crate::rehearsal_report::{SchemaChange, SchemaDiff, SchemaObject};
 
 /// Namespaces that belong to the server, never to the application.
 const USER_NS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema') \

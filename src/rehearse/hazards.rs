@@ -4,9 +4,9 @@
 use std::collections::HashSet;
 
 use super::classify::blocks_writes;
-use super::report::{
-    human_bytes, human_ms, mode_words, Hazard, Rewrite, RowCount, SchemaDiff, StatementLock,
-    StatementReport,
+use crate::rehearsal_report::{
+    human_bytes, human_ms, mode_words, strength, Hazard, Rewrite, RowCount, SchemaDiff,
+    StatementLock, StatementReport,
 };
 
 /// Every rule, in the order the report lists them.
@@ -254,23 +254,6 @@ pub fn find(i: &Inputs<'_>) -> Vec<Hazard> {
         }
     }
     out
-}
-
-/// The rank of a table lock mode, weakest first.
-pub fn strength(mode: &str) -> usize {
-    [
-        "AccessShareLock",
-        "RowShareLock",
-        "RowExclusiveLock",
-        "ShareUpdateExclusiveLock",
-        "ShareLock",
-        "ShareRowExclusiveLock",
-        "ExclusiveLock",
-        "AccessExclusiveLock",
-    ]
-    .iter()
-    .position(|m| *m == mode)
-    .unwrap_or(0)
 }
 
 /// Marks the hazards whose rule is in `fail_on`.

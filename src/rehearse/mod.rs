@@ -8,20 +8,17 @@
 //! 3. the migration runs: each statement of the SQL files on one session
 //!    ([`run`]), or a command with the branch in its environment;
 //! 4. the side session reads everything again; locks are matched to statements
-//!    by time, the hazard rules run ([`hazards`]) and the [`report::Report`] is made.
+//!    by time, the hazard rules run ([`hazards`]) and the [`crate::rehearsal_report::Report`] is made.
 //!
 //! Every session goes through the proxy to the branch, like the application's own.
-//! Nothing here knows how the branch was made: [`command`] (the CLI) creates it
-//! through the admin API and removes it afterwards.
+//! Nothing here knows how the branch was made: the CLI (`cli::rehearse`) and the
+//! admin API (`admin::rehearsals`) create it and remove it afterwards.
 
 pub mod attribute;
 pub mod catalog;
 pub mod classify;
-pub mod command;
 pub mod hazards;
 pub mod observe;
-pub mod report;
-pub mod reports;
 pub mod run;
 
 use std::collections::{HashMap, HashSet};
@@ -36,9 +33,9 @@ use tokio_util::sync::CancellationToken;
 use self::catalog::Relations;
 use self::classify::normalize;
 use self::observe::{SAMPLE_EVERY, SIDE_APP};
-use self::report::{Check, Migration, Outcome, Report, Settings, REPORT_VERSION};
 use self::run::Ran;
 use crate::recording::Recorded;
+use crate::rehearsal_report::{Check, Migration, Outcome, Report, Settings, REPORT_VERSION};
 
 /// `application_name` of the session that runs `--sql` files.
 pub const MIGRATION_APP: &str = "offshoot-rehearse";
@@ -308,7 +305,7 @@ pub async fn rehearse(opts: &Options) -> Result<Report> {
             names.insert(*oid, r.name.clone());
         }
     }
-    let mut spans: Vec<report::LockSpan> = sampled
+    let mut spans: Vec<crate::rehearsal_report::LockSpan> = sampled
         .spans
         .into_iter()
         .filter_map(|(oid, mut s)| {
@@ -337,7 +334,7 @@ pub async fn rehearse(opts: &Options) -> Result<Report> {
             (s.relation.clone(), s.mode.clone(), held)
         })
         .collect();
-    let mut all_rewrites: Vec<report::Rewrite> =
+    let mut all_rewrites: Vec<crate::rehearsal_report::Rewrite> =
         statements.iter().flat_map(|s| s.rewrites.clone()).collect();
     all_rewrites.extend(loose_rewrites.iter().cloned());
     let diff = catalog::diff(&schema_before, &schema_after);
@@ -397,7 +394,7 @@ pub async fn rehearse(opts: &Options) -> Result<Report> {
         rewrites: all_rewrites,
         wal_bytes: wal_after.saturating_sub(wal_before),
         hazards,
-        probe: probe_tables.map(|tables| report::Probe {
+        probe: probe_tables.map(|tables| crate::rehearsal_report::Probe {
             interval_ms: observe::PROBE_EVERY.as_millis() as u64,
             tables,
         }),

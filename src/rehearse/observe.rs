@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use super::report::{LockSpan, ProbeTable, Stall};
+use crate::rehearsal_report::{LockSpan, ProbeTable, Stall};
 
 /// `application_name` of the rehearsal's own side sessions.
 pub const SIDE_APP: &str = "offshoot-rehearse-side";

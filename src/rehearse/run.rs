@@ -13,9 +13,9 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use super::catalog::{self, Relations};
 use super::classify::normalize;
 use super::classify::{classify, Command, TxEffect};
-use super::report::{CheckResult, IndexBuilt, Rewrite, SqlError};
 use super::{SqlFile, Target};
 use crate::recording::Recorded;
+use crate::rehearsal_report::{CheckResult, IndexBuilt, Rewrite, SqlError};
 use crate::sqltext::split;
 
 /// Violations shown per check.

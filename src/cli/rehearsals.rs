@@ -5,10 +5,9 @@
 use anyhow::{anyhow, Result};
 use serde_json::Value;
 
-use crate::cli::output::{self, cell, Align, OutputArg, Table};
-use crate::cli::{call, ApiArgs};
-
-use super::report::{markdown, Report};
+use super::output::{self, cell, Align, OutputArg, Table};
+use super::{call, ApiArgs};
+use crate::rehearsal_report::{markdown, Report};
 
 /// List or show the migration rehearsal reports a running proxy keeps.
 #[derive(clap::Args, Debug)]

@@ -7,11 +7,26 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::hazards::strength;
-
 /// The JSON schema's version; bumped when a field changes meaning or goes away
 /// (added fields do not bump it).
 pub const REPORT_VERSION: u32 = 1;
+
+/// The rank of a table lock mode, weakest first.
+pub fn strength(mode: &str) -> usize {
+    [
+        "AccessShareLock",
+        "RowShareLock",
+        "RowExclusiveLock",
+        "ShareUpdateExclusiveLock",
+        "ShareLock",
+        "ShareRowExclusiveLock",
+        "ExclusiveLock",
+        "AccessExclusiveLock",
+    ]
+    .iter()
+    .position(|m| *m == mode)
+    .unwrap_or(0)
+}
 
 /// The outcome of a run and its exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

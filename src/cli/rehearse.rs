@@ -8,14 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::Value;
 
-use super::hazards::{parse_fail_on, DEFAULT_FAIL_ON};
-use super::report::{markdown, Report};
-use super::{new_id, read_sql_paths, rehearse, FetchRecording, Options, Plan, Target};
-use crate::cli::progress::{on_terminal, Spinner};
-use crate::cli::{request, AdminApi};
+use super::progress::{on_terminal, Spinner};
+use super::{api, AdminApi};
 use crate::recording::{Recording, BRANCH_PREFIX};
+use crate::rehearsal_report::{markdown, Report};
+use crate::rehearse::hazards::{parse_fail_on, DEFAULT_FAIL_ON};
+use crate::rehearse::{new_id, read_sql_paths, rehearse, FetchRecording, Options, Plan, Target};
 
 /// Exit code of a rehearsal that could not run (as for a failed migration).
 const EXIT_FAILED: u8 = 1;
@@ -230,25 +229,6 @@ fn split_addr(addr: &str) -> Result<(String, u16)> {
         .parse()
         .map_err(|_| anyhow!("--proxy {addr:?}: {port:?} is not a port number"))?;
     Ok((host.trim_matches(['[', ']']).to_owned(), port))
-}
-
-/// One admin API call; a refusal becomes an error in the API's words.
-fn api(admin: &AdminApi, method: &str, path: &str, body: Option<&str>) -> Result<Value> {
-    let (status, text) = request(admin, method, path, body)?;
-    let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-    if !(200..300).contains(&status) {
-        let message = match &value["error"] {
-            Value::String(s) => s.clone(),
-            Value::Object(o) => o
-                .get("message")
-                .and_then(Value::as_str)
-                .unwrap_or(&text)
-                .to_owned(),
-            _ => text.clone(),
-        };
-        bail!("{message} (HTTP {status})");
-    }
-    Ok(value)
 }
 
 #[cfg(test)]
