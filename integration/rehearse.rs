@@ -7,6 +7,8 @@ use serde_json::Value;
 
 use crate::harness::*;
 
+mod api;
+
 /// What one `offshoot rehearse` run left: its exit code, JSON report (Null when
 /// none was written), Markdown and output.
 struct Run {

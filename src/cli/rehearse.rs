@@ -153,7 +153,7 @@ fn run(admin: &AdminApi, args: &Args) -> Result<u8> {
         // refusal there does not change the run's outcome.
         match serde_json::to_string(r)
             .map_err(anyhow::Error::from)
-            .and_then(|body| api(admin, "POST", "/api/v1/rehearsals", Some(&body)))
+            .and_then(|body| api(admin, "POST", "/api/v1/rehearsals/reports", Some(&body)))
         {
             Ok(_) => eprintln!("report {} stored: GET /api/v1/rehearsals/{}", r.id, r.id),
             Err(e) => eprintln!("offshoot: the report was not stored by the proxy: {e:#}"),
