@@ -43,6 +43,9 @@ use crate::rehearse::{new_id, Options, Plan, SqlFile, Target, MAX_SQL_BYTES};
 /// Most bytes of inline SQL (migration and checks together) in one request.
 pub const MAX_INLINE_BYTES: usize = 1 << 20;
 
+/// How long a run waits for its branch to be made (at least).
+const CREATE_WAIT: Duration = Duration::from_secs(30 * 60);
+
 /// What the server-side runs need from the configuration, and the slots that
 /// limit how many run at once.
 pub struct Runner {
@@ -382,15 +385,7 @@ pub(super) async fn start(
         )
     })?;
     let job = prepare(&s, body, actor).await?;
-    let record = json!({
-        "id": job.id,
-        "status": "running",
-        "source": job.opts.source,
-        "branch": job.opts.branch,
-        "started_at": job.started_at,
-        "keep": job.keep,
-    });
-    write_record(&s.rehearsals.dir, &job.id, &record)
+    write_record(&s.rehearsals.dir, &job.id, &running_record(&job))
         .await
         .map_err(|e| super::rehearsals::internal("record the rehearsal", e))?;
     let mut event = Event::new(Action::RehearsalStarted, job.actor.clone());
@@ -414,6 +409,18 @@ pub(super) async fn start(
     ))
 }
 
+/// The record of a run that is not over.
+fn running_record(job: &Job) -> Value {
+    json!({
+        "id": job.id,
+        "status": "running",
+        "source": job.opts.source,
+        "branch": job.opts.branch,
+        "started_at": job.started_at,
+        "keep": job.keep,
+    })
+}
+
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
@@ -427,24 +434,31 @@ async fn run(s: AppState, job: Job, _slot: OwnedSemaphorePermit) {
         actor: job.actor.clone(),
         ..CreateOptions::default()
     };
-    let outcome = match s
-        .registry
-        .ensure(&job.branch, &opts, s.provision_timeout)
-        .await
-    {
+    // A background run can wait for its clone longer than a request would.
+    let wait = s.provision_timeout.max(CREATE_WAIT);
+    // Only a branch this run made is ever removed: `if_exists: fail` makes an
+    // existing one (or one made meanwhile by someone else) an error.
+    let made = s.registry.ensure(&job.branch, &opts, wait).await;
+    let outcome = match made {
         Err(e) => Err(format!(
             "cannot create the rehearsal branch: {}",
             ApiError::from(e).message
         )),
-        Ok(_) => crate::rehearse::rehearse(&job.opts)
-            .await
-            .map_err(|e| client_words(&e)),
+        Ok(_) => {
+            // A restart from here on finds the branch to remove in the record.
+            let mut record = running_record(&job);
+            record["made"] = true.into();
+            if let Err(e) = write_record(&s.rehearsals.dir, &job.id, &record).await {
+                warn!(error = %e, id = job.id, "rehearsal: cannot update its record");
+            }
+            let ran = crate::rehearse::rehearse(&job.opts).await;
+            Recordings::global().take(&job.opts.source, &job.opts.branch);
+            if !job.keep || ran.is_err() {
+                remove_branch(&s, &job.branch, job.actor.clone()).await;
+            }
+            ran.map_err(|e| client_words(&e))
+        }
     };
-    Recordings::global().take(&job.opts.source, &job.opts.branch);
-    let failed_run = outcome.is_err();
-    if !job.keep || failed_run {
-        remove_branch(&s, &job.branch, job.actor.clone()).await;
-    }
     let (record, mut event) = match outcome {
         Ok(report) => {
             let mut value = serde_json::to_value(&report).unwrap_or(Value::Null);
@@ -539,8 +553,9 @@ pub(super) async fn write_record(dir: &FsPath, id: &str, value: &Value) -> std::
     .map_err(std::io::Error::other)?
 }
 
-/// Marks the runs a previous process left `running` as failed and removes their
-/// branches (kept or not: a migration that stopped half way is no state to keep).
+/// Marks the runs a previous process left `running` as failed and removes the
+/// branches they had made (kept or not: a migration that stopped half way is no
+/// state to keep).
 pub(super) async fn recover(s: AppState) {
     let dir = s.rehearsals.dir.clone();
     let running: Vec<Value> = tokio::task::spawn_blocking(move || {
@@ -558,8 +573,11 @@ pub(super) async fn recover(s: AppState) {
             continue;
         };
         let error = "interrupted: the proxy stopped while the rehearsal ran";
-        if let Ok(bid) = super::branch_id(&s, source, branch) {
-            remove_branch(&s, &bid, Actor::proxy()).await;
+        // Only a branch the run had made (`made`), never one it may have found.
+        if r["made"] == true {
+            if let Ok(bid) = super::branch_id(&s, source, branch) {
+                remove_branch(&s, &bid, Actor::proxy()).await;
+            }
         }
         let mut record = failed_record(id, source, branch, error);
         record["started_at"] = r["started_at"].clone();
