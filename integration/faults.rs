@@ -87,11 +87,7 @@ async fn wait_until_unused(pg: &PgServer, db: &str) {
 /// Open connections the proxy counts for `branch` of source `shop`.
 fn connections(proxy: &ProxyProc, branch: &str) -> Option<u64> {
     proxy
-        .branches()
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["branch"] == branch)
+        .branch(branch)
         .map(|b| b["connections"].as_u64().unwrap())
 }
 

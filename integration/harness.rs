@@ -491,6 +491,16 @@ impl ProxyProc {
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).unwrap()
     }
+
+    /// Branch `name` (of any source) as `/api/v1/branches` lists it, if it is listed.
+    pub fn branch(&self, name: &str) -> Option<serde_json::Value> {
+        let list = self.branches();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["branch"] == name)
+            .cloned()
+    }
 }
 
 /// Lines of `body` that belong in the `[proxy]` section (before any other header).

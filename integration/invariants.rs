@@ -28,11 +28,7 @@ async fn a_suspended_branch_is_not_woken_before_authentication() {
     let data = branch_data(&proxy, "shop", "s");
     let state = || {
         proxy
-            .branches()
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["branch"] == "s")
+            .branch("s")
             .map(|b| b["state"].as_str().unwrap().to_owned())
     };
     assert_eq!(state().as_deref(), Some("suspended"));

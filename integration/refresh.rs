@@ -223,13 +223,9 @@ fn snapshot_names(proxy: &ProxyProc) -> Vec<String> {
 }
 
 fn snapshot_of(proxy: &ProxyProc, branch: &str) -> String {
-    let list = proxy.branches();
-    let b = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["branch"] == branch)
-        .unwrap_or_else(|| panic!("no branch {branch} in {list}"));
+    let b = proxy
+        .branch(branch)
+        .unwrap_or_else(|| panic!("no branch {branch} in {}", proxy.branches()));
     b["snapshot"].as_str().unwrap_or("").to_owned()
 }
 

@@ -340,11 +340,7 @@ async fn parked_sessions_do_not_keep_an_instance_server_awake() {
     let data = branch_data(&proxy, "shop", "s");
     let state = || {
         proxy
-            .branches()
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["branch"] == "s")
+            .branch("s")
             .map(|b| b["state"].as_str().unwrap().to_owned())
             .unwrap_or_default()
     };

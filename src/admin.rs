@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, ToSchema};
 
+mod branch_path;
 mod errors;
 mod events;
 mod guard;
@@ -37,7 +38,8 @@ use crate::config::{CloneStrategy, EngineKind};
 use crate::console::{Connection, Reach};
 use crate::error::{ApiError, ErrorBody, ErrorKind};
 use crate::metrics::Metrics;
-use crate::names::{BranchId, BranchName, SourceName};
+use crate::names::SourceName;
+use branch_path::BranchPath;
 
 #[derive(Clone)]
 struct AppState {
@@ -58,17 +60,6 @@ fn unknown_source(state: &AppState, source: &str) -> ApiError {
             state.registry.source_names().join(", ")
         ),
     )
-}
-
-fn branch_id(state: &AppState, source: &str, branch: &str) -> Result<BranchId, ApiError> {
-    let source = SourceName::new(source)?;
-    if state.registry.source(source.as_str()).is_none() {
-        return Err(unknown_source(state, source.as_str()));
-    }
-    Ok(BranchId {
-        source,
-        branch: BranchName::new(branch)?,
-    })
 }
 
 /// Prometheus metrics in the text exposition format.
@@ -134,8 +125,7 @@ struct BranchDetail {
 
 /// One branch, with its connection strings.
 #[utoipa::path(get, path = "/api/v1/branches/{source}/{branch}", operation_id = "show_branch", tag = "branches",
-    params(("source" = String, Path, description = "The source's name"),
-           ("branch" = String, Path, description = "The branch's name")),
+    params(BranchPath),
     responses(
         (status = 200, description = "The branch", body = BranchDetail),
         (status = 400, description = "Not a valid source or branch name", body = ErrorBody),
@@ -143,12 +133,9 @@ struct BranchDetail {
     ))]
 async fn show(
     State(s): State<AppState>,
-    Path((source, branch)): Path<(String, String)>,
+    Path(path): Path<BranchPath>,
 ) -> Result<Json<BranchDetail>, ApiError> {
-    let id = branch_id(&s, &source, &branch)?;
-    let view = s.registry.view(&id).ok_or_else(|| {
-        ApiError::of_kind(ErrorKind::NotFound, format!("branch {id} does not exist"))
-    })?;
+    let view = branch_path::view(&s, &path.resolve(&s)?)?;
     Ok(Json(BranchDetail {
         connection: s.reach.connection(&view),
         branch: view,
@@ -205,7 +192,7 @@ async fn create(
     body: Result<Json<CreateBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<BranchView>), ApiError> {
     let Json(body) = body.map_err(errors::bad_body)?;
-    let id = branch_id(&s, &body.source, &body.branch)?;
+    let id = branch_path::branch_id(&s, &body.source, &body.branch)?;
     let mut opts = CreateOptions {
         persistent: body.persistent,
         snapshot: body.snapshot,
@@ -244,9 +231,7 @@ struct DeleteQuery {
 
 /// Deletes a branch; refused while clients are connected unless `force`.
 #[utoipa::path(delete, path = "/api/v1/branches/{source}/{branch}", operation_id = "delete_branch", tag = "branches",
-    params(("source" = String, Path, description = "The source's name"),
-           ("branch" = String, Path, description = "The branch's name"),
-           DeleteQuery),
+    params(BranchPath, DeleteQuery),
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such source or branch", body = ErrorBody),
@@ -255,11 +240,11 @@ struct DeleteQuery {
 async fn delete(
     State(s): State<AppState>,
     events::ApiActor(actor): events::ApiActor,
-    Path((source, branch)): Path<(String, String)>,
+    Path(path): Path<BranchPath>,
     q: Result<Query<DeleteQuery>, QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Query(q) = q.map_err(errors::bad_query)?;
-    let id = branch_id(&s, &source, &branch)?;
+    let id = path.resolve(&s)?;
     s.registry
         .delete_by(&id, q.force, RemoveReason::Api, actor)
         .await?;
@@ -268,8 +253,7 @@ async fn delete(
 
 /// Stops a branch's server now (scale to zero); the next connection starts it.
 #[utoipa::path(post, path = "/api/v1/branches/{source}/{branch}/suspend", operation_id = "suspend_branch", tag = "branches",
-    params(("source" = String, Path, description = "The source's name"),
-           ("branch" = String, Path, description = "The branch's name")),
+    params(BranchPath),
     responses(
         (status = 200, description = "Suspended (or it was already)", body = BranchView),
         (status = 404, description = "No such source or branch", body = ErrorBody),
@@ -278,10 +262,10 @@ async fn delete(
 async fn suspend(
     State(s): State<AppState>,
     events::ApiActor(actor): events::ApiActor,
-    Path((source, branch)): Path<(String, String)>,
+    Path(path): Path<BranchPath>,
 ) -> Result<Json<BranchView>, ApiError> {
-    let id = branch_id(&s, &source, &branch)?;
-    let src = source_of(&s, &source)?;
+    let id = path.resolve(&s)?;
+    let src = source_of(&s, id.source.as_str())?;
     if src.engine.servers().is_none() {
         return Err(ApiError::of_kind(
             ErrorKind::Unsupported,
@@ -293,9 +277,7 @@ async fn suspend(
         ));
     }
     let suspended = s.registry.suspend_by(&id, actor).await?;
-    let view = s.registry.view(&id).ok_or_else(|| {
-        ApiError::of_kind(ErrorKind::NotFound, format!("branch {id} does not exist"))
-    })?;
+    let view = branch_path::view(&s, &id)?;
     if !suspended && view.state != crate::branch::Phase::Suspended {
         return Err(ApiError::of_kind(
             ErrorKind::Conflict,

@@ -11,7 +11,7 @@ use tracing::warn;
 
 use crate::branch::DeleteError;
 use crate::error::{ApiError, EngineError, ErrorKind, ProvisionError};
-use crate::names::NameError;
+use crate::names::{BranchId, NameError};
 
 /// What a refused deletion of a branch in use says to do.
 const FORCE_HINT: &str = "delete with ?force=true to terminate them";
@@ -38,14 +38,8 @@ impl From<EngineError> for ApiError {
 impl From<DeleteError> for ApiError {
     fn from(e: DeleteError) -> Self {
         match e {
-            DeleteError::NotFound(id) => {
-                ApiError::of_kind(ErrorKind::NotFound, format!("branch {id} does not exist"))
-            }
-            DeleteError::InUse { id, conns } => ApiError::of_kind(
-                ErrorKind::Conflict,
-                format!("branch {id} has {conns} open connection(s)"),
-            )
-            .hint(FORCE_HINT),
+            DeleteError::NotFound(id) => super::branch_path::not_found(&id),
+            DeleteError::InUse { id, conns } => in_use(&id, conns).hint(FORCE_HINT),
             e @ DeleteError::Guarded { .. } => {
                 ApiError::of_kind(ErrorKind::Conflict, e.to_string())
                     .hint("delete with ?force=true to remove it anyway")
@@ -64,6 +58,15 @@ impl From<DeleteError> for ApiError {
             }
         }
     }
+}
+
+/// A branch refused a change because clients are connected to it (409); the
+/// caller adds the hint that says how to force it.
+pub(super) fn in_use(id: &BranchId, conns: usize) -> ApiError {
+    ApiError::of_kind(
+        ErrorKind::Conflict,
+        format!("branch {id} has {conns} open connection(s)"),
+    )
 }
 
 /// A body axum could not read (not JSON, wrong fields), in the one error shape.

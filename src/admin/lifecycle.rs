@@ -10,11 +10,11 @@ use axum::Json;
 use serde::{Deserialize, Deserializer};
 use tracing::warn;
 
-use super::{branch_id, ApiError, AppState};
+use super::branch_path::{not_found, BranchPath};
+use super::{ApiError, AppState};
 use crate::branch::{Changes, CreateOptions, UpdateError};
 use crate::clock::unix_ms;
 use crate::error::ErrorKind;
-use crate::names::BranchId;
 
 /// Tells a key sent as `null` (`Some(None)`) from one left out (`None`).
 fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
@@ -159,8 +159,7 @@ pub(super) struct PatchBody {
 /// Changes a branch's TTL or protection; keys left out stay as they are.
 #[utoipa::path(patch, path = "/api/v1/branches/{source}/{branch}", operation_id = "update_branch",
     tag = "branches", request_body = PatchBody,
-    params(("source" = String, Path, description = "The source's name"),
-           ("branch" = String, Path, description = "The branch's name")),
+    params(BranchPath),
     responses(
         (status = 200, description = "The branch as changed", body = crate::branch::BranchView),
         (status = 400, description = "A bad time, duration or combination", body = crate::error::ErrorBody),
@@ -171,11 +170,11 @@ pub(super) struct PatchBody {
 pub(super) async fn patch(
     State(s): State<AppState>,
     super::events::ApiActor(actor): super::events::ApiActor,
-    Path((source, branch)): Path<(String, String)>,
+    Path(path): Path<BranchPath>,
     body: Result<Json<PatchBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Json(body) = body.map_err(super::errors::bad_body)?;
-    let id = branch_id(&s, &source, &branch)?;
+    let id = path.resolve(&s)?;
     let now = s.registry.clock().now();
     let expires_at = match (body.ttl, body.expires_at) {
         (Some(_), Some(_)) => {
@@ -224,10 +223,6 @@ fn update_error(e: UpdateError) -> ApiError {
             )
         }
     }
-}
-
-fn not_found(id: &BranchId) -> ApiError {
-    ApiError::of_kind(ErrorKind::NotFound, format!("branch {id} does not exist"))
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@ use axum::Json;
 use serde::Deserialize;
 use tracing::warn;
 
-use super::{branch_id, ApiError, AppState};
+use super::branch_path::{self, not_found, BranchPath};
+use super::errors::in_use;
+use super::{ApiError, AppState};
 use crate::branch::ResetError;
 use crate::error::ErrorKind;
 use crate::names::BranchId;
@@ -28,14 +30,10 @@ pub(super) struct ResetBody {
 impl From<ResetError> for ApiError {
     fn from(e: ResetError) -> Self {
         match e {
-            ResetError::NotFound(id) => {
-                ApiError::of_kind(ErrorKind::NotFound, format!("branch {id} does not exist"))
+            ResetError::NotFound(id) => not_found(&id),
+            ResetError::InUse { id, conns } => {
+                in_use(&id, conns).hint("reset with \"force\": true to terminate them")
             }
-            ResetError::InUse { id, conns } => ApiError::of_kind(
-                ErrorKind::Conflict,
-                format!("branch {id} has {conns} open connection(s)"),
-            )
-            .hint("reset with \"force\": true to terminate them"),
             ResetError::Busy(id) => ApiError::of_kind(
                 ErrorKind::Busy,
                 format!(
@@ -84,8 +82,7 @@ fn refuse_protected(s: &AppState, id: &BranchId) -> Result<(), ApiError> {
 /// (202 if that takes longer than `provision_timeout`; the reset goes on).
 #[utoipa::path(post, path = "/api/v1/branches/{source}/{branch}/reset", operation_id = "reset_branch",
     tag = "branches", request_body = ResetBody,
-    params(("source" = String, Path, description = "The source's name"),
-           ("branch" = String, Path, description = "The branch's name")),
+    params(BranchPath),
     responses(
         (status = 200, description = "The branch, made again and serving", body = crate::branch::BranchView),
         (status = 202, description = "Still being reset after provision_timeout; it goes on", body = crate::error::ErrorBody),
@@ -97,11 +94,11 @@ fn refuse_protected(s: &AppState, id: &BranchId) -> Result<(), ApiError> {
 pub(super) async fn reset(
     State(s): State<AppState>,
     super::events::ApiActor(actor): super::events::ApiActor,
-    Path((source, branch)): Path<(String, String)>,
+    Path(path): Path<BranchPath>,
     body: Result<Json<ResetBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Json(body) = body.map_err(super::errors::bad_body)?;
-    let id = branch_id(&s, &source, &branch)?;
+    let id = path.resolve(&s)?;
     if !body.force {
         refuse_protected(&s, &id)?;
     }
@@ -116,8 +113,5 @@ pub(super) async fn reset(
             .hint("the reset goes on; GET the branch to see when it is ready"))
         }
     }
-    let view = s.registry.view(&id).ok_or_else(|| {
-        ApiError::of_kind(ErrorKind::NotFound, format!("branch {id} does not exist"))
-    })?;
-    Ok(Json(view))
+    Ok(Json(branch_path::view(&s, &id)?))
 }
