@@ -247,7 +247,7 @@ async fn prepare(s: &AppState, body: StartBody, actor: Actor) -> Result<Job, Api
         .name
         .clone()
         .unwrap_or_else(|| format!("rehearse-{id}"));
-    let branch = super::branch_id(s, &body.source, &name)?;
+    let branch = super::branch_path::branch_id(s, &body.source, &name)?;
     if s.registry.view(&branch).is_some() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -575,7 +575,7 @@ pub(super) async fn recover(s: AppState) {
         let error = "interrupted: the proxy stopped while the rehearsal ran";
         // Only a branch the run had made (`made`), never one it may have found.
         if r["made"] == true {
-            if let Ok(bid) = super::branch_id(&s, source, branch) {
+            if let Ok(bid) = super::branch_path::branch_id(&s, source, branch) {
                 remove_branch(&s, &bid, Actor::proxy()).await;
             }
         }
