@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Cold start of the `instance` engine next to the `database` engine, resume of a
-# suspended branch, memory of an idle clone and of the proxy with 100 suspended
-# branches. `bash benches/instance_cold_start.sh --help` explains it.
+# Cold start of the `instance` engine next to the `database` engine and next to
+# a warm spare, resume of a suspended branch, memory of an idle clone and of the
+# proxy with 100 suspended branches. `bash benches/instance_cold_start.sh --help` explains it.
 set -euo pipefail
 
 # shellcheck source=benches/harness.sh
@@ -12,13 +12,17 @@ usage() {
 Usage: bash benches/instance_cold_start.sh [--help]
 
 For each size in SIZES_MB, starts a throw-away PostgreSQL cluster holding one
-database of about that size, and puts two sources in front of it in one Offshoot:
-`db<size>` on the `database` engine (CREATE DATABASE ... TEMPLATE) and `in<size>`
-on the `instance` engine (pg_basebackup snapshot, one server per branch). Then:
+database of about that size, and puts three sources in front of it in one
+Offshoot: `db<size>` on the `database` engine (CREATE DATABASE ... TEMPLATE),
+`in<size>` on the `instance` engine (pg_basebackup snapshot, one server per
+branch) and `sp<size>`, the same with `warm_spares = 1`. Then:
 
 - cold start: REPEAT times per source, psql connects to a branch that does not
   exist yet and runs one query; the time from connect to first row is taken (the
-  branch is deleted between runs);
+  branch is deleted between runs; for `sp<size>` each run waits until the spare
+  pool is full again, so each measures a claim);
+- reference: REPEAT times, psql connects to an `in<size>` branch whose server is
+  already running and runs the same query (what a warm spare is measured against);
 - resume: REPEAT times, a branch of the smallest instance source is suspended
   through the admin API and psql connects to it again;
 - memory: proportional set size (PSS) of all processes of one idle running clone,
@@ -147,6 +151,16 @@ storage = \"$STORAGE_DIR/in$mb\"
 max_branches = 1000
 idle_expire = \"1h\"
 suspend_after = \"1h\"
+
+[sources.sp$mb]
+engine = \"instance\"
+upstream = \"host=127.0.0.1 port=$port user=postgres\"
+database = \"$db\"
+storage = \"$STORAGE_DIR/sp$mb\"
+max_branches = 1000
+idle_expire = \"1h\"
+suspend_after = \"1h\"
+warm_spares = 1
 "
 done
 harness_start_offshoot "$sources
@@ -176,20 +190,32 @@ for mb in $SIZES_MB; do
     SNAP_MS[$mb]=$(($(ms_now) - start))
     SNAP_SIZE[$mb]=$(sed -E 's/.*"size_bytes":([0-9]+).*/\1/' <<<"$body")
     log "in$mb: snapshot taken in ${SNAP_MS[$mb]} ms ($((SNAP_SIZE[$mb] / 1000000)) MB data directory)"
+    api POST "/api/v1/sources/sp$mb/snapshots" >/dev/null
 done
 
+# Waits until source $1's spare pool is full (one spare), for at most 10 minutes.
+spare_ready() {
+    local n
+    for ((n = 0; n < 6000; n++)); do
+        [[ $(harness_metric offshoot_spares_ready "source=\"$1\"") == 1 ]] && return 0
+        sleep 0.1
+    done
+    die "$1: no warm spare became ready (see $BENCH_TMP/offshoot.log)"
+}
+
 # --- cold start --------------------------------------------------------------
-declare -A times modes
+declare -A times modes SPARE_HITS SPARE_MISSES
 for mb in $SIZES_MB; do
-    for engine in db in; do
+    for engine in db in sp; do
         src="$engine$mb"
         for ((n = 1; n <= REPEAT; n++)); do
+            [[ $engine == sp ]] && spare_ready "$src"
             sync
             start=$(ms_now)
             first_row "$src.cold-$n"
             took=$(($(ms_now) - start))
             times[$src]+="$took "
-            if [[ $engine == in ]]; then
+            if [[ $engine != db ]]; then
                 modes[$src]=$(api GET "/api/v1/branches/$src/cold-$n" | sed -E 's/.*"copy_mode":"([a-z]+)".*/\1/')
             fi
             log "$src.cold-$n: first row after $took ms"
@@ -197,6 +223,22 @@ for mb in $SIZES_MB; do
             checkpoint "$mb"
         done
     done
+done
+# The reference: a plain connection to a branch whose server is already running.
+for mb in $SIZES_MB; do
+    first_row "in$mb.running"
+    for ((n = 1; n <= REPEAT; n++)); do
+        start=$(ms_now)
+        first_row "in$mb.running"
+        took=$(($(ms_now) - start))
+        times[run$mb]+="$took "
+        log "in$mb.running: first row after $took ms"
+    done
+    api DELETE "/api/v1/branches/in$mb/running?force=true" >/dev/null
+done
+for mb in $SIZES_MB; do
+    SPARE_HITS[$mb]=$(harness_metric offshoot_spare_claims_total "source=\"sp$mb\"" 'outcome="hit"')
+    SPARE_MISSES[$mb]=$(harness_metric offshoot_spare_claims_total "source=\"sp$mb\"" 'outcome="miss"')
 done
 # How long the copy itself took, from the proxy's log ("clone made ... ms=N").
 clone_ms() {
@@ -261,7 +303,21 @@ for mb in $SIZES_MB; do
     read -r -a copies <<<"$(clone_ms "in$mb" | tr '\n' ' ')"
     table+="
 | ~$mb MB | $size_mb MB | database | $(stats "${times[db$mb]}") | (CREATE DATABASE) |
-| ~$mb MB | $size_mb MB | instance | $(stats "${times[in$mb]}") | ${modes[in$mb]:-?}, p50 $(median "${copies[@]}") ms |"
+| ~$mb MB | $size_mb MB | instance | $(stats "${times[in$mb]}") | ${modes[in$mb]:-?}, p50 $(median "${copies[@]}") ms |
+| ~$mb MB | $size_mb MB | instance, warm spare | $(stats "${times[sp$mb]}") | spare claimed ${SPARE_HITS[$mb]:-0} of $REPEAT (misses ${SPARE_MISSES[$mb]:-0}) |
+| ~$mb MB | $size_mb MB | instance, branch already running (reference) | $(stats "${times[run$mb]}") | no creation |"
+done
+ratio_table="| source | warm spare p50 ÷ running branch p50 | no spare p50 ÷ running branch p50 |
+|---:|---:|---:|"
+ratio() {
+    local a b
+    read -r -a a <<<"$1"
+    read -r -a b <<<"$2"
+    awk -v x="$(median "${a[@]}")" -v y="$(median "${b[@]}")" 'BEGIN { printf "%.2f×", x / y }'
+}
+for mb in $SIZES_MB; do
+    ratio_table+="
+| ~$mb MB | $(ratio "${times[sp$mb]}" "${times[run$mb]}") | $(ratio "${times[in$mb]}" "${times[run$mb]}") |"
 done
 snap_table="| source | data directory | snapshot (pg_basebackup + seal) |
 |---:|---:|---:|"
@@ -282,9 +338,13 @@ other="| measure | value |
     echo
     harness_describe
     echo "- $STORAGE_NOTE"
-    echo "- Each cold-start run: psql connects to a branch that does not exist and runs one query; Offshoot makes the clone (instance: copy of the sealed snapshot, then \`postgres\` started on a private socket and polled every 5 ms; database: CREATE DATABASE ... TEMPLATE), then the row comes back. The branch is deleted and the source checkpointed between runs. \"copy\" gives the copy mode and the p50 of the copy alone."
+    echo "- Each cold-start run: psql connects to a branch that does not exist and runs one query; Offshoot makes the clone (instance: copy of the sealed snapshot, then \`postgres\` started on a private socket and polled every 5 ms; database: CREATE DATABASE ... TEMPLATE), then the row comes back. The branch is deleted and the source checkpointed between runs. \"copy\" gives the copy mode and the p50 of the copy alone. \"warm spare\": the same on a source with \`warm_spares = 1\`, each run started once its spare is ready, so the branch is a claimed spare (its server already running). \"branch already running\": psql connects to an existing branch whose server runs and runs the same query."
     echo
     echo "$table"
+    echo
+    echo "Warm spares (\`warm_spares = 1\`, the pool full before each run) against a plain connection to an already-running branch, measured in the same run:"
+    echo
+    echo "$ratio_table"
     echo
     echo "$snap_table"
     echo

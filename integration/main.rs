@@ -26,4 +26,5 @@ mod rehearse;
 mod reuse;
 mod routing;
 mod snapshots;
+mod spares;
 mod versions;

@@ -209,6 +209,8 @@ async fn serve(
     }
 
     let mut sources = Vec::new();
+    // Instance engines, whose warm spares are filled in the background.
+    let mut instances = Vec::new();
     for (name, scfg, db, server, upstream, transforms) in servers {
         let engine: Arc<dyn Engine> = match &scfg.engine {
             EngineConfig::Instance(icfg) => {
@@ -218,7 +220,8 @@ async fn serve(
                 let (source, db, icfg) = (name.clone(), db.clone(), icfg.clone());
                 let state_dir = state_dir.to_path_buf();
                 let clock = clock.clone();
-                tokio::task::spawn_blocking(move || {
+                let metrics = metrics.clone();
+                let engine = tokio::task::spawn_blocking(move || {
                     instance::build(
                         &source,
                         &db,
@@ -228,9 +231,12 @@ async fn serve(
                         &state_dir,
                         clock,
                         transforms,
+                        &metrics,
                     )
                 })
-                .await??
+                .await??;
+                instances.push(engine.clone());
+                engine
             }
             EngineConfig::Database(dcfg) => {
                 let engine = DatabaseEngine::new(&server, &db, &upstream, clock.clone())
@@ -316,6 +322,10 @@ async fn serve(
         tasks.clone(),
     ));
     let schedule = tokio::spawn(schedule::run(registry.clone(), tasks.clone()));
+    let spares: Vec<_> = instances
+        .iter()
+        .map(|e| tokio::spawn(e.clone().run_spares(tasks.clone())))
+        .collect();
     handles.push(tokio::spawn(proxy.pool().run(tasks.clone())).abort_handle());
     let accept = tokio::spawn(listener::run(proxy.clone(), listener, tasks.clone()));
     handles.push(tokio::spawn(reload_on_sighup(cfg.tls.clone(), proxy.clone())).abort_handle());
@@ -348,6 +358,11 @@ async fn serve(
     // Branch servers are stopped with the proxy; their data stays, and the next
     // connection after a restart starts them again.
     registry.suspend_all().await;
+    // Warm spares' servers too, once nothing is making more of them.
+    for (task, engine) in spares.into_iter().zip(&instances) {
+        let _ = task.await;
+        engine.stop_spares().await;
+    }
     audit.sync().await;
     for h in handles {
         h.abort();

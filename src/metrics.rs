@@ -50,6 +50,12 @@ pub struct Metrics {
     pub server_reuse_total: IntCounterVec,
     /// Server sessions kept open for reuse right now.
     pub server_sessions_idle: IntGauge,
+    /// Warm spares ready to be claimed, by source (`instance` sources with
+    /// `warm_spares`).
+    pub spares_ready: IntGaugeVec,
+    /// New branches that asked for a warm spare, by source and outcome (`hit`: one
+    /// was claimed; `miss`: none was ready, the clone was copied).
+    pub spare_claims_total: IntCounterVec,
     /// Audit lines, by outcome (written, dropped: the queue was full, failed: the
     /// write failed).
     pub audit_lines_total: IntCounterVec,
@@ -199,6 +205,23 @@ impl Metrics {
             "Server sessions kept open for reuse",
         )
         .expect("valid metric");
+        let spares_ready = IntGaugeVec::new(
+            Opts::new(
+                "offshoot_spares_ready",
+                "Warm spares (clones of the newest snapshot, started) ready to be claimed",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        let spare_claims_total = IntCounterVec::new(
+            Opts::new(
+                "offshoot_spare_claims_total",
+                "New branches of sources with warm_spares: hit (a spare was claimed), miss \
+                 (none was ready; the clone was copied)",
+            ),
+            &["source", "outcome"],
+        )
+        .expect("valid metric");
         let audit_lines_total = IntCounterVec::new(
             Opts::new(
                 "offshoot_audit_lines_total",
@@ -235,6 +258,8 @@ impl Metrics {
             Box::new(policy_refusals_total.clone()),
             Box::new(server_reuse_total.clone()),
             Box::new(server_sessions_idle.clone()),
+            Box::new(spares_ready.clone()),
+            Box::new(spare_claims_total.clone()),
             Box::new(audit_lines_total.clone()),
             Box::new(webhook_deliveries_total.clone()),
         ] {
@@ -268,6 +293,8 @@ impl Metrics {
             policy_refusals_total,
             server_reuse_total,
             server_sessions_idle,
+            spares_ready,
+            spare_claims_total,
             audit_lines_total,
             webhook_deliveries_total,
         }

@@ -234,6 +234,9 @@ pub struct Event {
     /// What went wrong, as a client would be told it (never a path or OS error).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// On `branch.created`: the clone was a warm spare, taken ready-made.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_spare: bool,
 }
 
 impl Event {
@@ -249,6 +252,7 @@ impl Event {
             duration_ms: None,
             outcome: Outcome::Ok,
             error: None,
+            from_spare: false,
         }
     }
 
@@ -287,6 +291,12 @@ impl Event {
     /// What a client was told (a refusal's message, say).
     pub fn error(mut self, message: impl Into<String>) -> Self {
         self.error = Some(message.into());
+        self
+    }
+
+    /// Marks a creation whose clone was a warm spare.
+    pub fn from_spare(mut self, yes: bool) -> Self {
+        self.from_spare = yes;
         self
     }
 

@@ -211,7 +211,13 @@ pub struct InstanceConfig {
     /// connection starts it again). Unset: never.
     #[serde(with = "humantime_serde")]
     pub suspend_after: Option<Duration>,
+    /// Clones of the newest snapshot kept copied and started, so a new branch takes
+    /// one ready-made instead of waiting for a copy and a server start. 0: none.
+    pub warm_spares: u32,
 }
+
+/// The most `warm_spares` a source may keep: each is a running server.
+pub const MAX_WARM_SPARES: u32 = 16;
 
 impl Default for InstanceConfig {
     fn default() -> Self {
@@ -223,6 +229,7 @@ impl Default for InstanceConfig {
             max_connections: 25,
             settings: BTreeMap::new(),
             suspend_after: Some(Duration::from_secs(5 * 60)),
+            warm_spares: 0,
         }
     }
 }
@@ -516,6 +523,15 @@ impl InstanceConfig {
         }
         if matches!(self.suspend_after, Some(d) if d.is_zero()) {
             return Err(invalid(key("suspend_after"), "must be greater than zero"));
+        }
+        if self.warm_spares > MAX_WARM_SPARES {
+            return Err(invalid(
+                key("warm_spares"),
+                format!(
+                    "at most {MAX_WARM_SPARES}: every spare is a running server with its own \
+                     memory"
+                ),
+            ));
         }
         Ok(())
     }

@@ -114,7 +114,27 @@ fn instance_sources_default_to_small_suspendable_servers() {
     };
     assert_eq!(i.settings["fsync"], "off");
     assert_eq!(i.shared_buffers, "32MB");
+    assert_eq!(i.warm_spares, 0);
     assert!(cfg.needs_embedded());
+}
+
+#[test]
+fn warm_spares_are_an_instance_key_with_a_cap() {
+    let cfg =
+        Config::from_toml("[sources.full]\nengine = \"instance\"\nwarm_spares = 2\n").unwrap();
+    let EngineConfig::Instance(i) = &cfg.sources[&name("full")].engine else {
+        panic!("an instance source")
+    };
+    assert_eq!(i.warm_spares, 2);
+    let e = err("[sources.shop]\nwarm_spares = 2\n");
+    assert!(
+        e.contains("`sources.shop.warm_spares`: unknown key for engine \"database\""),
+        "{e}"
+    );
+    assert!(e.contains("engine = \"instance\""), "{e}");
+    let e = err("[sources.full]\nengine = \"instance\"\nwarm_spares = 17\n");
+    assert!(e.contains("`sources.full.warm_spares`"), "{e}");
+    assert!(e.contains("at most 16"), "{e}");
 }
 
 #[test]

@@ -98,6 +98,8 @@ pub struct Made {
     pub snapshot: Option<String>,
     /// How the files were made (engines that copy files).
     pub copy_mode: Option<CopyMode>,
+    /// The clone was a warm spare, made and started before it was asked for.
+    pub spare: bool,
 }
 
 /// A sealed snapshot of a source, as the API shows it.

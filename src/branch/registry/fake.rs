@@ -127,6 +127,7 @@ impl Engine for FakeEngine {
         Ok(Made {
             snapshot: Some(snapshot),
             copy_mode: self.servers.then_some(CopyMode::Copy),
+            spare: false,
         })
     }
     fn servers(&self) -> Option<&dyn Servers> {

@@ -35,8 +35,10 @@ impl Registry {
             Ok(()) => source.engine.create(&record).await,
         };
         let mut made = false;
+        let mut from_spare = false;
         let result = result.and_then(|m| {
             made = true;
+            from_spare = m.spare;
             if let Some(mode) = &m.copy_mode {
                 self.metrics
                     .clones_total
@@ -80,7 +82,8 @@ impl Registry {
                         Event::new(Action::BranchCreated, actor)
                             .branch(&id)
                             .snapshot(record.snapshot.as_deref())
-                            .duration(self.clock.instant() - started),
+                            .duration(self.clock.instant() - started)
+                            .from_spare(from_spare),
                     );
                 }
                 if let Some(b) = self.lock().branches.get_mut(&id) {

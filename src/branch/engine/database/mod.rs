@@ -362,6 +362,7 @@ impl Engine for DatabaseEngine {
         Ok(Made {
             snapshot: from.map(|s| s.name.clone()),
             copy_mode: Some(mode),
+            spare: false,
         })
     }
 

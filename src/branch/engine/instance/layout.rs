@@ -14,7 +14,16 @@
 //! branches/<branch>/data           the clone: the only part the server's user owns
 //! branches/<branch>/postgres.log   the server's log since its last start (the proxy's)
 //! run/<hash>/                      the server's private socket directory (0700)
+//! spares/.new-<id>/                a warm spare being made (removed if interrupted)
+//! spares/<id>/                     a warm spare: spare.json, data, postgres.log;
+//!                                  renamed to branches/<branch> when claimed
+//! run/spare-<id>/                  a spare server's socket directory; renamed to
+//!                                  run/<hash> with it
 //! ```
+//!
+//! Spares live apart from `branches/`, so no spare name can clash with a branch
+//! name and nothing that lists branches (records, orphans, snapshot users) sees
+//! them.
 //!
 //! `<hash>` is the first 128 bits of SHA-256 of `source/branch`, in hex: short
 //! enough for a Unix socket path, and no two branches share a socket directory
@@ -39,6 +48,8 @@ pub(super) const PARTIAL_MARKER: &str = "offshoot-partial-snapshot";
 /// with a dot): the name of a branch appears only with a complete clone behind it.
 pub(super) const STAGING_PREFIX: &str = ".new-";
 pub(super) const BRANCH_META: &str = "branch.json";
+/// The metadata of a warm spare: its proof of ownership and its snapshot.
+pub(super) const SPARE_META: &str = "spare.json";
 pub(super) const SNAPSHOT_META: &str = "snapshot.json";
 /// Mode of a branch directory: the proxy's; others (the server's user) may only
 /// traverse it to reach `data/`.
@@ -50,6 +61,19 @@ pub(super) const BRANCH_DIR_MODE: u32 = 0o711;
 pub(super) struct BranchMeta {
     pub source: String,
     pub branch: String,
+    pub snapshot: String,
+    /// False until every file is copied.
+    pub complete: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_mode: Option<CopyMode>,
+    /// Unix milliseconds.
+    pub created_at: u64,
+}
+
+/// `spare.json`: written before anything is copied, like `branch.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct SpareMeta {
+    pub source: String,
     pub snapshot: String,
     /// False until every file is copied.
     pub complete: bool,
@@ -107,6 +131,26 @@ impl Layout {
             .map(|b| format!("{b:02x}"))
             .collect();
         self.root.join("run").join(hex)
+    }
+
+    /// Where warm spares are kept.
+    pub fn spares(&self) -> PathBuf {
+        self.root.join("spares")
+    }
+
+    pub fn spare_dir(&self, id: &str) -> PathBuf {
+        self.spares().join(id)
+    }
+
+    /// Where a spare is built before it is renamed into place.
+    pub fn spare_staging_dir(&self, id: &str) -> PathBuf {
+        self.spares().join(format!("{STAGING_PREFIX}{id}"))
+    }
+
+    /// A spare server's socket directory (ids are 16 hex digits, so it is never a
+    /// branch's 32-digit hash).
+    pub fn spare_socket_dir(&self, id: &str) -> PathBuf {
+        self.root.join("run").join(format!("spare-{id}"))
     }
 
     /// The socket directory of the server that seals a new snapshot.
@@ -213,6 +257,18 @@ impl Layout {
                     None => out.push((
                         path.display().to_string(),
                         "no offshoot branch.json: not made by this proxy".into(),
+                    )),
+                }
+            }
+        }
+        if let Ok(entries) = fs::read_dir(self.spares()) {
+            for e in entries.flatten() {
+                let path = e.path();
+                match read_json::<SpareMeta>(&path.join(SPARE_META)) {
+                    Some(m) if m.source == source => {}
+                    _ => out.push((
+                        path.display().to_string(),
+                        "no offshoot spare.json of this source: not a warm spare".into(),
                     )),
                 }
             }

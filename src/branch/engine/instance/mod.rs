@@ -4,7 +4,8 @@
 //! Storage (`sources.<name>.storage`, default `<state.dir>/instances/<source>`) is
 //! laid out as [`layout`] describes; [`snapshots`] takes and seals snapshots;
 //! [`server`] runs a branch's server; [`copy`] copies data directories,
-//! [`postmaster`] watches one server and [`usage`] measures a branch's own bytes.
+//! [`postmaster`] watches one server and [`usage`] measures a branch's own bytes;
+//! [`spares`] keeps warm spares a new branch takes ready-made.
 //!
 //! Invariant: a branch directory is removed only if its `branch.json` names that
 //! branch of this source; anything else under `branches/` is reported, never
@@ -16,6 +17,7 @@ pub mod postmaster;
 pub mod privileged;
 mod server;
 mod snapshots;
+mod spares;
 mod usage;
 
 use std::fs;
@@ -60,6 +62,8 @@ pub struct InstanceEngine {
     transforms: Vec<super::transform::Transform>,
     /// The snapshot being taken, for the API.
     progress: super::progress::Tracker,
+    /// Warm spares (`warm_spares`).
+    spares: spares::Spares,
 }
 
 /// A blocking task that panicked or was cancelled.
@@ -98,13 +102,14 @@ impl InstanceEngine {
             origin,
             bin,
             layout: Layout { root },
-            config,
             clock,
             snapshot_lock: RwLock::new(()),
             taking: Mutex::new(()),
             mode: std::sync::Mutex::new(None),
             transforms: Vec::new(),
             progress: Default::default(),
+            spares: spares::Spares::new(config.warm_spares),
+            config,
         };
         engine.clear_interrupted_snapshots();
         for dir in engine
@@ -244,6 +249,13 @@ impl Engine for InstanceEngine {
         remove_tree(&staging)
             .map_err(|e| EngineError::io("could not clear an earlier creation", e))?;
         let (snapshot, _in_use) = self.pick_snapshot(rec.snapshot.as_deref()).await?;
+        if let Some(mode) = self.claim_spare(rec, &snapshot).await {
+            return Ok(Made {
+                snapshot: Some(snapshot),
+                copy_mode: Some(mode),
+                spare: true,
+            });
+        }
         let started = self.clock.instant();
         let made = match self.make_clone(rec, &staging, &snapshot).await {
             // Claim the branch's name in one rename: its directory appears complete
@@ -261,6 +273,7 @@ impl Engine for InstanceEngine {
                 Ok(Made {
                     snapshot: Some(snapshot),
                     copy_mode: Some(mode),
+                    spare: false,
                 })
             }
             Err(e) => {
@@ -379,6 +392,7 @@ pub fn build(
     state_dir: &Path,
     clock: Clock,
     transforms: Vec<super::transform::Transform>,
+    metrics: &crate::metrics::Metrics,
 ) -> anyhow::Result<Arc<InstanceEngine>> {
     let origin = match (&config.upstream, &config.data_dir, embedded_conn) {
         (Some(up), _, _) => Origin::Upstream(up.clone()),
@@ -402,5 +416,6 @@ pub fn build(
         clock,
     )?;
     engine.transforms = transforms;
+    engine.spares = spares::Spares::new(config.warm_spares).with_metrics(metrics, name.as_str());
     Ok(Arc::new(engine))
 }

@@ -243,6 +243,8 @@ impl InstanceEngine {
                 sync_dir(&self.layout.snapshots()).map_err(io)?;
                 info!(source = %self.source, snapshot = %name, bytes = meta.size_bytes,
                       ms = started.elapsed().as_millis() as u64, "snapshot taken and sealed");
+                // Spares of the older snapshot are replaced by ones of this one.
+                self.spares.wake();
                 Ok(meta)
             }
             Err(e) => {
@@ -467,6 +469,7 @@ impl InstanceEngine {
         if !users.is_empty() {
             return Err(snapshot_in_use(name, &users));
         }
+        self.recycle_spares_of(name).await;
         // Renamed first, so an interrupted removal is recognised and finished later.
         let doomed = self.layout.deleting_snapshot_dir(name);
         fs::rename(self.layout.snapshot_dir(name), &doomed)
