@@ -343,3 +343,54 @@ async fn a_restart_fails_the_running_rehearsal_and_removes_its_branch() {
         "{failed:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_runs_it_on_the_proxy_with_remote() {
+    let f = Fixture::start(Engine::Database, "").await;
+    let run = super::rehearse(
+        &f.proxy,
+        &[
+            (
+                "m/001.sql",
+                "ALTER TABLE items ADD COLUMN shipped_at timestamptz;",
+            ),
+            (
+                "m/002.sql",
+                "ALTER TABLE items ALTER COLUMN id TYPE bigint;",
+            ),
+        ],
+        &["--remote", "--sql", "{dir}/m"],
+    );
+    let r = &run.report;
+    assert_eq!(run.code, 3, "{}\n{r:#}", run.output);
+    assert_eq!(r["outcome"], "hazard_found");
+    assert_eq!(r["statements"].as_array().unwrap().len(), 2, "{r:#}");
+    assert!(
+        r["hazards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["rule"] == "table-rewrite" && h["fails"] == true),
+        "{r:#}"
+    );
+    assert!(run.markdown.contains("table-rewrite"), "{}", run.markdown);
+    // The proxy ran it: its report is the one stored (with the run's status).
+    let (_, body) = f.proxy.api(
+        "GET",
+        &format!("/api/v1/rehearsals/{}", r["id"].as_str().unwrap()),
+        None,
+    );
+    let mut stored: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(stored["status"], "done", "{stored:#}");
+    stored.as_object_mut().unwrap().remove("status");
+    assert_eq!(&stored, r);
+    nothing_left(&f).await;
+
+    let run = super::rehearse(&f.proxy, &[], &["--remote", "--", "true"]);
+    assert_eq!(run.code, 1, "{}", run.output);
+    assert!(
+        run.output.contains("--remote runs SQL only"),
+        "{}",
+        run.output
+    );
+}
