@@ -281,3 +281,23 @@ impl Default for ReaperConfig {
         }
     }
 }
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RehearsalConfig {
+    /// The one directory whose files a server-side rehearsal (`POST
+    /// /api/v1/rehearsals`) may name in `sql_files` and `check_files`, as paths
+    /// relative to it. Unset: such paths are refused and only inline SQL runs.
+    pub sql_dir: Option<PathBuf>,
+    /// Most server-side rehearsals running at once; more are refused (429).
+    pub max_running: usize,
+}
+
+impl Default for RehearsalConfig {
+    fn default() -> Self {
+        Self {
+            sql_dir: None,
+            max_running: 2,
+        }
+    }
+}
