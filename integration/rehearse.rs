@@ -7,6 +7,8 @@ use serde_json::Value;
 
 use crate::harness::*;
 
+mod api;
+
 /// What one `offshoot rehearse` run left: its exit code, JSON report (Null when
 /// none was written), Markdown and output.
 struct Run {
@@ -221,7 +223,7 @@ async fn safe_migration_passes(engine: Engine) {
     }
     let (status, body) = f.proxy.api(
         "POST",
-        "/api/v1/rehearsals",
+        "/api/v1/rehearsals/reports",
         Some(r#"{"report_version":9}"#),
     );
     assert_eq!(status, 400, "{body}");

@@ -26,6 +26,7 @@ mod events;
 mod guard;
 mod lifecycle;
 mod openapi;
+mod rehearsal_run;
 mod rehearsals;
 mod reset;
 pub mod token;
@@ -47,8 +48,8 @@ struct AppState {
     provision_timeout: Duration,
     /// How clients reach the proxy, for a branch's connection strings.
     reach: Reach,
-    /// `<state.dir>/rehearsals/`: the stored rehearsal reports.
-    rehearsals: std::path::PathBuf,
+    /// The stored rehearsal reports and the server-side runs.
+    rehearsals: Arc<rehearsal_run::Runner>,
 }
 
 fn unknown_source(state: &AppState, source: &str) -> ApiError {
@@ -488,7 +489,8 @@ fn routes() -> Routes {
     .add(M::GET, "/api/v1/orphans", orphans)
     .add(M::GET, "/api/v1/events", events::list)
     .add(M::GET, "/api/v1/rehearsals", rehearsals::list)
-    .add(M::POST, "/api/v1/rehearsals", rehearsals::store)
+    .add(M::POST, "/api/v1/rehearsals", rehearsal_run::start)
+    .add(M::POST, "/api/v1/rehearsals/reports", rehearsals::store)
     .add(M::GET, "/api/v1/rehearsals/{id}", rehearsals::show)
     .add(
         M::GET,
@@ -519,7 +521,7 @@ pub struct Bound {
     guard: Arc<guard::Guard>,
     gate: Arc<crate::console::Gate>,
     token_path: std::path::PathBuf,
-    rehearsals: std::path::PathBuf,
+    rehearsals: Arc<rehearsal_run::Runner>,
 }
 
 impl Bound {
@@ -556,7 +558,7 @@ pub async fn bind(cfg: &crate::config::Config) -> anyhow::Result<Bound> {
             cfg.admin.public_read,
         )),
         token_path: path,
-        rehearsals: cfg.state.dir.join("rehearsals"),
+        rehearsals: Arc::new(rehearsal_run::Runner::new(cfg)),
     })
 }
 
@@ -576,6 +578,7 @@ pub async fn serve(
         reach: console.reach.clone(),
         rehearsals: bound.rehearsals.clone(),
     };
+    tokio::spawn(rehearsal_run::recover(state.clone()));
     // The guard (Host, cross-site, JSON writes) runs first; then the console's gate
     // checks the token (bearer header, or the console's session cookie).
     let gate = console.gate.clone();

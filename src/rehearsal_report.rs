@@ -498,6 +498,45 @@ pub fn markdown(r: &Report) -> String {
     m
 }
 
+/// Reports listed at most.
+const LIST_MAX: usize = 200;
+
+/// A report id: 8 lowercase hex digits (the API stores no other), so it is also a
+/// safe file name. The API's handlers check ids with this too.
+pub fn valid_id(id: &str) -> bool {
+    id.len() == 8
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The stored reports, newest first (at most `LIST_MAX`), read as JSON; the API's
+/// list summarises the same ones.
+pub fn stored_reports(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<serde_json::Value> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .is_some_and(valid_id)
+        })
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .collect();
+    out.sort_by(|a, b| {
+        b["started_at"]
+            .as_str()
+            .cmp(&a["started_at"].as_str())
+            .then_with(|| b["id"].as_str().cmp(&a["id"].as_str()))
+    });
+    out.truncate(LIST_MAX);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

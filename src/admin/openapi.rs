@@ -38,6 +38,7 @@ use crate::error::{ErrorBody, ErrorDetail};
         super::events::list,
         super::rehearsals::list,
         super::rehearsals::store,
+        super::rehearsal_run::start,
         super::rehearsals::show,
         super::rehearsals::recording,
         super::rehearsals::drop_recording,

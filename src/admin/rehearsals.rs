@@ -1,5 +1,7 @@
 //! `/api/v1/rehearsals`: rehearsal reports kept under `<state.dir>/rehearsals/`
-//! (`POST` one, as `offshoot rehearse` does after a run; list them; read one), and
+//! (list them; read one; `POST /api/v1/rehearsals/reports` stores one, as
+//! `offshoot rehearse` does after a run; `POST /api/v1/rehearsals` starts a run
+//! on the server, see [`super::rehearsal_run`]), and
 //! `/api/v1/rehearsals/recording/{source}/{branch}`: the statements the proxy
 //! recorded on a rehearsal branch's sessions (`GET`), and dropping them (`DELETE`).
 //!
@@ -19,8 +21,8 @@ use tracing::warn;
 use super::events::ApiActor;
 use super::{ApiError, AppState};
 use crate::audit::{Action, Event};
-use crate::console::rehearsals::{stored_reports, valid_id};
 use crate::recording::Recordings;
+use crate::rehearsal_report::{stored_reports, valid_id};
 
 /// The report versions this server stores.
 const VERSIONS: [u64; 1] = [1];
@@ -55,13 +57,14 @@ fn file(dir: &FsPath, id: &str) -> PathBuf {
     dir.join(format!("{id}.json"))
 }
 
-fn internal(what: &str, e: impl std::fmt::Display) -> ApiError {
+pub(super) fn internal(what: &str, e: impl std::fmt::Display) -> ApiError {
     warn!(error = %e, "rehearsal reports: {what}");
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot {what}"))
 }
 
-/// Stores a report; 201 with its id and where to read it.
-#[utoipa::path(post, path = "/api/v1/rehearsals", operation_id = "store_rehearsal", tag = "rehearsals",
+/// Stores a report made elsewhere (`offshoot rehearse`); 201 with its id and
+/// where to read it.
+#[utoipa::path(post, path = "/api/v1/rehearsals/reports", operation_id = "store_rehearsal", tag = "rehearsals",
     request_body(content = Object, description = "A rehearsal report, as docs/rehearsal-report.md describes"),
     responses(
         (status = 201, description = "Stored", body = Object),
@@ -96,7 +99,7 @@ pub(super) async fn store(
         ));
     };
     let (source, branch) = (source.to_owned(), branch.to_owned());
-    let dir = s.rehearsals.clone();
+    let dir = s.rehearsals.dir.clone();
     let path = file(&dir, &id);
     let text = serde_json::to_vec_pretty(&report).map_err(|e| internal("encode the report", e))?;
     let tmp = dir.join(format!(".{id}.json.tmp"));
@@ -127,17 +130,18 @@ pub(super) async fn store(
 /// Summaries of the stored reports, newest first.
 #[utoipa::path(get, path = "/api/v1/rehearsals", operation_id = "list_rehearsals", tag = "rehearsals",
     responses(
-        (status = 200, description = "id, source, branch, started_at, outcome, exit_code, statements, hazards", body = Vec<Object>),
+        (status = 200, description = "id, status (running, done, failed), source, branch, started_at, outcome, exit_code, statements, hazards", body = Vec<Object>),
         (status = 401, description = "No or a wrong token", body = crate::error::ErrorBody),
     ))]
 pub(super) async fn list(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    let dir = s.rehearsals.clone();
+    let dir = s.rehearsals.dir.clone();
     let summaries = tokio::task::spawn_blocking(move || -> Vec<Value> {
         stored_reports(&dir)
             .into_iter()
             .map(|r| {
                 json!({
                     "id": r["id"],
+                    "status": r["status"].as_str().unwrap_or("done"),
                     "source": r["source"],
                     "branch": r["branch"],
                     "started_at": r["started_at"],
@@ -158,7 +162,7 @@ pub(super) async fn list(State(s): State<AppState>) -> Result<impl IntoResponse,
 #[utoipa::path(get, path = "/api/v1/rehearsals/{id}", operation_id = "show_rehearsal", tag = "rehearsals",
     params(("id" = String, Path, description = "The report's id (8 hex digits)")),
     responses(
-        (status = 200, description = "The report (docs/rehearsal-report.md)", body = Object),
+        (status = 200, description = "The report (docs/rehearsal-report.md); a run the proxy makes shows status running until its report is done, or failed with an error", body = Object),
         (status = 404, description = "No such report", body = crate::error::ErrorBody),
     ))]
 pub(super) async fn show(
@@ -169,7 +173,7 @@ pub(super) async fn show(
     if !valid_id(&id) {
         return Err(not_found());
     }
-    let path = file(&s.rehearsals, &id);
+    let path = file(&s.rehearsals.dir, &id);
     let bytes = match tokio::fs::read(&path).await {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_found()),

@@ -84,11 +84,17 @@ pub enum Action {
     /// A migration rehearsal's report was stored (`reason`: outcome and report id).
     #[serde(rename = "rehearsal.reported")]
     RehearsalReported,
+    /// The proxy started a migration rehearsal (`POST /api/v1/rehearsals`).
+    #[serde(rename = "rehearsal.started")]
+    RehearsalStarted,
+    /// A rehearsal the proxy ran ended without a report (`reason` says why).
+    #[serde(rename = "rehearsal.failed")]
+    RehearsalFailed,
 }
 
 impl Action {
     /// Every action, for validating webhook subscriptions and filters.
-    pub const ALL: [Action; 12] = [
+    pub const ALL: [Action; 14] = [
         Action::BranchCreated,
         Action::BranchCreateFailed,
         Action::BranchRefused,
@@ -101,6 +107,8 @@ impl Action {
         Action::SnapshotTaken,
         Action::SnapshotDeleted,
         Action::RehearsalReported,
+        Action::RehearsalStarted,
+        Action::RehearsalFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -117,6 +125,8 @@ impl Action {
             Action::SnapshotTaken => "snapshot.taken",
             Action::SnapshotDeleted => "snapshot.deleted",
             Action::RehearsalReported => "rehearsal.reported",
+            Action::RehearsalStarted => "rehearsal.started",
+            Action::RehearsalFailed => "rehearsal.failed",
         }
     }
 

@@ -7,6 +7,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -93,9 +94,29 @@ pub use crate::clock::unix_ms;
 pub type Unreadable = (PathBuf, String);
 
 /// The directory of records.
+///
+/// Writes go one at a time, in the order they take the store's write lock. A
+/// caller that copies records under the registry lock and writes them after
+/// releasing it takes a [`Writer`] before releasing it, so a later change (saved
+/// under the registry lock) or removal can never be overwritten by the older copy.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    writes: Arc<Mutex<()>>,
+}
+
+/// The store's write lock, held: saves through it come before any save or removal
+/// that asks for the lock after it was taken.
+pub struct Writer<'a> {
+    store: &'a Store,
+    _turn: MutexGuard<'a, ()>,
+}
+
+impl Writer<'_> {
+    /// Writes `rec` atomically.
+    pub fn save(&self, rec: &BranchRecord) -> std::io::Result<()> {
+        self.store.write(rec)
+    }
 }
 
 impl Store {
@@ -103,7 +124,18 @@ impl Store {
     pub fn open(state_dir: &Path) -> std::io::Result<Self> {
         let root = state_dir.join("branches");
         fs::create_dir_all(&root)?;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            writes: Arc::default(),
+        })
+    }
+
+    /// Takes the write lock (see [`Writer`]).
+    pub fn writer(&self) -> Writer<'_> {
+        Writer {
+            store: self,
+            _turn: self.writes.lock().unwrap_or_else(|e| e.into_inner()),
+        }
     }
 
     fn path(&self, id: &BranchId) -> PathBuf {
@@ -114,6 +146,10 @@ impl Store {
 
     /// Writes `rec` atomically.
     pub fn save(&self, rec: &BranchRecord) -> std::io::Result<()> {
+        self.writer().save(rec)
+    }
+
+    fn write(&self, rec: &BranchRecord) -> std::io::Result<()> {
         let path = self.path(&rec.id());
         let dir = path.parent().expect("record path has a parent");
         fs::create_dir_all(dir)?;
@@ -122,6 +158,7 @@ impl Store {
 
     /// Removes the record of `id`; a missing record is not an error.
     pub fn remove(&self, id: &BranchId) -> std::io::Result<()> {
+        let _turn = self.writer();
         match fs::remove_file(self.path(id)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -180,6 +217,39 @@ mod tests {
             protected: None,
             protected_until: None,
         }
+    }
+
+    #[test]
+    fn saves_at_once_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..100 {
+                        store.save(&rec("a")).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(store.load_all().unwrap(), (vec![rec("a")], vec![]));
+    }
+
+    #[test]
+    fn a_removal_asked_for_while_a_writer_is_held_comes_after_its_saves() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.save(&rec("a")).unwrap();
+        let writer = store.writer();
+        std::thread::scope(|s| {
+            let removal = s.spawn(|| store.remove(&rec("a").id()).unwrap());
+            // The removal waits for the writer, however long it is held.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!removal.is_finished());
+            writer.save(&rec("a")).unwrap();
+            drop(writer);
+        });
+        assert_eq!(store.load_all().unwrap().0, vec![]);
     }
 
     #[test]

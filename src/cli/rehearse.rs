@@ -61,6 +61,11 @@ pub struct Args {
     /// Write the JSON report here.
     #[arg(long, value_name = "FILE")]
     pub report_json: Option<PathBuf>,
+    /// Run it on the proxy (`POST /api/v1/rehearsals`): the `--sql` and `--check`
+    /// files are read here and sent inline; the proxy logs in as `--user` with
+    /// `PGPASSWORD`. SQL only: a migration command runs where the CLI runs.
+    #[arg(long)]
+    pub remote: bool,
     /// The proxy's client address (`proxy.listen`).
     #[arg(long, default_value = "127.0.0.1:6432", env = "OFFSHOOT_PROXY")]
     pub proxy: String,
@@ -85,6 +90,9 @@ pub fn main(admin: &AdminApi, args: &Args) -> ExitCode {
 }
 
 fn run(admin: &AdminApi, args: &Args) -> Result<u8> {
+    if args.remote {
+        return remote(admin, args);
+    }
     let plan = match (args.sql.is_empty(), args.command.is_empty()) {
         (false, true) => Plan::Sql(read_sql_paths(&args.sql)?),
         (true, false) => Plan::Command(args.command.clone()),
@@ -153,7 +161,7 @@ fn run(admin: &AdminApi, args: &Args) -> Result<u8> {
         // refusal there does not change the run's outcome.
         match serde_json::to_string(r)
             .map_err(anyhow::Error::from)
-            .and_then(|body| api(admin, "POST", "/api/v1/rehearsals", Some(&body)))
+            .and_then(|body| api(admin, "POST", "/api/v1/rehearsals/reports", Some(&body)))
         {
             Ok(_) => eprintln!("report {} stored: GET /api/v1/rehearsals/{}", r.id, r.id),
             Err(e) => eprintln!("offshoot: the report was not stored by the proxy: {e:#}"),
@@ -174,6 +182,72 @@ fn run(admin: &AdminApi, args: &Args) -> Result<u8> {
     }
     let report = result?;
     written?;
+    Ok(report.exit_code)
+}
+
+/// `--remote`: starts the rehearsal on the proxy, polls it, and writes its report.
+fn remote(admin: &AdminApi, args: &Args) -> Result<u8> {
+    if !args.command.is_empty() {
+        bail!(
+            "--remote runs SQL only: a migration command runs where the CLI runs, without --remote"
+        );
+    }
+    if args.sql.is_empty() {
+        bail!("nothing to rehearse: give --sql PATH");
+    }
+    let texts = |files: Vec<crate::rehearse::SqlFile>| -> Vec<String> {
+        files.into_iter().map(|f| f.text).collect()
+    };
+    let mut body = serde_json::json!({
+        "source": args.source,
+        "keep": args.keep,
+        "probe": args.probe,
+        "max_lock": humantime::format_duration(args.max_lock).to_string(),
+        "max_transaction": humantime::format_duration(args.max_transaction).to_string(),
+        "index_size_threshold": args.index_size_threshold,
+        "fail_on": args.fail_on,
+        "user": args.user,
+        "sql": texts(read_sql_paths(&args.sql)?),
+        "checks": texts(read_sql_paths(&args.check)?),
+    });
+    if let Some(s) = &args.snapshot {
+        body["snapshot"] = s.as_str().into();
+    }
+    if let Some(n) = &args.name {
+        body["name"] = n.as_str().into();
+    }
+    if let Some(p) = std::env::var("PGPASSWORD").ok().filter(|p| !p.is_empty()) {
+        body["password"] = p.into();
+    }
+    let started = api(admin, "POST", "/api/v1/rehearsals", Some(&body.to_string()))
+        .context("the proxy did not start the rehearsal")?;
+    let id = started["id"].as_str().unwrap_or_default().to_owned();
+    let spinner = Spinner::start(format!(
+        "rehearsing on {}.{} (on the proxy, report {id})",
+        args.source,
+        started["branch"].as_str().unwrap_or("?")
+    ));
+    let path = format!("/api/v1/rehearsals/{id}");
+    let result = loop {
+        match api(admin, "GET", &path, None) {
+            Ok(r) if r["status"] == "running" => std::thread::sleep(Duration::from_millis(500)),
+            other => break other,
+        }
+    };
+    spinner.finish();
+    let record = result?;
+    if record["status"] == "failed" {
+        bail!(
+            "the rehearsal {id} could not run: {}",
+            record["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    let report: Report = serde_json::from_value(record)
+        .context("the proxy's report is not one this version reads")?;
+    write_reports(&report, args)?;
+    if args.keep {
+        println!("branch kept: {}.{}", report.source, report.branch);
+    }
     Ok(report.exit_code)
 }
 

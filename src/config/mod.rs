@@ -72,6 +72,8 @@ pub struct Config {
     pub embedded: EmbeddedConfig,
     /// The idle reaper.
     pub reaper: ReaperConfig,
+    /// Migration rehearsals the admin API runs (`POST /api/v1/rehearsals`).
+    pub rehearsal: RehearsalConfig,
     /// The OS users of the proxy and of branch servers when started as root.
     pub process: ProcessConfig,
     /// HTTP endpoints sent the events of the audit trail (`[[webhooks]]`).
@@ -212,6 +214,17 @@ impl Config {
         }
         if !self.auth.query.contains("$1") {
             return Err(invalid("auth.query", "must take the role name as $1"));
+        }
+        if self.rehearsal.max_running == 0 {
+            return Err(invalid("rehearsal.max_running", "must be at least 1"));
+        }
+        if self
+            .rehearsal
+            .sql_dir
+            .as_ref()
+            .is_some_and(|d| !d.is_absolute())
+        {
+            return Err(invalid("rehearsal.sql_dir", "must be an absolute path"));
         }
         if self.admin.enabled && self.admin.public_read && !self.admin.listen.ip().is_loopback() {
             return Err(invalid(

@@ -41,7 +41,7 @@ pub struct ProxyConfig {
     /// Client connections accepted at once; further ones get 53300.
     pub max_connections: usize,
     /// Threads that run client connections, each from accept to close (startup,
-    /// authentication relay, byte pump). 0 means one per CPU core.
+    /// authentication relay, byte pump). 0 means half the CPU cores, at least one.
     pub relay_threads: usize,
     /// CancelRequests accepted per second from one client address (bursts of twice
     /// that); more are dropped, so cancel keys cannot be guessed at speed. 0: no limit.
@@ -278,6 +278,26 @@ impl Default for ReaperConfig {
         Self {
             interval: Duration::from_secs(15),
             size_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RehearsalConfig {
+    /// The one directory whose files a server-side rehearsal (`POST
+    /// /api/v1/rehearsals`) may name in `sql_files` and `check_files`, as paths
+    /// relative to it. Unset: such paths are refused and only inline SQL runs.
+    pub sql_dir: Option<PathBuf>,
+    /// Most server-side rehearsals running at once; more are refused (429).
+    pub max_running: usize,
+}
+
+impl Default for RehearsalConfig {
+    fn default() -> Self {
+        Self {
+            sql_dir: None,
+            max_running: 2,
         }
     }
 }

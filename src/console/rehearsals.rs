@@ -1,5 +1,5 @@
 //! The Rehearsals view: the stored rehearsal reports (`<state.dir>/rehearsals/`,
-//! written by `POST /api/v1/rehearsals`), listed newest first, and one report drawn
+//! stored by the admin API), listed newest first, and one report drawn
 //! in the order of its Markdown rendering (summary and outcome, hazards, the probe,
 //! statements, schema diff, data checks).
 //!
@@ -12,7 +12,6 @@
 //! CSS variables, so both themes apply.
 
 use std::fmt::Write;
-use std::path::Path as FsPath;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -24,11 +23,9 @@ use serde_json::Value;
 use super::pages::{esc, layout, Nav};
 use super::{Access, Console};
 use crate::rehearsal_report::{
-    human_bytes, human_ms, mode_words, strongest_locks, CheckResult, Outcome, ProbeTable, Report,
+    human_bytes, human_ms, mode_words, stored_reports, strongest_locks, valid_id, CheckResult,
+    Outcome, ProbeTable, Report,
 };
-
-/// Reports listed at most.
-const LIST_MAX: usize = 200;
 
 /// Styles of this view only; colours come from the console's variables.
 const STYLE: &str = r#"<style>
@@ -46,42 +43,6 @@ td.wrap { white-space: normal; max-width: 32rem; }
 pre.diff { background: var(--code); padding: .6rem .8rem; border-radius: 6px; overflow-x: auto; font-size: 13px; }
 pre.diff .add { color: var(--ready); } pre.diff .del { color: var(--danger); }
 </style>"#;
-
-/// A report id: 8 lowercase hex digits (the API stores no other), so it is also a
-/// safe file name. The API's handlers check ids with this too.
-pub(crate) fn valid_id(id: &str) -> bool {
-    id.len() == 8
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-/// The stored reports, newest first (at most `LIST_MAX`), read as JSON; the API's
-/// list summarises the same ones.
-pub(crate) fn stored_reports(dir: &FsPath) -> Vec<Value> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<Value> = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".json"))
-                .is_some_and(valid_id)
-        })
-        .filter_map(|e| std::fs::read(e.path()).ok())
-        .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
-        .collect();
-    out.sort_by(|a, b| {
-        b["started_at"]
-            .as_str()
-            .cmp(&a["started_at"].as_str())
-            .then_with(|| b["id"].as_str().cmp(&a["id"].as_str()))
-    });
-    out.truncate(LIST_MAX);
-    out
-}
 
 fn outcome_words(outcome: &str) -> (&'static str, &'static str) {
     match outcome {
@@ -113,7 +74,11 @@ fn list_page(c: &Console, access: Access, reports: &[Value]) -> String {
     body.push_str(r#"<table id="rehearsals"><thead><tr><th>Report</th><th>Source</th><th>Branch</th><th>Started</th><th>Outcome</th><th class="num">Exit code</th><th class="num">Statements</th><th class="num">Hazards</th></tr></thead><tbody>"#);
     for r in reports {
         let id = r["id"].as_str().unwrap_or("");
-        let (words, class) = outcome_words(r["outcome"].as_str().unwrap_or(""));
+        let (words, class) = match r["status"].as_str() {
+            Some("running") => ("running", ""),
+            Some("failed") => ("could not run", "failed"),
+            _ => outcome_words(r["outcome"].as_str().unwrap_or("")),
+        };
         let count = |k: &str| r[k].as_array().map_or(0, Vec::len);
         let _ = write!(
             body,
@@ -167,6 +132,9 @@ pub(super) async fn show(
             );
         }
     };
+    if let Some(page) = unfinished(&c, access, &id, &bytes) {
+        return Html(page).into_response();
+    }
     match serde_json::from_slice::<Report>(&bytes) {
         Ok(report) => Html(detail_page(&c, access, &report)).into_response(),
         Err(e) => unreadable(
@@ -176,6 +144,34 @@ pub(super) async fn show(
             &format!("it is not a report this version can draw ({e}); /api/v1/rehearsals/{id} returns it as stored"),
         ),
     }
+}
+
+/// The page of a run the proxy has not finished (`running`) or could not make
+/// (`failed`); `None` for a report.
+fn unfinished(c: &Console, access: Access, id: &str, bytes: &[u8]) -> Option<String> {
+    let r: Value = serde_json::from_slice(bytes).ok()?;
+    let what = match r["status"].as_str()? {
+        "running" => "is running; this page shows its report once it is done".to_owned(),
+        "failed" => format!(
+            "could not run: {}",
+            r["error"].as_str().unwrap_or("no reason was recorded")
+        ),
+        _ => return None,
+    };
+    let body = format!(
+        r#"<h1>Rehearsal {id}</h1><p>Source <code>{src}</code>, branch <code>{br}</code>, started {at}.</p><p class="{class}">This rehearsal {what}.</p><p><a href="/rehearsals">All rehearsals</a></p>"#,
+        id = esc(id),
+        src = esc(r["source"].as_str().unwrap_or("")),
+        br = esc(r["branch"].as_str().unwrap_or("")),
+        at = esc(r["started_at"].as_str().unwrap_or("")),
+        class = if r["status"] == "failed" {
+            "error"
+        } else {
+            "empty"
+        },
+        what = esc(&what),
+    );
+    Some(layout(c, access, "Rehearsal", Nav::Rehearsals, &body))
 }
 
 fn unreadable(c: &Console, access: Access, id: &str, why: &str) -> Response {

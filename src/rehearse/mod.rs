@@ -17,6 +17,7 @@
 pub mod attribute;
 pub mod catalog;
 pub mod classify;
+pub mod files;
 pub mod hazards;
 pub mod observe;
 pub mod run;
@@ -39,6 +40,10 @@ use crate::rehearsal_report::{Check, Migration, Outcome, Report, Settings, REPOR
 
 /// `application_name` of the session that runs `--sql` files.
 pub const MIGRATION_APP: &str = "offshoot-rehearse";
+
+/// Most bytes of SQL (migration and checks together) one rehearsal reads from
+/// files the admin API names.
+pub const MAX_SQL_BYTES: u64 = 16 << 20;
 
 /// A SQL file's name (for the report) and text.
 #[derive(Debug, Clone)]

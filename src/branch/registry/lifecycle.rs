@@ -429,9 +429,12 @@ impl Registry {
 
     /// Writes changed activity stamps to the records, so a restart keeps them.
     pub fn flush_activity(&self) {
-        let dirty: Vec<BranchRecord> = {
+        // The write lock is taken before the registry lock is released: a change or
+        // removal made after the copies were taken is written after them.
+        let (dirty, writer): (Vec<BranchRecord>, _) = {
             let mut book = self.lock();
-            book.branches
+            let dirty = book
+                .branches
                 .values_mut()
                 .filter(|b| matches!(b.phase(), super::Phase::Ready | super::Phase::Suspended))
                 .filter(|b| b.activity.take_dirty())
@@ -439,10 +442,11 @@ impl Registry {
                     b.record.last_active = b.activity.last_active_ms();
                     b.record.clone()
                 })
-                .collect()
+                .collect();
+            (dirty, self.store.writer())
         };
         for rec in dirty {
-            if let Err(e) = self.store.save(&rec) {
+            if let Err(e) = writer.save(&rec) {
                 warn!(branch = %rec.id(), error = %e, "could not save activity");
             }
         }
