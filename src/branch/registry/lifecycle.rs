@@ -36,7 +36,7 @@ impl Registry {
         };
         let mut made = false;
         let mut from_spare = false;
-        let result = result.and_then(|m| {
+        let result = result.map(|m| {
             made = true;
             from_spare = m.spare;
             if let Some(mode) = &m.copy_mode {
@@ -48,9 +48,6 @@ impl Registry {
             record.snapshot = m.snapshot;
             record.copy_mode = m.copy_mode;
             record.state = RecordState::Ready;
-            self.store
-                .save(&record)
-                .map_err(|e| EngineError::io("cannot write the branch record", e))
         });
         // The clone exists: start its server (engines without one are done).
         let result = match (result, source.engine.servers()) {
@@ -62,7 +59,7 @@ impl Registry {
             }
             (other, _) => other,
         };
-        let outcome = match result {
+        let (outcome, ready_write) = match result {
             Ok(()) => {
                 let secs = (self.clock.instant() - started).as_secs_f64();
                 self.metrics
@@ -86,17 +83,26 @@ impl Registry {
                             .from_spare(from_spare),
                     );
                 }
-                if let Some(b) = self.lock().branches.get_mut(&id) {
-                    b.record = record;
-                    b.started();
-                }
-                Ok(())
+                // The Ready record is written after the waiting connections are let
+                // go, off their path: until it is on disk the record says
+                // Provisioning and the clone is complete (its making was made
+                // durable by the engine), which a restart settles as Ready (see
+                // `adopt`). The write lock is taken before the registry lock is
+                // released, so no later write of this record overtakes it.
+                let writer = {
+                    let mut book = self.lock();
+                    if let Some(b) = book.branches.get_mut(&id) {
+                        b.record = record.clone();
+                        b.started();
+                    }
+                    self.store.writer()
+                };
+                (Ok(()), Some(writer))
             }
             Err(err) => {
                 error!(branch = %id, error = %err, "branch creation failed");
-                // If the clone was made but its record could not be marked ready or
-                // its server did not start, take the clone down again: nothing
-                // half-made stays behind.
+                // If the clone was made but its server did not start, take the clone
+                // down again: nothing half-made stays behind.
                 if made {
                     if let Err(e) = source.engine.destroy(&record, true).await {
                         error!(branch = %id, error = %e, "could not remove clone after failure");
@@ -115,13 +121,21 @@ impl Registry {
                             .failed(err.client_message()),
                     );
                 }
-                Err(ProvisionError::Engine {
+                let failed = Err(ProvisionError::Engine {
                     id: id.clone(),
                     err,
-                })
+                });
+                (failed, None)
             }
         };
         let _ = tx.send(Some(outcome));
+        if let Some(writer) = ready_write {
+            if let Err(e) = writer.save(&record) {
+                // The branch serves; a restart finds its record Provisioning and its
+                // clone complete, and settles it as Ready.
+                error!(branch = %id, error = %e, "cannot mark the branch record ready");
+            }
+        }
     }
 
     /// Starts the server of a suspended branch and publishes the outcome.

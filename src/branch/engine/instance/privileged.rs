@@ -59,6 +59,11 @@ fn wire_error(e: EngineError) -> WireError {
 /// Removes `path` and everything below it (a clone's `data/` is the servers'
 /// user's, so a separated proxy asks the helper); a missing path is no error.
 pub fn remove_tree(path: &Path) -> io::Result<()> {
+    // Nothing there (the usual case on a creation's path): no round trip to the
+    // helper. Any other answer, a refusal included, goes the usual way.
+    if matches!(fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound) {
+        return Ok(());
+    }
     match privsep::channel() {
         Some(ch) => ch
             .call_blocking(Op::RemoveTree {
