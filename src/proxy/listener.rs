@@ -8,7 +8,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{connection, Proxy};
 use crate::error::ClientError;
@@ -47,6 +47,31 @@ fn refuse(proxy: &Proxy, tcp: TcpStream, err: ClientError) {
         let mut tcp = tcp;
         let _ = tcp.write_all(&err.response()).await;
     });
+}
+
+/// Runs [`run`] on the first relay thread; the receiver resolves when it has
+/// stopped. A connection is then accepted on the thread that serves it whenever
+/// that is the first one (always, with a single relay thread): no second thread
+/// is woken per new connection, as one would be with accepting on the main runtime.
+pub fn start(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let listener = listener.into_std()?;
+    let (done, stopped) = tokio::sync::oneshot::channel();
+    let relays = proxy.clone();
+    relays.relays.spawn_on(
+        0,
+        Box::pin(async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => run(proxy, listener, shutdown).await,
+                Err(e) => error!(error = %e, "cannot listen on a relay thread"),
+            }
+            let _ = done.send(());
+        }),
+    );
+    Ok(stopped)
 }
 
 /// Accepts clients until `shutdown`; connections already accepted carry on.
