@@ -74,6 +74,7 @@ harness_init() {
         command -v runuser >/dev/null 2>&1 || die "running as root, but runuser (util-linux) is missing"
     fi
     command -v curl >/dev/null 2>&1 || die "curl is needed to read the admin endpoint"
+    command -v setsid >/dev/null 2>&1 || die "setsid (util-linux) is needed to start offshoot in a session of its own"
 
     HARNESS_PREBUILT=0
     if [[ -n ${OFFSHOOT_BIN:-} ]]; then
@@ -97,7 +98,12 @@ harness_init() {
     # A Unix socket path must fit in 107 bytes.
     ((${#BENCH_TMP} < 80)) || die "temp dir path $BENCH_TMP is too long for a Unix socket; set TMPDIR=/tmp"
     mkdir -p "$BENCH_TMP/sock"
-    [[ $EUID -eq 0 ]] && chown -R postgres: "$BENCH_TMP"
+    if [[ $EUID -eq 0 ]]; then
+        chown -R postgres: "$BENCH_TMP"
+        # Offshoot started as root drops to its own user (process.user), which must
+        # reach its state dir in here; mktemp made the dir 0700.
+        chmod 711 "$BENCH_TMP"
+    fi
     log "Temp dir: $BENCH_TMP"
 }
 
@@ -221,7 +227,11 @@ $1
 EOF
     "$OFFSHOOT_BIN" check --config "$conf" >/dev/null || die "offshoot rejected the generated configuration $conf"
     log "Offshoot: listening on 127.0.0.1:$PROXY_PORT (admin 127.0.0.1:$ADMIN_PORT)"
-    "$OFFSHOOT_BIN" serve --config "$conf" >"$BENCH_TMP/offshoot.log" 2>&1 &
+    # In a session of its own, as PostgreSQL (pg_ctl) and a daemonized PgBouncer
+    # are: with the kernel's autogroup scheduling, a process shares its CPU share
+    # with its session, and a proxy in the script's session would be scheduled as
+    # one group with pgbench. (setsid execs in place here: the pid stays the proxy's.)
+    setsid "$OFFSHOOT_BIN" serve --config "$conf" >"$BENCH_TMP/offshoot.log" 2>&1 &
     OFFSHOOT_PID=$!
     wait_for_port "$PROXY_PORT" 30 "$OFFSHOOT_PID" offshoot || die "offshoot did not start (see its log below)"
     wait_for_port "$ADMIN_PORT" 10 "$OFFSHOOT_PID" "offshoot admin" || die "offshoot's admin endpoint did not start"

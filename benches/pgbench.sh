@@ -68,6 +68,11 @@ Environment:
                       shared_buffers; the default holds scale 10 in memory
   PGBOUNCER           pgbouncer binary (default: pgbouncer on PATH or /usr/sbin)
   SKIP_PGBOUNCER=1    leave PgBouncer out
+  SYSCALLS=1          also count, with `perf stat` on each proxy process during
+                      its runs, its system calls, epoll_wait calls and context
+                      switches per transaction (perf must be able to read the
+                      syscall tracepoints; counting adds a little CPU to both
+                      proxies alike, so compare CPU figures of runs without it)
   RESULTS_FILE        where the report goes (default: benches/results/latest.md)
   KEEP_TMP=1          keep the temp dir (logs, configs, cluster) after the run
   RUST_LOG            Offshoot's log filter (default: info)
@@ -104,6 +109,7 @@ THREADS=${THREADS:-2}
 WORKLOADS=${WORKLOADS:-"select prepared latency connect connect_noreuse tpcb"}
 PG_SHARED_BUFFERS=${PG_SHARED_BUFFERS:-256MB}
 SKIP_PGBOUNCER=${SKIP_PGBOUNCER:-0}
+SYSCALLS=${SYSCALLS:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/results/latest.md}
 export RUST_LOG=${RUST_LOG:-info}
@@ -217,6 +223,12 @@ harness_init bench
 [[ -x "$PG_BIN/pgbench" ]] || die "pgbench not found in PG_BIN='$PG_BIN'; set PG_BIN to PostgreSQL's bin directory"
 PGBENCH="$PG_BIN/pgbench"
 mkdir -p "$BENCH_TMP/runs"
+PERF_EVENTS=raw_syscalls:sys_enter,syscalls:sys_enter_epoll_wait,context-switches
+if [[ $SYSCALLS == 1 ]]; then
+    command -v perf >/dev/null 2>&1 || die "SYSCALLS=1 needs perf (apt-get install linux-perf)"
+    perf stat -x, -e "$PERF_EVENTS" -- true >/dev/null 2>&1 ||
+        die "SYSCALLS=1: perf cannot count syscall tracepoints here (perf_event_paranoid, tracefs)"
+fi
 HARNESS_LOGS+=(pgbench-init.log pgbouncer.log)
 
 find_pgbouncer() {
@@ -369,7 +381,7 @@ check_alive() {
 }
 
 # Results, keyed "workload|target|round".
-declare -A TPS LAT TXN CPU SYS
+declare -A TPS LAT TXN CPU SYS SC EW CS
 FAILURES=()
 
 # Runs pgbench once. $1 target, $2 workload, $3 round (or "warmup"); $4 seconds.
@@ -381,10 +393,19 @@ run_pgbench() {
     read -ra args <<<"${WL_ARGS[$wl]}"
     check_alive "$target"
     pid=$(target_pid "$target")
+    local perf_pid="" perf_out="$out.perf"
     [[ -n $pid ]] && before=$(proc_cpu_split "$pid")
+    if [[ $SYSCALLS == 1 && -n $pid ]]; then
+        perf stat -x, -e "$PERF_EVENTS" -p "$pid" -o "$perf_out" &
+        perf_pid=$!
+    fi
     timeout -k 10 "$RUN_TIMEOUT" "$PGBENCH" -h 127.0.0.1 -p "$(target_port "$target")" -U postgres \
         -n -T "$secs" "${args[@]}" "$(target_db "$target" "$wl")" >"$out" 2>&1 || rc=$?
     [[ -n $pid ]] && after=$(proc_cpu_split "$pid" || true)
+    if [[ -n $perf_pid ]]; then
+        kill -INT "$perf_pid" 2>/dev/null
+        wait "$perf_pid" 2>/dev/null || true
+    fi
 
     local tps lat txn failed
     tps=$(awk '/^tps = / { print $3; exit }' "$out")
@@ -414,6 +435,19 @@ run_pgbench() {
             SYS[$key]=$((100 * sys / (user + sys)))
             cpu_note+=", ${SYS[$key]}% in the kernel"
         fi
+    fi
+    if [[ -s $perf_out ]]; then
+        # perf stat -x, lines: value,unit,event,...
+        local -A counted=()
+        local value event
+        while IFS=, read -r value _ event _; do
+            [[ $value =~ ^[0-9]+$ ]] && counted[$event]=$value
+        done <"$perf_out"
+        per_txn() { [[ -n ${counted[$1]:-} ]] && awk -v c="${counted[$1]}" -v n="$txn" 'BEGIN { printf "%.2f", c / n }'; }
+        SC[$key]=$(per_txn raw_syscalls:sys_enter)
+        EW[$key]=$(per_txn syscalls:sys_enter_epoll_wait)
+        CS[$key]=$(per_txn context-switches)
+        cpu_note+="; per txn: ${SC[$key]} syscalls, ${EW[$key]} epoll_wait, ${CS[$key]} context switches"
     fi
     log "$(printf '  %-8s %-9s %10.0f tps  %8.3f ms%s' "$wl" "$target" "$tps" "$lat" "$cpu_note")"
 }
@@ -530,6 +564,17 @@ for target in offshoot pgbouncer; do
     [[ -n $share ]] && shares+="${shares:+, }$target $share%"
 done
 [[ -n $shares ]] && TABLES+=$'\n\n'"Share of each proxy's CPU time spent in the kernel (system / user+system time, median over all runs): $shares."
+if [[ $SYSCALLS == 1 ]]; then
+    TABLES+=$'\n\n'"Per transaction, counted with \`perf stat\` on the proxy process (medians over the rounds; system calls / of them epoll_wait / context switches):"$'\n'
+    for wl in "${WL_LIST[@]}"; do
+        line="- ${WL_TITLE[$wl]}:"
+        for target in $(targets_of "$wl"); do
+            [[ $target == direct ]] && continue
+            line+=" $target $(median_of SC "$wl" "$target") / $(median_of EW "$wl" "$target") / $(median_of CS "$wl" "$target");"
+        done
+        TABLES+="${line%;}"$'\n'
+    done
+fi
 
 bouncer_line="not run"
 [[ -n $PGBOUNCER_BIN ]] && bouncer_line="$("$PGBOUNCER_BIN" --version 2>&1 | head -n 1): pool_mode=session, default_pool_size=32, max_client_conn=1000, auth_type=trust, connection logging off"
@@ -558,15 +603,15 @@ if ((${#FAILURES[@]} > 0)); then
     for f in "${FAILURES[@]}"; do REPORT+="- $f"$'\n'; done
 fi
 
-RAW=$'\n<details><summary>All runs</summary>\n\n| round | workload | target | TPS | latency ms | transactions | CPU µs/txn | CPU in the kernel % |\n|---:|---|---|---:|---:|---:|---:|---:|\n'
+RAW=$'\n<details><summary>All runs</summary>\n\n| round | workload | target | TPS | latency ms | transactions | CPU µs/txn | CPU in the kernel % | syscalls/txn | epoll_wait/txn | context switches/txn |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n'
 for ((round = 1; round <= ROUNDS; round++)); do
     for wl in "${WL_LIST[@]}"; do
         for target in $(targets_of "$wl"); do
             key="$wl|$target|$round"
             if [[ -n ${TPS[$key]+set} ]]; then
-                RAW+="| $round | $wl | $target | $(fmt_tps "${TPS[$key]}") | ${LAT[$key]} | ${TXN[$key]} | ${CPU[$key]:-} | ${SYS[$key]:-} |"$'\n'
+                RAW+="| $round | $wl | $target | $(fmt_tps "${TPS[$key]}") | ${LAT[$key]} | ${TXN[$key]} | ${CPU[$key]:-} | ${SYS[$key]:-} | ${SC[$key]:-} | ${EW[$key]:-} | ${CS[$key]:-} |"$'\n'
             else
-                RAW+="| $round | $wl | $target | failed | | | | |"$'\n'
+                RAW+="| $round | $wl | $target | failed | | | | | | | |"$'\n'
             fi
         done
     done

@@ -41,7 +41,7 @@ pub struct ProxyConfig {
     /// Client connections accepted at once; further ones get 53300.
     pub max_connections: usize,
     /// Threads that run client connections, each from accept to close (startup,
-    /// authentication relay, byte pump). 0 means one per CPU core.
+    /// authentication relay, byte pump). 0 means half the CPU cores, at least one.
     pub relay_threads: usize,
     /// CancelRequests accepted per second from one client address (bursts of twice
     /// that); more are dropped, so cancel keys cannot be guessed at speed. 0: no limit.

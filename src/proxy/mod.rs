@@ -225,10 +225,7 @@ impl Proxy {
         tls: ClientTls,
         access: Access,
     ) -> std::io::Result<Self> {
-        let threads = match config.relay_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
+        let relays = relay::RelayPool::start(config.relay_threads)?;
         let pool = Arc::new(pool::Pool::new(
             config.max_idle_per_branch,
             config.server_idle_timeout,
@@ -258,7 +255,7 @@ impl Proxy {
             access,
             tls,
             cancels: Arc::new(cancel::CancelMap::default()),
-            relays: relay::RelayPool::start(threads)?,
+            relays,
             counters,
             pool,
         })
