@@ -51,9 +51,6 @@ RESULTS_FILE=${RESULTS_FILE:-$REPO_DIR/benches/results/rehearse_relay.md}
 require_positive SCALE DURATION ROUNDS BG_RATE
 
 harness_init rehearse_relay
-# Started as root, the proxy serves as its own unprivileged user, which must
-# reach its state directory inside the temp dir.
-[[ $EUID -eq 0 ]] && chmod 0711 "$BENCH_TMP"
 PGBENCH="$PG_BIN/pgbench"
 [[ -x $PGBENCH ]] || die "pgbench not found in PG_BIN='$PG_BIN'"
 harness_start_pg "shared_buffers = '256MB'" "max_connections = 100" || die "PostgreSQL did not start"
