@@ -102,7 +102,16 @@ else
     STORAGE_NOTE="instance storage: $STORAGE_DIR ($(stat -f -c %T "$STORAGE_DIR")); not root, so no reflink volume was made"
     warn "not root and no STORAGE_DIR: instance clones will be plain copies"
 fi
-[[ $EUID -eq 0 ]] && chown postgres: "$STORAGE_DIR"
+if [[ $EUID -eq 0 ]]; then
+    # Started as root, the proxy drops to its own user (`process.user`, offshoot),
+    # which owns the storage and must reach the state dir inside the temp dir.
+    if id -u offshoot >/dev/null 2>&1; then
+        chown offshoot: "$STORAGE_DIR"
+        chmod 711 "$BENCH_TMP"
+    else
+        chown postgres: "$STORAGE_DIR"
+    fi
+fi
 log "$STORAGE_NOTE"
 
 # --- one cluster per size ----------------------------------------------------

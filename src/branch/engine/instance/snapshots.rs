@@ -414,9 +414,30 @@ impl InstanceEngine {
     }
 
     /// Runs the source's transforms on the sealing server listening in
-    /// `socket_dir`, in the branches' database, as the role snapshots are copied
-    /// with (`postgres` for a `data_dir` source).
+    /// `socket_dir` (see [`InstanceEngine::local_config`]).
     async fn run_transforms(&self, socket_dir: &Path) -> Result<(), EngineError> {
+        let config = self.local_config(socket_dir, "offshoot snapshot transform");
+        let (client, conn) = config.connect(tokio_postgres::NoTls).await.map_err(|e| {
+            EngineError::failed_with(
+                "cannot connect to the new snapshot's server to run its transforms",
+                e,
+            )
+        })?;
+        let session = tokio::spawn(conn);
+        let result = transform::run_all(&client, &self.transforms).await;
+        drop(client);
+        let _ = session.await;
+        result
+    }
+
+    /// A session on the server listening in `socket_dir` (one of this source's),
+    /// in the branches' database, as the role snapshots are copied with (`postgres`
+    /// for a `data_dir` source).
+    pub(super) fn local_config(
+        &self,
+        socket_dir: &Path,
+        application_name: &str,
+    ) -> tokio_postgres::Config {
         let (user, password) = match &self.origin {
             Origin::Upstream(conn) => match conn.parse::<tokio_postgres::Config>() {
                 Ok(c) => (
@@ -433,21 +454,11 @@ impl InstanceEngine {
             .port(postmaster::PORT)
             .user(&user)
             .dbname(&self.database)
-            .application_name("offshoot snapshot transform");
+            .application_name(application_name);
         if let Some(p) = password {
             config.password(p);
         }
-        let (client, conn) = config.connect(tokio_postgres::NoTls).await.map_err(|e| {
-            EngineError::failed_with(
-                "cannot connect to the new snapshot's server to run its transforms",
-                e,
-            )
-        })?;
-        let session = tokio::spawn(conn);
-        let result = transform::run_all(&client, &self.transforms).await;
-        drop(client);
-        let _ = session.await;
-        result
+        config
     }
 
     /// Deletes a snapshot no branch uses.

@@ -21,7 +21,7 @@ use std::time::Duration;
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::copy::{copy_tree, CopyPlan};
 use super::layout::{
@@ -39,6 +39,13 @@ use crate::metrics::Metrics;
 /// How often the pool is looked at when nothing wakes it: a failed fill is tried
 /// again after this long.
 const RETRY: Duration = Duration::from_secs(30);
+
+/// How long the refill waits after a claim: the claiming client's first queries
+/// go first, instead of competing with a copy and a server start for the CPU.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// The longest a spare's warm-up session may take.
+const WARM_UP: Duration = Duration::from_secs(10);
 
 /// One spare, started and ready to be claimed.
 #[derive(Debug, Clone)]
@@ -236,6 +243,7 @@ impl InstanceEngine {
             self.discard_spare(&id).await;
             return Err(e);
         }
+        self.warm_up(&id).await;
         Ok(Spare {
             id,
             snapshot: snapshot.to_owned(),
@@ -303,6 +311,27 @@ impl InstanceEngine {
         self.server(&data, &socket_dir, &log, &settings)
             .start()
             .await
+    }
+
+    /// Opens and ends one session on a new spare's server, so the first client's
+    /// session does not pay for what a server's first session builds (the
+    /// relation cache's init files). Best effort: a spare that refuses it (its
+    /// roles need a password the proxy does not have) is kept as it is.
+    async fn warm_up(&self, id: &str) {
+        let config = self.local_config(&self.layout.spare_socket_dir(id), "offshoot warm spare");
+        let session = async {
+            let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+            let conn = tokio::spawn(conn);
+            client.simple_query("SELECT 1").await?;
+            drop(client);
+            let _ = conn.await;
+            Ok::<_, tokio_postgres::Error>(())
+        };
+        match tokio::time::timeout(WARM_UP, session).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(spare = id, error = %e, "no warm-up session on a warm spare"),
+            Err(_) => debug!(spare = id, "the warm-up session of a warm spare timed out"),
+        }
     }
 
     /// One step of the filling task: removes spares of any snapshot but the newest,
@@ -415,6 +444,10 @@ impl InstanceEngine {
                 () = shutdown.cancelled() => return,
                 () = self.spares.wake.notified() => {}
                 () = tokio::time::sleep(RETRY) => {}
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(SETTLE) => {}
             }
         }
     }
