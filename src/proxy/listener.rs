@@ -3,38 +3,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::IntGauge;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::limits::Slot;
 use super::{connection, Proxy};
 use crate::error::ClientError;
-
-/// A client connection's place under `proxy.max_connections`, counted in
-/// `offshoot_connections_open` for as long as it is held.
-pub(super) struct Slot {
-    _permit: OwnedSemaphorePermit,
-    open: IntGauge,
-}
-
-impl Slot {
-    fn new(permit: OwnedSemaphorePermit, open: &IntGauge) -> Self {
-        open.inc();
-        Self {
-            _permit: permit,
-            open: open.clone(),
-        }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.open.dec();
-    }
-}
 
 /// Refuses a client at the door with `err` (counted), without waiting for it.
 fn refuse(proxy: &Proxy, tcp: TcpStream, err: ClientError) {
