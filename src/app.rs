@@ -327,7 +327,8 @@ async fn serve(
         .map(|e| tokio::spawn(e.clone().run_spares(tasks.clone())))
         .collect();
     handles.push(tokio::spawn(proxy.pool().run(tasks.clone())).abort_handle());
-    let accept = tokio::spawn(listener::run(proxy.clone(), listener, tasks.clone()));
+    let accept = listener::start(proxy.clone(), listener, tasks.clone())
+        .context("proxy.listen: cannot hand the listener to a relay thread")?;
     handles.push(tokio::spawn(reload_on_sighup(cfg.tls.clone(), proxy.clone())).abort_handle());
     announce(cfg, embedded, token_path.as_deref(), banner);
 

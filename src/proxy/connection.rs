@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, Instrument};
 
 use super::limits::Pending;
-use super::listener::Slot;
+use super::limits::Slot;
 use super::negotiate::{self, ClientStream, Hello};
 use super::{auth, authorize, connect, relay, route, Proxy};
 use crate::error::{ClientError, ErrorKind};

@@ -6,9 +6,32 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use prometheus::IntGauge;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::cancel::CancelLimit;
+
+/// A client connection's place under `proxy.max_connections`, counted in
+/// `offshoot_connections_open` for as long as it is held.
+pub(super) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: IntGauge,
+}
+
+impl Slot {
+    pub(super) fn new(permit: OwnedSemaphorePermit, open: &IntGauge) -> Self {
+        open.inc();
+        Self {
+            _permit: permit,
+            open: open.clone(),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
 
 pub(super) struct Limits {
     /// One permit per open client connection (`proxy.max_connections`).

@@ -3,38 +3,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::IntGauge;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use super::limits::Slot;
 use super::{connection, Proxy};
 use crate::error::ClientError;
-
-/// A client connection's place under `proxy.max_connections`, counted in
-/// `offshoot_connections_open` for as long as it is held.
-pub(super) struct Slot {
-    _permit: OwnedSemaphorePermit,
-    open: IntGauge,
-}
-
-impl Slot {
-    fn new(permit: OwnedSemaphorePermit, open: &IntGauge) -> Self {
-        open.inc();
-        Self {
-            _permit: permit,
-            open: open.clone(),
-        }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.open.dec();
-    }
-}
 
 /// Refuses a client at the door with `err` (counted), without waiting for it.
 fn refuse(proxy: &Proxy, tcp: TcpStream, err: ClientError) {
@@ -47,6 +23,31 @@ fn refuse(proxy: &Proxy, tcp: TcpStream, err: ClientError) {
         let mut tcp = tcp;
         let _ = tcp.write_all(&err.response()).await;
     });
+}
+
+/// Runs [`run`] on the first relay thread; the receiver resolves when it has
+/// stopped. A connection is then accepted on the thread that serves it whenever
+/// that is the first one (always, with a single relay thread): no second thread
+/// is woken per new connection, as one would be with accepting on the main runtime.
+pub fn start(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let listener = listener.into_std()?;
+    let (done, stopped) = tokio::sync::oneshot::channel();
+    let relays = proxy.clone();
+    relays.relays.spawn_on(
+        0,
+        Box::pin(async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => run(proxy, listener, shutdown).await,
+                Err(e) => error!(error = %e, "cannot listen on a relay thread"),
+            }
+            let _ = done.send(());
+        }),
+    );
+    Ok(stopped)
 }
 
 /// Accepts clients until `shutdown`; connections already accepted carry on.

@@ -36,6 +36,8 @@ const SCRATCH: usize = 64 * 1024;
 
 thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+    /// Which relay thread this is (`None` on any other thread).
+    static RELAY_INDEX: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
 /// A tokio socket the pump can drive directly.
@@ -326,6 +328,7 @@ impl RelayPool {
             std::thread::Builder::new()
                 .name(format!("offshoot-relay-{i}"))
                 .spawn(move || {
+                    RELAY_INDEX.with(|c| c.set(Some(i)));
                     rt.block_on(async move {
                         while let Some(conn) = rx.recv().await {
                             tokio::spawn(conn);
@@ -340,10 +343,20 @@ impl RelayPool {
         })
     }
 
-    /// Runs `conn` on the next relay thread.
+    /// Runs `conn` on the next relay thread: started right here when that is the
+    /// calling thread (the accept loop runs on the first relay thread), so that no
+    /// other thread has to be woken for it.
     pub fn spawn(&self, conn: ConnFuture) {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
-        if self.workers[i].send(conn).is_err() {
+        self.spawn_on(i, conn);
+    }
+
+    /// Runs `task` on relay thread `i` (modulo their number).
+    pub fn spawn_on(&self, i: usize, task: ConnFuture) {
+        let i = i % self.workers.len();
+        if RELAY_INDEX.with(|c| c.get()) == Some(i) {
+            tokio::spawn(task);
+        } else if self.workers[i].send(task).is_err() {
             debug!("relay thread gone; dropping connection");
         }
     }
