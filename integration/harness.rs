@@ -641,13 +641,19 @@ pub async fn refused(conn: &str) -> (String, String) {
 }
 
 /// Polls `f` every 100 ms until it is true or `secs` pass.
-pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+pub async fn eventually(secs: u64, f: impl FnMut() -> bool) -> bool {
+    eventually_every(secs, Duration::from_millis(100), f).await
+}
+
+/// Polls `f` every `every` until it is true or `secs` pass: for a state that lasts
+/// only a moment (a clone being made), which a 100 ms poll can miss.
+pub async fn eventually_every(secs: u64, every: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
         if f() {
             return true;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(every).await;
     }
     f()
 }

@@ -188,7 +188,10 @@ async fn instance_reset_takes_the_newest_snapshot_and_arrivals_wait_for_it() {
     let resetting = reset_in_background(&proxy, "qa", r#"{"force":true}"#);
     // A connection arriving while the branch is made again waits for the new clone.
     assert!(
-        eventually(30, || proxy.branches()[0]["state"] == "provisioning").await,
+        eventually_every(30, Duration::from_millis(5), || proxy.branches()[0]
+            ["state"]
+            == "provisioning")
+        .await,
         "the reset shows as the branch being made"
     );
     let arrival = proxy.connect("shop.qa").await.unwrap();
