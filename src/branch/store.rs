@@ -51,7 +51,7 @@ pub struct BranchRecord {
     /// How the clone's files were made (`reflink` or `copy`), when the engine copies
     /// files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub copy_mode: Option<crate::branch::engine::CopyMode>,
+    pub copy_mode: Option<CopyMode>,
     /// Unix milliseconds of the creation or the last reset: where `max_lifetime`
     /// counts from. Unset (records written before resets existed): `created_at`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -84,6 +84,42 @@ impl BranchRecord {
     /// Restarts the lifetime clock (a reset made the branch again at `now_ms`).
     pub fn reborn(&mut self, now_ms: u64) {
         self.born_at = Some(now_ms);
+    }
+}
+
+/// How a clone's files were made: by the proxy (`instance` engine) or by the
+/// server's `CREATE DATABASE` (`database` engine).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyMode {
+    /// Copy-on-write clones: no data is copied until one side writes.
+    Reflink,
+    /// Every byte copied (the filesystem has no reflinks).
+    Copy,
+    /// `STRATEGY FILE_COPY` with `file_copy_method = clone` (PostgreSQL 18+): the
+    /// server clones files, copy-on-write where its filesystem can.
+    FileClone,
+    /// `STRATEGY FILE_COPY`: the server copies every file.
+    FileCopy,
+    /// `STRATEGY WAL_LOG`: the server copies block by block through the WAL.
+    WalLog,
+    /// Before PostgreSQL 15: the server's only way (a file copy).
+    ServerDefault,
+}
+
+impl CopyMode {
+    /// The name records, the API and the metric label use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyMode::Reflink => "reflink",
+            CopyMode::Copy => "copy",
+            CopyMode::FileClone => "file_clone",
+            CopyMode::FileCopy => "file_copy",
+            CopyMode::WalLog => "wal_log",
+            CopyMode::ServerDefault => "server_default",
+        }
     }
 }
 

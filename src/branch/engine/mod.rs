@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 
 use crate::branch::store::BranchRecord;
+pub use crate::branch::store::CopyMode;
 use crate::error::EngineError;
 use crate::names::BranchId;
 
@@ -53,42 +54,6 @@ pub enum Recovered {
     Complete,
     /// Nothing was made (or what was made has been removed).
     Absent,
-}
-
-/// How a clone's files were made: by the proxy (`instance` engine) or by the
-/// server's `CREATE DATABASE` (`database` engine).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum CopyMode {
-    /// Copy-on-write clones: no data is copied until one side writes.
-    Reflink,
-    /// Every byte copied (the filesystem has no reflinks).
-    Copy,
-    /// `STRATEGY FILE_COPY` with `file_copy_method = clone` (PostgreSQL 18+): the
-    /// server clones files, copy-on-write where its filesystem can.
-    FileClone,
-    /// `STRATEGY FILE_COPY`: the server copies every file.
-    FileCopy,
-    /// `STRATEGY WAL_LOG`: the server copies block by block through the WAL.
-    WalLog,
-    /// Before PostgreSQL 15: the server's only way (a file copy).
-    ServerDefault,
-}
-
-impl CopyMode {
-    /// The name records, the API and the metric label use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CopyMode::Reflink => "reflink",
-            CopyMode::Copy => "copy",
-            CopyMode::FileClone => "file_clone",
-            CopyMode::FileCopy => "file_copy",
-            CopyMode::WalLog => "wal_log",
-            CopyMode::ServerDefault => "server_default",
-        }
-    }
 }
 
 /// What a creation made, kept in the branch's record.
