@@ -66,6 +66,16 @@ pub struct InstanceEngine {
     spares: spares::Spares,
 }
 
+/// Creates the directory of a clone (a branch or a warm spare), which must not
+/// exist, with the mode that lets the server's user only pass through it.
+fn create_clone_dir(dir: &Path) -> std::io::Result<()> {
+    fs::create_dir(dir)?;
+    fs::set_permissions(
+        dir,
+        std::os::unix::fs::PermissionsExt::from_mode(BRANCH_DIR_MODE),
+    )
+}
+
 /// A blocking task that panicked or was cancelled.
 fn join_failed(e: tokio::task::JoinError) -> EngineError {
     EngineError::failed_with("a copy task of the engine died", e)
@@ -165,34 +175,15 @@ impl InstanceEngine {
         }
     }
 
-    /// Builds the clone of `rec` in `dir` (which must not exist): `branch.json`
-    /// first, so the directory is provably the proxy's, then the copy.
-    async fn make_clone(
+    /// Copies snapshot `snapshot`'s data directory to `dir/data` (reflinks where
+    /// the filesystem has them), given to the server's user, and learns the copy
+    /// mode. `io` words a failed copy.
+    async fn copy_snapshot_data(
         &self,
-        rec: &BranchRecord,
-        dir: &Path,
         snapshot: &str,
+        dir: &Path,
+        io: impl FnOnce(std::io::Error) -> EngineError,
     ) -> Result<CopyMode, EngineError> {
-        // The branch directory stays the proxy's (the server's user may only pass
-        // through it): branch.json and postgres.log live where that user cannot
-        // plant links. Only data/ is given to it, by the copy.
-        let io = |e| EngineError::io(format!("could not copy snapshot {snapshot}"), e);
-        fs::create_dir(dir).map_err(io)?;
-        fs::set_permissions(
-            dir,
-            std::os::unix::fs::PermissionsExt::from_mode(BRANCH_DIR_MODE),
-        )
-        .map_err(io)?;
-        let mut meta = BranchMeta {
-            source: rec.source.to_string(),
-            branch: rec.branch.to_string(),
-            snapshot: snapshot.to_owned(),
-            complete: false,
-            copy_mode: None,
-            created_at: unix_ms(self.clock.now()),
-        };
-        let meta_path = dir.join(BRANCH_META);
-        write_json_atomic(&meta_path, &meta).map_err(io)?;
         let from = self.layout.snapshot_dir(snapshot).join("data");
         let to = dir.join("data");
         let owner = self.bin.owner();
@@ -211,6 +202,33 @@ impl InstanceEngine {
         .map_err(join_failed)?
         .map_err(io)?;
         self.learn_mode(mode);
+        Ok(mode)
+    }
+
+    /// Builds the clone of `rec` in `dir` (which must not exist): `branch.json`
+    /// first, so the directory is provably the proxy's, then the copy.
+    async fn make_clone(
+        &self,
+        rec: &BranchRecord,
+        dir: &Path,
+        snapshot: &str,
+    ) -> Result<CopyMode, EngineError> {
+        // The branch directory stays the proxy's (the server's user may only pass
+        // through it): branch.json and postgres.log live where that user cannot
+        // plant links. Only data/ is given to it, by the copy.
+        let io = |e| EngineError::io(format!("could not copy snapshot {snapshot}"), e);
+        create_clone_dir(dir).map_err(io)?;
+        let mut meta = BranchMeta {
+            source: rec.source.to_string(),
+            branch: rec.branch.to_string(),
+            snapshot: snapshot.to_owned(),
+            complete: false,
+            copy_mode: None,
+            created_at: unix_ms(self.clock.now()),
+        };
+        let meta_path = dir.join(BRANCH_META);
+        write_json_atomic(&meta_path, &meta).map_err(io)?;
+        let mode = self.copy_snapshot_data(snapshot, dir, io).await?;
         meta.complete = true;
         meta.copy_mode = Some(mode);
         write_json_atomic(&meta_path, &meta).map_err(io)?;

@@ -23,13 +23,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::copy::{copy_tree, CopyPlan};
-use super::layout::{
-    BranchMeta, SpareMeta, BRANCH_DIR_MODE, BRANCH_META, SPARE_META, STAGING_PREFIX,
-};
+use super::layout::{BranchMeta, SpareMeta, BRANCH_META, SPARE_META, STAGING_PREFIX};
 use super::postmaster;
 use super::privileged::remove_tree;
-use super::{join_failed, InstanceEngine};
+use super::{create_clone_dir, InstanceEngine};
 use crate::branch::engine::CopyMode;
 use crate::branch::store::{unix_ms, BranchRecord};
 use crate::error::EngineError;
@@ -258,12 +255,7 @@ impl InstanceEngine {
     ) -> Result<CopyMode, EngineError> {
         let io = |e| EngineError::io("could not make a warm spare", e);
         fs::create_dir_all(self.layout.spares()).map_err(io)?;
-        fs::create_dir(dir).map_err(io)?;
-        fs::set_permissions(
-            dir,
-            std::os::unix::fs::PermissionsExt::from_mode(BRANCH_DIR_MODE),
-        )
-        .map_err(io)?;
+        create_clone_dir(dir).map_err(io)?;
         let mut meta = SpareMeta {
             source: self.source.to_string(),
             snapshot: snapshot.to_owned(),
@@ -273,24 +265,7 @@ impl InstanceEngine {
         };
         let meta_path = dir.join(SPARE_META);
         write_json_atomic(&meta_path, &meta).map_err(io)?;
-        let from = self.layout.snapshot_dir(snapshot).join("data");
-        let to = dir.join("data");
-        let owner = self.bin.owner();
-        let try_reflink = self.try_reflink();
-        let mode = tokio::task::spawn_blocking(move || {
-            copy_tree(&CopyPlan {
-                from: &from,
-                to: &to,
-                try_reflink,
-                owner,
-                follow_links: false,
-                skip: &["postmaster.pid"],
-            })
-        })
-        .await
-        .map_err(join_failed)?
-        .map_err(io)?;
-        self.learn_mode(mode);
+        let mode = self.copy_snapshot_data(snapshot, dir, io).await?;
         meta.complete = true;
         meta.copy_mode = Some(mode);
         write_json_atomic(&meta_path, &meta).map_err(io)?;
