@@ -539,15 +539,12 @@ async fn remove_branch(s: &AppState, branch: &BranchId, actor: Actor) {
 
 /// Writes `<id>.json` whole (a temporary file, fsynced, renamed over it).
 pub(super) async fn write_record(dir: &FsPath, id: &str, value: &Value) -> std::io::Result<()> {
-    let text = serde_json::to_vec_pretty(value)?;
     let dir = dir.to_owned();
     let path = dir.join(format!("{id}.json"));
-    let tmp = dir.join(format!(".{id}.json.tmp"));
+    let value = value.clone();
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         std::fs::create_dir_all(&dir)?;
-        std::fs::write(&tmp, &text)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &path)
+        crate::fsutil::write_json_atomic(&path, &value)
     })
     .await
     .map_err(std::io::Error::other)?

@@ -99,19 +99,9 @@ pub(super) async fn store(
         ));
     };
     let (source, branch) = (source.to_owned(), branch.to_owned());
-    let dir = s.rehearsals.dir.clone();
-    let path = file(&dir, &id);
-    let text = serde_json::to_vec_pretty(&report).map_err(|e| internal("encode the report", e))?;
-    let tmp = dir.join(format!(".{id}.json.tmp"));
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(&tmp, &text)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    })
-    .await
-    .map_err(|e| internal("store the report", e))?
-    .map_err(|e| internal("store the report", e))?;
+    super::rehearsal_run::write_record(&s.rehearsals.dir, &id, &report)
+        .await
+        .map_err(|e| internal("store the report", e))?;
     let mut event = Event::new(Action::RehearsalReported, actor);
     event.source = Some(source);
     event.branch = Some(branch);
