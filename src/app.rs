@@ -322,6 +322,9 @@ async fn serve(
         tasks.clone(),
     ));
     let schedule = tokio::spawn(schedule::run(registry.clone(), tasks.clone()));
+    for e in &instances {
+        e.keep_spare_sessions(proxy.pool());
+    }
     let spares: Vec<_> = instances
         .iter()
         .map(|e| tokio::spawn(e.clone().run_spares(tasks.clone())))

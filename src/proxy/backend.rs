@@ -198,6 +198,27 @@ where
     }
 }
 
+/// Opens a session with `startup` and no client behind it, as a server that asks
+/// for no proof lets anyone: `None` when the server asks for any (or refuses).
+/// Returns what the login said and the server's pid and cancel secret.
+pub async fn open_unasked<S>(server: &mut S, startup: &[u8]) -> io::Result<Option<(Greeting, (u32, u32))>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut backend = None;
+    // Nobody to answer a challenge: a request for proof meets an ended stream.
+    let mut nobody = tokio::io::join(tokio::io::empty(), tokio::io::sink());
+    let outcome = authenticate(&mut nobody, server, startup, |pid, secret| {
+        backend = Some((pid, secret));
+        Vec::new()
+    })
+    .await?;
+    Ok(match (outcome, backend) {
+        (Outcome::Ready(g), Some(b)) if !g.challenged => Some((g, b)),
+        _ => None,
+    })
+}
+
 fn login_error(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }

@@ -85,6 +85,7 @@ pub mod protocol;
 mod record;
 pub mod relay;
 pub mod route;
+mod spare_sessions;
 pub mod tls;
 pub mod track;
 

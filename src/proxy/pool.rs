@@ -21,6 +21,9 @@
 //! - A session whose reset did not end exactly as a fresh one (an error, a
 //!   ParameterStatus value other than the recorded one, anything but idle) is
 //!   closed, never parked.
+//!
+//! Warm spares get sessions too, opened ahead of their first client with the
+//! startup packets recently parked on their source ([`super::spare_sessions`]).
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -56,9 +59,9 @@ const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 /// Who a parked session is for: the same branch and the same startup packet.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Key {
-    id: BranchId,
+    pub(super) id: BranchId,
     /// The startup packet with its parameters in name order.
-    startup: Box<[u8]>,
+    pub(super) startup: Box<[u8]>,
 }
 
 impl Key {
@@ -89,13 +92,13 @@ pub struct Ticket {
 }
 
 /// A parked socket, out of any runtime while it waits.
-enum Socket {
+pub(super) enum Socket {
     Tcp(std::net::TcpStream),
     Unix(std::os::unix::net::UnixStream),
 }
 
 impl Socket {
-    fn park(server: ServerStream) -> Option<Self> {
+    pub(super) fn park(server: ServerStream) -> Option<Self> {
         match server {
             ServerStream::Tcp(s) => s.into_std().ok().map(Socket::Tcp),
             ServerStream::Unix(s) => s.into_std().ok().map(Socket::Unix),
@@ -126,15 +129,15 @@ impl Socket {
     }
 
     /// Ends the session politely (the socket is non-blocking, and five bytes fit).
-    fn close(self) {
+    pub(super) fn close(self) {
         let _ = (&*self.sock()).write(TERMINATE);
     }
 }
 
-struct Parked {
-    ticket: Ticket,
-    socket: Socket,
-    since: Instant,
+pub(super) struct Parked {
+    pub(super) ticket: Ticket,
+    pub(super) socket: Socket,
+    pub(super) since: Instant,
 }
 
 /// The parked sessions of every branch.
@@ -147,7 +150,9 @@ pub struct Pool {
     hits: IntCounter,
     misses: IntCounter,
     discards: IntCounter,
-    gauge: IntGauge,
+    pub(super) gauge: IntGauge,
+    /// Sessions on warm spares, and the startups they are opened with.
+    pub(super) warm: Mutex<super::spare_sessions::Warm>,
 }
 
 impl Pool {
@@ -161,6 +166,7 @@ impl Pool {
             misses: outcome("miss"),
             discards: outcome("discard"),
             gauge: metrics.server_sessions_idle.clone(),
+            warm: Default::default(),
         }
     }
 
@@ -169,11 +175,16 @@ impl Pool {
         self.max_per_branch > 0
     }
 
+    /// `proxy.max_idle_per_branch`.
+    pub(super) fn max_per_branch(&self) -> usize {
+        self.max_per_branch
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<BranchId, Vec<Parked>>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn discard(&self, socket: Socket) {
+    pub(super) fn discard(&self, socket: Socket) {
         self.discards.inc();
         socket.close();
     }
@@ -222,7 +233,7 @@ impl Pool {
     /// instead when the reset does not end as a fresh session would, or the branch
     /// has `max_idle_per_branch` parked already. Call it while the client's lease
     /// is still held, so a branch cannot be drained and stopped in between.
-    pub async fn park(&self, mut server: ServerStream, ticket: Ticket) {
+    pub async fn park(self: &Arc<Self>, mut server: ServerStream, ticket: Ticket) {
         let clean = tokio::time::timeout(RESET_TIMEOUT, reset(&mut server, &ticket.greeting)).await;
         let Some(socket) = Socket::park(server) else {
             self.discards.inc();
@@ -235,18 +246,28 @@ impl Pool {
                 return self.discard(socket);
             }
         }
-        let mut idle = self.lock();
-        let list = idle.entry(ticket.key.id.clone()).or_default();
-        if list.len() >= self.max_per_branch {
-            drop(idle);
-            return self.discard(socket);
+        if !ticket.greeting.challenged {
+            self.learn(&ticket.key);
         }
-        list.push(Parked {
+        self.gauge.inc();
+        self.put(Parked {
             ticket,
             socket,
             since: Instant::now(),
         });
-        self.gauge.inc();
+    }
+
+    /// Adds a session (already counted in the gauge) to its branch's parked ones,
+    /// or closes it when the branch has `max_idle_per_branch` parked already.
+    pub(super) fn put(&self, parked: Parked) {
+        let mut idle = self.lock();
+        let list = idle.entry(parked.ticket.key.id.clone()).or_default();
+        if list.len() >= self.max_per_branch {
+            drop(idle);
+            self.gauge.dec();
+            return self.discard(parked.socket);
+        }
+        list.push(parked);
     }
 
     /// Closes every parked session of branch `id` (before its server is stopped,

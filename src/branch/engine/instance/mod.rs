@@ -32,6 +32,7 @@ use self::copy::{copy_tree, CopyPlan};
 use self::layout::{BranchMeta, Layout, BRANCH_DIR_MODE, BRANCH_META};
 use self::privileged::remove_tree;
 pub use self::snapshots::Origin;
+pub use self::spares::SpareSessions;
 use super::{CopyMode, Endpoint, Engine, Made, Recovered, ServerAddr, Servers, SnapshotInfo};
 use crate::branch::store::{unix_ms, BranchRecord};
 use crate::clock::Clock;
@@ -129,6 +130,11 @@ impl InstanceEngine {
             info!(dir = %dir.display(), "removed what an interrupted creation left");
         }
         Ok(engine)
+    }
+
+    /// Where `rec`'s server takes connections.
+    fn endpoint_addr(&self, rec: &BranchRecord) -> ServerAddr {
+        ServerAddr::Unix(postmaster::socket_path(&self.layout.socket_dir(rec)))
     }
 
     /// Reads `branch.json` of `rec`'s directory if it names that branch.
@@ -343,7 +349,7 @@ impl Engine for InstanceEngine {
 
     fn endpoint(&self, rec: &BranchRecord) -> Endpoint {
         Endpoint {
-            addr: ServerAddr::Unix(postmaster::socket_path(&self.layout.socket_dir(rec))),
+            addr: self.endpoint_addr(rec),
             database: self.database.clone(),
         }
     }

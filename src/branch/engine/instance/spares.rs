@@ -9,13 +9,18 @@
 //! per source ([`InstanceEngine::run_spares`]): after start, after each claim and
 //! after each new snapshot, when spares of an older snapshot are removed.
 //!
+//! A spare's server may also hold client sessions opened ahead of its first client
+//! ([`SpareSessions`], the proxy's pool of kept server sessions): the engine tells
+//! it when a spare is up (before it can be claimed), when one becomes a branch,
+//! and before a spare's server stops.
+//!
 //! Invariant: a spare is never handed out twice (it leaves the ready list under its
 //! lock before anything else happens to it), never handed out for another snapshot
 //! than the one a branch asks for, and never shown as a branch: it lives outside
 //! `branches/`, so records, orphans, quotas, sizes and snapshot users never see it.
 
 use std::fs;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
@@ -31,7 +36,9 @@ use crate::branch::engine::CopyMode;
 use crate::branch::store::{unix_ms, BranchRecord};
 use crate::error::EngineError;
 use crate::fsutil::{read_json, sync_dir, write_json_atomic};
+use crate::branch::engine::ServerAddr;
 use crate::metrics::Metrics;
+use crate::names::{BranchId, SourceName};
 
 /// How often the pool is looked at when nothing wakes it: a failed fill is tried
 /// again after this long.
@@ -43,6 +50,20 @@ const SETTLE: Duration = Duration::from_secs(1);
 
 /// The longest a spare's warm-up session may take.
 const WARM_UP: Duration = Duration::from_secs(10);
+
+/// What keeps client sessions open on warm spares, so that the first client of a
+/// claimed spare need not wait for a new server backend.
+#[async_trait::async_trait]
+pub trait SpareSessions: Send + Sync {
+    /// Spare `spare` of `source` is up at `addr` and about to be offered: opens
+    /// the sessions wanted on it. Its server keeps running until [`Self::dropped`]
+    /// or [`Self::claimed`].
+    async fn ready(&self, source: &SourceName, spare: &str, addr: ServerAddr);
+    /// Spare `spare` became branch `id`, whose server is reached at `addr` now.
+    fn claimed(&self, spare: &str, id: &BranchId, addr: &ServerAddr);
+    /// Spare `spare`'s server is about to stop: closes its sessions.
+    fn dropped(&self, spare: &str);
+}
 
 /// One spare, started and ready to be claimed.
 #[derive(Debug, Clone)]
@@ -60,6 +81,8 @@ pub(super) struct Spares {
     /// Wakes the filling task: a claim, a new snapshot.
     wake: Notify,
     counters: Option<Counters>,
+    /// Told about spares' servers (set once, by the proxy).
+    sessions: OnceLock<Arc<dyn SpareSessions>>,
 }
 
 /// `offshoot_spares_ready` and `offshoot_spare_claims_total` of one source.
@@ -76,6 +99,7 @@ impl Spares {
             ready: Default::default(),
             wake: Notify::new(),
             counters: None,
+            sessions: OnceLock::new(),
         }
     }
 
@@ -148,6 +172,10 @@ impl Spares {
     pub fn wake(&self) {
         self.wake.notify_one();
     }
+
+    fn sessions(&self) -> Option<&Arc<dyn SpareSessions>> {
+        self.sessions.get()
+    }
 }
 
 fn new_id() -> String {
@@ -155,6 +183,23 @@ fn new_id() -> String {
 }
 
 impl InstanceEngine {
+    /// Sets what keeps sessions open on this source's spares; call before
+    /// [`Self::run_spares`]. Set once.
+    pub fn keep_spare_sessions(&self, sessions: Arc<dyn SpareSessions>) {
+        let _ = self.spares.sessions.set(sessions);
+    }
+
+    fn spare_addr(&self, id: &str) -> ServerAddr {
+        ServerAddr::Unix(postmaster::socket_path(&self.layout.spare_socket_dir(id)))
+    }
+
+    /// Offers spare `id`'s server to [`SpareSessions`], if any.
+    async fn announce_spare(&self, id: &str) {
+        if let Some(s) = self.spares.sessions() {
+            s.ready(&self.source, id, self.spare_addr(id)).await;
+        }
+    }
+
     /// Makes the clone of `rec` from a ready spare of `snapshot`, if there is one:
     /// `Ok(None)` when there is none, and also when the spare could not be taken
     /// (it is removed; the caller makes the clone by copying).
@@ -162,6 +207,9 @@ impl InstanceEngine {
         let spare = self.spares.claim(snapshot)?;
         match self.rename_spare(rec, &spare) {
             Ok(()) => {
+                if let Some(s) = self.spares.sessions() {
+                    s.claimed(&spare.id, &rec.id(), &self.endpoint_addr(rec));
+                }
                 info!(branch = %rec.id(), snapshot, spare = %spare.id, "warm spare claimed");
                 Some(spare.copy_mode.unwrap_or(CopyMode::Reflink))
             }
@@ -203,6 +251,9 @@ impl InstanceEngine {
 
     /// Stops a spare's server and removes it.
     async fn discard_spare(&self, id: &str) {
+        if let Some(s) = self.spares.sessions() {
+            s.dropped(id);
+        }
         let (dir, socket_dir) = (self.layout.spare_dir(id), self.layout.spare_socket_dir(id));
         if let Err(e) = postmaster::stop(&dir.join("data"), &socket_dir).await {
             warn!(spare = id, error = %e, "cannot stop a warm spare's server");
@@ -241,6 +292,7 @@ impl InstanceEngine {
             return Err(e);
         }
         self.warm_up(&id).await;
+        self.announce_spare(&id).await;
         Ok(Spare {
             id,
             snapshot: snapshot.to_owned(),
@@ -379,6 +431,7 @@ impl InstanceEngine {
                 match self.start_spare(&name).await {
                     Ok(()) => {
                         info!(source = %self.source, spare = %name, "warm spare found after a restart; kept");
+                        self.announce_spare(&name).await;
                         self.spares.add(Spare {
                             id: name,
                             snapshot: meta.snapshot,
@@ -431,6 +484,9 @@ impl InstanceEngine {
     /// next start takes them back). Call after the filling task has ended.
     pub async fn stop_spares(&self) {
         for s in self.spares.take_where(|_| true) {
+            if let Some(sessions) = self.spares.sessions() {
+                sessions.dropped(&s.id);
+            }
             let dir = self.layout.spare_dir(&s.id);
             if let Err(e) =
                 postmaster::stop(&dir.join("data"), &self.layout.spare_socket_dir(&s.id)).await
