@@ -283,6 +283,99 @@ async fn spares_are_recognised_after_a_restart() {
     ready(&proxy, 2).await;
 }
 
+/// The server's start time of the backend `c` talks to, in seconds since the epoch.
+async fn backend_start(c: &tokio_postgres::Client) -> f64 {
+    c.query_one(
+        "SELECT extract(epoch FROM backend_start)::float8 FROM pg_stat_activity \
+         WHERE pid = pg_backend_pid()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_spare_serves_its_first_client_with_a_session_opened_ahead() {
+    const IDLE: &str = "offshoot_server_sessions_idle ";
+    const REUSED: &str = "offshoot_server_reuse_total{outcome=\"hit\"} ";
+    let Fixture { pg: _pg, proxy } = Fixture::start(Engine::Instance, "warm_spares = 1").await;
+    take_snapshot(&proxy);
+    ready(&proxy, 1).await;
+    // No client has been seen yet: the spare has no session.
+    assert_eq!(proxy.metric(IDLE), 0.0);
+
+    // A client of the source ends cleanly: its session is parked on its branch,
+    // and its startup is opened on the spare (made by the refill after the claim).
+    let url = |db: &str, app: &str| format!("{} application_name={app}", proxy.url(db));
+    let c = connect(&url("shop.first", "suite")).await.unwrap();
+    c.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    drop(c);
+    let ok = eventually(120, || {
+        proxy.metric(IDLE) == 2.0 && proxy.metric(READY) == 1.0
+    })
+    .await;
+    assert!(ok, "idle sessions {}\n{}", proxy.metric(IDLE), proxy.log());
+
+    // The next new branch claims the spare, and its first client (the same
+    // startup) gets the session opened ahead: its backend is older than the
+    // connection, and it looks like a fresh session of this client.
+    let hits = proxy.metric(REUSED);
+    let before = now_secs();
+    let d = connect(&url("shop.second", "suite")).await.unwrap();
+    assert!(backend_start(&d).await < before, "a session opened ahead");
+    assert_eq!(proxy.metric(REUSED), hits + 1.0);
+    assert_eq!(show(&d, "application_name").await, "suite");
+    assert_eq!(show(&d, "work_mem").await, "4MB");
+    assert_eq!(count(&d).await, 3);
+    mark(&d, "second").await;
+    assert_eq!(
+        show(&d, "cluster_name").await,
+        "offshoot/shop/spare",
+        "the claimed spare's server"
+    );
+
+    // Another startup (a different application_name) is not that session's: a
+    // client of it gets a backend of its own.
+    ready(&proxy, 1).await;
+    let ok = eventually(120, || proxy.metric(IDLE) == 2.0).await;
+    assert!(ok, "idle sessions {}", proxy.metric(IDLE));
+    let before = now_secs();
+    let e = connect(&url("shop.third", "other")).await.unwrap();
+    assert!(backend_start(&e).await >= before - 0.5, "a new backend");
+    assert_eq!(show(&e, "application_name").await, "other");
+    drop(e);
+
+    // Both startups are opened on the next spare; deleting the branch closes
+    // its own parked ones.
+    let (status, body) = proxy.api("DELETE", "/api/v1/branches/shop/third?force=true", None);
+    assert!(status < 300, "{status} {body}");
+    let ok = eventually(120, || {
+        proxy.metric(READY) == 1.0 && proxy.metric(IDLE) == 3.0
+    })
+    .await;
+    assert!(ok, "idle sessions {}\n{}", proxy.metric(IDLE), proxy.log());
+
+    // A spare recycled by a new snapshot closes its sessions with it; the new
+    // spare gets its own.
+    let old = spare_ids(&proxy);
+    take_snapshot(&proxy);
+    let ok = eventually(120, || {
+        let ids = spare_ids(&proxy);
+        ids.len() == 1 && ids != old && proxy.metric(READY) == 1.0 && proxy.metric(IDLE) == 3.0
+    })
+    .await;
+    assert!(ok, "idle sessions {}\n{}", proxy.metric(IDLE), proxy.log());
+    assert_eq!(mark_of(&d).await, "second");
+}
+
 #[test]
 fn check_refuses_warm_spares_on_a_database_source() {
     let dir = tempfile::tempdir().unwrap();

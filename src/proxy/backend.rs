@@ -201,7 +201,10 @@ where
 /// Opens a session with `startup` and no client behind it, as a server that asks
 /// for no proof lets anyone: `None` when the server asks for any (or refuses).
 /// Returns what the login said and the server's pid and cancel secret.
-pub async fn open_unasked<S>(server: &mut S, startup: &[u8]) -> io::Result<Option<(Greeting, (u32, u32))>>
+pub async fn open_unasked<S>(
+    server: &mut S,
+    startup: &[u8],
+) -> io::Result<Option<(Greeting, (u32, u32))>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

@@ -33,10 +33,10 @@ use super::postmaster;
 use super::privileged::remove_tree;
 use super::{create_clone_dir, InstanceEngine};
 use crate::branch::engine::CopyMode;
+use crate::branch::engine::ServerAddr;
 use crate::branch::store::{unix_ms, BranchRecord};
 use crate::error::EngineError;
 use crate::fsutil::{read_json, sync_dir, write_json_atomic};
-use crate::branch::engine::ServerAddr;
 use crate::metrics::Metrics;
 use crate::names::{BranchId, SourceName};
 
