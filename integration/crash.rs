@@ -127,6 +127,17 @@ async fn instance_creation_killed_at_each_step_is_settled_on_restart() {
     left.sort();
     assert_eq!(left, vec!["claimed", "done"]);
     assert_eq!(orphans(&proxy), "[]");
+    // The adopted clone is recorded as its creation would have: the snapshot and
+    // copy mode its branch.json names.
+    let entry = |b: &str| {
+        let (status, body) = proxy.api("GET", &format!("/api/v1/branches/shop/{b}"), None);
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let (claimed, done) = (entry("claimed"), entry("done"));
+    assert!(done["snapshot"].is_string(), "{done}");
+    assert_eq!(claimed["snapshot"], done["snapshot"], "{claimed}");
+    assert_eq!(claimed["copy_mode"], done["copy_mode"], "{claimed}");
     for b in [
         "none", "empty", "meta", "copying", "claimed", "legacy", "done",
     ] {

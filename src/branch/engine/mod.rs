@@ -48,10 +48,15 @@ pub struct Endpoint {
 }
 
 /// What a restart finds for a record that was still `provisioning`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recovered {
-    /// The clone exists and is complete; adopt it.
-    Complete,
+    /// The clone exists and is complete; adopt it, with what the engine still
+    /// knows of how it was made (what the interrupted creation would have
+    /// recorded).
+    Complete {
+        snapshot: Option<String>,
+        copy_mode: Option<CopyMode>,
+    },
     /// Nothing was made (or what was made has been removed).
     Absent,
 }

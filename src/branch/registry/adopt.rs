@@ -93,9 +93,14 @@ impl Registry {
         };
         let keep = match rec.state {
             RecordState::Provisioning => match source.engine.recover(&rec).await {
-                Ok(Recovered::Complete) => {
+                Ok(Recovered::Complete {
+                    snapshot,
+                    copy_mode,
+                }) => {
                     info!(branch = %id, "finished a creation interrupted by a restart");
                     rec.state = RecordState::Ready;
+                    rec.snapshot = snapshot.or(rec.snapshot.take());
+                    rec.copy_mode = copy_mode.or(rec.copy_mode);
                     self.store.save(&rec)?;
                     true
                 }

@@ -142,7 +142,10 @@ impl Engine for FakeEngine {
     }
     async fn recover(&self, rec: &BranchRecord) -> Result<Recovered, EngineError> {
         Ok(if self.clones.lock().unwrap().contains(&rec.clone_name) {
-            Recovered::Complete
+            Recovered::Complete {
+                snapshot: None,
+                copy_mode: None,
+            }
         } else {
             Recovered::Absent
         })

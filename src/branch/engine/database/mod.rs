@@ -373,7 +373,10 @@ impl Engine for DatabaseEngine {
         self.stop_orphaned_create(&rec.clone_name).await?;
         match self.lookup(&rec.clone_name).await? {
             None => Ok(Recovered::Absent),
-            Some(comment) if comment == Self::marker(&rec.id()) => Ok(Recovered::Complete),
+            Some(comment) if comment == Self::marker(&rec.id()) => Ok(Recovered::Complete {
+                snapshot: None,
+                copy_mode: None,
+            }),
             Some(comment) if comment.is_empty() => {
                 // CREATE DATABASE is atomic: it exists, so it is complete. It is ours
                 // only if it has an OID this record's creation would have given it;
@@ -396,7 +399,10 @@ impl Engine for DatabaseEngine {
                         quote_literal(&Self::marker(&rec.id()))
                     ))
                     .await?;
-                Ok(Recovered::Complete)
+                Ok(Recovered::Complete {
+                    snapshot: None,
+                    copy_mode: None,
+                })
             }
             Some(other) => Err(EngineError::conflict(
                 format!(

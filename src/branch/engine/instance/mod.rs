@@ -312,7 +312,10 @@ impl Engine for InstanceEngine {
     async fn recover(&self, rec: &BranchRecord) -> Result<Recovered, EngineError> {
         match self.own_meta(rec)? {
             None => Ok(Recovered::Absent),
-            Some(m) if m.complete => Ok(Recovered::Complete),
+            Some(m) if m.complete => Ok(Recovered::Complete {
+                snapshot: Some(m.snapshot),
+                copy_mode: m.copy_mode,
+            }),
             Some(_) => {
                 remove_tree(&self.layout.branch_dir(rec))?;
                 Ok(Recovered::Absent)
