@@ -306,7 +306,10 @@ fn now_secs() -> f64 {
 async fn a_claimed_spare_serves_its_first_client_with_a_session_opened_ahead() {
     const IDLE: &str = "offshoot_server_sessions_idle ";
     const REUSED: &str = "offshoot_server_reuse_total{outcome=\"hit\"} ";
-    let Fixture { pg: _pg, proxy } = Fixture::start(Engine::Instance, "warm_spares = 1").await;
+    // Sessions stay kept for the whole test.
+    let head = "server_idle_timeout = \"1h\"\n";
+    let Fixture { pg: _pg, proxy } =
+        Fixture::start_with(Engine::Instance, head, "warm_spares = 1").await;
     take_snapshot(&proxy);
     ready(&proxy, 1).await;
     // No client has been seen yet: the spare has no session.
@@ -351,20 +354,13 @@ async fn a_claimed_spare_serves_its_first_client_with_a_session_opened_ahead() {
     let e = connect(&url("shop.third", "other")).await.unwrap();
     assert!(backend_start(&e).await >= before - 0.5, "a new backend");
     assert_eq!(show(&e, "application_name").await, "other");
-    drop(e);
 
-    // Both startups are opened on the next spare; deleting the branch closes
-    // its own parked ones.
-    let (status, body) = proxy.api("DELETE", "/api/v1/branches/shop/third?force=true", None);
-    assert!(status < 300, "{status} {body}");
-    let ok = eventually(120, || {
-        proxy.metric(READY) == 1.0 && proxy.metric(IDLE) == 3.0
-    })
-    .await;
+    // A spare recycled by a new snapshot closes its session with it; the new
+    // spare gets its own. Kept: the one on `first`, the one `third` claimed and
+    // did not use, and the spare's.
+    ready(&proxy, 1).await;
+    let ok = eventually(120, || proxy.metric(IDLE) == 3.0).await;
     assert!(ok, "idle sessions {}\n{}", proxy.metric(IDLE), proxy.log());
-
-    // A spare recycled by a new snapshot closes its sessions with it; the new
-    // spare gets its own.
     let old = spare_ids(&proxy);
     take_snapshot(&proxy);
     let ok = eventually(120, || {
@@ -373,6 +369,16 @@ async fn a_claimed_spare_serves_its_first_client_with_a_session_opened_ahead() {
     })
     .await;
     assert!(ok, "idle sessions {}\n{}", proxy.metric(IDLE), proxy.log());
+    // A client of the other startup ends cleanly: its startup is opened on the
+    // spare too. Deleting the branch closes the sessions parked on it: left are
+    // the one on `first` and the spare's two.
+    drop(e);
+    let ok = eventually(120, || proxy.metric(IDLE) == 5.0).await;
+    assert!(ok, "idle sessions {}\n{}", proxy.metric(IDLE), proxy.log());
+    let (status, body) = proxy.api("DELETE", "/api/v1/branches/shop/third", None);
+    assert!(status < 300, "{status} {body}");
+    let ok = eventually(120, || proxy.metric(IDLE) == 3.0).await;
+    assert!(ok, "idle sessions {}", proxy.metric(IDLE));
     assert_eq!(mark_of(&d).await, "second");
 }
 

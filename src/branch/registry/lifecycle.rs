@@ -397,6 +397,10 @@ impl Registry {
         let source = &self.sources[&id.source];
         let started = self.clock.instant();
         let result = source.engine.destroy(&record, force).await;
+        // A forced removal does not wait for sessions: one that ended cleanly just
+        // before may have been parked after the first drain (its reset answered
+        // before the server stopped). Its server is gone now; close it too.
+        self.drain_parked(&id);
         let action = match reason {
             RemoveReason::Idle | RemoveReason::Lifetime | RemoveReason::Ttl => {
                 Action::BranchExpired
