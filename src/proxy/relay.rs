@@ -301,6 +301,13 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
+/// The relay thread this is (`None` on any other thread). A socket registered
+/// with a relay thread's runtime is driven by that thread's event loop: it can be
+/// used on no other without waking that one for each of its events.
+pub fn current() -> Option<usize> {
+    RELAY_INDEX.with(|c| c.get())
+}
+
 /// A connection's whole life, from its first byte to its last.
 pub type ConnFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
@@ -343,18 +350,22 @@ impl RelayPool {
         })
     }
 
+    /// The relay thread the next connection goes to (round-robin).
+    pub fn next(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()
+    }
+
     /// Runs `conn` on the next relay thread: started right here when that is the
     /// calling thread (the accept loop runs on the first relay thread), so that no
     /// other thread has to be woken for it.
     pub fn spawn(&self, conn: ConnFuture) {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
-        self.spawn_on(i, conn);
+        self.spawn_on(self.next(), conn);
     }
 
     /// Runs `task` on relay thread `i` (modulo their number).
     pub fn spawn_on(&self, i: usize, task: ConnFuture) {
         let i = i % self.workers.len();
-        if RELAY_INDEX.with(|c| c.get()) == Some(i) {
+        if current() == Some(i) {
             tokio::spawn(task);
         } else if self.workers[i].send(task).is_err() {
             debug!("relay thread gone; dropping connection");
