@@ -128,9 +128,15 @@ async fn relay(
             None => relay::run(&mut client, session.server, &proxy.counters, keep).await,
         }
     };
-    let relayed = tokio::select! {
-        r = relay => Some(r),
-        () = lease.ended() => None,
+    // The branch's "sessions ended" token is polled again only once it has woken
+    // the task, not at every wake-up of the pump.
+    let relayed = {
+        let ended = std::pin::pin!(lease.ended());
+        tokio::select! {
+            biased;
+            r = relay => Some(r),
+            () = relay::WhenWoken::new(ended) => None,
+        }
     };
     match relayed {
         Some(Ok(relay::End::Idle(server))) => {
