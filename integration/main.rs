@@ -17,6 +17,7 @@ mod invariants;
 mod isolation;
 mod lifecycle;
 mod md5;
+mod parked;
 mod policies;
 mod preauth;
 mod privsep;

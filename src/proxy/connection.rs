@@ -21,22 +21,21 @@ use crate::error::{ClientError, ErrorKind};
 /// Serves one accepted client connection from its first byte to its last.
 pub(super) async fn serve(
     proxy: Arc<Proxy>,
-    tcp: std::net::TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     slot: Slot,
     pending: Pending,
 ) {
-    let tcp = match TcpStream::from_std(tcp) {
-        Ok(t) => t,
-        Err(e) => return debug!(%peer, error = %e, "cannot register socket"),
-    };
     let span = tracing::info_span!(
         "conn",
         %peer,
         source = tracing::field::Empty,
         branch = tracing::field::Empty
     );
-    let opened = open(&proxy, tcp, peer, span.clone(), pending)
+    // The phases up to the relay are boxed, here and below: their state is large
+    // (several kilobytes), and a future held inline is copied whole each time the
+    // one around it moves (into its task, into the next phase's state).
+    let opened = Box::pin(open(&proxy, tcp, peer, span.clone(), pending))
         .instrument(span.clone())
         .await;
     if let Some((client, session)) = opened {
@@ -57,7 +56,8 @@ async fn open(
     // One deadline for everything before authentication is settled: TLS, the
     // negotiation and the authentication exchange together.
     let deadline = Instant::now() + proxy.config.startup_timeout;
-    let hello = match tokio::time::timeout_at(deadline, negotiate::negotiate(proxy, tcp)).await {
+    let negotiated = Box::pin(negotiate::negotiate(proxy, tcp));
+    let hello = match tokio::time::timeout_at(deadline, negotiated).await {
         Err(_) => {
             timed_out(proxy);
             return None;
@@ -81,7 +81,7 @@ async fn open(
         startup,
         end_point,
     } = hello;
-    let opened = startup_phases(
+    let opened = Box::pin(startup_phases(
         proxy,
         &mut client,
         pending,
@@ -89,7 +89,7 @@ async fn open(
         end_point,
         deadline,
         &span,
-    )
+    ))
     .await;
     match opened {
         Ok(Some(s)) => {
@@ -128,9 +128,15 @@ async fn relay(
             None => relay::run(&mut client, session.server, &proxy.counters, keep).await,
         }
     };
-    let relayed = tokio::select! {
-        r = relay => Some(r),
-        () = lease.ended() => None,
+    // The branch's "sessions ended" token is polled again only once it has woken
+    // the task, not at every wake-up of the pump.
+    let relayed = {
+        let ended = std::pin::pin!(lease.ended());
+        tokio::select! {
+            biased;
+            r = relay => Some(r),
+            () = relay::WhenWoken::new(ended) => None,
+        }
     };
     match relayed {
         Some(Ok(relay::End::Idle(server))) => {
@@ -192,7 +198,12 @@ async fn startup_phases(
     // makes none.
     let proven = match tokio::time::timeout_at(
         deadline,
-        auth::authenticate(proxy, client, &names, end_point.as_deref()),
+        Box::pin(auth::authenticate(
+            proxy,
+            client,
+            &names,
+            end_point.as_deref(),
+        )),
     )
     .await
     {
@@ -214,7 +225,7 @@ async fn startup_phases(
     if proven.is_some() && client.write_all(&auth::auth_ok()).await.is_err() {
         return Ok(None);
     }
-    connect::connect(
+    Box::pin(connect::connect(
         proxy,
         client,
         startup,
@@ -222,7 +233,7 @@ async fn startup_phases(
         creator.as_ref(),
         proven.as_ref(),
         key_len,
-    )
+    ))
     .await
 }
 

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::limits::Slot;
-use super::{connection, Proxy};
+use super::{connection, relay, Proxy};
 use crate::error::ClientError;
 
 /// Refuses a client at the door with `err` (counted), without waiting for it.
@@ -74,15 +74,30 @@ pub async fn run(proxy: Arc<Proxy>, listener: TcpListener, shutdown: Cancellatio
                     continue;
                 };
                 let slot = Slot::new(permit, &proxy.metrics.connections_open);
+                let thread = proxy.relays.next();
+                if relay::current() == Some(thread) {
+                    // Served on this thread: the socket stays registered with the
+                    // event loop it was accepted on (no deregistering and registering
+                    // again: two `epoll_ctl` calls per connection).
+                    tokio::spawn(connection::serve(proxy.clone(), tcp, peer, slot, pending));
+                    continue;
+                }
                 match tcp.into_std() {
-                    // The connection moves to a relay thread for the rest of its life.
-                    Ok(tcp) => proxy.relays.spawn(Box::pin(connection::serve(
-                        proxy.clone(),
-                        tcp,
-                        peer,
-                        slot,
-                        pending,
-                    ))),
+                    // The connection moves to its relay thread for the rest of its life.
+                    Ok(tcp) => {
+                        let proxy2 = proxy.clone();
+                        proxy.relays.spawn_on(
+                            thread,
+                            Box::pin(async move {
+                                match TcpStream::from_std(tcp) {
+                                    Ok(tcp) => {
+                                        connection::serve(proxy2, tcp, peer, slot, pending).await
+                                    }
+                                    Err(e) => debug!(%peer, error = %e, "cannot register socket"),
+                                }
+                            }),
+                        );
+                    }
                     Err(e) => warn!(%peer, error = %e, "cannot detach accepted socket"),
                 }
             }

@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use std::io::{self, Write};
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Context;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -91,39 +92,85 @@ pub struct Ticket {
     pub greeting: Arc<Greeting>,
 }
 
-/// A parked socket, out of any runtime while it waits.
-pub(super) enum Socket {
-    Tcp(std::net::TcpStream),
-    Unix(std::os::unix::net::UnixStream),
+/// A parked socket, still registered with the event loop of the relay thread that
+/// parked it (`home`): taken again on that thread, it is relayed as it is, with no
+/// `epoll_ctl` calls to deregister and register it again.
+pub(super) struct Socket {
+    io: Io,
+    home: Option<usize>,
+}
+
+enum Io {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
 }
 
 impl Socket {
     pub(super) fn park(server: ServerStream) -> Option<Self> {
-        match server {
-            ServerStream::Tcp(s) => s.into_std().ok().map(Socket::Tcp),
-            ServerStream::Unix(s) => s.into_std().ok().map(Socket::Unix),
-            ServerStream::Tls(_) => None,
+        let io = match server {
+            ServerStream::Tcp(s) => Io::Tcp(s),
+            ServerStream::Unix(s) => Io::Unix(s),
+            ServerStream::Tls(_) => return None,
+        };
+        let socket = Self {
+            io,
+            home: super::relay::current(),
+        };
+        // The event loop keeps the waker of the socket's last wait: that of the
+        // client's task, which has nothing more to do with the session. A wait
+        // with a waker that does nothing replaces it, so that the task's memory
+        // is freed now rather than when the session is next used.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let _ = socket.poll_read_ready(&mut cx);
+        Some(socket)
+    }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> std::task::Poll<io::Result<()>> {
+        match &self.io {
+            Io::Tcp(s) => s.poll_read_ready(cx),
+            Io::Unix(s) => s.poll_read_ready(cx),
         }
     }
 
+    /// Whether this thread's event loop is the one the socket is registered with.
+    fn at_home(&self) -> bool {
+        self.home.is_some() && self.home == super::relay::current()
+    }
+
+    /// The session as a stream of the calling thread's runtime: registered with
+    /// its event loop again when it was parked on another.
     fn unpark(self) -> io::Result<ServerStream> {
-        Ok(match self {
-            Socket::Tcp(s) => ServerStream::Tcp(tokio::net::TcpStream::from_std(s)?),
-            Socket::Unix(s) => ServerStream::Unix(tokio::net::UnixStream::from_std(s)?),
+        if self.at_home() {
+            return Ok(match self.io {
+                Io::Tcp(s) => ServerStream::Tcp(s),
+                Io::Unix(s) => ServerStream::Unix(s),
+            });
+        }
+        Ok(match self.io {
+            Io::Tcp(s) => ServerStream::Tcp(tokio::net::TcpStream::from_std(s.into_std()?)?),
+            Io::Unix(s) => ServerStream::Unix(tokio::net::UnixStream::from_std(s.into_std()?)?),
         })
     }
 
     fn sock(&self) -> SockRef<'_> {
-        match self {
-            Socket::Tcp(s) => SockRef::from(s),
-            Socket::Unix(s) => SockRef::from(s),
+        match &self.io {
+            Io::Tcp(s) => SockRef::from(s),
+            Io::Unix(s) => SockRef::from(s),
         }
     }
 
     /// Whether the server still has the session open and has said nothing since
     /// it was parked (a session the server ended has an error or end of stream
-    /// waiting).
+    /// waiting). On its own thread, an event loop that has seen nothing to read
+    /// since the reset's last read answers without a system call; otherwise (or
+    /// when readiness is still set) the socket is peeked.
     fn alive(&self) -> bool {
+        if self.at_home() {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if self.poll_read_ready(&mut cx).is_pending() {
+                return true;
+            }
+        }
         let mut byte = [MaybeUninit::uninit()];
         matches!(self.sock().peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }

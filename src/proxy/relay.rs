@@ -16,11 +16,14 @@
 
 use std::cell::RefCell;
 use std::future::poll_fn;
+use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{ready, Context, Poll};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Wake, Waker};
 
 use prometheus::IntCounter;
 use socket2::SockRef;
@@ -301,6 +304,80 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
+/// The relay thread this is (`None` on any other thread). A socket registered
+/// with a relay thread's runtime is driven by that thread's event loop: it can be
+/// used on no other without waking that one for each of its events.
+pub fn current() -> Option<usize> {
+    RELAY_INDEX.with(|c| c.get())
+}
+
+/// Polls a rarely ready future again only once it has woken its task. Beside the
+/// pump, a future behind locks (a cancellation token takes two mutexes per
+/// poll) would otherwise be polled at every wake-up of a busy connection.
+pub struct WhenWoken<'a, F> {
+    inner: Pin<&'a mut F>,
+    /// Set after the first poll: the waker given to `inner`, and the task's
+    /// waker it forwards to.
+    armed: Option<(Arc<Flag>, Waker)>,
+}
+
+struct Flag {
+    woken: AtomicBool,
+    task: Mutex<Waker>,
+}
+
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .wake_by_ref();
+    }
+}
+
+impl<'a, F: Future> WhenWoken<'a, F> {
+    pub fn new(inner: Pin<&'a mut F>) -> Self {
+        Self { inner, armed: None }
+    }
+}
+
+impl<F: Future> Future for WhenWoken<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let flag = match &mut this.armed {
+            Some((flag, task)) => {
+                if task.will_wake(cx.waker()) {
+                    if !flag.woken.swap(false, Ordering::AcqRel) {
+                        return Poll::Pending;
+                    }
+                } else {
+                    // Polled from another task: forward to that one from now on.
+                    task.clone_from(cx.waker());
+                    *flag.task.lock().unwrap_or_else(|p| p.into_inner()) = cx.waker().clone();
+                }
+                flag.clone()
+            }
+            None => {
+                let flag = Arc::new(Flag {
+                    woken: AtomicBool::new(false),
+                    task: Mutex::new(cx.waker().clone()),
+                });
+                this.armed = Some((flag.clone(), cx.waker().clone()));
+                flag
+            }
+        };
+        let waker = Waker::from(flag);
+        this.inner.as_mut().poll(&mut Context::from_waker(&waker))
+    }
+}
+
 /// A connection's whole life, from its first byte to its last.
 pub type ConnFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
@@ -343,18 +420,22 @@ impl RelayPool {
         })
     }
 
+    /// The relay thread the next connection goes to (round-robin).
+    pub fn next(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()
+    }
+
     /// Runs `conn` on the next relay thread: started right here when that is the
     /// calling thread (the accept loop runs on the first relay thread), so that no
     /// other thread has to be woken for it.
     pub fn spawn(&self, conn: ConnFuture) {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
-        self.spawn_on(i, conn);
+        self.spawn_on(self.next(), conn);
     }
 
     /// Runs `task` on relay thread `i` (modulo their number).
     pub fn spawn_on(&self, i: usize, task: ConnFuture) {
         let i = i % self.workers.len();
-        if RELAY_INDEX.with(|c| c.get()) == Some(i) {
+        if current() == Some(i) {
             tokio::spawn(task);
         } else if self.workers[i].send(task).is_err() {
             debug!("relay thread gone; dropping connection");
@@ -365,6 +446,66 @@ impl RelayPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn when_woken_polls_its_future_again_only_after_it_woke() {
+        let polls = std::cell::Cell::new(0);
+        let ready = std::cell::Cell::new(false);
+        let registered: RefCell<Option<Waker>> = RefCell::new(None);
+        let inner = std::pin::pin!(std::future::poll_fn(|cx| {
+            polls.set(polls.get() + 1);
+            *registered.borrow_mut() = Some(cx.waker().clone());
+            if ready.get() {
+                Poll::Ready(7)
+            } else {
+                Poll::Pending
+            }
+        }));
+        let mut when = WhenWoken::new(inner);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let task = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&task);
+        assert!(Pin::new(&mut when).poll(&mut cx).is_pending());
+        assert!(Pin::new(&mut when).poll(&mut cx).is_pending());
+        assert_eq!(polls.get(), 1, "not polled again before it woke");
+
+        ready.set(true);
+        registered.take().unwrap().wake();
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "its wake reaches the task"
+        );
+        assert_eq!(Pin::new(&mut when).poll(&mut cx), Poll::Ready(7));
+        assert_eq!(polls.get(), 2);
+    }
+
+    #[test]
+    fn when_woken_polls_again_for_another_task() {
+        let polls = std::cell::Cell::new(0);
+        let inner = std::pin::pin!(std::future::poll_fn(|_| {
+            polls.set(polls.get() + 1);
+            Poll::<()>::Pending
+        }));
+        let mut when = WhenWoken::new(inner);
+        let first = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        let second = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        assert!(Pin::new(&mut when)
+            .poll(&mut Context::from_waker(&first))
+            .is_pending());
+        assert!(Pin::new(&mut when)
+            .poll(&mut Context::from_waker(&second))
+            .is_pending());
+        assert_eq!(polls.get(), 2, "a new task's waker is handed to the future");
+    }
 
     #[test]
     fn default_threads_leave_half_the_cores() {
