@@ -227,7 +227,7 @@ async fn acquire(
     let (branch, source) = (&route.id.branch, &route.id.source);
     // Notices only go to clients past AuthenticationOk: under `trust` the server's
     // own authentication is still to come, and nothing may precede it.
-    let notice = match (creator, proxy.registry.view(&route.id).map(|v| v.state)) {
+    let notice = match (creator, proxy.registry.phase(&route.id)) {
         (None, _) | (_, Some(Phase::Ready)) => None,
         (Some(c), None) if c.may_create => {
             Some(format!("creating branch {branch} of source {source}"))
@@ -241,10 +241,6 @@ async fn acquire(
         )),
         (Some(_), Some(_)) => Some(format!("waiting for branch {branch} of source {source}")),
     };
-    let actor = crate::audit::Actor::client(
-        Some(route.user.clone()),
-        client.peer_addr().map(|a| a.to_string()),
-    );
     let announce = notice.is_some();
     let started = std::time::Instant::now();
     if let Some(msg) = notice {
@@ -256,6 +252,15 @@ async fn acquire(
             return Ok(None);
         }
     }
+    // Who the audit trail names, if this connection makes, wakes or is refused
+    // the branch (looked up only then).
+    let peer = &*client;
+    let actor = || {
+        crate::audit::Actor::client(
+            Some(route.user.clone()),
+            peer.peer_addr().map(|a| a.to_string()),
+        )
+    };
     let lease = proxy
         .registry
         .acquire_by(&route.id, proxy.config.provision_timeout, creator, actor)

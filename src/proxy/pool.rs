@@ -72,11 +72,12 @@ impl Key {
         if params.iter().any(|(k, _)| k == "replication") {
             return None;
         }
-        let mut sorted = params.to_vec();
-        sorted.sort();
+        let mut sorted: Vec<(&str, &str)> =
+            params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        sorted.sort_unstable();
         Some(Self {
             id: id.clone(),
-            startup: encode_startup(&sorted).to_vec().into_boxed_slice(),
+            startup: Box::from(&encode_startup(&sorted)[..]),
         })
     }
 }

@@ -180,14 +180,14 @@ fn parse_params(mut rest: &[u8]) -> Result<Vec<(String, String)>, ClientError> {
 }
 
 /// Encodes a protocol 3.0 StartupMessage with `params`.
-pub fn encode_startup(params: &[(String, String)]) -> BytesMut {
+pub fn encode_startup<K: AsRef<str>, V: AsRef<str>>(params: &[(K, V)]) -> BytesMut {
     let mut buf = BytesMut::with_capacity(256);
     buf.put_u32(0);
     buf.put_u32(PROTOCOL_3_0);
     for (k, v) in params {
-        buf.put_slice(k.as_bytes());
+        buf.put_slice(k.as_ref().as_bytes());
         buf.put_u8(0);
-        buf.put_slice(v.as_bytes());
+        buf.put_slice(v.as_ref().as_bytes());
         buf.put_u8(0);
     }
     buf.put_u8(0);

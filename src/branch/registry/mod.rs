@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use prometheus::IntGauge;
 use tokio::sync::watch;
 
 mod adopt;
@@ -182,6 +183,8 @@ pub struct Registry {
     store: Store,
     metrics: Arc<Metrics>,
     gauges: BTreeMap<SourceName, PhaseGauges>,
+    /// `offshoot_client_connections` of each source, looked up once.
+    connection_gauges: BTreeMap<SourceName, IntGauge>,
     orphans: Mutex<Vec<Orphan>>,
     /// Branch sizes as last measured (see `size`); locked after `book`, never before.
     sizes: Mutex<size::Sizes>,
@@ -210,9 +213,12 @@ impl Registry {
             .keys()
             .map(|s| (s.clone(), PhaseGauges::new(&metrics, s)))
             .collect();
+        let connection_gauges = sources
+            .keys()
+            .map(|s| (s.clone(), metrics.client_connections.with_label_values(&[s.as_str()])))
+            .collect();
         for (name, src) in &sources {
             let s = name.as_str();
-            metrics.client_connections.with_label_values(&[s]);
             metrics.provision_seconds.with_label_values(&[s]);
             metrics.branches_created_total.with_label_values(&[s]);
             for outcome in ["ok", "failed"] {
@@ -239,6 +245,7 @@ impl Registry {
             store,
             metrics,
             gauges,
+            connection_gauges,
             orphans: Mutex::new(Vec::new()),
             sizes: Mutex::new(size::Sizes::new()),
             shutting_down: AtomicBool::new(false),
@@ -327,24 +334,61 @@ impl Registry {
         timeout: Duration,
         creator: Option<&Creator>,
     ) -> Result<Lease, ProvisionError> {
-        let actor = Actor::client(creator.map(|c| c.role.clone()), None);
+        let actor = || Actor::client(creator.map(|c| c.role.clone()), None);
         self.acquire_by(id, timeout, creator, actor).await
     }
 
     /// [`Registry::acquire_as`] for a client `actor` (its role and address), whom
-    /// the audit trail names for a creation or a resume it causes.
+    /// the audit trail names for a creation or a resume it causes. A branch that is
+    /// ready is leased at once, without asking who the actor is.
     pub async fn acquire_by(
         self: &Arc<Self>,
         id: &BranchId,
         timeout: Duration,
         creator: Option<&Creator>,
-        actor: Actor,
+        actor: impl FnOnce() -> Actor,
     ) -> Result<Lease, ProvisionError> {
+        if let Some(lease) = self.lease_ready(id) {
+            return Ok(lease);
+        }
         let opts = CreateOptions {
-            actor,
+            actor: actor(),
             ..CreateOptions::default()
         };
         self.wait_ready(id, &opts, creator, timeout).await
+    }
+
+    /// `offshoot_client_connections` of `source`, which a lease counts in.
+    fn connection_gauge(&self, source: &SourceName) -> IntGauge {
+        match self.connection_gauges.get(source) {
+            Some(g) => g.clone(),
+            None => self
+                .metrics
+                .client_connections
+                .with_label_values(&[source.as_str()]),
+        }
+    }
+
+    /// A lease on `id` if it is ready now (the common case of a connection);
+    /// `None` for anything else, which [`Registry::wait_ready`] handles.
+    fn lease_ready(&self, id: &BranchId) -> Option<Lease> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return None;
+        }
+        let source = self.sources.get(&id.source)?;
+        let mut book = self.lock();
+        let branch = book.branches.get_mut(id)?;
+        if branch.phase() != Phase::Ready {
+            return None;
+        }
+        match branch.enter() {
+            Entry::Ready => Some(branch.lease(
+                source.engine.endpoint(&branch.record),
+                self.connection_gauge(&id.source),
+            )),
+            // A ready branch is entered as it is; nothing else can come of it.
+            _ => None,
+        }
     }
 
     /// Creates `id` ahead of time (admin API), or starts it when suspended. Returns
@@ -474,13 +518,10 @@ impl Registry {
         let mut book = self.lock();
         if let Some(branch) = book.branches.get_mut(id) {
             return Ok(match branch.enter() {
-                Entry::Ready => {
-                    let gauge = self
-                        .metrics
-                        .client_connections
-                        .with_label_values(&[id.source.as_str()]);
-                    Ok(branch.lease(source.engine.endpoint(&branch.record), gauge))
-                }
+                Entry::Ready => Ok(branch.lease(
+                    source.engine.endpoint(&branch.record),
+                    self.connection_gauge(&id.source),
+                )),
                 Entry::Wait(wait) => Err(wait),
                 Entry::Start(tx, wait) => {
                     let record = branch.record.clone();

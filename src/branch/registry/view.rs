@@ -60,6 +60,12 @@ impl Registry {
         book.branches.get(id).map(|b| self.view_of(b))
     }
 
+    /// The phase of `id`, if it exists: what a connection looks at, without the
+    /// cost of a whole view.
+    pub fn phase(&self, id: &BranchId) -> Option<Phase> {
+        self.lock().branches.get(id).map(|b| b.phase())
+    }
+
     pub fn list(&self) -> Vec<BranchView> {
         let book = self.lock();
         book.branches.values().map(|b| self.view_of(b)).collect()
