@@ -72,8 +72,10 @@ impl Key {
         if params.iter().any(|(k, _)| k == "replication") {
             return None;
         }
-        let mut sorted: Vec<(&str, &str)> =
-            params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut sorted: Vec<(&str, &str)> = params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         sorted.sort_unstable();
         Some(Self {
             id: id.clone(),

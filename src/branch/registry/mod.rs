@@ -215,7 +215,12 @@ impl Registry {
             .collect();
         let connection_gauges = sources
             .keys()
-            .map(|s| (s.clone(), metrics.client_connections.with_label_values(&[s.as_str()])))
+            .map(|s| {
+                (
+                    s.clone(),
+                    metrics.client_connections.with_label_values(&[s.as_str()]),
+                )
+            })
             .collect();
         for (name, src) in &sources {
             let s = name.as_str();
