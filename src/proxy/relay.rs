@@ -425,14 +425,9 @@ impl RelayPool {
         self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()
     }
 
-    /// Runs `conn` on the next relay thread: started right here when that is the
-    /// calling thread (the accept loop runs on the first relay thread), so that no
-    /// other thread has to be woken for it.
-    pub fn spawn(&self, conn: ConnFuture) {
-        self.spawn_on(self.next(), conn);
-    }
-
-    /// Runs `task` on relay thread `i` (modulo their number).
+    /// Runs `task` on relay thread `i` (modulo their number): started right here
+    /// when that is the calling thread, so that no other thread has to be woken
+    /// for it.
     pub fn spawn_on(&self, i: usize, task: ConnFuture) {
         let i = i % self.workers.len();
         if current() == Some(i) {
