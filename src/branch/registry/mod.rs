@@ -381,19 +381,18 @@ impl Registry {
             return None;
         }
         let source = self.sources.get(&id.source)?;
-        let mut book = self.lock();
-        let branch = book.branches.get_mut(id)?;
-        if branch.phase() != Phase::Ready {
-            return None;
-        }
-        match branch.enter() {
-            Entry::Ready => Some(branch.lease(
-                source.engine.endpoint(&branch.record),
-                self.connection_gauge(&id.source),
-            )),
-            // A ready branch is entered as it is; nothing else can come of it.
-            _ => None,
-        }
+        let book = self.lock();
+        let branch = book.branches.get(id)?;
+        (branch.phase() == Phase::Ready).then(|| self.lease_of(source, branch))
+    }
+
+    /// A lease on `branch` of `source`, which is ready: its server's endpoint,
+    /// counted in the source's connections.
+    fn lease_of(&self, source: &Source, branch: &Branch) -> Lease {
+        branch.lease(
+            source.engine.endpoint(&branch.record),
+            self.connection_gauge(&source.name),
+        )
     }
 
     /// Creates `id` ahead of time (admin API), or starts it when suspended. Returns
@@ -523,10 +522,7 @@ impl Registry {
         let mut book = self.lock();
         if let Some(branch) = book.branches.get_mut(id) {
             return Ok(match branch.enter() {
-                Entry::Ready => Ok(branch.lease(
-                    source.engine.endpoint(&branch.record),
-                    self.connection_gauge(&id.source),
-                )),
+                Entry::Ready => Ok(self.lease_of(source, branch)),
                 Entry::Wait(wait) => Err(wait),
                 Entry::Start(tx, wait) => {
                     let record = branch.record.clone();
