@@ -251,14 +251,10 @@ impl InstanceEngine {
 
     /// Stops a spare's server and removes it.
     async fn discard_spare(&self, id: &str) {
-        if let Some(s) = self.spares.sessions() {
-            s.dropped(id);
-        }
-        let (dir, socket_dir) = (self.layout.spare_dir(id), self.layout.spare_socket_dir(id));
-        if let Err(e) = postmaster::stop(&dir.join("data"), &socket_dir).await {
-            warn!(spare = id, error = %e, "cannot stop a warm spare's server");
+        if !self.stop_spare(id).await {
             return;
         }
+        let (dir, socket_dir) = (self.layout.spare_dir(id), self.layout.spare_socket_dir(id));
         for path in [&dir, &socket_dir] {
             if let Err(e) = remove_tree(path) {
                 warn!(dir = %path.display(), error = %e, "cannot remove a warm spare");
@@ -484,14 +480,22 @@ impl InstanceEngine {
     /// next start takes them back). Call after the filling task has ended.
     pub async fn stop_spares(&self) {
         for s in self.spares.take_where(|_| true) {
-            if let Some(sessions) = self.spares.sessions() {
-                sessions.dropped(&s.id);
-            }
-            let dir = self.layout.spare_dir(&s.id);
-            if let Err(e) =
-                postmaster::stop(&dir.join("data"), &self.layout.spare_socket_dir(&s.id)).await
-            {
-                warn!(spare = %s.id, error = %e, "cannot stop a warm spare's server");
+            self.stop_spare(&s.id).await;
+        }
+    }
+
+    /// Closes the sessions opened on spare `id` ([`SpareSessions::dropped`]), then
+    /// stops its server; false (logged) when the server could not be stopped.
+    async fn stop_spare(&self, id: &str) -> bool {
+        if let Some(s) = self.spares.sessions() {
+            s.dropped(id);
+        }
+        let data = self.layout.spare_dir(id).join("data");
+        match postmaster::stop(&data, &self.layout.spare_socket_dir(id)).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(spare = id, error = %e, "cannot stop a warm spare's server");
+                false
             }
         }
     }
