@@ -213,9 +213,9 @@ async fn warm_up(server: &mut ServerStream) -> std::io::Result<bool> {
 
 #[async_trait::async_trait]
 impl SpareSessions for Pool {
-    async fn ready(&self, source: &SourceName, spare: &str, addr: ServerAddr) {
+    async fn ready(&self, source: &SourceName, spare: &str, addr: ServerAddr) -> bool {
         if !self.enabled() {
-            return;
+            return false;
         }
         let startups = {
             let mut warm = self.warm();
@@ -236,6 +236,10 @@ impl SpareSessions for Pool {
         for startup in startups.into_iter().rev() {
             self.open_on(spare, &addr, startup).await;
         }
+        self.warm()
+            .spares
+            .get(spare)
+            .is_some_and(|s| !s.open.is_empty())
     }
 
     fn claimed(&self, spare: &str, id: &BranchId, addr: &ServerAddr) {

@@ -57,8 +57,8 @@ const WARM_UP: Duration = Duration::from_secs(10);
 pub trait SpareSessions: Send + Sync {
     /// Spare `spare` of `source` is up at `addr` and about to be offered: opens
     /// the sessions wanted on it. Its server keeps running until [`Self::dropped`]
-    /// or [`Self::claimed`].
-    async fn ready(&self, source: &SourceName, spare: &str, addr: ServerAddr);
+    /// or [`Self::claimed`]. True when a session is open on it now.
+    async fn ready(&self, source: &SourceName, spare: &str, addr: ServerAddr) -> bool;
     /// Spare `spare` became branch `id`, whose server is reached at `addr` now.
     fn claimed(&self, spare: &str, id: &BranchId, addr: &ServerAddr);
     /// Spare `spare`'s server is about to stop: closes its sessions.
@@ -193,10 +193,12 @@ impl InstanceEngine {
         ServerAddr::Unix(postmaster::socket_path(&self.layout.spare_socket_dir(id)))
     }
 
-    /// Offers spare `id`'s server to [`SpareSessions`], if any.
-    async fn announce_spare(&self, id: &str) {
-        if let Some(s) = self.spares.sessions() {
-            s.ready(&self.source, id, self.spare_addr(id)).await;
+    /// Offers spare `id`'s server to [`SpareSessions`], if any; true when a
+    /// session was opened on it.
+    async fn announce_spare(&self, id: &str) -> bool {
+        match self.spares.sessions() {
+            Some(s) => s.ready(&self.source, id, self.spare_addr(id)).await,
+            None => false,
         }
     }
 
@@ -287,8 +289,10 @@ impl InstanceEngine {
             self.discard_spare(&id).await;
             return Err(e);
         }
-        self.warm_up(&id).await;
-        self.announce_spare(&id).await;
+        // A session opened ahead on the spare has done what the warm-up does.
+        if !self.announce_spare(&id).await {
+            self.warm_up(&id).await;
+        }
         Ok(Spare {
             id,
             snapshot: snapshot.to_owned(),
